@@ -1,0 +1,1 @@
+"""Training engine for both methods (filled by the engine issue)."""
