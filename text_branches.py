@@ -1,0 +1,590 @@
+"""Text branches: the Chinese-CLIP BERT text tower and its WordPiece tokenizer, TPR's English and Chinese
+label branches, the multi-positive contrastive loss (Eq. 15-17) and score fusion (Eq. 18).
+
+Chinese-CLIP text tower (this top part of the file)
+---------------------------------------------------
+TPR (Sec. 3.3 and 4.1) encodes a predefined Chinese label dictionary with the frozen text encoder of
+Chinese-CLIP (Yang et al. 2022, "Chinese CLIP: Contrastive Vision-Language Pretraining in Chinese"), the
+RoBERTa-wwm-ext-base-chinese BERT of its ViT-B/16 checkpoint: the Chinese label embeddings epsilon_C that
+Eq. (16) contrasts with the video embeddings. This part mirrors the official code, OFA-Sys/Chinese-CLIP:
+- `cn_clip/clip/modeling_bert.py` (BertModel without the pooler, post-LayerNorm blocks, exact erf GELU,
+  additive -10000 padding mask) and `cn_clip/clip/model.py` `CLIP.encode_text` (mask = ids != [PAD],
+  the [CLS] output @ `text_projection`), with the official parameter names so the checkpoint's text keys
+  load with `strict=True` semantics and no renaming;
+- `cn_clip/clip/utils.py` (`_MODELS`, `tokenize`) and `cn_clip/clip/bert_tokenizer.py` (`FullTokenizer`:
+  basic tokenization, then greedy longest-match-first WordPiece), context length 52.
+
+Public API:
+    ChineseCLIPText(embed_dim, width, layers, heads, ...)   .encode_text(ids (A, N)) -> (A, E), = forward
+    load_chinese_clip(name_or_path, device=None, download_root="~/.cache/chinese-clip") -> ChineseCLIPText
+    available_models() -> list[str]
+    ChineseTokenizer(vocab_file=assets/vocab.txt)           .tokenize(text) -> list[str], .encode(text)
+    tokenize_chinese(texts, context_length=52) -> LongTensor (A, context_length)
+"""
+import collections
+import functools
+import logging
+import os
+import sys
+import unicodedata
+import urllib.request
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------------------
+# Chinese-CLIP BERT text tower (cn_clip/clip/modeling_bert.py, cn_clip/clip/model.py)
+# ---------------------------------------------------------------------------------------------------------
+
+PAD_ID, UNK_TOKEN, CLS_TOKEN, SEP_TOKEN = 0, "[UNK]", "[CLS]", "[SEP]"  # [PAD] is line 0 of vocab.txt
+CONTEXT_LENGTH = 52  # cn_clip.clip.tokenize's default; all released models were trained with it
+LAYER_NORM_EPS = 1e-12  # BertConfig(layer_norm_eps=1e-12) in cn_clip/clip/model.py
+MASK_VALUE = -10000.0  # BertModel.forward: (1 - mask) * -10000, added to the attention scores
+# The head count is not readable from tensor shapes. cn_clip/clip/model_configs give
+# RoBERTa-wwm-ext-base-chinese and RBT3-chinese width 768 with 12 heads and RoBERTa-wwm-ext-large-chinese
+# width 1024 with 16 heads: 64-wide heads in every official config.
+HEADS_BY_WIDTH = {768: 12, 1024: 16}
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, vocab_size, width, max_positions, type_vocab_size, dropout=0.0):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, width, padding_idx=PAD_ID)
+        self.position_embeddings = nn.Embedding(max_positions, width)
+        self.token_type_embeddings = nn.Embedding(type_vocab_size, width)
+        self.LayerNorm = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
+        self.dropout = dropout
+
+    def forward(self, input_ids):  # (A, N)
+        A, N = input_ids.shape
+        if N > self.position_embeddings.num_embeddings:
+            raise ValueError(f"input has {N} tokens, more than the model's "
+                             f"{self.position_embeddings.num_embeddings} positions")
+        positions = torch.arange(N, device=input_ids.device)
+        # cn_clip passes no token_type_ids, so every token gets type 0 (a single-segment input).
+        token_types = torch.zeros_like(input_ids)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) \
+            + self.token_type_embeddings(token_types)  # (A, N, D)
+        return F.dropout(self.LayerNorm(x), self.dropout, self.training)
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, width, heads, dropout=0.0):
+        super().__init__()
+        assert width % heads == 0, f"width {width} is not a multiple of heads {heads}"
+        self.heads, self.dropout = heads, dropout
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(width, width)
+        self.value = nn.Linear(width, width)
+
+    def forward(self, x, attn_mask):  # x (A, N, D), attn_mask (A, 1, 1, N) additive
+        A, N, D = x.shape
+        q, k, v = (proj(x).view(A, N, self.heads, D // self.heads).transpose(1, 2)  # (A, heads, N, D/heads)
+                   for proj in (self.query, self.key, self.value))
+        # softmax(q k^T / sqrt(D/heads) + mask) v; the mask follows q's dtype so fp16/bf16 and autocast work.
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype),
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return x.transpose(1, 2).reshape(A, N, D)  # (A, N, D)
+
+
+class BertResidualOutput(nn.Module):
+    """dense -> dropout -> LayerNorm(. + residual): BertSelfOutput and BertOutput of the official code."""
+
+    def __init__(self, width_in, width, dropout=0.0):
+        super().__init__()
+        self.dense = nn.Linear(width_in, width)
+        self.LayerNorm = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
+        self.dropout = dropout
+
+    def forward(self, x, residual):
+        return self.LayerNorm(F.dropout(self.dense(x), self.dropout, self.training) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, width, heads, dropout=0.0):
+        super().__init__()
+        self.self = BertSelfAttention(width, heads, dropout)
+        self.output = BertResidualOutput(width, width, dropout)
+
+    def forward(self, x, attn_mask):
+        return self.output(self.self(x, attn_mask), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, width, intermediate):
+        super().__init__()
+        self.dense = nn.Linear(width, intermediate)
+
+    def forward(self, x):
+        # cn_clip's "gelu" is the exact erf form x * 0.5 * (1 + erf(x / sqrt 2)), not the tanh approximation.
+        return F.gelu(self.dense(x), approximate="none")
+
+
+class BertLayer(nn.Module):
+    """One post-LayerNorm BERT block: x = LN(x + Attn(x)); x = LN(x + MLP(x))."""
+
+    def __init__(self, width, heads, intermediate, dropout=0.0):
+        super().__init__()
+        self.attention = BertAttention(width, heads, dropout)
+        self.intermediate = BertIntermediate(width, intermediate)
+        self.output = BertResidualOutput(intermediate, width, dropout)
+
+    def forward(self, x, attn_mask):  # (A, N, D)
+        x = self.attention(x, attn_mask)
+        return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, width, layers, heads, intermediate, dropout=0.0):
+        super().__init__()
+        self.layer = nn.ModuleList([BertLayer(width, heads, intermediate, dropout) for _ in range(layers)])
+
+    def forward(self, x, attn_mask):
+        for block in self.layer:
+            x = block(x, attn_mask)
+        return x
+
+
+class BertModel(nn.Module):
+    """cn_clip's BertModel without the pooler (Chinese-CLIP drops `bert.pooler` from its checkpoints)."""
+
+    def __init__(self, vocab_size, width, layers, heads, intermediate, max_positions, type_vocab_size,
+                 dropout=0.0):
+        super().__init__()
+        self.embeddings = BertEmbeddings(vocab_size, width, max_positions, type_vocab_size, dropout)
+        self.encoder = BertEncoder(width, layers, heads, intermediate, dropout)
+
+    def forward(self, input_ids):  # (A, N) -> (A, N, D)
+        keep = input_ids.ne(PAD_ID)  # (A, N) True for real tokens
+        # (1 - mask) * -10000 exactly as cn_clip, rather than a boolean mask: identical for any row with one
+        # real token, and an all-[PAD] row still gets finite (uniform) attention instead of NaN.
+        attn_mask = (~keep).float()[:, None, None, :] * MASK_VALUE  # (A, 1, 1, N)
+        return self.encoder(self.embeddings(input_ids), attn_mask)
+
+
+class ChineseCLIPText(nn.Module):
+    """Chinese-CLIP's text tower: BERT, the [CLS] output, `text_projection` to the CLIP embedding width E.
+
+    embed_dim: E, the joint image-text embedding width (512 for ViT-B/16 and ViT-L/14).
+    width, layers, heads, intermediate: the BERT's hidden size D, depth L, attention heads and MLP width.
+    vocab_size, max_positions, type_vocab_size: embedding table sizes (21128, 512, 2 in every release).
+    dropout: inside BERT in training mode.
+    """
+
+    def __init__(self, embed_dim=512, width=768, layers=12, heads=12, intermediate=3072, vocab_size=21128,
+                 max_positions=512, type_vocab_size=2, dropout=0.0):
+        super().__init__()
+        # Choice: dropout 0 by default (cn_clip trains with 0.1): TPR keeps this encoder frozen, so its
+        # label embeddings should not change between train() and eval().
+        self.bert = BertModel(vocab_size, width, layers, heads, intermediate, max_positions, type_vocab_size,
+                              dropout)
+        self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
+        self.initialize_parameters()
+
+    def initialize_parameters(self):
+        """cn_clip's init (BertPreTrainedModel._init_weights and CLIP.initialize_parameters)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.text_projection, std=self.text_projection.shape[0] ** -0.5)
+
+    def encode_tokens(self, input_ids):
+        """The last BERT layer at every position: (A, N) ids -> (A, N, D)."""
+        return self.bert(input_ids)
+
+    def encode_text(self, input_ids):
+        """CLIP.encode_text of cn_clip: (A, N) ids from `tokenize_chinese` -> (A, E) text embeddings."""
+        x = self.bert(input_ids)  # (A, N, D)
+        return x[:, 0, :] @ self.text_projection  # [CLS] is position 0; (A, E)
+
+    def forward(self, input_ids):
+        return self.encode_text(input_ids)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Official weights: registry, download, the two checkpoint forms
+# ---------------------------------------------------------------------------------------------------------
+
+# cn_clip/clip/utils.py `_MODELS` (Hugging Face repository under OFA-Sys, file name) and `_MODEL_INFO`
+# (which text tower each model uses). cn_clip downloads them with huggingface_hub; the same files are plain
+# HTTPS downloads at these "resolve" URLs.
+# Paper: Chinese-CLIP publishes no SHA256 for its checkpoints, so there is no hash to check. A downloaded
+# file is verified by loading it strictly (every text key present, none left over, every shape right); a
+# cached file that fails that is downloaded again once, then refused.
+_HF_URL = "https://huggingface.co/OFA-Sys/{repo}/resolve/main/{file}"
+_MODELS = {
+    "ViT-B-16": ("RoBERTa-wwm-ext-base-chinese", _HF_URL.format(
+        repo="chinese-clip-vit-base-patch16", file="clip_cn_vit-b-16.pt")),
+    "ViT-L-14": ("RoBERTa-wwm-ext-base-chinese", _HF_URL.format(
+        repo="chinese-clip-vit-large-patch14", file="clip_cn_vit-l-14.pt")),
+    "ViT-L-14-336": ("RoBERTa-wwm-ext-base-chinese", _HF_URL.format(
+        repo="chinese-clip-vit-large-patch14-336px", file="clip_cn_vit-l-14-336.pt")),
+    "ViT-H-14": ("RoBERTa-wwm-ext-large-chinese", _HF_URL.format(
+        repo="chinese-clip-vit-huge-patch14", file="clip_cn_vit-h-14.pt")),
+    "RN50": ("RBT3-chinese", _HF_URL.format(repo="chinese-clip-rn50", file="clip_cn_rn50.pt")),
+}
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def available_models():
+    """Names of the official Chinese-CLIP checkpoints (the text tower of each is what gets loaded)."""
+    return list(_MODELS)
+
+
+def _download(url, root):
+    """Fetch `url` into `root` (once); written to a .part file first so an interrupted download never
+    looks like a cached checkpoint."""
+    os.makedirs(root, exist_ok=True)
+    target = os.path.join(root, os.path.basename(url))
+    if os.path.isfile(target):
+        return target
+    part = target + ".part"
+    with urllib.request.urlopen(url) as source, open(part, "wb") as out:
+        total, done = int(source.headers.get("Content-Length") or 0), 0
+        while chunk := source.read(1 << 20):
+            out.write(chunk)
+            done += len(chunk)
+            of_total = f" / {total / 2**20:.0f} MiB" if total else ""
+            print(f"\rdownloading {url}: {done / 2**20:.0f} MiB{of_total}", end="", file=sys.stderr)
+    print(file=sys.stderr)
+    os.replace(part, target)
+    return target
+
+
+def _text_state_dict(checkpoint, source):
+    """Text-tower keys of either checkpoint form, renamed to this module's names.
+
+    Official Chinese-CLIP: {"state_dict": {"module.bert.*", "module.text_projection" (D, E),
+    "module.visual.*", "module.logit_scale"}}. Hugging Face (ChineseCLIPModel): {"text_model.*",
+    "text_projection.weight" (E, D) as a Linear, "vision_model.*", "visual_projection.weight",
+    "logit_scale", maybe the "text_model.embeddings.position_ids" buffer}. Returns (state dict, form name,
+    number of keys skipped on purpose); keys of neither tower stay in, so strict loading reports them.
+    """
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{source}: expected a dict of tensors or {{'state_dict': ...}}, "
+                         f"got {type(checkpoint).__name__}")
+    sd = checkpoint.get("state_dict", checkpoint)
+    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+    text, skipped = {}, 0
+    if any(k.startswith("text_model.") for k in sd):
+        form = "Hugging Face"
+        for k, v in sd.items():
+            rest = k[len("text_model."):]
+            if k.startswith("text_model.") and (rest.startswith("pooler.") or rest in (
+                    "embeddings.position_ids", "embeddings.token_type_ids")):
+                skipped += 1  # unused pooler (cn_clip has none) and index buffers rebuilt in forward
+            elif k.startswith("text_model."):
+                text["bert." + rest] = v
+            elif k == "text_projection.weight":
+                text["text_projection"] = v.t()  # nn.Linear (E, D) -> Parameter (D, E)
+            elif k.startswith(("vision_model.", "visual_projection.")) or k == "logit_scale":
+                skipped += 1
+            else:
+                text[k] = v
+    elif any(k.startswith("bert.") for k in sd):
+        form = "official Chinese-CLIP"
+        for k, v in sd.items():
+            if k.startswith(("visual.", "bert.pooler.")) or k == "logit_scale":
+                skipped += 1  # cn_clip drops bert.pooler itself (utils.create_model)
+            else:
+                text[k] = v
+    else:
+        raise ValueError(f"{source}: no Chinese-CLIP text tower in this checkpoint: expected keys under "
+                         f"'bert.' (official form) or 'text_model.' (Hugging Face form); first keys: "
+                         f"{list(sd)[:5]}")
+    return text, form, skipped
+
+
+def _require(sd, key, source):
+    if key not in sd:
+        raise RuntimeError(f"{source}: checkpoint is missing key '{key}' of the Chinese-CLIP text tower")
+    return sd[key]
+
+
+def _build_and_load(sd, source, heads=None):
+    """Build ChineseCLIPText from the tensor shapes of `sd`, then load it strictly."""
+    word = _require(sd, "bert.embeddings.word_embeddings.weight", source)  # (vocab, D)
+    positions = _require(sd, "bert.embeddings.position_embeddings.weight", source)  # (max positions, D)
+    types = _require(sd, "bert.embeddings.token_type_embeddings.weight", source)  # (types, D)
+    projection = _require(sd, "text_projection", source)  # (D, E)
+    intermediate = _require(sd, "bert.encoder.layer.0.intermediate.dense.weight", source)  # (4D, D)
+    width = word.shape[1]
+    layers = len({k.split(".")[3] for k in sd if k.startswith("bert.encoder.layer.")})
+    if heads is None:
+        if width not in HEADS_BY_WIDTH:
+            raise ValueError(f"{source}: text width {width} is not one of Chinese-CLIP's "
+                             f"{sorted(HEADS_BY_WIDTH)}; pass heads= to say how many attention heads it has")
+        heads = HEADS_BY_WIDTH[width]
+    with torch.device("meta"):  # no memory, no random init: every tensor comes from the checkpoint
+        model = ChineseCLIPText(embed_dim=projection.shape[1], width=width, layers=layers, heads=heads,
+                                intermediate=intermediate.shape[0], vocab_size=word.shape[0],
+                                max_positions=positions.shape[0], type_vocab_size=types.shape[0])
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise RuntimeError(f"{source}: checkpoint does not match the Chinese-CLIP text tower "
+                           f"(width {width}, {layers} layers): missing keys {missing}; "
+                           f"unexpected keys {unexpected}")
+    # Choice: fp32 weights whatever the file holds (the official files are fp16); use autocast for bf16/fp16.
+    model.load_state_dict({k: v.float().contiguous() for k, v in sd.items()}, strict=True, assign=True)
+    return model.eval()
+
+
+def _load_file(path, heads=None):
+    if str(path).endswith(".safetensors"):
+        raise ValueError(f"{path}: .safetensors files are not read here (the runtime has no safetensors "
+                         f"package); use the pytorch_model.bin of the same Hugging Face repository")
+    try:
+        # weights_only: a checkpoint is plain tensors and builtins, nothing in it gets executed.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise RuntimeError(f"{path}: not a readable torch checkpoint: {error}") from error
+    sd, form, skipped = _text_state_dict(checkpoint, path)
+    model = _build_and_load(sd, path, heads)
+    logger.info(f"loaded Chinese-CLIP text tower from {path} ({form} form): {len(sd)} text tensors, "
+                f"{skipped} visual / logit_scale / pooler / buffer keys skipped on purpose")
+    return model
+
+
+def load_chinese_clip(name_or_path, device=None, download_root="~/.cache/chinese-clip", heads=None):
+    """The frozen-ready (eval mode, fp32) Chinese-CLIP text tower of an official model or a local file.
+
+    name_or_path: one of `available_models()` (downloaded into `download_root` once), or a path to an
+        official Chinese-CLIP checkpoint or a Hugging Face ChineseCLIPModel state dict.
+    device: where to put it (default: CPU).
+    heads: attention heads, only for a text width outside the official ones.
+    """
+    if name_or_path in _MODELS:
+        url = _MODELS[name_or_path][1]
+        root = os.path.expanduser(download_root)
+        path = _download(url, root)
+        try:
+            model = _load_file(path, heads)
+        except Exception as first_error:
+            logger.warning(f"cached {path} failed to load ({first_error}); downloading it again")
+            os.remove(path)
+            path = _download(url, root)
+            try:
+                model = _load_file(path, heads)
+            except Exception as error:
+                raise RuntimeError(f"{name_or_path}: {url} failed to load twice, refusing it: {error}") from error
+    else:
+        path = os.path.expanduser(str(name_or_path))
+        if not os.path.isfile(path):
+            looks_like_path = (path.endswith(_CHECKPOINT_SUFFIXES) or os.sep in path
+                               or (os.altsep is not None and os.altsep in path))
+            if looks_like_path and str(name_or_path).replace("/", "-") not in _MODELS:
+                raise FileNotFoundError(f"no checkpoint file at {path}; or give one of the model names "
+                                        f"{available_models()}")
+            raise ValueError(f"unknown Chinese-CLIP model '{name_or_path}'; valid names are "
+                             f"{available_models()}, or give the path of a checkpoint file")
+        model = _load_file(path, heads)
+    return model.to(device) if device is not None else model
+
+
+# Sizes for building a tower without weights (`build_random_chinese`): "base" is RoBERTa-wwm-ext-base-chinese
+# (the text tower of Chinese-CLIP ViT-B-16, the one TPR uses); "tiny" exists only for smoke tests and the
+# synthetic demo (its width 128 and embed_dim 64 match clip.ARCHS["tiny"]).
+CHINESE_ARCHS = {
+    "base": dict(embed_dim=512, width=768, layers=12, heads=12, intermediate=3072),
+    "tiny": dict(embed_dim=64, width=128, layers=2, heads=2, intermediate=512),
+}
+
+
+def build_random_chinese(arch="tiny", embed_dim=None):
+    """A randomly initialised Chinese text tower: for smoke tests and the synthetic demo only, never a
+    fallback for missing weights. `embed_dim` overrides the arch's (it must equal the CLIP embed dim)."""
+    if arch not in CHINESE_ARCHS:
+        raise ValueError(f"unknown Chinese text tower arch {arch!r}; valid: {', '.join(CHINESE_ARCHS)}")
+    config = dict(CHINESE_ARCHS[arch])
+    if embed_dim is not None:
+        config["embed_dim"] = embed_dim
+    print(f"WARNING: building a RANDOMLY INITIALISED Chinese-CLIP text tower ({arch}); no pretrained weights.",
+          file=sys.stderr)
+    return ChineseCLIPText(**config).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# WordPiece tokenizer (cn_clip/clip/bert_tokenizer.py FullTokenizer, cn_clip/clip/utils.py tokenize)
+# ---------------------------------------------------------------------------------------------------------
+
+MAX_CHARS_PER_WORD = 200  # WordpieceTokenizer: a longer whitespace-separated word becomes one [UNK]
+
+
+def _is_whitespace(char):
+    return char in " \t\n\r" or unicodedata.category(char) == "Zs"
+
+
+def _is_control(char):
+    return char not in "\t\n\r" and unicodedata.category(char) in ("Cc", "Cf")
+
+
+def _is_punctuation(char):
+    # All ASCII non-letters/digits count as punctuation (e.g. "$", "^", "`"), as in Google's BERT.
+    cp = ord(char)
+    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
+        return True
+    return unicodedata.category(char).startswith("P")
+
+
+def _is_chinese_char(cp):
+    # The CJK Unified Ideographs blocks (and compatibility ideographs); not Japanese kana or Hangul,
+    # which are split by whitespace like any other script.
+    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF
+            or 0x2A700 <= cp <= 0x2B73F or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF
+            or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
+
+
+class ChineseTokenizer:
+    """BERT's FullTokenizer with lower-casing, as Chinese-CLIP uses it: text -> WordPiece tokens -> ids."""
+
+    def __init__(self, vocab_file=Path(__file__).parent / "assets" / "vocab.txt"):
+        if not os.path.isfile(vocab_file):
+            raise FileNotFoundError(f"no vocabulary file at {vocab_file}")
+        self.vocab = collections.OrderedDict()
+        with open(vocab_file, encoding="utf-8") as f:
+            for index, line in enumerate(f):
+                self.vocab[line.strip()] = index  # a later duplicate wins, as in bert_tokenizer.load_vocab
+        self.inv_vocab = {i: token for token, i in self.vocab.items()}
+
+    def basic_tokenize(self, text):
+        """Clean, put spaces around CJK characters, split on whitespace, lower-case, strip accents, split
+        off punctuation."""
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "ignore")
+        text = "".join(" " if _is_whitespace(c) else c for c in text
+                       if not (ord(c) in (0, 0xFFFD) or _is_control(c)))
+        text = "".join(f" {c} " if _is_chinese_char(ord(c)) else c for c in text)
+        pieces = []
+        for word in text.split():
+            word = "".join(c for c in unicodedata.normalize("NFD", word.lower())
+                           if unicodedata.category(c) != "Mn")  # strip accents
+            current = None
+            for c in word:
+                if _is_punctuation(c):
+                    pieces.append(c)
+                    current = None
+                else:
+                    if current is None:
+                        pieces.append("")
+                        current = len(pieces) - 1
+                    pieces[current] += c
+        return " ".join(pieces).split()
+
+    def wordpiece(self, word):
+        """Greedy longest-match-first split of one word into vocabulary pieces ('##' marks a continuation)."""
+        if len(word) > MAX_CHARS_PER_WORD:
+            return [UNK_TOKEN]
+        pieces, start = [], 0
+        while start < len(word):
+            for end in range(len(word), start, -1):
+                piece = word[start:end] if start == 0 else "##" + word[start:end]
+                if piece in self.vocab:
+                    break
+            else:
+                return [UNK_TOKEN]  # no prefix of the rest is in the vocabulary: the whole word is unknown
+            pieces.append(piece)
+            start = end
+        return pieces
+
+    def tokenize(self, text):
+        return [piece for word in self.basic_tokenize(text) for piece in self.wordpiece(word)]
+
+    def encode(self, text):
+        return [self.vocab[token] for token in self.tokenize(text)]
+
+    def decode(self, ids):
+        return [self.inv_vocab[int(i)] for i in ids]
+
+
+@functools.lru_cache(maxsize=1)
+def _default_tokenizer():
+    return ChineseTokenizer()
+
+
+def tokenize_chinese(texts, context_length=CONTEXT_LENGTH, tokenizer=None):
+    """cn_clip.clip.tokenize: `[CLS] tokens[:context_length - 2] [SEP]`, padded with [PAD] (0).
+
+    Over-long text is cut silently to its first context_length - 2 tokens, as cn_clip does.
+    Returns a LongTensor (A, context_length).
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    if context_length < 2:
+        raise ValueError(f"context_length {context_length} leaves no room for [CLS] and [SEP]; use >= 2")
+    tokenizer = tokenizer or _default_tokenizer()
+    cls, sep = tokenizer.vocab[CLS_TOKEN], tokenizer.vocab[SEP_TOKEN]
+    result = torch.full((len(texts), context_length), PAD_ID, dtype=torch.long)  # (A, N)
+    for i, text in enumerate(texts):
+        ids = [cls] + tokenizer.encode(text)[:context_length - 2] + [sep]
+        result[i, :len(ids)] = torch.tensor(ids)
+    return result
+
+
+# ---- TPR text branches, loss and fusion (see the TPR issue) ----
+# TPR (Electronics 2024), Sec. 3.4-3.5. The English branch (the frozen CLIP text tower on
+# "This is a video about {label}.", Table 5's prefixes, the label's word embeddings of Eq. 6) and the Chinese
+# branch (the frozen ChineseCLIPText above on each class's Chinese label) are run once per label set by
+# `prompts.TPR.set_classes`, which keeps prompts.py free of imports from this file. Here: the loss
+# (Eq. 15-17) and the score fusion (Eq. 18), which the engine and the model share.
+
+# Choice: lambda = 0.5 by default (the paper gives no value): Eq. (17) weighs the two losses equally.
+TPR_DEFAULT_LAMBDA = 0.5
+
+
+def multi_positive_contrastive_loss(logits, labels, candidates):
+    """TPR Eq. (15)/(16): the symmetric multi-positive contrastive loss.
+
+    logits (B, A): s(eps_V_i, eps_X_a) / tau for B videos and A candidate texts (already divided by tau).
+    labels (B,): each video's class; candidates (A,): each text's class (duplicates allowed; in training the
+    labels of the whole global batch, so A = B_global). Positives: K(i) = {a : candidates[a] == labels[i]}.
+
+      rows    = -1/B sum_i 1/|K(i)| sum_{a in K(i)} log softmax_over_a(logits[i])[a]    (the paper's L_T->V)
+      columns = -1/A' sum_a 1/|K(a)| sum_{i in K(a)} log softmax_over_i(logits[:, a])[i] (the paper's L_V->T)
+      L = (rows + columns) / 2
+
+    Paper: Eq. (15) writes both directions over a batch of B (video, text) pairs; with candidates = the
+    batch's labels this is exactly it. Choice: a column whose class has no video in `labels` has no positive
+    and no term in Eq. (15); it is left out of the column average (A' = columns with a positive). Every row
+    must have a positive. Eq. (17) sums this loss over the English and Chinese logits (done by the caller).
+    """
+    if logits.dim() != 2 or logits.shape != (labels.shape[0], candidates.shape[0]):
+        raise ValueError(f"logits {tuple(logits.shape)} must be (B, A) = ({labels.shape[0]}, {candidates.shape[0]})")
+    positive = (labels[:, None] == candidates[None, :]).to(torch.float32)  # (B, A)
+    if not bool((positive.sum(dim=1) > 0).all()):
+        missing = labels[positive.sum(dim=1) == 0].tolist()
+        raise ValueError(f"labels {missing} are not among the candidates; every video needs a positive text")
+    logits = logits.float()
+    log_p_rows = logits.log_softmax(dim=1)  # over the A texts, per video; (B, A)
+    log_p_cols = logits.log_softmax(dim=0)  # over the B videos, per text; (B, A)
+    n_row = positive.sum(dim=1)  # |K(i)|; (B,)
+    n_col = positive.sum(dim=0)  # |K(a)|; (A,)
+    loss_rows = -((log_p_rows * positive).sum(dim=1) / n_row).mean()
+    has_pos = n_col > 0
+    loss_cols = -((log_p_cols * positive).sum(dim=0)[has_pos] / n_col[has_pos]).mean()
+    return (loss_rows + loss_cols) / 2  # Eq. (15) / (16)
+
+
+def fuse_scores(s_en, s_zh=None, lam=TPR_DEFAULT_LAMBDA):
+    """TPR Eq. (18): S = lambda * S_VT + (1 - lambda) * S_VC; s_en, s_zh (B, A). Without a Chinese branch
+    (s_zh None) S = S_VT.
+
+    Choice (see prompts.TPR.scores): S are softmax probabilities over the candidates by default; any pair of
+    same-scale scores (e.g. cosines) can be fused here.
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam={lam} must lie in [0, 1] (Eq. 18)")
+    if s_zh is None:
+        return s_en
+    if s_en.shape != s_zh.shape:
+        raise ValueError(f"score shapes differ: English {tuple(s_en.shape)}, Chinese {tuple(s_zh.shape)}")
+    return lam * s_en + (1 - lam) * s_zh  # Eq. (18)
