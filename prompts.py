@@ -374,7 +374,11 @@ BIEFFICIENT_DEFAULTS = {
     "patch_proj_init":  ("clip",  "normal"),     # patch projection init (CLIP's visual.proj; code N(0, 1))
     "words":            ("name",  "all"),        # Eq. 8 words: class-name tokens only, or all 77 positions (code)
     "wgvp_layernorm":   (False,   True),         # LayerNorm on words and class embeddings before WGVP (code)
-    "wgvp_tau":         (1.0,     0.01),         # temperature of the softmax over frames (paper: none; code 0.01)
+    # Paper: Eq. (8)-(9) write the softmax over frames with no temperature, but Sec. 4.1 sets "the temperature
+    # parameter" to 0.01 and at temperature 1 a softmax over cosines (all within [-1, 1]) is nearly uniform,
+    # which would reduce WGVP to mean pooling. Both modes use 0.01 (the code's value); wgvp_tau=1.0 gives the
+    # literal reading.
+    "wgvp_tau":         (0.01,    0.01),         # temperature of the softmax over frames
     "beta_init":        (0.1,     0.01),         # initial beta of Eq. 9 (Table 10: 0.1; code 0.01)
     "learn_logit_scale": (False,  True),         # fixed tau = 0.01 (Sec. 4.1) or CLIP's logit_scale, trainable
     "normalize_video":  (True,    False),        # Eq. 10 cosine: L2-normalise v-hat (code: not re-normalised)
