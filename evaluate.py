@@ -1,1 +1,305 @@
-"""Evaluation: single/multi-view, zero-shot, few-shot, own video (filled by the engine issue)."""
+"""Evaluation of a trained TPR or BiEfficient checkpoint: every protocol of both papers, exact under DDP.
+
+- Closed set (TPR Sec. 4.1.1 and Table 8; BiEfficient Table 1): single view (1 clip x 1 centre crop) and
+  multi-view (4 clips x 3 crops) top-1 / top-5, the model's scores averaged over the views of a video (TPR:
+  the Eq. (18) fusion S = lambda S_VT + (1 - lambda) S_VC, lambda overridable with --lam).
+- Zero-shot (BiEfficient Table 2): a checkpoint trained on one dataset scored on another's classes: the three
+  official test splits with mean and standard deviation, or BIKE's half-classes x 10.
+- Few-shot (TPR Sec. 4.3, Table 7): K-shot runs are trained by train.py --shots K --seed s; pass all their
+  checkpoints here and get the mean (and std) over runs.
+- A user's own video: the top-5 labels with probabilities; --visualize draws the sampled frames with their
+  word-guided weights (TPR Eq. 6-7, BiEfficient Eq. 8) and the top-5 bar chart.
+
+Counting follows pytorch/examples `imagenet/main.py`: each rank scores videos rank, rank + W, ... without
+padding, and the correct counts (not accuracies) are all-reduced, so every video counts exactly once.
+
+    python evaluate.py --checkpoint runs/x/best.pt                              # 1x1 and 4x3 on its test split
+    torchrun --nproc_per_node=4 evaluate.py --checkpoint runs/k400/best.pt --dataset hmdb51 --root DIR --zero-shot splits
+    python evaluate.py --checkpoint runs/x/best.pt --video clip.mp4 --labels 'run,jump,swim' --visualize out.png
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import clip
+import data
+import train
+
+ZERO_SHOT = ("splits", "half")
+# Settings of the training run that evaluation may change; the model itself always comes from the checkpoint.
+OVERRIDABLE = ("root", "pretrained", "pretrained_chinese", "lam", "test_words", "chinese_labels", "list_file",
+               "class_file", "filename_tmpl")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Evaluate a TPR or BiEfficient checkpoint (one process or torchrun).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", nargs="+", required=True,
+                   help="checkpoint file(s) or run folder(s) (their last.pt); several: mean +- std over them "
+                        "(e.g. the runs of a few-shot experiment)")
+    p.add_argument("--method", default=None, choices=train.METHODS, help="refuse checkpoints of the other method")
+    p.add_argument("--dataset", default=None, choices=data.DATASETS,
+                   help="dataset to score (default: the one it was trained on; another one = zero-shot transfer)")
+    p.add_argument("--root", default=None, help="dataset folder (default: the training run's)")
+    p.add_argument("--split", type=int, nargs="+", default=None, choices=(1, 2, 3),
+                   help="split(s) (default: the training run's)")
+    p.add_argument("--views", nargs="+", default=list(data.VIEWS), help="test views CLIPSxCROPS, e.g. 1x1 4x3")
+    p.add_argument("--zero-shot", default=None, choices=ZERO_SHOT,
+                   help="zero-shot protocol on --dataset: the three official splits (mean +- std) or BIKE's "
+                        "half-classes x --halves")
+    p.add_argument("--halves", type=int, default=10, help="rounds of the half-classes protocol")
+    p.add_argument("--lam", type=float, default=None, help="TPR: lambda of Eq. (18) (default: the training run's)")
+    p.add_argument("--test-words", default=None, help="TPR: whose words weight the frames ('class' or 'top1')")
+    p.add_argument("--chinese-labels", default=None, help="TPR: Chinese label file for a custom class list")
+    p.add_argument("--pretrained", default=None, help="CLIP weights, if not where the training run found them")
+    p.add_argument("--pretrained-chinese", default=None, help="Chinese-CLIP weights, likewise")
+    p.add_argument("--batch-size", type=int, default=4, help="videos per rank per forward (all their views)")
+    p.add_argument("--workers", type=int, default=4, help="data loader processes per rank")
+    p.add_argument("--output", default=None, help="folder for metrics.json (default: the first checkpoint's)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="autocast")
+    p.add_argument("--video", default=None, help="score one video file and print its top-5 labels")
+    p.add_argument("--labels", default=None, help="with --video: comma-separated class names to choose from")
+    p.add_argument("--visualize", default=None, metavar="PNG", help="with --video: draw frames, weights, top-5")
+    return p
+
+
+def load_run(path, cli):
+    """(checkpoint dict, the training arguments with the evaluation overrides)."""
+    ckpt, path = train.load_checkpoint(path, cli.method)
+    args = argparse.Namespace(**ckpt["args"])
+    for key in OVERRIDABLE:
+        value = getattr(cli, key, None)
+        if value is not None:
+            setattr(args, key, value)
+    args.workers = cli.workers
+    return ckpt, args, path
+
+
+def restore(ckpt, args, class_texts, zh, device, source):
+    """The method model of the checkpoint, its trainable state loaded, classes set to `class_texts`."""
+    model = train.build_model(args, class_texts, zh)
+    fingerprint = train.frozen_fingerprint(model)
+    if fingerprint != ckpt["frozen_fingerprint"]:
+        raise train.UsageError(f"{source} was trained on other frozen weights than the ones loaded now "
+                               f"(fingerprint {ckpt['frozen_fingerprint']} vs {fingerprint}); pass the same "
+                               f"--pretrained / --pretrained-chinese as the training run")
+    train.load_trainable_state(model, ckpt["trainable"], source)
+    return model.to(device).eval()
+
+
+def set_classes(model, args, dataset, name):
+    texts, zh = train.class_names(args, dataset, name)
+    if train.uses_chinese(args):
+        model.set_classes(texts, zh)
+    else:
+        model.set_classes(texts)
+
+
+def mean_std(values):
+    values = [float(v) for v in values]
+    m = sum(values) / len(values)
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, s
+
+
+def evaluate_run(path, cli, device, amp_dtype, log):
+    """Every protocol asked for, for one checkpoint: list of result records."""
+    ckpt, args, path = load_run(path, cli)
+    name = cli.dataset or args.dataset
+    tag = " RANDOM-INIT" if args.random_init else ""
+    records = []
+    if cli.zero_shot:
+        kw = dict(frames=args.frames, input_size=clip.ARCHS[args.arch]["image_resolution"], sampling=args.sampling)
+        model = None
+        for view in cli.views:
+            try:
+                evals = data.zero_shot_protocol(name, args.root, cli.zero_shot, halves=cli.halves, seed=args.seed,
+                                                views=view, **kw)
+            except (ValueError, FileNotFoundError) as e:
+                raise train.UsageError(f"zero-shot on {name}: {e}") from None
+            for ev in evals:
+                ds = ev["dataset"]
+                if model is None:
+                    texts, zh = train.class_names(args, ds, name)
+                    model = restore(ckpt, args, texts, zh, device, path)
+                set_classes(model, args, ds, name)
+                r = train.evaluate(model, ds, device, amp_dtype, cli.batch_size, cli.workers)
+                proto = dict(train.protocol(args, ds, view, dataset_name=name), zero_shot=cli.zero_shot,
+                             part=ev["name"], trained_on=args.dataset)
+                log(f"zero-shot {ev['name']} (trained on {args.dataset}): {train.describe(r, proto, args.random_init)}")
+                records.append(dict(checkpoint=path, protocol=proto, top1=r["top1"], top5=r["top5"],
+                                    random_init=bool(args.random_init)))
+            m1, s1 = mean_std([r["top1"] for r in records if r["protocol"]["views"] == view])
+            m5, s5 = mean_std([r["top5"] for r in records if r["protocol"]["views"] == view])
+            log(f"zero-shot {name} ({cli.zero_shot}, {len(evals)} parts, {view} views): top1 {m1:.2f} +- {s1:.2f}%, "
+                f"top5 {m5:.2f} +- {s5:.2f}%{tag}")
+        return records
+    splits = cli.split or [args.split]
+    model = None
+    for split in splits:
+        for view in cli.views:
+            try:
+                ds = train.build_dataset(args, "test", views=view, split=split, dataset=name)
+            except (ValueError, FileNotFoundError) as e:
+                raise train.UsageError(f"{name} split {split}: {e}") from None
+            if model is None:
+                texts, zh = train.class_names(args, ds, name)
+                model = restore(ckpt, args, texts, zh, device, path)
+            set_classes(model, args, ds, name)
+            r = train.evaluate(model, ds, device, amp_dtype, cli.batch_size, cli.workers)
+            proto = train.protocol(args, ds, view, split=split, dataset_name=name)
+            if name != args.dataset:
+                proto.update(zero_shot="classes of another dataset", trained_on=args.dataset)
+            log(f"{path}: {train.describe(r, proto, args.random_init)}")
+            records.append(dict(checkpoint=path, protocol=proto, top1=r["top1"], top5=r["top5"],
+                                random_init=bool(args.random_init)))
+    return records
+
+
+def summarise(records, log):
+    """Mean +- std over checkpoints (few-shot runs, seeds) and over zero-shot parts, per protocol."""
+    groups = {}
+    for r in records:
+        p = r["protocol"]
+        key = (p["dataset"], p.get("zero_shot") or p["split"], p["views"], p["frames"])
+        groups.setdefault(key, []).append(r)
+    out = []
+    for (dataset, split, views, frames), rs in groups.items():
+        if len(rs) < 2:
+            continue
+        m1, s1 = mean_std([r["top1"] for r in rs])
+        m5, s5 = mean_std([r["top5"] for r in rs])
+        out.append(dict(dataset=dataset, split=split, views=views, frames=frames, runs=len(rs), top1_mean=m1,
+                        top1_std=s1, top5_mean=m5, top5_std=s5, random_init=any(r["random_init"] for r in rs)))
+        log(f"mean over {len(rs)}: {dataset} {split} {views} views {frames} frames: top1 {m1:.2f} +- {s1:.2f}% "
+            f"top5 {m5:.2f} +- {s5:.2f}%{' RANDOM-INIT' if out[-1]['random_init'] else ''}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One video
+# ----------------------------------------------------------------------------------------------------------
+
+def load_video(path, T, size):
+    """One test clip of a video file: (1, T, 3, size, size) normalised, and the uint8 frames (T, H, W, 3)."""
+    try:
+        meta = data.probe_video(path)
+        idx = data.sample_indices(meta.num_frames, T, "test")
+        frames = data.decode_frames(path, idx, meta)
+    except data.BadVideo as e:
+        raise train.UsageError(f"cannot read {path}: {e}") from None
+    return data.test_crops(frames, size, 1), frames  # (1, T, 3, S, S)
+
+
+@torch.no_grad()
+def predict_video(cli, device, amp_dtype):
+    ckpt, args, path = load_run(cli.checkpoint[0], cli)
+    if cli.labels:
+        texts = [t.strip() for t in cli.labels.split(",") if t.strip()]
+        if train.uses_chinese(args):
+            if cli.chinese_labels is None:
+                raise train.UsageError("this TPR model has a Chinese branch: give --chinese-labels FILE with a "
+                                       "Chinese label for each of --labels")
+            zh = data.chinese_labels("custom", texts, cli.chinese_labels)
+        else:
+            zh = None
+    else:
+        name = cli.dataset or args.dataset
+        ds = train.build_dataset(args, "test", dataset=name) if name != "synthetic" or True else None
+        texts, zh = train.class_names(args, ds, name)
+    model = restore(ckpt, args, texts, zh, device, path)
+    if not os.path.isfile(cli.video):
+        raise train.UsageError(f"--video {cli.video} does not exist")
+    video, frames = load_video(cli.video, args.frames, clip.ARCHS[args.arch]["image_resolution"])
+    K = len(texts)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        out = model(video.to(device), None, torch.arange(K, device=device))
+    s = model.scores(out).float()[0]  # (K,)
+    # Choice: scores that are already a distribution (TPR's Eq. 18 fusion of probabilities) are shown as they
+    # are; logits (BiEfficient) go through a softmax.
+    probs = s if (s.min() >= 0 and abs(float(s.sum()) - 1) < 1e-3) else s.softmax(-1)
+    top = probs.topk(min(5, K))
+    tag = " (RANDOM-INIT model: meaningless)" if args.random_init else ""
+    print(f"{cli.video}: top-{len(top.indices)} of {K} classes{tag}")
+    ranked = [(texts[i], float(p)) for p, i in zip(top.values.tolist(), top.indices.tolist())]
+    for label, p in ranked:
+        print(f"  {p * 100:6.2f}%  {label}")
+    weights = out.get("frame_weights")
+    weights = None if weights is None else weights[0].float().cpu().tolist()
+    if cli.visualize:
+        draw(frames, weights, ranked, cli.visualize)
+        print(f"wrote {cli.visualize}")
+    return ranked, weights
+
+
+def draw(frames, weights, ranked, path):
+    """The sampled frames in a row, a bar per frame for its word-guided weight, and the top-5 bar chart."""
+    from PIL import Image, ImageDraw
+    T = len(frames)
+    thumb = 128
+    bar_h, chart_h, pad = 60, 22 * len(ranked) + 20, 8
+    width = T * (thumb + pad) + pad
+    img = Image.new("RGB", (max(width, 480), thumb + bar_h + chart_h + 4 * pad), "white")
+    d = ImageDraw.Draw(img)
+    top = max(weights) if weights else 1.0
+    for t, f in enumerate(frames):
+        x = pad + t * (thumb + pad)
+        img.paste(Image.fromarray(np.asarray(f)).resize((thumb, thumb)), (x, pad))
+        if weights:
+            h = int((bar_h - 14) * weights[t] / max(top, 1e-9))
+            y0 = pad * 2 + thumb + bar_h - 14
+            d.rectangle([x + thumb // 4, y0 - h, x + 3 * thumb // 4, y0], fill=(200, 60, 60))
+            d.text((x + thumb // 4, y0 + 2), f"{weights[t]:.2f}", fill="black")
+    y = thumb + bar_h + 3 * pad
+    d.text((pad, y), "top-5" + ("" if weights else " (this model gives no frame weights)"), fill="black")
+    for k, (label, p) in enumerate(ranked):
+        yy = y + 18 + 22 * k
+        d.rectangle([pad + 160, yy, pad + 160 + int(250 * p), yy + 14], fill=(60, 110, 200))
+        d.text((pad, yy), label[:24], fill="black")
+        d.text((pad + 170 + int(250 * p), yy), f"{100 * p:.1f}%", fill="black")
+    img.save(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    cli = build_parser().parse_args(argv)
+    for v in cli.views:
+        data._parse_views(v)  # a clear error for a malformed view now, not after loading the model
+    rank, world, device = train.setup_distributed()
+    log = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
+    amp_dtype, _ = train.amp_settings(cli.precision, device)
+    if cli.video:
+        return predict_video(cli, device, amp_dtype)
+    records = []
+    for path in cli.checkpoint:
+        records += evaluate_run(path, cli, device, amp_dtype, log)
+    summary = summarise(records, log)
+    first = cli.checkpoint[0]
+    out = cli.output or (first if os.path.isdir(first) else os.path.dirname(os.path.abspath(first)))
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        result = dict(results=records, summary=summary)
+        tmp = os.path.join(out, "metrics.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, os.path.join(out, "metrics.json"))
+        log(f"wrote {os.path.join(out, 'metrics.json')}")
+    return dict(results=records, summary=summary)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except train.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

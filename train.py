@@ -1,1 +1,943 @@
-"""Training engine for both methods (filled by the engine issue)."""
+"""Training engine for both methods: TPR (Electronics 2024) and BiEfficient (ACCV 2024).
+
+One script, one code path for both method models of prompts.py, in one process (CPU or one GPU) or under
+`torchrun --nproc_per_node=N` (and multi-node) with DistributedDataParallel. Mirrors karpathy/nanoGPT
+`train.py` (plain-torch DDP, AMP, checkpointing, one progress line), mlfoundations/open_clip `loss.py`
+(contrastive logits gathered from every rank, the local rows keeping their gradient) and pytorch/examples
+`imagenet/main.py` (evaluation that counts every video exactly once under DDP).
+
+Objective: TPR Eq. (15)-(17), L = L_VT + L_VC, the multi-positive symmetric contrastive loss over the GLOBAL
+batch (BiEfficient Eq. (10) is the same loss with its English branch only); `model.loss_keys` names the
+branches. Optimiser and schedule: AdamW, linear warm-up then cosine, per step (TPR Table 2; BiEfficient
+Sec. 4.1).
+
+    python train.py --dataset synthetic --random-init                    # the tiny demo, CPU, minutes
+    python train.py --method tpr --dataset hmdb51 --root DIR --split 1   # ViT-B/16 weights from ~/.cache/clip
+    torchrun --nproc_per_node=4 train.py --method biefficient --dataset k400 --root DIR
+
+The run folder (--output) receives args.json, metrics.jsonl (one JSON object per line: training progress and
+every evaluation with its protocol), last.pt and best.pt (trainable parameters only, never the frozen towers).
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import clip
+import data
+import prompts
+import reparam
+import text_branches
+
+METHODS = ("tpr", "biefficient")
+CHECKPOINT_FORMAT = 1
+# Flags a resumed run may change; every other setting comes from the run's own checkpoint so that the
+# continuation is exact.
+RESUME_MAY_CHANGE = ("workers", "print_every", "save_every", "kill_at_step", "eval_batch_size")
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line by the command-line entry point."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Arguments and the papers' defaults
+# ----------------------------------------------------------------------------------------------------------
+
+# Paper defaults per method and protocol; None in the parser means "take it from here".
+# TPR: Table 2 (AdamW betas (0.9, 0.999), cosine, 5 warm-up epochs, weight decay 1e-2, 30 epochs ViT-B / 20
+# ViT-L), Sec. 4.2.2 (T = 16 after Fig. 5b), Sec. 4.3 (few-shot: batch 64, lr 4e-6), Sec. 4.4 (HMDB51/UCF101:
+# lr 5e-6, 30 epochs, batch 32; SSv1: lr 5e-4, 40 epochs, batch 16, RandAugment and random erasing).
+# Paper: TPR's Table 2 gives batch 256 for full training while Sec. 4.4 says 32 for HMDB51/UCF101; we follow
+# Sec. 4.4 (the text describing the reported experiments); pass --batch-size 256 for Table 2's value.
+# BiEfficient Sec. 4.1: AdamW, batch 32, 50 epochs, weight decay 0.2, lr 5e-4, 5 warm-up epochs then cosine
+# to zero, T = 8 (its ablation default), temperature 0.01.
+# Paper: BiEfficient's authors' code runs 32 per GPU on 4 GPUs (global 128) with weight decay 0.05; the paper's
+# "batch size of 32" is taken as the global batch; --biefficient-code-compat switches weight decay to 0.05.
+SYNTHETIC = dict(arch="tiny", frames=8, batch_size=16, epochs=None, lr=None, warmup_epochs=1, weight_decay=0.0)
+# Choice: the synthetic demo's schedule, tuned so that the tiny random-init models learn the time-reversed
+# twins on 2 CPU cores in about a minute (see test_engine.py); per method because their trainable parts differ.
+SYNTHETIC_BY_METHOD = {"tpr": dict(epochs=12, lr=3e-3), "biefficient": dict(epochs=12, lr=1e-3)}
+
+
+def paper_defaults(method, dataset, shots):
+    """The hyper-parameters of the chosen method and protocol (see the comments above)."""
+    if dataset == "synthetic":
+        return {**SYNTHETIC, **SYNTHETIC_BY_METHOD[method]}
+    if method == "tpr":
+        d = dict(arch="ViT-B/16", frames=16, batch_size=32, epochs=30, lr=5e-6, warmup_epochs=5, weight_decay=1e-2)
+        if dataset == "ssv1":
+            d.update(lr=5e-4, epochs=40, batch_size=16)
+        if shots:
+            d.update(lr=4e-6, batch_size=64)  # Sec. 4.3 / Table 2 (few-shot)
+        return d
+    return dict(arch="ViT-B/16", frames=8, batch_size=32, epochs=50, lr=5e-4, warmup_epochs=5, weight_decay=0.2)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Train TPR or BiEfficient on a video dataset (one process or torchrun).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("what to train")
+    g.add_argument("--method", default="tpr", choices=METHODS, help="which paper's model")
+    g.add_argument("--dataset", default="synthetic", choices=data.DATASETS, help="dataset, in its authors' layout")
+    g.add_argument("--root", default=None, help="dataset folder (not needed for synthetic)")
+    g.add_argument("--split", type=int, default=1, choices=(1, 2, 3), help="official split (HMDB51, UCF101)")
+    g.add_argument("--list-file", nargs=2, default=None, metavar=("TRAIN", "TEST"),
+                   help="dataset 'list': mmaction2 list files for training and testing")
+    g.add_argument("--class-file", default=None, help="dataset 'list': class names, one per line or id,name CSV")
+    g.add_argument("--filename-tmpl", default="img_{:05d}.jpg", help="frame file names of frame-folder lists")
+    g.add_argument("--chinese-labels", default=None, help="Chinese label file for a custom dataset (TPR)")
+    g.add_argument("--shots", type=int, default=0, choices=(0,) + data.SHOTS,
+                   help="K-shot training (K samples per class, drawn with --seed); 0 = all")
+    g.add_argument("--frames", type=int, default=None, help="T sampled frames (default: the paper's)")
+    g.add_argument("--sampling", default="sparse", choices=data.SAMPLINGS, help="TSN sparse or dense sampling")
+    g.add_argument("--randaugment", action="store_true", default=None,
+                   help="RandAugment (TPR Sec. 4.4 uses it on SSv1; default on for ssv1)")
+    g.add_argument("--random-erasing", action="store_true", default=None,
+                   help="random erasing (TPR Sec. 4.4, SSv1; default on for ssv1)")
+    g.add_argument("--synthetic-videos", type=int, default=16, help="synthetic: videos per class and split")
+    g.add_argument("--no-flip", action="store_true", help="no horizontal flip (always off for ssv1 and synthetic)")
+
+    g = p.add_argument_group("backbones")
+    g.add_argument("--arch", default=None, choices=tuple(clip.ARCHS), help="CLIP ViT (default: the paper's "
+                   "ViT-B/16; tiny for synthetic)")
+    g.add_argument("--pretrained", default=None, metavar="NAME|PATH",
+                   help="CLIP weights: an official name (downloaded into ~/.cache/clip) or a local file; "
+                        "default: the --arch name")
+    g.add_argument("--pretrained-chinese", default="ViT-B-16", metavar="NAME|PATH",
+                   help="Chinese-CLIP weights for TPR's Chinese branch: official name (into "
+                        "~/.cache/chinese-clip) or a local file")
+    g.add_argument("--random-init", action="store_true",
+                   help="build RANDOMLY INITIALISED towers (smoke tests, synthetic demo); every accuracy line "
+                        "then says RANDOM-INIT")
+
+    g = p.add_argument_group("TPR (ablations: Fig. 5, Tables 3-5, 7)")
+    g.add_argument("--S", type=int, default=8, help="global prompts per frame (Fig. 5c)")
+    g.add_argument("--beta", default="r2plus1d", choices=reparam.BETAS + ("none",), help="reparameterization network beta of Eq. (12), Table 3; "
+                   "'none' = no beta (the '+TP' row)")
+    g.add_argument("--no-residual", action="store_true", help="P_R = beta(P) without + P (Table 4)")
+    g.add_argument("--no-temporal-prompts", action="store_true", help="no temporal prompts (Fig. 5a baseline)")
+    g.add_argument("--no-chinese", action="store_true", help="no Chinese label branch (Fig. 5a, Table 7)")
+    g.add_argument("--pooling", default="word", choices=("word", "mean"), help="word-guided (Eq. 6-7) or mean "
+                   "pooling (Eq. 4) of the frame features")
+    g.add_argument("--test-words", default=None, choices=prompts.TPR_TEST_WORDS, help="whose words weight the frames at test time (TPR issue: "
+                   "class-conditional or top-1); default: the model's")
+    g.add_argument("--prefix", default="This is a video about {}.", help="text template (Table 5)")
+    g.add_argument("--lam", type=float, default=None, help="lambda of Eq. (18); default: the model's")
+    g.add_argument("--tau", type=float, default=0.01, help="temperature tau (Sec. 4.1)")
+
+    g = p.add_argument_group("BiEfficient (ablations: Tables 4-10)")
+    g.add_argument("--M", type=int, default=None, help="learned context tokens of the Pre-Prompt (paper 16; "
+                   "code-compat 12)")
+    g.add_argument("--no-pre-prompt", action="store_true", help="without Pre-Prompt (Table 4)")
+    g.add_argument("--no-post-prompt", action="store_true", help="without Post-Prompt (Table 4)")
+    g.add_argument("--no-wgvp", action="store_true", help="without the Word-Guided Visual Prompt (Table 4)")
+    g.add_argument("--biefficient-code-compat", action="store_true",
+                   help="reproduce the authors' code instead of the paper (notes/biefficient-official-code.md)")
+    g.add_argument("--biefficient-kwargs", default="{}", help="extra BiEfficient keyword arguments as JSON, for "
+                   "the ablations of Tables 5-10, e.g. '{\"alpha_init\": 0.01}'")
+    g.add_argument("--tpr-kwargs", default="{}", help="extra TPR keyword arguments as JSON")
+    g.add_argument("--grad-checkpointing", action="store_true", help="checkpoint the frozen text tower's blocks")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=None, help="training epochs (default: the paper's)")
+    g.add_argument("--batch-size", type=int, default=None, help="GLOBAL batch (all ranks together); the "
+                   "contrastive loss sees all of it (default: the paper's)")
+    g.add_argument("--micro-batch", type=int, default=None, help="videos per rank per forward; smaller than "
+                   "batch-size/world-size turns on gradient accumulation (exact, see accumulate())")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the paper's)")
+    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine")
+    g.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up (default: the paper's 5)")
+    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the paper's)")
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas (TPR Table 2)")
+    g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0 = off, the papers')")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="auto: bf16 autocast on GPUs that support it, fp16 + GradScaler on others, fp32 on CPU")
+    g.add_argument("--seed", type=int, default=0, help="seed of everything (model init, data order, "
+                   "augmentation, few-shot draw)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--output", default=None, help="run folder (default runs/<method>-<dataset>-<time>)")
+    g.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR exactly where it "
+                   "stopped (mid-epoch included)")
+    g.add_argument("--workers", type=int, default=4, help="data loader processes per rank (0: in the main one)")
+    g.add_argument("--print-every", type=int, default=10, help="progress line every N steps")
+    g.add_argument("--save-every", type=int, default=0, help="also save last.pt every N steps (0: each epoch)")
+    g.add_argument("--eval-every", type=int, default=1, help="evaluate (1 view) every N epochs; 0: at the end")
+    g.add_argument("--eval-batch-size", type=int, default=None, help="videos per rank per evaluation forward")
+    g.add_argument("--dry-run", action="store_true", help="build the model, print its trainable parameters, exit")
+    g.add_argument("--kill-at-step", type=int, default=0, help=argparse.SUPPRESS)  # testing: SIGKILL self
+    return p
+
+
+def resolve_args(args):
+    """Fill the None defaults from the papers' values for the chosen method and protocol; validate."""
+    for k, v in paper_defaults(args.method, args.dataset, args.shots).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.randaugment is None:
+        args.randaugment = args.dataset == "ssv1"
+    if args.random_erasing is None:
+        args.random_erasing = args.dataset == "ssv1"
+    if args.method == "biefficient" and args.biefficient_code_compat and args.weight_decay == 0.2:
+        args.weight_decay = 0.05  # the authors' code (notes/biefficient-official-code.md)
+    if args.dataset not in ("synthetic",) and args.dataset != "list" and args.root is None:
+        raise UsageError(f"--dataset {args.dataset} needs --root DIR (the dataset folder in its authors' layout; "
+                         f"see data.py)")
+    for flag in ("tpr_kwargs", "biefficient_kwargs"):
+        try:
+            value = json.loads(getattr(args, flag))
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r} is not JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise UsageError(f"--{flag.replace('_', '-')} must be a JSON object, got {getattr(args, flag)!r}")
+    if args.eval_batch_size is None:
+        args.eval_batch_size = max(1, args.batch_size // 4)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distributed helpers (plain torch.distributed; one process when not launched by torchrun)
+# ----------------------------------------------------------------------------------------------------------
+
+def setup_distributed():
+    """(rank, world size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them: one process."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def gather_rows(x):
+    """(B_local, ...) on every rank -> (B_global, ...) in rank order. Only the local rows carry a gradient
+    (open_clip's gather_features): the loss is replicated on every rank, each rank back-propagates through
+    its own rows, and the sum over ranks is the full gradient (see train_step)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
+
+
+def broadcast_object(obj):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------
+
+def build_dataset(args, mode, views="1x1", split=None, dataset=None, shots_dir=None):
+    """A dataset of data.py for this run's settings; mode 'train', 'test' or 'all' (every labelled video)."""
+    name = dataset or args.dataset
+    list_file = None
+    if args.list_file is not None:
+        list_file = args.list_file[0 if mode == "train" else 1]
+    return data.build_dataset(
+        name, root=args.root, split=split or args.split, mode=mode, frames=args.frames,
+        input_size=clip.ARCHS[args.arch]["image_resolution"], views=views, sampling=args.sampling,
+        shots=args.shots if (mode == "train" and args.shots) else None, seed=args.seed, shots_dir=shots_dir,
+        flip=not args.no_flip, randaugment=args.randaugment, random_erasing=args.random_erasing,
+        list_file=list_file, class_file=args.class_file, filename_tmpl=args.filename_tmpl,
+        videos_per_class=args.synthetic_videos)
+
+
+class BatchSampler:
+    """The global batches of one epoch, this rank's share of each, from `start` on (exact resume).
+
+    Choice: one permutation of the whole dataset per epoch, drawn from (seed, epoch), cut into global batches
+    of B (the last incomplete one dropped); rank r takes rows [r * B/W, (r + 1) * B/W) of each. The global
+    batch is therefore the same set in the same order for any number of ranks, which is what makes the
+    objective independent of the world size.
+    """
+
+    def __init__(self, n, global_batch, rank, world, seed, epoch, start=0):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        self.order = torch.randperm(n, generator=g).tolist()
+        self.B, self.b, self.rank, self.start = global_batch, global_batch // world, rank, start
+        self.steps = n // global_batch
+
+    def __len__(self):
+        return self.steps - self.start
+
+    def __iter__(self):
+        for s in range(self.start, self.steps):
+            rows = self.order[s * self.B:(s + 1) * self.B]
+            yield rows[self.rank * self.b:(self.rank + 1) * self.b]
+
+
+def loader(dataset, batch_sampler=None, batch_size=None, workers=0, indices=None):
+    if indices is not None:
+        dataset = torch.utils.data.Subset(dataset, indices)
+    kw = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    if workers > 0:
+        kw["prefetch_factor"] = 2
+    if batch_sampler is not None:
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kw)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------
+
+def _weights_error(what, name, where, flag, error):
+    return UsageError(
+        f"cannot load the {what} weights {name!r}: {error}. Official names are downloaded once into {where} "
+        f"(this needs network access; or copy the official file there). To use a file you already have, pass "
+        f"{flag} PATH. For a smoke test without weights, pass --random-init.")
+
+
+def build_clip(args):
+    if args.random_init:
+        return clip.build_random(args.arch)
+    name = args.pretrained or args.arch
+    try:
+        model, _ = clip.load(name, device="cpu", dtype=torch.float32)  # fp32 master weights; autocast does AMP
+    except (OSError, RuntimeError, ValueError) as e:
+        url = clip._MODELS.get(args.arch, "")
+        raise _weights_error("CLIP", name, f"~/.cache/clip (from {url})" if url else "~/.cache/clip",
+                             "--pretrained", e) from None
+    if model.visual.input_resolution != clip.ARCHS[args.arch]["image_resolution"] or \
+            model.visual.conv1.weight.shape[0] != clip.ARCHS[args.arch]["vision_width"]:
+        raise UsageError(f"--pretrained {name} holds a different CLIP than --arch {args.arch}; pass the --arch "
+                         f"that matches the file ({', '.join(clip.ARCHS)})")
+    return model
+
+
+def build_chinese(args, embed_dim):
+    if args.random_init:
+        if hasattr(text_branches, "build_random_chinese"):
+            tower = text_branches.build_random_chinese("tiny" if args.arch == "tiny" else "base")
+        else:
+            # Choice: fallback until text_branches.build_random_chinese exists: a tiny random BERT.
+            print("WARNING: building a RANDOMLY INITIALISED Chinese text tower", file=sys.stderr)
+            tower = text_branches.ChineseCLIPText(embed_dim=embed_dim, width=64, layers=2, heads=2,
+                                                  intermediate=256, max_positions=64)
+    else:
+        try:
+            tower = text_branches.load_chinese_clip(args.pretrained_chinese)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise _weights_error("Chinese-CLIP", args.pretrained_chinese, "~/.cache/chinese-clip",
+                                 "--pretrained-chinese", e) from None
+    if tower.text_projection.shape[1] != embed_dim:
+        raise UsageError(f"the Chinese tower projects to {tower.text_projection.shape[1]} dimensions but CLIP "
+                         f"{args.arch} to {embed_dim}; pass a matching --pretrained-chinese")
+    return tower.float().eval()
+
+
+def build_model(args, class_texts, classes_zh=None):
+    """The method model of prompts.py for these arguments, its classes set. Deterministic in args.seed, so a
+    random-init run can be rebuilt identically from its checkpoint's arguments."""
+    torch.manual_seed(args.seed)
+    clip_model = build_clip(args)
+    if args.grad_checkpointing:
+        clip_model.transformer.grad_checkpointing = True
+    if args.method == "tpr":
+        kw = json.loads(args.tpr_kwargs)
+        D = clip_model.visual.conv1.weight.shape[0]
+        beta = None
+        if not args.no_temporal_prompts and args.beta != "none":
+            beta = reparam.ReparamEncoder(beta=args.beta, D=D, T=args.frames, P=1 + args.S + args.frames,
+                                          residual=not args.no_residual)
+        chinese = None if args.no_chinese else build_chinese(args, clip_model.embed_dim)
+        for key in ("lam", "test_words"):
+            if getattr(args, key) is not None:
+                kw[key] = getattr(args, key)
+        model = prompts.TPR(clip_model, T=args.frames, S=args.S, reparam=beta,
+                            temporal_prompts=not args.no_temporal_prompts, pooling=args.pooling,
+                            prefix=args.prefix, chinese_text=chinese,
+                            chinese_tokenize=None if chinese is None else text_branches.tokenize_chinese,
+                            tau=args.tau, **kw)
+        model.set_classes(class_texts, None if chinese is None else classes_zh)
+    else:
+        kw = json.loads(args.biefficient_kwargs)
+        if args.M is not None:
+            kw["M"] = args.M
+        model = prompts.BiEfficient(clip_model, T=args.frames, pre_prompt=not args.no_pre_prompt,
+                                    post_prompt=not args.no_post_prompt, wgvp=not args.no_wgvp,
+                                    code_compat=args.biefficient_code_compat, **kw)
+        model.set_classes(class_texts)
+    return model
+
+
+def uses_chinese(args):
+    return args.method == "tpr" and not args.no_chinese
+
+
+def class_names(args, dataset, dataset_name=None):
+    """(English class texts, Chinese labels or None) of a dataset object."""
+    zh = None
+    if uses_chinese(args):
+        try:
+            zh = data.chinese_labels(dataset_name or args.dataset, dataset.classes, args.chinese_labels)
+        except (KeyError, ValueError, FileNotFoundError) as e:
+            raise UsageError(f"TPR's Chinese branch needs a Chinese label for every class: {e}. Pass "
+                             f"--chinese-labels FILE or --no-chinese") from None
+    return list(dataset.class_texts), zh
+
+
+def frozen_modules(model):
+    """Names of the frozen towers inside a method model (their parameters and buffers are never saved)."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, (clip.CLIP, text_branches.ChineseCLIPText)) and n]
+
+
+def trainable_state(model):
+    """Trainable parameters and the persistent buffers outside the frozen towers (e.g. norm statistics of
+    beta), as a plain dict of tensors."""
+    frozen = tuple(n + "." for n in frozen_modules(model))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    out = {}
+    for n, t in model.state_dict().items():
+        if n in trainable or (not n.startswith(frozen) and n not in dict(model.named_parameters())):
+            out[n] = t.detach().clone().cpu()
+    return out
+
+
+def load_trainable_state(model, state, source):
+    mine = trainable_state(model)
+    missing, unexpected = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
+    if missing or unexpected:
+        raise UsageError(f"{source} does not match this model: missing {missing[:10]}, unexpected "
+                         f"{unexpected[:10]} (was it trained with other flags?)")
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for n, t in state.items():
+            target = params.get(n, buffers.get(n))
+            if target.shape != t.shape:
+                raise UsageError(f"{source}: {n} has shape {tuple(t.shape)}, this model {tuple(target.shape)}")
+            target.copy_(t)
+
+
+def frozen_fingerprint(model):
+    """A short hash of the frozen towers' weights: a checkpoint only makes sense on the towers it was trained
+    with (they are not stored in it)."""
+    h = hashlib.sha256()
+    for name in frozen_modules(model):
+        for p in getattr_path(model, name).parameters():
+            flat = p.detach().float().flatten().cpu()
+            # 64 evenly spaced values, bit-exact (a sum would depend on the reduction order, i.e. the threads)
+            h.update(str(tuple(p.shape)).encode() + flat[:: max(1, flat.numel() // 64)].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def getattr_path(obj, path):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def print_parameter_table(model, log):
+    rows = model.parameter_table()
+    total = sum(c for _, c in rows)
+    width = max([len(n) for n, _ in rows] + [9])
+    log(f"{'component':<{width}}  trainable parameters")
+    for n, c in rows:
+        log(f"{n:<{width}}  {c:>20,}")
+    log(f"{'total':<{width}}  {total:>20,}")
+    counted = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if counted != total:
+        log(f"WARNING: the table sums to {total:,} but the model has {counted:,} trainable parameters")
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimisation
+# ----------------------------------------------------------------------------------------------------------
+
+def param_groups(model, weight_decay):
+    """AdamW groups. A method model may define `optimizer_groups(weight_decay)`; otherwise decay applies to
+    matrices only, not to biases, norms and scalars (the usual rule; BiEfficient's code decays everything,
+    which its code_compat model states through optimizer_groups)."""
+    if hasattr(model, "optimizer_groups"):  # BiEfficient: which parameters decay (paper or authors' code)
+        groups = model.optimizer_groups()
+        for g in groups:
+            if g["weight_decay"] > 0:
+                g["weight_decay"] = weight_decay
+        return groups
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def lr_at(step, args, steps_per_epoch):
+    """Linear warm-up from 0 to --lr, then cosine to --min-lr, per step (TPR Table 2, BiEfficient Sec. 4.1)."""
+    total = max(1, args.epochs * steps_per_epoch)
+    warmup = min(int(args.warmup_epochs * steps_per_epoch), total - 1)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def amp_settings(precision, device):
+    """(autocast dtype or None, use GradScaler)."""
+    if precision == "auto":
+        if device.type != "cuda":
+            precision = "fp32"  # bf16 matmuls are slow on CPUs; fp16 unsupported there
+        else:
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp32":
+        return None, False
+    if device.type != "cuda":
+        raise UsageError(f"--precision {precision} needs a CUDA GPU; on {device.type} use fp32 or auto")
+    return (torch.bfloat16, False) if precision == "bf16" else (torch.float16, True)
+
+
+def contrastive_loss(logits, labels, candidates):
+    return text_branches.multi_positive_contrastive_loss(logits.float(), labels, candidates)
+
+
+def train_step(ddp_model, model, video, labels, args, world, amp_dtype, scaler, device):
+    """Forward and backward of one global batch; returns the loss (identical on every rank).
+
+    The loss over the global batch (TPR Eq. 17) is computed on every rank from the gathered logits; each rank
+    back-propagates only through its own rows, and DDP AVERAGES gradients over ranks, so the loss is
+    multiplied by the world size: the averaged gradient is then exactly the one-process gradient.
+    """
+    labels = labels.to(device, non_blocking=True)
+    candidates = gather_rows(labels)  # (B,) the whole global batch, duplicates kept (contract)
+    micro = args.micro_batch
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    if micro >= labels.shape[0]:
+        with autocast:
+            out = ddp_model(video.to(device, non_blocking=True), labels, candidates)
+        loss = sum(contrastive_loss(gather_rows(out["logits"][k]), candidates, candidates)
+                   for k in model.loss_keys)  # Eq. (17)
+        scaler.scale(loss * world).backward()
+        return loss.detach()
+    return accumulate(ddp_model, model, video, labels, candidates, micro, world, autocast, scaler, device)
+
+
+def accumulate(ddp_model, model, video, labels, candidates, micro, world, autocast, scaler, device):
+    """Gradient accumulation that keeps the contrastive batch = the whole global batch.
+
+    Choice: accumulating per-micro-batch losses would shrink the contrastive batch (fewer negatives) and make
+    the objective depend on the micro-batch size. Instead (the "gradient cache" idea): 1) every micro-batch's
+    logits rows without a graph, gathered over ranks -> (B, A); 2) the loss on the whole matrix and its
+    gradient with respect to the logits; 3) each micro-batch again with a graph, back-propagating those
+    logit gradients. Rows of the logits depend only on their own video (and the candidates), so this is the
+    exact gradient of the global-batch loss for any micro-batch size and world size, at the price of one extra
+    forward pass (without a graph). It assumes the forward pass is deterministic (no dropout in the models).
+    """
+    chunks = list(zip(video.split(micro), labels.split(micro)))
+    with torch.no_grad(), autocast:
+        rows = [model(v.to(device, non_blocking=True), l, candidates)["logits"] for v, l in chunks]
+    full = {k: gather_rows(torch.cat([r[k] for r in rows]).float()).requires_grad_(True) for k in model.loss_keys}
+    loss = sum(contrastive_loss(full[k], candidates, candidates) for k in model.loss_keys)  # Eq. (17)
+    grads = torch.autograd.grad(loss, [full[k] for k in model.loss_keys])
+    b = labels.shape[0]
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    local = {k: g[rank * b:(rank + 1) * b].split(micro) for k, g in zip(model.loss_keys, grads)}
+    for i, (v, l) in enumerate(chunks):
+        sync = i == len(chunks) - 1
+        ctx = ddp_model.no_sync() if (isinstance(ddp_model, DDP) and not sync) else _nullcontext()
+        with ctx:
+            with autocast:
+                out = ddp_model(v.to(device, non_blocking=True), l, candidates)
+            surrogate = sum((out["logits"][k].float() * local[k][i]).sum() for k in model.loss_keys)
+            scaler.scale(surrogate * world).backward()
+    return loss.detach()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _NoScaler:
+    """GradScaler's interface for fp32/bf16 (nothing to scale)."""
+
+    def scale(self, x):
+        return x
+
+    def unscale_(self, opt):
+        pass
+
+    def step(self, opt):
+        opt.step()
+
+    def update(self):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation (exact under DDP; shared with evaluate.py)
+# ----------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, return_indices=False):
+    """Top-1 / top-5 over a test dataset whose items hold all views of one video, (V, T, 3, H, W).
+
+    Each rank takes videos rank, rank + W, ... (no padding: each video is scored exactly once, as
+    pytorch/examples imagenet does for its validation set); correct counts are all-reduced, never per-rank
+    accuracies. Returns dict(top1, top5 in %, videos, correct1, correct5[, indices])."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    indices = list(range(rank, len(dataset), world))
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.float64)
+    seen = []
+    K = len(dataset.classes)
+    candidates = torch.arange(K, device=device)
+    for batch in loader(dataset, batch_size=batch_size, workers=workers, indices=indices):
+        video, labels = batch["video"].to(device, non_blocking=True), batch["label"].to(device)
+        if video.dim() == 5:
+            video = video[:, None]  # (B, 1, T, 3, H, W): one view
+        B, V = video.shape[:2]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = model(video.flatten(0, 1), None, candidates)  # (B * V, T, 3, H, W)
+        # The model's final scores (TPR: Eq. (18) fusion of probabilities; BiEfficient: its logits), averaged
+        # over the views of each video (the multi-view protocol of TPR Sec. 4.1.1).
+        probs = model.scores(out).float().view(B, V, K).mean(1)  # (B * V, K) -> (B, K)
+        top = probs.topk(min(5, K), dim=-1).indices  # (B, 5)
+        counts[0] += (top[:, 0] == labels).sum().item()
+        counts[1] += (top == labels[:, None]).any(-1).sum().item()
+        counts[2] += B
+        seen += batch["index"].tolist()
+    if dist.is_initialized():
+        counts = counts.to(device)
+        dist.all_reduce(counts)
+        counts = counts.cpu()
+        if return_indices:
+            everyone = [None] * world
+            dist.all_gather_object(everyone, seen)
+            seen = [i for part in everyone for i in part]
+    model.train(was_training)
+    n = int(counts[2])
+    result = dict(top1=100 * counts[0].item() / max(n, 1), top5=100 * counts[1].item() / max(n, 1), videos=n,
+                  correct1=int(counts[0]), correct5=int(counts[1]))
+    if return_indices:
+        result["indices"] = seen
+    return result
+
+
+def protocol(args, dataset, views, split=None, dataset_name=None):
+    """What an accuracy figure means: dataset, split, views, frames, number of videos."""
+    return dict(dataset=dataset_name or args.dataset, split=split or args.split, views=views,
+                frames=args.frames, videos=len(dataset), classes=len(dataset.classes))
+
+
+def describe(result, proto, random_init):
+    tag = " RANDOM-INIT (random towers: meaningless beyond smoke tests)" if random_init else ""
+    return (f"top1 {result['top1']:.2f}% top5 {result['top5']:.2f}% on {proto['dataset']} split {proto['split']}"
+            f" test, {proto['views']} views, {proto['frames']} frames, {result['videos']} videos{tag}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: trainable state only, atomic, weights_only-loadable
+# ----------------------------------------------------------------------------------------------------------
+
+def rng_state():
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = dict(python=[py[0], torch.tensor(py[1], dtype=torch.int64), py[2]],
+                 numpy=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                        int(np_state[3]), float(np_state[4])],
+                 torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1].tolist()), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj, path):
+    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file intact."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, method=None):
+    """A checkpoint of this engine (weights_only); refuses the other method's with a clear error."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "last.pt")
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "trainable" not in ckpt:
+        raise UsageError(f"{path} is not a checkpoint of this train.py (format {CHECKPOINT_FORMAT})")
+    if method is not None and ckpt["method"] != method:
+        raise UsageError(f"{path} is a checkpoint of method {ckpt['method']!r}, not {method!r}; pass --method "
+                         f"{ckpt['method']} (valid methods: {', '.join(METHODS)})")
+    return ckpt, path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------
+
+def _peak_memory_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's peak RSS
+
+
+def _run_signature(folder):
+    return [f for f in ("last.pt", "best.pt", "metrics.jsonl", "args.json") if os.path.exists(os.path.join(folder, f))]
+
+
+def main(argv=None):
+    parser = build_parser()
+    cli = parser.parse_args(argv)
+    rank, world, device = setup_distributed()
+    log = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
+
+    ckpt = None
+    if cli.resume:
+        ckpt, _ = load_checkpoint(cli.resume, cli.method if _explicit(argv, "--method") else None)
+        args = argparse.Namespace(**ckpt["args"])
+        for key in RESUME_MAY_CHANGE:
+            if getattr(cli, key) is not None:
+                setattr(args, key, getattr(cli, key))
+        args.resume, args.output = cli.resume, cli.resume
+        args.dry_run = cli.dry_run
+    else:
+        args = resolve_args(cli)
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} (global) is not divisible by the {world} ranks")
+    per_rank = args.batch_size // world
+    if args.micro_batch is None or args.micro_batch > per_rank:
+        args.micro_batch = per_rank
+    if per_rank % args.micro_batch:
+        raise UsageError(f"--micro-batch {args.micro_batch} does not divide the per-rank batch {per_rank} "
+                         f"(= --batch-size {args.batch_size} / {world} ranks)")
+
+    amp_dtype, use_scaler = amp_settings(args.precision, device)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+
+    # Output folder
+    if not cli.resume and not args.dry_run:
+        out = args.output or os.path.join("runs", f"{args.method}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        args.output = out = broadcast_object(out)
+        held = broadcast_object(_run_signature(out) if rank == 0 and os.path.isdir(out) else [])
+        if held:
+            raise UsageError(f"output folder {out} holds another run ({', '.join(held)}); pass --resume {out} "
+                             f"to continue it, or choose another --output")
+    out = args.output
+
+    # Data and model
+    train_set = build_dataset(args, "train", shots_dir=None if args.dry_run else args.output)
+    texts, zh = class_names(args, train_set)
+    model = build_model(args, texts, zh).to(device)
+    if args.dry_run:
+        print_parameter_table(model, log)
+        return None
+    torch.manual_seed(args.seed + rank)  # after the (identical) model init, each rank its own stream
+    if rank == 0 and not cli.resume:  # written once the model is built, so a failed start leaves no "run"
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+    if dist.is_initialized():
+        dist.barrier()
+
+    log(f"{args.method} on {args.dataset} (split {args.split}{f', {args.shots}-shot' if args.shots else ''}): "
+        f"{len(train_set)} training videos, {len(train_set.classes)} classes, T={args.frames}, arch {args.arch}"
+        f"{' RANDOM-INIT' if args.random_init else ''}; {world} rank(s) on {device.type}, global batch "
+        f"{args.batch_size} = {world} x {per_rank // args.micro_batch} x {args.micro_batch}, precision "
+        f"{amp_dtype or 'fp32'}; run folder {out}")
+    print_parameter_table(model, log)
+
+    model.train()
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas))
+    scaler = torch.amp.GradScaler(device.type) if use_scaler else _NoScaler()
+    steps_per_epoch = len(train_set) // args.batch_size
+    if steps_per_epoch == 0:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_set)} videos)")
+    total_steps = args.epochs * steps_per_epoch
+    epoch, epoch_step, step, best = 0, 0, 0, -1.0
+    fingerprint = frozen_fingerprint(model)
+    if ckpt is not None:
+        if ckpt["frozen_fingerprint"] != fingerprint:
+            raise UsageError(f"{cli.resume}: the frozen towers differ from the ones this run was trained with "
+                             f"(fingerprint {fingerprint} vs {ckpt['frozen_fingerprint']}); pass the same weights")
+        load_trainable_state(model, ckpt["trainable"], cli.resume)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        epoch, epoch_step, step, best = ckpt["epoch"], ckpt["epoch_step"], ckpt["step"], ckpt["best_top1"]
+        if len(ckpt["rng"]) == world:
+            set_rng_state(ckpt["rng"][rank])
+        else:
+            log(f"WARNING: the run had {len(ckpt['rng'])} ranks, now {world}: random states re-seeded "
+                f"(data order and augmentation stay exact: they depend on the seed, epoch and index only)")
+        log(f"resumed {cli.resume} at epoch {epoch + 1}, step {epoch_step}/{steps_per_epoch} (global step {step})")
+
+    def save(name, last_eval=None):
+        states = [None] * world
+        if dist.is_initialized():
+            dist.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
+        if rank != 0:
+            return
+        state = dict(format=CHECKPOINT_FORMAT, method=args.method, args=_plain(vars(args)),
+                     trainable=trainable_state(model), optimizer=optimizer.state_dict(),
+                     scaler=scaler.state_dict(), schedule=dict(kind="linear warm-up then cosine, per step",
+                                                               step=step, total_steps=total_steps),
+                     epoch=epoch, epoch_step=epoch_step, step=step, best_top1=best, rng=states,
+                     frozen_fingerprint=fingerprint, classes=list(train_set.classes), last_eval=last_eval)
+        atomic_save(state, os.path.join(out, name))
+
+    metrics = open(os.path.join(out, "metrics.jsonl"), "a") if rank == 0 else None
+
+    def write_metrics(record):
+        if metrics is not None:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+
+    test_set = None
+
+    def run_eval():
+        nonlocal test_set
+        if test_set is None:
+            test_set = build_dataset(args, "test", views="1x1")
+        result = evaluate(model, test_set, device, amp_dtype, args.eval_batch_size, args.workers)
+        proto = protocol(args, test_set, "1x1")
+        log(f"eval epoch {epoch + 1}: {describe(result, proto, args.random_init)}")
+        write_metrics(dict(kind="eval", epoch=epoch + 1, step=step, protocol=proto, top1=result["top1"],
+                           top5=result["top5"], random_init=bool(args.random_init),
+                           **({"note": "RANDOM-INIT"} if args.random_init else {})))
+        return result
+
+    t_start, clips_done = time.time(), 0
+    while epoch < args.epochs:
+        train_set.set_epoch(epoch)
+        sampler = BatchSampler(len(train_set), args.batch_size, rank, world, args.seed, epoch, start=epoch_step)
+        t_last = time.time()
+        for batch in loader(train_set, batch_sampler=sampler, workers=args.workers):
+            lr = lr_at(step, args, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = train_step(ddp_model, model, batch["video"], batch["label"], args, world, amp_dtype, scaler,
+                              device)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {epoch_step + 1}: stopping. The "
+                    f"last good checkpoint {os.path.join(out, 'last.pt')} is intact; resume it with a lower --lr "
+                    f"or --precision fp32.")
+            if args.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step, epoch_step, clips_done = step + 1, epoch_step + 1, clips_done + args.batch_size
+            if epoch_step % args.print_every == 0 or epoch_step == steps_per_epoch:
+                now = time.time()
+                speed = clips_done / max(now - t_start, 1e-9)
+                eta = (total_steps - step) * args.batch_size / max(speed, 1e-9)
+                log(f"epoch {epoch + 1}/{args.epochs} step {epoch_step}/{steps_per_epoch} loss {loss.item():.4f} "
+                    f"lr {lr:.3e} {speed:.1f} clips/s ETA {_hms(eta)} peak mem {_peak_memory_mib(device):.0f} MiB")
+                write_metrics(dict(kind="train", epoch=epoch + 1, step=step, epoch_step=epoch_step,
+                                   loss=loss.item(), lr=lr, clips_per_s=speed, time_s=now - t_start))
+                t_last = now
+            if args.save_every and epoch_step % args.save_every == 0 and epoch_step < steps_per_epoch:
+                save("last.pt")
+            if args.kill_at_step and step == args.kill_at_step:
+                os.kill(os.getpid(), signal.SIGKILL)  # testing only: die like a preempted job
+        bad = train_set.bad_count()
+        if bad:
+            log(f"epoch {epoch + 1}: {bad} unreadable videos so far were replaced by others of their class")
+        result = None
+        if (args.eval_every and (epoch + 1) % args.eval_every == 0) or epoch + 1 == args.epochs:
+            result = run_eval()
+        epoch, epoch_step = epoch + 1, 0
+        improved = result is not None and result["top1"] > best
+        if improved:
+            best = result["top1"]
+        save("last.pt", None if result is None else {k: result[k] for k in ("top1", "top5", "videos")})
+        if improved and rank == 0:
+            import shutil
+            shutil.copyfile(os.path.join(out, "last.pt"), os.path.join(out, "best.pt.tmp"))
+            os.replace(os.path.join(out, "best.pt.tmp"), os.path.join(out, "best.pt"))
+    final = None
+    if test_set is not None:
+        last = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))] if rank == 0 else []
+        final = next((r for r in reversed(last) if r["kind"] == "eval"), None)
+        if final is not None:
+            log(f"done: best top1 {best:.2f}%; last: top1 {final['top1']:.2f}% top5 {final['top5']:.2f}% "
+                f"({final['protocol']['dataset']} test, 1x1 view, {final['protocol']['videos']} videos)"
+                f"{' RANDOM-INIT' if args.random_init else ''}. Checkpoints: {out}/last.pt, {out}/best.pt")
+    if metrics is not None:
+        metrics.close()
+    return dict(output=out, best_top1=best, final=final, model=model)
+
+
+def _explicit(argv, flag):
+    argv = sys.argv[1:] if argv is None else argv
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def _plain(d):
+    """argparse values as builtins (tuples to lists), for weights_only loading."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _hms(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
