@@ -16,6 +16,8 @@ neutral for the official models:
     replace (BiEfficient Eq. 5-6), returning the EOT feature and every position's output after `ln_final` @
     `text_projection` (the "word embeddings" of TPR Eq. 6 and BiEfficient Eq. 8).
 ResNet CLIP models are not supported (neither paper uses them).
+
+`python clip.py --bench` times `encode_image` against OpenAI's clip/model.py on the same random weights.
 """
 import gzip
 import hashlib
@@ -93,7 +95,12 @@ class LayerNorm(nn.LayerNorm):
 
 class QuickGELU(nn.Module):
     def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return x * torch.sigmoid(1.702 * x)
+        # Choice: without autograd the same values are computed in one buffer, in place (about 7% of a ViT-B
+        # forward on CPU, whose MLP activations are the largest tensors).
+        y = x * 1.702
+        return y.sigmoid_().mul_(x)
 
 
 class Attention(nn.Module):
@@ -225,7 +232,8 @@ class CLIP(nn.Module):
         self.ln_final = LayerNorm(transformer_width)
         self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
         self.logit_scale = nn.Parameter(torch.ones([]) * np.log(1 / 0.07))
-        self.initialize_parameters()
+        if not self.text_projection.is_meta:  # built on the meta device by build_model, to be assigned
+            self.initialize_parameters()
 
     def initialize_parameters(self):
         """OpenAI's initialisation (only matters for randomly initialised models)."""
@@ -283,9 +291,12 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
-def build_model(state_dict: dict):
+def build_model(state_dict: dict, copy: bool = True):
     """Build a CLIP ViT from a state dict's tensor shapes and load it strictly, keeping its values exactly
-    (the model is fp32: fp32 tensors load bit-exact, fp16 ones are widened without rounding)."""
+    (the model is fp32: fp32 tensors load bit-exact, fp16 ones are widened without rounding).
+
+    `copy=False` lets the model take over the state dict's fp32 tensors instead of copying them (for `load`,
+    whose state dict nobody else holds)."""
     state_dict = dict(state_dict)
     if any(k.startswith("visual.layer1.") or k.startswith("visual.attnpool.") for k in state_dict):
         raise ValueError(f"this is a ResNet CLIP checkpoint ({'/'.join(_RESNET_MODELS)}); only ViT models are "
@@ -298,26 +309,41 @@ def build_model(state_dict: dict):
                          f"e.g. {list(state_dict)[:5]})")
     for key in ["input_resolution", "context_length", "vocab_size"]:  # attributes stored in the TorchScript files
         state_dict.pop(key, None)
+    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f"checkpoint entries {not_tensors} are not tensors; a CLIP state dict holds only tensors")
 
     vision_width = state_dict["visual.conv1.weight"].shape[0]
-    vision_layers = len([k for k in state_dict if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")])
+    # Layer counts from the block indices present under any key, so that a block missing one tensor is
+    # reported as that missing key rather than silently built one layer shorter.
+    vision_layers = len({k.split(".")[3] for k in state_dict if k.startswith("visual.transformer.resblocks.")})
     vision_patch_size = state_dict["visual.conv1.weight"].shape[-1]
     grid_size = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     transformer_width = state_dict["ln_final.weight"].shape[0]
-    model = CLIP(
-        embed_dim=state_dict["text_projection"].shape[1],
-        image_resolution=vision_patch_size * grid_size,
-        vision_layers=vision_layers, vision_width=vision_width, vision_patch_size=vision_patch_size,
-        context_length=state_dict["positional_embedding"].shape[0],
-        vocab_size=state_dict["token_embedding.weight"].shape[0],
-        transformer_width=transformer_width,
-        transformer_heads=transformer_width // 64,
-        transformer_layers=len({k.split(".")[2] for k in state_dict if k.startswith("transformer.resblocks.")}),
-    )
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    # Choice: the model is built on the meta device and the checkpoint's tensors are assigned to it, widened
+    # to fp32 (exact for fp16 values), which skips a random initialisation that would be overwritten anyway
+    # (seconds for ViT-B, tens of seconds for ViT-L). It also means no random value can survive the load.
+    state_dict = {k: v.to(torch.float32, copy=copy) for k, v in state_dict.items()}
+    with torch.device("meta"):
+        model = CLIP(
+            embed_dim=state_dict["text_projection"].shape[1],
+            image_resolution=vision_patch_size * grid_size,
+            vision_layers=vision_layers, vision_width=vision_width, vision_patch_size=vision_patch_size,
+            context_length=state_dict["positional_embedding"].shape[0],
+            vocab_size=state_dict["token_embedding.weight"].shape[0],
+            transformer_width=transformer_width,
+            transformer_heads=transformer_width // 64,
+            transformer_layers=len({k.split(".")[2] for k in state_dict if k.startswith("transformer.resblocks.")}),
+        )
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"checkpoint does not match the CLIP ViT built from its shapes: {e}") from e
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the CLIP ViT built from its shapes: missing keys {missing}, "
                          f"unexpected keys {unexpected}")
+    on_meta = [n for n, t in model.state_dict().items() if t.is_meta]
+    assert not on_meta, f"tensors left without a value after loading: {on_meta}"
     return model.eval()
 
 
@@ -410,13 +436,14 @@ def load(name_or_path: str, device=None, download_root: str = "~/.cache/clip", d
     elif os.path.isfile(os.path.expanduser(name_or_path)):
         path = os.path.expanduser(name_or_path)
     elif os.sep in name_or_path or name_or_path.endswith((".pt", ".pth", ".bin")):
-        raise FileNotFoundError(f"CLIP checkpoint {name_or_path!r} does not exist")
+        raise FileNotFoundError(f"CLIP checkpoint {name_or_path!r} does not exist (nor is it a model name; valid "
+                                f"names: {', '.join(_MODELS)})")
     else:
         raise ValueError(f"unknown CLIP model {name_or_path!r}; valid names: {', '.join(_MODELS)}, or the path to "
                          f"a checkpoint file")
     state_dict = _read_state_dict(path)
     file_dtype = state_dict["visual.proj"].dtype if "visual.proj" in state_dict else torch.float32
-    model = build_model(state_dict)
+    model = build_model(state_dict, copy=False)
     if dtype is None:
         dtype = file_dtype if device.type == "cuda" else torch.float32
     model = model.to(device=device, dtype=dtype)
@@ -435,15 +462,17 @@ class Preprocess:
         self.n_px = n_px
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = image.convert("RGB")
         w, h = image.size
         short, long = min(w, h), max(w, h)
         new_long = int(self.n_px * long / short)  # torchvision's rounding of the long side
         size = (self.n_px, new_long) if w <= h else (new_long, self.n_px)
-        image = image.resize(size, Image.BICUBIC)
+        if size != (w, h):
+            image = image.resize(size, Image.BICUBIC)
         w, h = image.size
         left, top = int(round((w - self.n_px) / 2.0)), int(round((h - self.n_px) / 2.0))
         image = image.crop((left, top, left + self.n_px, top + self.n_px))
+        # RGB conversion after resize and crop, in OpenAI's order: it matters for palette and RGBA images.
+        image = image.convert("RGB")
         x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255  # (3, H, W)
         mean = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
         std = torch.tensor(OPENAI_STD).view(3, 1, 1)
@@ -576,3 +605,85 @@ def tokenize(texts, context_length: int = 77, truncate: bool = False) -> torch.T
             tokens[-1] = eot
         result[i, : len(tokens)] = torch.tensor(tokens)
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmark: `python clip.py --bench` (encode_image throughput against OpenAI's code, same weights)
+# ----------------------------------------------------------------------------------------------------------
+
+def _openai_model_module():
+    """OpenAI's clip/model.py from the installed `openai-clip` package, loaded by path under another module
+    name (this file shadows `clip`; the package's __init__ needs torchvision). Benchmark only."""
+    import importlib.metadata
+    import importlib.util
+    try:
+        path = importlib.metadata.distribution("openai-clip").locate_file("clip/model.py")
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit("the benchmark compares against OpenAI's reference code, which is not installed: "
+                         "pip install --no-deps openai-clip") from None
+    spec = importlib.util.spec_from_file_location("openai_clip_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench(arch: str = "ViT-B/16", batch: int = 8, iters: int = 5, device=None):
+    """Print `encode_image` throughput (images/s) of this file's CLIP and of OpenAI's on the same random
+    weights: fp32 on CPU, bf16 autocast on CUDA. Returns {"ours": ips, "openai": ips}."""
+    import time
+    reference = _openai_model_module()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    ours = CLIP(**ARCHS[arch]).eval()
+    theirs = reference.CLIP(**ARCHS[arch]).eval()  # fp32: OpenAI's build_model would convert it to fp16
+    theirs.load_state_dict(ours.state_dict())
+    ours, theirs = ours.to(device), theirs.to(device)
+    res = ARCHS[arch]["image_resolution"]
+    images = torch.randn(batch, 3, res, res, device=device)
+    # Choice: fp32 on CPU (bf16 matmuls are slow on most CPUs); bf16 autocast on CUDA, as training runs.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def run(model):
+        with torch.inference_mode(), autocast:
+            out = model.encode_image(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    a, b = run(ours).float(), run(theirs).float()  # warm-up, and a check that both compute the same
+    rel = ((a - b).norm() / b.norm()).item()
+    times = {"ours": [], "openai": []}
+    for _ in range(iters):  # interleaved, so that a slow spell of the machine hits both alike
+        for name, model in (("ours", ours), ("openai", theirs)):
+            start = time.perf_counter()
+            run(model)
+            times[name].append(time.perf_counter() - start)
+    ips = {name: batch / min(t) for name, t in times.items()}  # best of `iters`: the least disturbed run
+    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    print(f"encode_image {arch} on {device.type} ({precision}), batch {batch}, best of {iters}, "
+          f"{torch.get_num_threads()} threads; relative difference of the outputs {rel:.1e}")
+    print(f"  clip.py : {ips['ours']:8.1f} images/s")
+    print(f"  OpenAI  : {ips['openai']:8.1f} images/s")
+    print(f"  speed-up: {ips['ours'] / ips['openai']:.2f}x")
+    return ips
+
+
+def main(argv=None):
+    import argparse
+    parser = argparse.ArgumentParser(description="CLIP ViT (clip.py): benchmark against OpenAI's code.")
+    parser.add_argument("--bench", action="store_true", help="time encode_image against OpenAI's clip/model.py")
+    parser.add_argument("--arch", default="ViT-B/16", choices=list(ARCHS), help="architecture (random weights)")
+    parser.add_argument("--batch", type=int, default=8, help="images per forward")
+    parser.add_argument("--iters", type=int, default=5, help="timed forwards per model (the best is reported)")
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                        help="one device (default: cpu, then cuda too if available)")
+    args = parser.parse_args(argv)
+    if not args.bench:
+        parser.print_help()
+        return None
+    devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return {device: bench(args.arch, args.batch, args.iters, device) for device in devices}
+
+
+if __name__ == "__main__":
+    main()
