@@ -66,7 +66,7 @@ ARCHS = {
     "ViT-L/14@336px": dict(embed_dim=768, image_resolution=336, vision_layers=24, vision_width=1024,
                            vision_patch_size=14, context_length=77, vocab_size=49408, transformer_width=768,
                            transformer_heads=12, transformer_layers=12),
-    "tiny": dict(embed_dim=64, image_resolution=32, vision_layers=4, vision_width=128, vision_patch_size=8,
+    "tiny": dict(embed_dim=64, image_resolution=32, vision_layers=4, vision_width=128, vision_patch_size=16,
                  context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2,
                  transformer_layers=2),
 }

@@ -3,6 +3,7 @@
 TPR (Electronics 2024): temporal prompts C, G, I of Eq. (8)-(11), prompts joining the frozen attention
 (Eq. 13-14), word-guided frame weighting (Eq. 6-7).
   TPR(clip_model, T=8, S=8, reparam=None, temporal_prompts=True, pooling="word", test_words="class",
+      train_words="class",
       prefix="This is a video about {}.", chinese_text=None, chinese_tokenize=None, lam=0.5, tau=0.01, ...):
   temporal embedding (Eq. 1), TemporalPrompts (Eq. 8-11), reparam.ReparamEncoder injected (Eq. 12), the
   frozen CLIP blocks with the prompts as extra keys/values (Eq. 13-14), F_t (Eq. 3), word-guided or mean
@@ -34,6 +35,7 @@ TPR_PREFIXES = {
 }
 TPR_POOLINGS = ("word", "mean")
 TPR_TEST_WORDS = ("class", "top1")
+TPR_TRAIN_WORDS = ("class", "label")
 TPR_FUSIONS = ("prob", "cosine")
 
 
@@ -136,6 +138,8 @@ class TPR(nn.Module):
     temporal_prompts: Eq. (8)-(11) prompts in every layer (False: Fig. 5a's "baseline").
     pooling: "word" (Eq. 6-7) or "mean" (Eq. 4: Fig. 5a's CLIP row).
     test_words: whose words weight the frames at evaluation (labels=None): "class" or "top1".
+    train_words: whose words weight the frames in training (labels given): "class" (the same rule as
+        test_words) or "label" (each video's ground-truth label).
     prefix: English prompt template with one "{}", or a name in TPR_PREFIXES (Table 5).
     chinese_text, chinese_tokenize: frozen Chinese tower with .encode_text(ids) -> (A, E) and its tokenizer
         (text_branches.ChineseCLIPText / tokenize_chinese); None = no Chinese branch.
@@ -148,12 +152,14 @@ class TPR(nn.Module):
 
     def __init__(self, clip_model, T: int = 8, S: int = 8, reparam: nn.Module | None = None,
                  temporal_prompts: bool = True, pooling: str = "word", test_words: str = "class",
+                 train_words: str = "class",
                  prefix: str = "This is a video about {}.", chinese_text: nn.Module | None = None,
                  chinese_tokenize=None, lam: float = 0.5, tau: float = 0.01, fusion: str = "prob",
                  temporal_embedding: bool | None = None, temporal_embedding_site: str = "pre_ln",
                  share_cls_attention: bool = False):
         super().__init__()
         for name, value, valid in [("pooling", pooling, TPR_POOLINGS), ("test_words", test_words, TPR_TEST_WORDS),
+                                   ("train_words", train_words, TPR_TRAIN_WORDS),
                                    ("fusion", fusion, TPR_FUSIONS),
                                    ("temporal_embedding_site", temporal_embedding_site, ("pre_ln", "post_ln"))]:
             if value not in valid:
@@ -178,6 +184,7 @@ class TPR(nn.Module):
         D = visual.conv1.weight.shape[0]
         L = len(visual.transformer.resblocks)
         self.T, self.S, self.pooling, self.test_words = T, S, pooling, test_words
+        self.train_words = train_words
         # Choice: lam = 0.5 by default (the paper gives no value): Eq. (17) weighs the two losses equally.
         self.lam, self.tau, self.fusion = lam, tau, fusion
         # Choice: the paper's "baseline" (Sec. 4.1.3) is CLIP with only word-guided pooling, so e_temporal of
@@ -303,8 +310,12 @@ class TPR(nn.Module):
         if self.pooling == "mean":
             weights = frames.new_full((B, T), 1.0 / T)
             video = frames.mean(dim=1)  # Eq. (4); (B, E)
-        elif labels is not None:
-            # Training: each video is pooled with its ground-truth label's words.
+        elif labels is not None and self.train_words == "label":
+            # Each video is pooled with its ground-truth label's words (train_words="label").
+            # Choice: not the default. It leaks the label into eps_V: pooling by y_i's words pulls eps_V toward
+            # y_i's text whatever the video shows, so the loss of Eq. (15) falls without looking at the video
+            # (on the synthetic set: training loss down, test accuracy at chance). By default training scores
+            # each candidate with the rule used at test time (test_words), so train and test match.
             classes, which = torch.unique(labels, return_inverse=True)  # (C,), (B,)
             weights = word_frame_weights(frames, self.words[classes], self.word_mask[classes], self.tau)  # (B, C, T)
             weights = weights[torch.arange(B, device=frames.device), which]  # (B, T)
@@ -313,7 +324,7 @@ class TPR(nn.Module):
             w_all = word_frame_weights(frames, self.words[uniq], self.word_mask[uniq], self.tau)  # (B, U, T)
             # Choice: test_words="class" by default: Eq. (6)-(7) make eps_V a function of the label it is compared
             # with, so each class is scored with the video pooled by its own words; no first-pass guess whose
-            # errors would compound. "top1" (BiEfficient's rule) matches training's single pooled video.
+            # errors would compound. "top1" is BiEfficient's rule (one pooled video per clip).
             if self.test_words == "class":
                 video = torch.einsum("but,bte->bue", w_all, frames)  # Eq. (7) per class; (B, U, E)
             else:  # top1: the class nearest to the mean-pooled video picks the words
