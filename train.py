@@ -25,6 +25,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -793,8 +794,13 @@ def main(argv=None):
         f"{amp_dtype or 'fp32'}; run folder {out}")
     print_parameter_table(model, log)
 
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable and args.epochs:
+        raise UsageError("this configuration has no trainable parameters (e.g. TPR with --no-temporal-prompts "
+                         "--beta none --pooling mean: Fig. 5a's CLIP row); pass --epochs 0 to only evaluate it")
     model.train()
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    ddp_model = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+                 if world > 1 and trainable else model)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas))
     scaler = torch.amp.GradScaler(device.type) if use_scaler else _NoScaler()
     steps_per_epoch = len(train_set) // args.batch_size
@@ -903,9 +909,14 @@ def main(argv=None):
             best = result["top1"]
         save("last.pt", None if result is None else {k: result[k] for k in ("top1", "top5", "videos")})
         if improved and rank == 0:
-            import shutil
             shutil.copyfile(os.path.join(out, "last.pt"), os.path.join(out, "best.pt.tmp"))
             os.replace(os.path.join(out, "best.pt.tmp"), os.path.join(out, "best.pt"))
+    if args.epochs == 0:  # evaluation only (e.g. frozen CLIP with mean pooling, nothing to train)
+        result = run_eval()
+        best = result["top1"]
+        save("last.pt", {k: result[k] for k in ("top1", "top5", "videos")})
+        if rank == 0:
+            shutil.copyfile(os.path.join(out, "last.pt"), os.path.join(out, "best.pt"))
     final = None
     if test_set is not None:
         last = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))] if rank == 0 else []
