@@ -2526,6 +2526,28 @@ def test_engine_refuses_bad_batch_split():
         train.main(SMALL + ["--micro-batch", "3", "--dry-run"])
 
 
+CLIP_ROW = ["--no-temporal-prompts", "--beta", "none", "--no-chinese", "--pooling", "mean"]  # Fig. 5a CLIP row
+
+
+def test_engine_nothing_to_train_needs_epochs_0(tmp_path):
+    with pytest.raises(train.UsageError, match="no trainable parameters.*--epochs 0"):
+        train.main(SMALL + CLIP_ROW + ["--output", str(tmp_path / "a")])
+    r = train.main(SMALL + CLIP_ROW + ["--epochs", "0", "--output", str(tmp_path / "b")])
+    assert r["final"]["protocol"]["videos"] == 16 and r["best_top1"] == r["final"]["top1"]
+    ckpt = torch.load(tmp_path / "b" / "last.pt", weights_only=True)  # evaluate.py can take it from here
+    assert ckpt["method"] == "tpr" and not ckpt["trainable"]
+    assert (tmp_path / "b" / "best.pt").exists()
+
+
+def test_engine_random_chinese_tower_is_loud_and_sized(capsys):
+    import text_branches
+    tower = text_branches.build_random_chinese("tiny", embed_dim=64)
+    assert "RANDOMLY INITIALISED" in capsys.readouterr().err
+    assert tower.encode_text(text_branches.tokenize_chinese(["向左移动", "变亮"])).shape == (2, 64)
+    with pytest.raises(ValueError, match="valid: base, tiny"):
+        text_branches.build_random_chinese("huge")
+
+
 # --------------------------------------------------------------------------------------------------- learning
 # The engine issue's learning target (>= 90% top-1 on the synthetic twins with tiny random towers) is NOT MET yet:
 # the random frozen towers give nearly collinear frame features (cosine ~0.97) and class-text features (~0.95), and
