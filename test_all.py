@@ -2416,7 +2416,11 @@ def test_engine_torchrun_two_ranks_equals_one_process(tpr_run, tmp_path):
     la = [r["loss"] for r in metrics(tpr_run) if r["kind"] == "train"]
     lb = [r["loss"] for r in metrics(out) if r["kind"] == "train"]
     assert len(la) == len(lb) == 12
-    assert la == pytest.approx(lb, rel=1e-4, abs=1e-5)
+    # Step 1 sees the same weights and data, so only the reduction order differs; after it, parameters whose true
+    # gradient is ~0 (attention key biases) get Adam steps of size ~lr from float noise, so later losses drift by
+    # about 1e-4 relative (measured up to 1.1e-4 at step 8).
+    assert la[0] == pytest.approx(lb[0], rel=1e-6, abs=1e-6)
+    assert la == pytest.approx(lb, rel=1e-3, abs=1e-5)
     # lr 3e-3, 12 steps: the attention projections may differ by a small fraction of what they could move.
     assert_same_weights(trainable(tpr_run)["trainable"], trainable(out)["trainable"], noisy_bound=0.05 * 3e-3 * 12)
     # The final evaluation counted every test video once on 2 ranks.
