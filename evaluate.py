@@ -22,6 +22,7 @@ import json
 import math
 import os
 import sys
+import types
 
 import numpy as np
 import torch
@@ -211,7 +212,12 @@ def predict_video(cli, device, amp_dtype):
             zh = None
     else:
         name = cli.dataset or args.dataset
-        ds = train.build_dataset(args, "test", dataset=name) if name != "synthetic" or True else None
+        if name in data.ASSET_NAMES or name == "synthetic":
+            # Choice: one video needs only the class names: the official lists in assets/, no dataset on disk.
+            classes = list(data.SYNTHETIC_CLASSES) if name == "synthetic" else data.official_classes(name)
+            ds = types.SimpleNamespace(classes=classes, class_texts=[data.class_text(c) for c in classes])
+        else:
+            ds = train.build_dataset(args, "test", dataset=name)
         texts, zh = train.class_names(args, ds, name)
     model = restore(ckpt, args, texts, zh, device, path)
     if not os.path.isfile(cli.video):

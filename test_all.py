@@ -2530,6 +2530,34 @@ def test_engine_refuses_bad_batch_split():
         train.main(SMALL + ["--micro-batch", "3", "--dry-run"])
 
 
+def test_engine_scores_a_users_own_video(tpr_run, tmp_path, capsys):
+    import json as _json
+    import data
+    from PIL import Image
+    g = __import__("numpy").random.default_rng(0)
+    frames = data.render_synthetic(0, [i / 47 for i in range(48)], data.g_state(g), 48, 64)  # 'moving left'
+    video = str(tmp_path / "mine.avi")
+    data.write_video(video, frames)
+    png = str(tmp_path / "vis.png")
+    ranked, weights = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--dataset", "synthetic",
+                                     "--visualize", png])
+    printed = capsys.readouterr().out
+    assert len(ranked) == 5 and {l for l, _ in ranked} <= set(data.SYNTHETIC_CLASSES)
+    assert all(0 <= p <= 1 for _, p in ranked) and sum(p for _, p in ranked) <= 1 + 1e-5
+    assert [p for _, p in ranked] == sorted((p for _, p in ranked), reverse=True)
+    assert all(f"{p * 100:6.2f}%  {l}" in printed for l, p in ranked)
+    assert len(weights) == 8 and abs(sum(weights) - 1) < 1e-4  # word-guided weights of the 8 sampled frames
+    assert Image.open(png).size[0] >= 8 * 128  # one thumbnail per sampled frame
+    # Custom labels: the model has a Chinese branch, so it asks for their Chinese labels, then scores them.
+    with pytest.raises(train.UsageError, match="--chinese-labels"):
+        evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "moving left,growing"])
+    zh = tmp_path / "zh.json"
+    zh.write_text(_json.dumps({"moving left": "向左移动", "growing": "变大"}, ensure_ascii=False), encoding="utf-8")
+    ranked, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "moving left,growing",
+                               "--chinese-labels", str(zh)])
+    assert sorted(l for l, _ in ranked) == ["growing", "moving left"] and abs(sum(p for _, p in ranked) - 1) < 1e-5
+
+
 CLIP_ROW = ["--no-temporal-prompts", "--beta", "none", "--no-chinese", "--pooling", "mean"]  # Fig. 5a CLIP row
 
 
