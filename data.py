@@ -668,8 +668,11 @@ def g_state(g):
 def render_synthetic(label, times, p, H, W):
     """Frames (len(times), H, W, 3) uint8 of class `label` at times in [0, 1], drawn with parameters p."""
     pair, backwards = divmod(label, 2)
-    bg = np.asarray(Image.fromarray(p["texture"]).resize((W, H), Image.BICUBIC), dtype=np.float32) * 0.5
-    bg += np.random.default_rng(p["noise"]).normal(0, 6, (H, W, 3)).astype(np.float32)  # static sensor noise
+    # Choice: a low-contrast texture around mid-grey (128 +- 32) so that the shape dominates the frame; the frozen
+    # random towers of the demo see mostly the background otherwise (their frame features nearly collinear).
+    bg = np.asarray(Image.fromarray(p["texture"]).resize((W, H), Image.BICUBIC), dtype=np.float32)
+    bg = 122 + (bg - 128) * 0.25
+    bg += np.random.default_rng(p["noise"]).normal(0, 3, (H, W, 3)).astype(np.float32)  # static sensor noise
     s = np.asarray(times, dtype=np.float32)
     s = 1 - s if backwards else s  # the twin plays the same motion in reverse
     travel = p["a"] + (p["b"] - p["a"]) * s  # (T,) from a to b
@@ -686,7 +689,7 @@ def render_synthetic(label, times, p, H, W):
     yy = (np.arange(H, dtype=np.float32) / H)[None, :, None]  # (1, H, 1)
     xx = (np.arange(W, dtype=np.float32) / W)[None, None, :]  # (1, 1, W)
     inside = (xx - cx[:, None, None]) ** 2 + (yy - cy[:, None, None]) ** 2 < (r * r)[:, None, None]  # (T, H, W)
-    color = np.minimum(255.0, p["color"] * 0.5 + 60).astype(np.float32)  # (3,)
+    color = (140 + p["color"] * 0.25).astype(np.float32)  # (3,) brighter than any background pixel
     shape = color * bright[:, None, None, None]  # (T, 1, 1, 3)
     img = np.where(inside[..., None], shape, bg[None])  # (T, H, W, 3)
     return np.clip(img, 0, 255).astype(np.uint8)

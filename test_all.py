@@ -2581,12 +2581,20 @@ def test_engine_random_chinese_tower_is_loud_and_sized(capsys):
 
 
 # --------------------------------------------------------------------------------------------------- learning
-# The engine issue's learning target (>= 90% top-1 on the synthetic twins with tiny random towers) is NOT MET yet:
-# the random frozen towers give nearly collinear frame features (cosine ~0.97) and class-text features (~0.95), and
-# measured runs of ~1000 steps reach about 60-65% (TPR) and 25-30% (BiEfficient). Opt-in: ENGINE_LEARNING=1.
+# The engine issue's learning target (>= 90% top-1 on the synthetic twins with tiny random frozen towers) is NOT
+# MET yet: with the tiny-only init (clip.build_random) and the low-contrast synthetic background, the quick start
+# ends at about 75% (TPR) and 43% (BiEfficient), measured on 2 CPU cores. Opt-in: ENGINE_LEARNING=1.
 @pytest.mark.skipif(not os.environ.get("ENGINE_LEARNING"), reason="acceptance not met yet; ENGINE_LEARNING=1 runs it")
 @pytest.mark.parametrize("method", ["tpr", "biefficient"])
 def test_engine_learns_time_reversed_twins(method, tmp_path):
     r = train.main(["--method", method, "--dataset", "synthetic", "--random-init", "--workers", "0",
                     "--eval-every", "0", "--output", str(tmp_path / method)])
     assert r["final"]["top1"] >= 90, r["final"]
+
+
+def test_engine_mean_pooling_baseline_cannot_order_frames(tmp_path):
+    # Fig. 5a's CLIP row (mean pooling, no temporal prompts, nothing trained) on the time-reversed twins: blind to
+    # frame order, so at most 50% in principle; the acceptance bound is <= 60%.
+    r = train.main(["--dataset", "synthetic", "--random-init", "--workers", "0", "--synthetic-videos", "16",
+                    "--epochs", "0", "--output", str(tmp_path / "m")] + CLIP_ROW)
+    assert r["final"]["protocol"]["videos"] == 128 and r["final"]["top1"] <= 60, r["final"]
