@@ -2470,7 +2470,7 @@ def test_engine_gradient_accumulation_is_exact(tmp_path):
         out = str(tmp_path / name)
         train.main(["--method", "biefficient", "--dataset", "synthetic", "--random-init", "--synthetic-videos", "1",
                     "--batch-size", "8", "--micro-batch", micro, "--epochs", "1", "--eval-every", "0",
-                    "--workers", "0", "--print-every", "1", "--output", out])
+                    "--lr", "1e-3", "--M", "16", "--workers", "0", "--print-every", "1", "--output", out])
         outs.append(out)
     la, lb = ([r["loss"] for r in metrics(o) if r["kind"] == "train"] for o in outs)
     assert la == pytest.approx(lb, rel=1e-5)
