@@ -1,4 +1,4 @@
-"""Prompt modules of both papers (filled by the TPR and BiEfficient issues).
+"""Prompt modules of both papers, one section each, each importing only torch and clip.py.
 
 TPR (Electronics 2024): temporal prompts C, G, I of Eq. (8)-(11), prompts joining the frozen attention
 (Eq. 13-14), word-guided frame weighting (Eq. 6-7).
@@ -137,9 +137,11 @@ class TPR(nn.Module):
     reparam: a reparam.ReparamEncoder(beta, D, T, 1 + S + T) or None (no beta: Fig. 5a's "+TP" row).
     temporal_prompts: Eq. (8)-(11) prompts in every layer (False: Fig. 5a's "baseline").
     pooling: "word" (Eq. 6-7) or "mean" (Eq. 4: Fig. 5a's CLIP row).
-    test_words: whose words weight the frames at evaluation (labels=None): "class" or "top1".
-    train_words: whose words weight the frames in training (labels given): "class" (the same rule as
-        test_words) or "label" (each video's ground-truth label).
+    test_words: whose words weight the frames when a candidate is scored: "class" (its own words) or "top1"
+        (those of the class nearest to the mean-pooled video); used at evaluation, and in training too unless
+        train_words="label".
+    train_words: in training (labels given): "class" (the test_words rule) or "label" (each video's
+        ground-truth label's words).
     prefix: English prompt template with one "{}", or a name in TPR_PREFIXES (Table 5).
     chinese_text, chinese_tokenize: frozen Chinese tower with .encode_text(ids) -> (A, E) and its tokenizer
         (text_branches.ChineseCLIPText / tokenize_chinese); None = no Chinese branch.
