@@ -61,7 +61,8 @@ def build_parser():
     p.add_argument("--pretrained", default=None, help="CLIP weights, if not where the training run found them")
     p.add_argument("--pretrained-chinese", default=None, help="Chinese-CLIP weights, likewise")
     p.add_argument("--batch-size", type=int, default=4, help="videos per rank per forward (all their views)")
-    p.add_argument("--workers", type=int, default=4, help="data loader processes per rank")
+    p.add_argument("--workers", type=int, default=train.default_workers(), help="data loader processes per rank "
+                   "(default: 4, or fewer if this process may use fewer cores per rank)")
     p.add_argument("--output", default=None, help="folder for metrics.json (default: the first checkpoint's)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="autocast")
     p.add_argument("--video", default=None, help="score one video file and print its top-5 labels")

@@ -2598,3 +2598,21 @@ def test_engine_mean_pooling_baseline_cannot_order_frames(tmp_path):
     r = train.main(["--dataset", "synthetic", "--random-init", "--workers", "0", "--synthetic-videos", "16",
                     "--epochs", "0", "--output", str(tmp_path / "m")] + CLIP_ROW)
     assert r["final"]["protocol"]["videos"] == 128 and r["final"]["top1"] <= 60, r["final"]
+
+
+def test_engine_default_workers_never_exceed_the_cores(monkeypatch, recwarn):
+    # The loader's default worker count follows the cores this process may use: 2 on a 2-core machine (where 4
+    # made PyTorch warn at every evaluation), 4 at most, shared among torchrun's local ranks.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert train.build_parser().parse_args([]).workers == 2
+    assert evaluate.build_parser().parse_args(["--checkpoint", "x"]).workers == 2
+    ds = train.data.build_dataset("synthetic", mode="test", frames=2, input_size=32, videos_per_class=1)
+    for workers, warns in ((train.default_workers(), False), (3, True)):  # 3: the warning this test would see
+        recwarn.clear()
+        assert len(list(train.loader(ds, batch_size=4, workers=workers))) == 2
+        assert any("worker" in str(w.message) for w in recwarn) == warns, [str(w.message) for w in recwarn]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert train.default_workers() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert train.default_workers() == 2

@@ -208,13 +208,22 @@ def add_run_flags(p):
     g.add_argument("--output", default=None, help="run folder (default runs/<method>-<dataset>-<time>)")
     g.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR exactly where it "
                    "stopped (mid-epoch included)")
-    g.add_argument("--workers", type=int, default=4, help="data loader processes per rank (0: in the main one)")
+    g.add_argument("--workers", type=int, default=default_workers(), help="data loader processes per rank (0: in "
+                   "the main one); default: 4, or fewer if this process may use fewer cores per rank")
     g.add_argument("--print-every", type=int, default=10, help="progress line every N steps")
     g.add_argument("--save-every", type=int, default=0, help="also save last.pt every N steps (0: each epoch)")
     g.add_argument("--eval-every", type=int, default=1, help="evaluate (1 view) every N epochs; 0: at the end")
     g.add_argument("--eval-batch-size", type=int, default=None, help="videos per rank per evaluation forward")
     g.add_argument("--dry-run", action="store_true", help="build the model, print its trainable parameters, exit")
     g.add_argument("--kill-at-step", type=int, default=0, help=argparse.SUPPRESS)  # testing: SIGKILL self
+
+
+def default_workers():
+    """Data loader processes per rank by default: min(4, cores per local rank). Choice: never more workers than
+    cores, so a 2-core machine neither oversubscribes nor gets PyTorch's "exceeds the suggested max number of
+    worker" warning (the DataLoader compares with the same os.sched_getaffinity count)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 def resolve_args(args):
