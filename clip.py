@@ -636,9 +636,10 @@ def _openai_model_module():
     return module
 
 
-def bench(arch: str = "ViT-B/16", batch: int = 8, iters: int = 5, device=None):
+def bench(arch: str = "ViT-B/16", batch: int = 8, iters: int = 5, device=None, precision=None):
     """Print `encode_image` throughput (images/s) of this file's CLIP and of OpenAI's on the same random
-    weights: fp32 on CPU, bf16 autocast on CUDA. Returns {"ours": ips, "openai": ips}."""
+    weights. precision: "fp32" or "bf16" (autocast); default fp32 on CPU, bf16 on CUDA. Returns
+    {"ours": ips, "openai": ips}."""
     import time
     reference = _openai_model_module()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -649,8 +650,11 @@ def bench(arch: str = "ViT-B/16", batch: int = 8, iters: int = 5, device=None):
     ours, theirs = ours.to(device), theirs.to(device)
     res = ARCHS[arch]["image_resolution"]
     images = torch.randn(batch, 3, res, res, device=device)
-    # Choice: fp32 on CPU (bf16 matmuls are slow on most CPUs); bf16 autocast on CUDA, as training runs.
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # Choice: fp32 on CPU by default (bf16 matmuls are slow on most CPUs); bf16 autocast on CUDA, as training runs.
+    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision {precision!r}; valid: fp32, bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def run(model):
         with torch.inference_mode(), autocast:
@@ -668,7 +672,7 @@ def bench(arch: str = "ViT-B/16", batch: int = 8, iters: int = 5, device=None):
             run(model)
             times[name].append(time.perf_counter() - start)
     ips = {name: batch / min(t) for name, t in times.items()}  # best of `iters`: the least disturbed run
-    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    precision = "bf16 autocast" if precision == "bf16" else "fp32"
     print(f"encode_image {arch} on {device.type} ({precision}), batch {batch}, best of {iters}, "
           f"{torch.get_num_threads()} threads; relative difference of the outputs {rel:.1e}")
     print(f"  clip.py : {ips['ours']:8.1f} images/s")
@@ -686,12 +690,14 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=5, help="timed forwards per model (the best is reported)")
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"],
                         help="one device (default: cpu, then cuda too if available)")
+    parser.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                        help="fp32, or bf16 autocast (default: fp32 on cpu, bf16 on cuda)")
     args = parser.parse_args(argv)
     if not args.bench:
         parser.print_help()
         return None
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    return {device: bench(args.arch, args.batch, args.iters, device) for device in devices}
+    return {device: bench(args.arch, args.batch, args.iters, device, args.precision) for device in devices}
 
 
 if __name__ == "__main__":
