@@ -16,7 +16,7 @@ Datasets, each read in the layout its authors distribute (no frame pre-extractio
              with <root>/annotations/{train,val}.csv (`label,youtube_id,time_start,time_end,split`)
   list       mmaction2 list files: `path label` (videos) or `dir num_frames label` (frame folders, file names from
              `filename_tmpl`, numbered from 1), plus a class file (one name per line, or `id,name` CSV)
-  synthetic  generated on the fly, no files: a shape over a textured background; classes are time-reversed
+  synthetic  generated on the fly, no files: a bright disc on a flat background; classes are time-reversed
              twins ('moving left'/'moving right', ...), so a frame-averaging model cannot tell twins apart
 
 Interface used by the training engine:
@@ -625,7 +625,7 @@ class VideoDataset(_Base):
 
 
 class SyntheticVideos(_Base):
-    """Clips of a shape over a textured background, generated from (seed, split, index); no files.
+    """Clips of a bright disc on a flat background, generated from (seed, split, index); no files.
 
     The classes come in time-reversed twins: each clip of the second class of a pair is a clip drawn from the
     same distribution as the first class, played backwards, so the set of frames of both classes has the same
@@ -660,19 +660,16 @@ class SyntheticVideos(_Base):
 
 def g_state(g):
     """Per-video drawing parameters from the video's generator (same for every clip of the video)."""
-    return {"texture": g.integers(0, 256, (6, 6, 3), dtype=np.uint8), "color": g.integers(0, 256, 3),
-            "radius": g.uniform(0.12, 0.2), "a": g.uniform(0.15, 0.35), "b": g.uniform(0.65, 0.85),
-            "c": g.uniform(0.3, 0.7), "noise": int(g.integers(0, 1 << 31))}
+    return {"background": g.uniform(40, 90), "color": g.integers(0, 256, 3), "radius": g.uniform(0.14, 0.2),
+            "a": g.uniform(0.15, 0.3), "b": g.uniform(0.7, 0.85), "c": g.uniform(0.3, 0.7)}
 
 
 def render_synthetic(label, times, p, H, W):
     """Frames (len(times), H, W, 3) uint8 of class `label` at times in [0, 1], drawn with parameters p."""
     pair, backwards = divmod(label, 2)
-    # Choice: a low-contrast texture around mid-grey (128 +- 32) so that the shape dominates the frame; the frozen
-    # random towers of the demo see mostly the background otherwise (their frame features nearly collinear).
-    bg = np.asarray(Image.fromarray(p["texture"]).resize((W, H), Image.BICUBIC), dtype=np.float32)
-    bg = 122 + (bg - 128) * 0.25
-    bg += np.random.default_rng(p["noise"]).normal(0, 3, (H, W, 3)).astype(np.float32)  # static sensor noise
+    # Choice: clean frames, a bright disc on a flat dark background (no texture, no noise): the disc is all a
+    # frame shows, so the frozen random towers of the demo see the one thing that moves, and the only cue that
+    # separates twins is the order of the frames.
     s = np.asarray(times, dtype=np.float32)
     s = 1 - s if backwards else s  # the twin plays the same motion in reverse
     travel = p["a"] + (p["b"] - p["a"]) * s  # (T,) from a to b
@@ -683,15 +680,15 @@ def render_synthetic(label, times, p, H, W):
     elif pair == 1:
         cx, cy = np.full_like(s, p["c"]), 1 - travel  # class 2 moves up (row decreasing)
     elif pair == 2:
-        r = 0.08 + 0.3 * (travel - 0.15)  # class 4 grows
+        r = 0.06 + 0.36 * (travel - 0.15)  # class 4 grows
     else:
-        bright = 0.25 + 1.5 * (travel - 0.15)  # class 6 gets brighter
+        bright = 0.4 + 0.9 * (travel - 0.15)  # class 6 gets brighter
     yy = (np.arange(H, dtype=np.float32) / H)[None, :, None]  # (1, H, 1)
     xx = (np.arange(W, dtype=np.float32) / W)[None, None, :]  # (1, 1, W)
     inside = (xx - cx[:, None, None]) ** 2 + (yy - cy[:, None, None]) ** 2 < (r * r)[:, None, None]  # (T, H, W)
-    color = (140 + p["color"] * 0.25).astype(np.float32)  # (3,) brighter than any background pixel
+    color = (150 + p["color"] * 0.4).astype(np.float32)  # (3,) brighter than the background
     shape = color * bright[:, None, None, None]  # (T, 1, 1, 3)
-    img = np.where(inside[..., None], shape, bg[None])  # (T, H, W, 3)
+    img = np.where(inside[..., None], shape, np.float32(p["background"]))  # (T, H, W, 3)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 

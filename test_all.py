@@ -2581,13 +2581,13 @@ def test_engine_random_chinese_tower_is_loud_and_sized(capsys):
 
 
 # --------------------------------------------------------------------------------------------------- learning
-# The engine issue's learning target: on the synthetic twins, with tiny random frozen towers, CPU, fixed seed,
-# the README's quick start (the synthetic defaults of train.py) reaches >= 90% top-1 with each method (measured:
-# TPR 93.6% in about 2 minutes, BiEfficient 95.1% in about 3.5 minutes on 2 cores).
+# The learning target: on the synthetic twins, with tiny random frozen towers, on the CPU, the README's quick
+# start (the synthetic defaults of train.py) reaches >= 90% top-1 with each method. Seed 5: not one of the
+# seeds 0-4 measured for the README, so the defaults are not tuned to the seed tested here.
 @pytest.mark.parametrize("method", ["tpr", "biefficient"])
 def test_engine_learns_time_reversed_twins(method, tmp_path):
     r = train.main(["--method", method, "--dataset", "synthetic", "--random-init", "--workers", "0",
-                    "--eval-every", "0", "--output", str(tmp_path / method)])
+                    "--eval-every", "0", "--seed", "5", "--output", str(tmp_path / method)])
     assert r["final"]["protocol"]["videos"] == 512
     assert r["final"]["top1"] >= 90, r["final"]
 
