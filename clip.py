@@ -687,7 +687,7 @@ def read_weights(path: str):
             is_torchscript = _torchscript_prefix(archive) is not None
         if is_torchscript:
             return read_torchscript(path), config
-    elif len(head) == 9 and head[8:9] == b"{":  # an 8-byte length then the JSON header: safetensors
+    elif path.endswith(".safetensors") or head[8:9] == b"{":  # an 8-byte length, then the JSON header
         return read_safetensors(path), config
     try:
         return torch.load(path, map_location="cpu", weights_only=True), config
