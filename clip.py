@@ -15,6 +15,11 @@ neutral for the official models:
   * `CLIP.encode_text_embeddings`: the text tower on token embeddings that learned prompt vectors may
     replace (BiEfficient Eq. 5-6), returning the EOT feature and every position's output after `ln_final` @
     `text_projection` (the "word embeddings" of TPR Eq. 6 and BiEfficient Eq. 8).
+- `load` never runs code from a weights file: the official TorchScript archives are read as data (their
+  `data.pkl` through a restricted unpickler) instead of by `torch.jit.load`, which would run the archive's
+  code. It also takes Hugging Face CLIPModel checkpoints (`model.safetensors`, read in plain Python + torch,
+  `pytorch_model.bin`, or their folder), renamed onto OpenAI's parameters. `read_weights` is the one reader
+  of weights files from outside for this file and text_branches.py.
 ResNet CLIP models are not supported (neither paper uses them).
 
 `python clip.py --bench` times `encode_image` against OpenAI's clip/model.py on the same random weights.
