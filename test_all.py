@@ -1230,8 +1230,11 @@ def chinese_hf(reference, parity_batch, tmp_path_factory):
     ids, _ = parity_batch
     with torch.no_grad():  # cn_clip's mask (ids != [PAD]); transformers' default would attend to padding
         out = model.get_text_features(input_ids=ids, attention_mask=ids.ne(0))
+    weights = {"bert." + k[len("text_model."):]: v for k, v in model.state_dict().items() if k.startswith("text_model.")}
+    weights["text_projection"] = model.state_dict()["text_projection.weight"].t()
     return types.SimpleNamespace(files={"folder": root / "folder", "bin": root / "bin" / "pytorch_model.bin"},
-                                 expected=out if isinstance(out, torch.Tensor) else out.pooler_output)
+                                 expected=out if isinstance(out, torch.Tensor) else out.pooler_output,
+                                 weights=weights)
 
 
 @pytest.mark.parametrize("form", ["folder", "bin"])
@@ -1239,9 +1242,11 @@ def test_chinese_hugging_face_forms_parity(form, chinese_hf, reference, parity_b
     if form == "folder":  # model.safetensors: read without any pickle
         monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called on safetensors"))
     model = tb.load_chinese_clip(str(chinese_hf.files[form]))
-    expected = reference.state_dict()
-    for k, v in model.state_dict().items():  # the reference's text weights, bit for bit
-        assert torch.equal(v, expected[k]), k
+    ours, reference_weights = model.state_dict(), reference.state_dict()
+    assert set(ours) <= set(chinese_hf.weights)
+    for k, v in ours.items():  # the file's text weights, bit for bit: the reference's, but for the [PAD] row,
+        assert torch.equal(v, chinese_hf.weights[k]), k  # which transformers zeroes (padding_idx)
+        assert torch.equal(v, reference_weights[k]) or k == "bert.embeddings.word_embeddings.weight", k
     ids, theirs = parity_batch
     with torch.no_grad():
         ours = model(ids)
