@@ -26,7 +26,6 @@ import types
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import clip
 import data

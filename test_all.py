@@ -1439,6 +1439,114 @@ def test_data_long_gop_frames_exact(tmp_path):
     assert [int((c << np.arange(7)).sum()) for c in code] == want
 
 
+# ------------------------------------------------------------------------------------ split and list files (faults)
+def _hmdb_root(tmp_path, lines_by_class, videos=()):
+    """An hmdb51 root: split-1 files with the given raw text per class, and the named videos on disk."""
+    root = tmp_path / "hm"
+    (root / "testTrainMulti_7030_splits").mkdir(parents=True)
+    for cls, text in lines_by_class.items():
+        (root / cls).mkdir(exist_ok=True)
+        (root / "testTrainMulti_7030_splits" / f"{cls}_test_split1.txt").write_bytes(text.encode())
+    for rel in videos:
+        (root / rel).parent.mkdir(exist_ok=True)
+        data.write_video(str(root / rel), gray_video(4))
+    return root
+
+
+def test_data_split_files_names_with_spaces_crlf_comments(tmp_path):
+    text = "# HMDB51 split 1\r\n\r\nmy first clip.avi 1 \r\nclip2.avi 2\r\n   \r\n"
+    root = _hmdb_root(tmp_path, {"jump": text}, ["jump/my first clip.avi", "jump/clip2.avi"])
+    train = data.build_dataset("hmdb51", str(root), mode="train", frames=2, input_size=32)
+    test = data.build_dataset("hmdb51", str(root), mode="test", frames=2, input_size=32)
+    assert names(train) == ["my first clip.avi"] and names(test) == ["clip2.avi"]
+    lst = tmp_path / "list.txt"
+    lst.write_bytes(b"# path label\r\n\r\njump/my first clip.avi 0\r\n")
+    (tmp_path / "classes.txt").write_bytes(b"jump\r\n")
+    ds = data.build_dataset("list", str(root), list_file=str(lst), class_file=str(tmp_path / "classes.txt"))
+    assert names(ds) == ["my first clip.avi"] and ds.classes == ["jump"]
+
+
+def test_data_split_line_errors_name_file_and_line(tmp_path):
+    root = _hmdb_root(tmp_path, {"jump": "a.avi 1\n\nlonely_token.avi\n"}, ["jump/a.avi"])
+    with pytest.raises(ValueError, match=r"jump_test_split1.txt:3: expected `<video> <id>`.*'lonely_token.avi'"):
+        data.build_dataset("hmdb51", str(root))
+    (root / "testTrainMulti_7030_splits" / "jump_test_split1.txt").write_text("a.avi 7\n")
+    with pytest.raises(ValueError, match=r"split1.txt:1: .*id 0 \(unused\), 1 \(train\) or 2"):
+        data.build_dataset("hmdb51", str(root))
+    ssv1 = tmp_path / "ss"
+    ssv1.mkdir()
+    (ssv1 / "something-something-v1-labels.csv").write_text("Pushing\n")
+    (ssv1 / "something-something-v1-train.csv").write_text("# id;label\n1 Pushing\n")
+    with pytest.raises(ValueError, match=r"train.csv:2: expected `<id>;<label>`"):
+        data.build_dataset("ssv1", str(ssv1))
+    lst, cls = tmp_path / "l.txt", tmp_path / "c.txt"
+    cls.write_text("a\n")
+    lst.write_text("\n\nx.mp4 zero\n")  # the blank lines count: line 3
+    with pytest.raises(ValueError, match=r"l.txt:3: expected `path label`"):
+        data.build_dataset("list", str(tmp_path), list_file=str(lst), class_file=str(cls))
+    ucf = tmp_path / "ucf"
+    (ucf / "ucfTrainTestlist").mkdir(parents=True)
+    (ucf / "ucfTrainTestlist" / "classInd.txt").write_text("1 Jump\nRun\n")
+    with pytest.raises(ValueError, match=r"classInd.txt:2: expected `<id> <ClassName>`"):
+        data.build_dataset("ucf101", str(ucf))
+
+
+def test_data_missing_video_is_named_with_its_line(tmp_path):
+    root = _hmdb_root(tmp_path, {"jump": "a.avi 1\nghost.avi 1\n"}, ["jump/a.avi"])
+    with pytest.raises(FileNotFoundError, match=r"jump_test_split1.txt:2: video \S*ghost.avi is not on disk"):
+        data.build_dataset("hmdb51", str(root))
+
+
+def test_data_empty_split_says_so(tmp_path):
+    root = _hmdb_root(tmp_path, {"jump": "a.avi 0\n", "run": "# nothing\n"}, ["jump/a.avi"])
+    with pytest.raises(ValueError, match="hmdb51 split 1 train: the split files list no videos"):
+        data.build_dataset("hmdb51", str(root))
+
+
+def test_data_class_without_readable_training_video_is_one_line(tmp_path):
+    root = _hmdb_root(tmp_path, {"jump": "a.avi 1\nb.avi 1\n", "run": "c.avi 1\n"}, ["run/c.avi"])
+    (root / "jump" / "a.avi").write_bytes(b"")
+    (root / "jump" / "b.avi").write_bytes(np.random.default_rng(0).bytes(3000))
+    ds = data.build_dataset("hmdb51", str(root), frames=2, input_size=32)
+    with pytest.raises(data.UnreadableClass) as e:  # raised in a worker process, one line in the main one
+        list(torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("every training video of class 'jump' is unreadable (2 videos")
+    assert "--check" in msg
+
+
+def test_data_test_videos_are_skipped_never_replaced(tmp_path, caplog):
+    root = _hmdb_root(tmp_path, {"jump": "a.avi 2\nb.avi 2\n"}, ["jump/a.avi"])
+    (root / "jump" / "b.avi").write_bytes(b"garbage")
+    ds = data.build_dataset("hmdb51", str(root), mode="test", frames=2, input_size=32, views="4x3")
+    order = names(ds)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        items = [ds[i] for i in range(len(ds))]
+    good, bad = (items[[os.path.basename(p) for p, _ in ds.samples].index(n)] for n in order)
+    assert (good["skipped"], good["replaced"]) == (0, 0) and good["video"].abs().sum() > 0
+    assert (bad["skipped"], bad["replaced"]) == (1, 0) and bad["video"].shape == good["video"].shape
+    assert not bad["video"].any()  # a placeholder, not another video's frames
+    assert "b.avi" in caplog.text and "skipped: not scored" in caplog.text
+
+
+def test_data_check_reports_unlisted_videos_once(tmp_path, capsys):
+    root = _hmdb_root(tmp_path, {"jump": "a.avi 1\nb.avi 2\n"},
+                      ["jump/a.avi", "jump/b.avi", "jump/forgotten.avi", "newclass/x.avi"])
+    assert data.main(["--dataset", "hmdb51", "--root", str(root), "--check", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("2 videos in class folders are in no split file") == 1
+    assert out.count("forgotten.avi") == 1 and out.count(os.path.join("newclass", "x.avi")) == 1
+
+
+def test_data_chinese_labels_malformed_json_reports_the_json_error(tmp_path):
+    path = tmp_path / "zh.json"
+    path.write_text('{"jump": "跳",\n "run": }\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"zh.json:2:9: malformed JSON: Expecting value"):
+        data.chinese_labels("custom", ["jump", "run"], str(path))
+    path.write_text("jump\t跳\nrun\t跑\n", encoding="utf-8")  # the tab format still reads
+    assert data.chinese_labels("custom", ["jump", "run"], str(path)) == ["跳", "跑"]
+
+
 # ==============================================================================================================
 # TPR (prompts.py TPR section, reparam.py, text_branches.py loss and fusion)
 # (from tpr tests)
