@@ -2706,3 +2706,231 @@ def test_engine_mean_pooling_baseline_cannot_order_frames(tmp_path):
     r = train.main(["--dataset", "synthetic", "--random-init", "--workers", "0", "--synthetic-videos", "16",
                     "--epochs", "0", "--output", str(tmp_path / "m")] + CLIP_ROW)
     assert r["final"]["protocol"]["videos"] == 128 and r["final"]["top1"] <= 60, r["final"]
+
+
+# ------------------------------------------------------------------------------------ faults and bad input
+def cli(capsys, main, argv):
+    """A script's command-line entry (train.cli_main) in this process: (exit code, stderr)."""
+    capsys.readouterr()
+    code = train.cli_main(main, argv)
+    return code, capsys.readouterr().err
+
+
+def assert_one_line(code, err, *words):
+    """Exit code 2, the error on one line (after any warnings, e.g. RANDOM-INIT's), no traceback."""
+    lines = err.strip().splitlines()
+    assert code == 2 and lines and lines[-1].startswith("error: "), (code, err)
+    assert sum(l.startswith("error: ") for l in lines) == 1 and "Traceback" not in err, err
+    assert all(w in lines[-1] for w in words), err
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--frames", "0"], ["--frames 0", ">= 1"]), (["--frames", "-3"], ["--frames -3"]),
+    (["--batch-size", "0"], ["--batch-size 0", ">= 1"]), (["--lr", "-1"], ["--lr -1.0", "> 0"]),
+    (["--lr", "0"], ["--lr 0.0"]), (["--epochs", "-1"], ["--epochs -1"]), (["--workers", "-2"], ["--workers -2"]),
+    (["--print-every", "0"], ["--print-every 0"]), (["--lam", "1.5"], ["--lam 1.5", "[0, 1]"]),
+    (["--prefix", "a video"], ["--prefix 'a video'", "{}"])])
+def test_engine_bad_values_are_one_line_before_any_folder(argv, words, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = cli(capsys, train.main, SMALL + argv + ["--output", str(out)])
+    assert_one_line(code, err, *words)
+    assert not out.exists()
+
+
+def test_engine_bad_paths_are_one_line(tmp_path, capsys):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    assert_one_line(*cli(capsys, train.main, ["--dataset", "hmdb51", "--root", str(a_file)]), str(a_file), "is a file")
+    assert_one_line(*cli(capsys, train.main, SMALL + ["--output", str(a_file)]), "--output", "existing file")
+    assert_one_line(*cli(capsys, train.main, ["--resume", str(tmp_path / "nowhere")]), "nowhere")
+    assert_one_line(*cli(capsys, evaluate.main, ["--checkpoint", str(a_file), "--views", "5x5"]), "5x5", "1 or 3")
+    assert_one_line(*cli(capsys, evaluate.main, ["--checkpoint", str(tmp_path / "none.pt")]), "none.pt")
+
+
+def test_engine_bad_split_files_are_one_line(tmp_path, capsys):
+    root = tmp_path / "hm"
+    (root / "testTrainMulti_7030_splits").mkdir(parents=True)
+    (root / "jump").mkdir()
+    split = root / "testTrainMulti_7030_splits" / "jump_test_split1.txt"
+    base = ["--dataset", "hmdb51", "--root", str(root), "--arch", "tiny", "--random-init", "--no-chinese",
+            "--workers", "0", "--output", str(tmp_path / "run")]
+    for text, words in (("ghost.avi 1\n", ["split1.txt:1", "ghost.avi", "not on disk"]),
+                        ("onetoken.avi\n", ["split1.txt:1", "onetoken.avi"]),
+                        ("a.avi 0\n", ["split files list no videos"])):
+        split.write_text(text)
+        assert_one_line(*cli(capsys, train.main, base), *words)
+    # a class whose every training video is unreadable: one line, from inside the training loop
+    (root / "jump" / "a.avi").write_bytes(b"")
+    split.write_text("a.avi 1\n")
+    assert_one_line(*cli(capsys, train.main, base + ["--batch-size", "1", "--epochs", "1"]),
+                    "every training video of class 'jump' is unreadable")
+
+
+def test_engine_bad_checkpoints_are_one_line(tpr_run, tmp_path, capsys):
+    good = open(os.path.join(tpr_run, "last.pt"), "rb").read()
+    for name, content in (("truncated", good[: len(good) // 2]), ("garbage", os.urandom(4096)), ("empty", b"")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "last.pt").write_bytes(content)
+        assert_one_line(*cli(capsys, train.main, ["--resume", str(folder)]), "not a readable checkpoint")
+        assert_one_line(*cli(capsys, evaluate.main, ["--checkpoint", str(folder)]), "not a readable checkpoint")
+
+
+def test_engine_entry_point_prints_one_line_and_exit_2(tmp_path):
+    p = run(SMALL + ["--frames", "0", "--output", str(tmp_path / "r")], check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == ["error: --frames 0: must be >= 1"], p.stderr
+    p = run(SMALL + ["--frames", "0", "--debug"], check=False)  # --debug: the traceback
+    assert p.returncode == 1 and "Traceback" in p.stderr and "UsageError: --frames 0" in p.stderr
+
+
+def test_engine_resume_extends_epochs_and_takes_new_lr(tmp_path):
+    import argparse
+    out = str(tmp_path / "r")
+    train.main(SMALL + ["--epochs", "1", "--eval-every", "0", "--output", out])
+    r = train.main(["--resume", out, "--epochs", "2", "--lr", "1e-3", "--workers", "0", "--print-every", "2"])
+    ck = trainable(out)
+    assert (ck["epoch"], ck["step"]) == (2, 8) and ck["args"]["epochs"] == 2 and ck["args"]["lr"] == 1e-3
+    args = argparse.Namespace(**ck["args"])
+    logged = {m["step"]: m["lr"] for m in metrics(out) if m["kind"] == "train" and m["step"] > 4}
+    assert sorted(logged) == [6, 8]  # --print-every 2 taken too
+    for step, lr in logged.items():  # the cosine of a run launched with --epochs 2 --lr 1e-3
+        assert lr == pytest.approx(train.lr_at(step - 1, args, 4), rel=1e-12)
+    assert r["final"] is not None
+
+
+def test_engine_resume_refuses_model_and_data_flags_by_name(tpr_run, tmp_path):
+    with pytest.raises(train.UsageError) as e:
+        train.main(["--resume", tpr_run, "--frames", "16", "--arch", "ViT-B/32", "--epochs", "4"])
+    msg = str(e.value)
+    assert "--frames 8 -> 16" in msg and "--arch tiny -> ViT-B/32" in msg and "--epochs" not in msg
+    ck = trainable(tpr_run)  # stopped 3 steps of batch 4 = 12 videos into an epoch: batch 8 cannot continue it
+    ck["epoch_step"], ck["epoch"], ck["step"] = 3, 1, 7
+    (tmp_path / "mid").mkdir()
+    torch.save(ck, tmp_path / "mid" / "last.pt")
+    with pytest.raises(train.UsageError, match="--batch-size 8: the run stopped 12 videos into epoch 2"):
+        train.main(["--resume", str(tmp_path / "mid"), "--batch-size", "8"])
+
+
+def test_engine_sigterm_saves_exits_requeue_and_resume_is_exact(tpr_run, tmp_path):
+    out = str(tmp_path / "term")
+    p = run(SMALL + ["--method", "tpr", "--epochs", "3", "--eval-every", "0", "--kill-at-step", "6",
+                     "--kill-signal", "SIGTERM", "--output", out], check=False)
+    assert p.returncode == train.REQUEUE_EXIT, (p.returncode, p.stderr[-2000:])
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()] and p.stderr.startswith("stopped: SIGTERM after step 2/4")
+    ck = trainable(out)
+    assert (ck["epoch"], ck["epoch_step"], ck["step"]) == (1, 2, 6)  # the step in progress finished and was saved
+    run(["--resume", out, "--workers", "0"])
+    a, b = trainable(tpr_run)["trainable"], trainable(out)["trainable"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_engine_sigint_saves_and_exits_requeue(tmp_path):
+    out = str(tmp_path / "int")
+    p = run(SMALL + ["--epochs", "1", "--eval-every", "0", "--kill-at-step", "3", "--kill-signal", "SIGINT",
+                     "--output", out], check=False)
+    assert p.returncode == train.REQUEUE_EXIT and "stopped: SIGINT after step 3/4" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and trainable(out)["step"] == 3
+
+
+def test_engine_kill_between_checkpoint_writes_keeps_best_consistent(tmp_path, monkeypatch):
+    out = str(tmp_path / "r")
+    real = os.replace
+    writes = []
+
+    def replace(src, dst):  # the run dies right after the first checkpoint write of the improving epoch end
+        real(src, dst)
+        if str(dst).endswith(".pt"):
+            writes.append(os.path.basename(dst))
+            raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(SMALL + ["--epochs", "1", "--output", out])
+    monkeypatch.setattr(os, "replace", real)
+    evals = [m["top1"] for m in metrics(out) if m["kind"] == "eval"]
+    assert writes == ["best.pt"] and len(evals) == 1  # the log claims a best: best.pt holds it
+    assert trainable(out, "best.pt")["best_top1"] == evals[0]
+
+
+def test_engine_resume_repairs_a_stale_best(tpr_run, tmp_path):
+    import shutil
+    out = str(tmp_path / "r")
+    shutil.copytree(tpr_run, out)
+    stale = trainable(out, "best.pt")
+    stale["best_top1"], stale["last_eval"]["top1"] = -1.0, -1.0  # what an older best would hold
+    torch.save(stale, os.path.join(out, "best.pt"))
+    train.main(["--resume", out, "--workers", "0"])  # nothing left to train: only the repair
+    best, last = trainable(out, "best.pt"), trainable(out)
+    assert best["best_top1"] == last["best_top1"] >= 0
+    assert all(torch.equal(best["trainable"][k], last["trainable"][k]) for k in last["trainable"])
+
+
+def test_engine_full_disk_is_one_line_and_leaves_no_tmp(tmp_path, monkeypatch):
+    import errno
+    out = tmp_path / "r"
+    real = torch.save
+
+    def full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(train.UsageError, match=r"cannot write checkpoint \S*last.pt: the disk is full.*removed"):
+        train.main(SMALL + ["--epochs", "1", "--eval-every", "0", "--output", str(out)])
+    monkeypatch.setattr(torch, "save", real)
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_engine_nan_stop_is_true_and_one_line(tmp_path, monkeypatch, capsys):
+    real = train.train_step
+    calls = []
+
+    def nan_at_3(*a, **k):
+        calls.append(1)
+        loss = real(*a, **k)
+        return loss * float("nan") if len(calls) == 3 else loss
+    monkeypatch.setattr(train, "train_step", nan_at_3)
+    code, err = cli(capsys, train.main, SMALL + ["--epochs", "1", "--output", str(tmp_path / "a")])
+    assert_one_line(code, err, "non-finite loss", "epoch 1, step 3", "no checkpoint was saved yet")
+    calls.clear()
+    out = str(tmp_path / "b")
+    code, err = cli(capsys, train.main, SMALL + ["--epochs", "1", "--save-every", "1", "--output", out])
+    assert_one_line(code, err, f"{out}/last.pt (epoch 1, step 2) is intact", f"--resume {out} --lr")
+    monkeypatch.setattr(train, "train_step", real)
+    train.main(["--resume", out, "--lr", "1e-3", "--workers", "0"])  # the advice can be followed
+    assert trainable(out)["step"] == 4
+
+
+def test_engine_folder_killed_before_first_checkpoint_can_restart(tmp_path):
+    for how in ("resume", "again"):
+        out = str(tmp_path / how)
+        p = run(SMALL + ["--epochs", "1", "--eval-every", "0", "--kill-at-step", "1", "--output", out], check=False)
+        assert p.returncode == -9 and not os.path.exists(os.path.join(out, "last.pt"))
+        argv = ["--resume", out, "--workers", "0"] if how == "resume" else SMALL + ["--epochs", "1", "--output", out]
+        train.main(argv)
+        assert trainable(out)["step"] == 4
+        assert [m["step"] for m in metrics(out) if m["kind"] == "train"] == [1, 2, 3, 4]  # the old log started over
+
+
+def test_engine_evaluation_scores_only_real_videos(tmp_path):
+    """3 test videos, one unreadable: 2 scored, 1 skipped and named; with stop_on_bad, the evaluation stops."""
+    import numpy as np
+    import data
+    g = np.random.default_rng(0)
+    (tmp_path / "classes.txt").write_text("moving left\nmoving right\n")
+    lines = []
+    for i, label in enumerate((0, 1, 0)):
+        path = tmp_path / f"v{i}.avi"
+        data.write_video(str(path), data.render_synthetic(label, [t / 15 for t in range(16)], data.g_state(g), 32, 32))
+        lines.append(f"{path} {label}")
+    (tmp_path / "v1.avi").write_bytes(b"not a video")
+    (tmp_path / "test.txt").write_text("\n".join(lines) + "\n")
+    ds = data.build_dataset("list", None, mode="test", frames=8, input_size=32, list_file=str(tmp_path / "test.txt"),
+                            class_file=str(tmp_path / "classes.txt"))
+    args = train.resolve_args(train.build_parser().parse_args(["--random-init", "--no-chinese"]))
+    model = train.build_model(args, list(ds.class_texts))
+    r = train.evaluate(model, ds, torch.device("cpu"), batch_size=3, return_indices=True)
+    assert (r["videos"], r["skipped"], r["skipped_files"]) == (2, 1, [str(tmp_path / "v1.avi")])
+    assert sorted(r["indices"]) == [0, 2] and r["top1"] in (0.0, 50.0, 100.0)
+    line = train.describe(r, train.protocol(args, ds, "1x1"), False)
+    assert "2 videos scored, 1 skipped as unreadable" in line and "v1.avi" in line
+    with pytest.raises(train.UsageError, match=r"unreadable test video \S*v1.avi"):
+        train.evaluate(model, ds, torch.device("cpu"), batch_size=1, stop_on_bad=True)

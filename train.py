@@ -46,13 +46,13 @@ import text_branches
 
 METHODS = ("tpr", "biefficient")
 CHECKPOINT_FORMAT = 1
-# Flags a resumed run may change; every other setting comes from the run's own checkpoint so that the
-# continuation is exact.
+# Flags a resumed run may change (they change neither the model nor the data); every other setting comes from
+# the run's own checkpoint, and another value given for one is refused by name.
 # --epochs continues the cosine as if the run had been launched with the new length (lr_at depends only on the
-# step and these arguments); --batch-size only where the epoch's sampler position maps (see resume_batch_size).
+# step and these arguments); --batch-size only where the epoch's sampler position maps (see resolve_run_args).
 RESUME_MAY_CHANGE = ("epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "betas", "grad_clip", "precision",
                      "batch_size", "micro_batch", "workers", "print_every", "save_every", "eval_every",
-                     "eval_batch_size", "kill_at_step", "dry_run", "debug",
+                     "eval_batch_size", "kill_at_step", "kill_signal", "dry_run", "debug",
                      # where the same data and weights are found now (the fingerprint check guards the weights)
                      "root", "pretrained", "pretrained_chinese")
 # Choice: a run stopped by SIGTERM / SIGINT after saving exits with EX_TEMPFAIL (sysexits.h: "temporary failure,
@@ -259,6 +259,8 @@ def add_run_flags(p):
     g.add_argument("--dry-run", action="store_true", help="build the model, print its trainable parameters, exit")
     g.add_argument("--debug", action="store_true", help=f"show the traceback of an error (also: {DEBUG_ENV}=1)")
     g.add_argument("--kill-at-step", type=int, default=0, help=argparse.SUPPRESS)  # testing: SIGKILL self
+    g.add_argument("--kill-signal", default="SIGKILL", choices=("SIGKILL", "SIGTERM", "SIGINT"),
+                   help=argparse.SUPPRESS)  # testing: the signal --kill-at-step sends
 
 
 def resolve_args(args):
@@ -898,7 +900,7 @@ def resume_args(cli, argv, saved):
         raise UsageError(f"--resume {cli.resume}: these flags change the model or the data, so the run cannot "
                          f"continue with them: {'; '.join(changed)} (the run's value -> yours); start a new run "
                          f"with --output instead")
-    for key in ("dry_run", "debug", "kill_at_step"):
+    for key in ("dry_run", "debug", "kill_at_step", "kill_signal"):
         setattr(args, key, getattr(cli, key))
     args.resume, args.output = cli.resume, cli.resume
     return args, given
@@ -1180,7 +1182,7 @@ def train_epoch(run):
         if args.save_every and run.epoch_step % args.save_every == 0 and run.epoch_step < spe:
             save(run, "last.pt")
         if args.kill_at_step and run.step == args.kill_at_step:
-            os.kill(os.getpid(), signal.SIGKILL)  # testing only: die like a preempted job
+            os.kill(os.getpid(), getattr(signal, args.kill_signal))  # testing only: a preempted job
         if stop_requested(run):
             save(run, "last.pt")
             raise Preempted(f"{run.stop_signal} after step {run.epoch_step}/{spe} of epoch {run.epoch + 1} (global "
