@@ -2816,7 +2816,8 @@ def test_engine_sigterm_saves_exits_requeue_and_resume_is_exact(tpr_run, tmp_pat
     p = run(SMALL + ["--method", "tpr", "--epochs", "3", "--eval-every", "0", "--kill-at-step", "6",
                      "--kill-signal", "SIGTERM", "--output", out], check=False)
     assert p.returncode == train.REQUEUE_EXIT, (p.returncode, p.stderr[-2000:])
-    assert p.stderr.strip().splitlines() == [p.stderr.strip()] and p.stderr.startswith("stopped: SIGTERM after step 2/4")
+    last = p.stderr.strip().splitlines()[-1]  # after the RANDOM-INIT warnings
+    assert last.startswith("stopped: SIGTERM after step 2/4 of epoch 2") and "Traceback" not in p.stderr, p.stderr
     ck = trainable(out)
     assert (ck["epoch"], ck["epoch_step"], ck["step"]) == (1, 2, 6)  # the step in progress finished and was saved
     run(["--resume", out, "--workers", "0"])
@@ -2873,7 +2874,7 @@ def test_engine_full_disk_is_one_line_and_leaves_no_tmp(tmp_path, monkeypatch):
         f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(train.UsageError, match=r"cannot write checkpoint \S*last.pt: the disk is full.*removed"):
+    with pytest.raises(train.UsageError, match=r"cannot write checkpoint \S*\.pt: the disk is full.*removed"):
         train.main(SMALL + ["--epochs", "1", "--eval-every", "0", "--output", str(out)])
     monkeypatch.setattr(torch, "save", real)
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]

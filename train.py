@@ -820,7 +820,7 @@ def atomic_save(obj, path):
         if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "write" in str(e)):  # torch wraps some
             full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
             why = "the disk is full" if full else (getattr(e, "strerror", None) or str(e).splitlines()[0])
-            raise UsageError(f"cannot write checkpoint {path}: {why}; the previous {os.path.basename(path)} is "
+            raise UsageError(f"cannot write checkpoint {path}: {why}; any earlier {os.path.basename(path)} is "
                              f"intact and {tmp} was removed. Free space in {os.path.dirname(path) or '.'} (or fix "
                              f"it), then continue with --resume {os.path.dirname(path) or '.'}") from None
         raise
