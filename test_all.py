@@ -2796,6 +2796,26 @@ def test_engine_resume_extends_epochs_and_takes_new_lr(tmp_path):
     for step, lr in logged.items():  # the cosine of a run launched with --epochs 2 --lr 1e-3
         assert lr == pytest.approx(train.lr_at(step - 1, args, 4), rel=1e-12)
     assert r["final"] is not None
+    # at an epoch's start any batch size maps: epoch 3 in 2 steps of 8, global step 2 x 2 + 2 of the new schedule
+    train.main(["--resume", out, "--epochs", "3", "--batch-size", "8", "--workers", "0"])
+    ck = trainable(out)
+    assert (ck["epoch"], ck["step"], ck["args"]["batch_size"]) == (3, 6, 8)
+
+
+def test_engine_ctrl_c_outside_training_is_one_line(capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    assert train.cli_main(interrupted, []) == 130
+    assert capsys.readouterr().err == "interrupted (Ctrl-C) outside a training step: nothing new was saved\n"
+
+
+def test_engine_evaluate_metrics_give_scored_and_skipped(tpr_run):
+    res = evaluate.main(["--checkpoint", tpr_run, tpr_run, "--views", "1x1", "--workers", "0",
+                         "--output", os.path.join(tpr_run, "eval2")])
+    assert [(r["scored"], r["skipped"], r["skipped_files"]) for r in res["results"]] == [(16, 0, [])] * 2
+    assert (res["summary"][0]["scored"], res["summary"][0]["skipped"]) == (32, 0)
+    evals = [m for m in metrics(tpr_run) if m["kind"] == "eval"]
+    assert evals and all((m["scored"], m["skipped"]) == (16, 0) for m in evals)
 
 
 def test_engine_resume_refuses_model_and_data_flags_by_name(tpr_run, tmp_path):

@@ -89,7 +89,7 @@ def cli_main(main, argv=None):
     except KeyboardInterrupt:
         if debug:
             raise
-        print("interrupted (Ctrl-C) before training started; nothing was saved", file=sys.stderr)
+        print("interrupted (Ctrl-C) outside a training step: nothing new was saved", file=sys.stderr)
         code = 130
     finally:
         if dist.is_initialized():
@@ -1196,6 +1196,8 @@ def catch_stop_signals(run):
     run.stop_signal = None
 
     def handler(signum, frame):
+        if run.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
         run.stop_signal = signal.Signals(signum).name
     return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
 
