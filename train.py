@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import resource
 import shutil
@@ -835,9 +836,13 @@ def load_checkpoint(path, method=None):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, empty, garbage, or a pickle that weights_only refuses: never run it
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UsageError(f"{path} is not a readable checkpoint ({os.path.getsize(path)} bytes; {type(e).__name__}: "
-                         f"{first}); use another checkpoint of the run (best.pt) or start again") from None
+        if isinstance(e, pickle.UnpicklingError):  # torch's text would advise weights_only=False: not here
+            why = "not a torch file of plain tensors and builtins"
+        else:
+            text = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]
+            why = f"{type(e).__name__}: {text}" if text else f"{type(e).__name__}: empty or cut short"
+        raise UsageError(f"{path} is not a readable checkpoint ({os.path.getsize(path)} bytes; {why}); use another "
+                         f"checkpoint of the run (best.pt) or start again") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "trainable" not in ckpt:
         raise UsageError(f"{path} is not a checkpoint of this train.py (format {CHECKPOINT_FORMAT})")
     if method is not None and ckpt["method"] != method:
