@@ -241,7 +241,10 @@ def predict_video(cli, device, amp_dtype):
             if cli.chinese_labels is None:
                 raise train.UsageError("this TPR model has a Chinese branch: give --chinese-labels FILE with a "
                                        "Chinese label for each of --labels")
-            zh = data.chinese_labels("custom", texts, cli.chinese_labels)
+            try:
+                zh = data.chinese_labels("custom", texts, cli.chinese_labels)
+            except (ValueError, KeyError, OSError) as e:
+                raise train.UsageError(f"--chinese-labels: {e.args[0] if isinstance(e, KeyError) else e}") from None
         else:
             zh = None
     else:
