@@ -895,12 +895,12 @@ def resume_args(cli, argv, saved):
         raise UsageError(f"--resume {cli.resume} continues the run in that folder; --output cannot move it")
     changed = []
     for key, value in given.items():
+        value = list(value) if isinstance(value, tuple) else value  # saved arguments hold lists (_plain)
         old = saved.get(key, getattr(cli, key))
-        value, old_plain = (list(value) if isinstance(value, tuple) else value), old
         if key in RESUME_MAY_CHANGE:
             setattr(args, key, value)
-        elif key != "method" and value != old_plain:
-            changed.append(f"--{key.replace('_', '-')} {old_plain} -> {value}")
+        elif key != "method" and value != old:  # --method: load_checkpoint refuses the other method's run
+            changed.append(f"--{key.replace('_', '-')} {old} -> {value}")
     if changed:
         raise UsageError(f"--resume {cli.resume}: these flags change the model or the data, so the run cannot "
                          f"continue with them: {'; '.join(changed)} (the run's value -> yours); start a new run "
