@@ -11,7 +11,9 @@
   word-guided weights (TPR Eq. 6-7, BiEfficient Eq. 8) and the top-5 bar chart.
 
 Counting follows pytorch/examples `imagenet/main.py`: each rank scores videos rank, rank + W, ... without
-padding, and the correct counts (not accuracies) are all-reduced, so every video counts exactly once.
+padding, and the correct counts (not accuracies) are all-reduced, so every video counts exactly once. Only
+real videos are scored: an unreadable test video is skipped (never replaced by another), and every line and
+record gives the videos scored and skipped; --stop-on-bad-video stops at the first one instead.
 
     python evaluate.py --checkpoint runs/x/best.pt                              # 1x1 and 4x3 on its test split
     torchrun --nproc_per_node=4 evaluate.py --checkpoint runs/k400/best.pt --dataset hmdb51 --root DIR --zero-shot splits
