@@ -331,9 +331,14 @@ def main(argv=None):
         os.makedirs(out, exist_ok=True)
         result = dict(results=records, summary=summary)
         tmp = os.path.join(out, "metrics.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, os.path.join(out, "metrics.json"))
+        try:
+            with open(tmp, "w") as f:
+                json.dump(result, f, indent=1)
+            os.replace(tmp, os.path.join(out, "metrics.json"))
+        except OSError as e:  # e.g. a full disk: the .tmp goes, the results were printed above
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise train.UsageError(f"cannot write {os.path.join(out, 'metrics.json')}: {e.strerror or e}") from None
         log(f"wrote {os.path.join(out, 'metrics.json')}")
     return dict(results=records, summary=summary)
 
