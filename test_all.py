@@ -691,8 +691,8 @@ def clip_hf(clip_official, tmp_path_factory):
     """The perturbed reference weights as a transformers CLIPModel (loaded by transformers itself, every key
     used), written by save_pretrained (model.safetensors + config.json) and as pytorch_model.bin, with
     transformers' own features of the fixed inputs."""
-    transformers = pytest.importorskip("transformers")
-    safetensors_torch = pytest.importorskip("safetensors.torch")
+    transformers = importlib.import_module("transformers")  # test-only; a missing install fails
+    safetensors_torch = importlib.import_module("safetensors.torch")  # test-only; a missing install fails
     a = clip.ARCHS[clip_official.arch]
     config = transformers.CLIPConfig(
         text_config=dict(hidden_size=a["transformer_width"], intermediate_size=4 * a["transformer_width"],
@@ -844,7 +844,7 @@ CLIP_ST_TENSORS = {"f32": torch.randn(3, 5), "f16": torch.randn(7).half(), "bf16
 
 
 def test_clip_safetensors_reader_equals_library(tmp_path):
-    safetensors_torch = pytest.importorskip("safetensors.torch")
+    safetensors_torch = importlib.import_module("safetensors.torch")  # test-only; a missing install fails
     path = tmp_path / "blob"  # no suffix, as Hugging Face's cache blobs: the format is read from the bytes
     safetensors_torch.save_file(CLIP_ST_TENSORS, path, metadata={"format": "pt"})
     theirs = safetensors_torch.load_file(path)
@@ -865,7 +865,7 @@ def clip_safetensors_bytes(header, data):
     ("json", "not JSON"), ("shape", "lies about 'w'"), ("overlap", "lies about"), ("dtype", "'w' is not"),
     ("padded", "truncated or padded")])
 def test_clip_safetensors_bad_header_is_one_line(tmp_path, case, match):
-    safetensors_torch = pytest.importorskip("safetensors.torch")
+    safetensors_torch = importlib.import_module("safetensors.torch")  # test-only; a missing install fails
     good = tmp_path / "good.safetensors"
     safetensors_torch.save_file({"w": torch.randn(4, 4), "b": torch.randn(4)}, good)
     raw = good.read_bytes()
@@ -889,7 +889,7 @@ def test_clip_safetensors_bad_header_is_one_line(tmp_path, case, match):
 
 
 def test_clip_hugging_face_config_and_key_errors(tmp_path, clip_tiny_file):
-    safetensors_torch = pytest.importorskip("safetensors.torch")
+    safetensors_torch = importlib.import_module("safetensors.torch")  # test-only; a missing install fails
     hf = clip_to_hf(torch.load(clip_tiny_file, weights_only=True))
     folder = tmp_path / "model"
     folder.mkdir()
@@ -1201,8 +1201,8 @@ def chinese_hf(reference, parity_batch, tmp_path_factory):
     """The reference's text tower inside a transformers ChineseCLIPModel (loaded by transformers itself; its
     tiny vision tower moved off its init too), written by save_pretrained and as pytorch_model.bin, with
     transformers' get_text_features of the parity batch."""
-    transformers = pytest.importorskip("transformers")
-    safetensors_torch = pytest.importorskip("safetensors.torch")
+    transformers = importlib.import_module("transformers")  # test-only; a missing install fails
+    safetensors_torch = importlib.import_module("safetensors.torch")  # test-only; a missing install fails
     config = transformers.ChineseCLIPConfig(
         text_config=dict(vocab_size=21128, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                          intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2,
@@ -1282,7 +1282,7 @@ def test_chinese_cache_survives_failed_redownload(tmp_path, monkeypatch):
 
 
 def test_chinese_safetensors_file_and_config_checks(tmp_path, monkeypatch):
-    safetensors_torch = pytest.importorskip("safetensors.torch")
+    safetensors_torch = importlib.import_module("safetensors.torch")  # test-only; a missing install fails
     model, ckpt = _small_official_checkpoint()
     hf = {"text_model." + k[len("module.bert."):]: v for k, v in ckpt["state_dict"].items()
           if k.startswith("module.bert.")}
