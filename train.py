@@ -56,7 +56,7 @@ CHECKPOINT_FORMAT = 1
 # --epochs continues the cosine as if the run had been launched with the new length (lr_at depends only on the
 # step and these arguments); --batch-size only where the epoch's sampler position maps (see resolve_run_args).
 RESUME_MAY_CHANGE = ("epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "betas", "grad_clip", "precision",
-                     "batch_size", "micro_batch", "workers", "print_every", "save_every", "eval_every",
+                     "batch_size", "micro_batch", "workers", "threads", "print_every", "save_every", "eval_every",
                      "eval_batch_size", "kill_at_step", "kill_signal", "dry_run", "debug",
                      # where the same data and weights are found now (the fingerprint check guards the weights)
                      "root", "pretrained", "pretrained_chinese")
