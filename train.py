@@ -125,8 +125,8 @@ SYNTHETIC = dict(arch="tiny", frames=8, batch_size=16, epochs=None, lr=None, war
 # Choice: the synthetic demo's schedule: 15 epochs of 32 steps (480 steps) per method, lr 3e-3. Its towers are
 # random and frozen; BiEfficient uses M = 2 learned context tokens instead of the paper's 16 there: with a
 # random text tower the 16 shared context vectors dominate the EOT output, so all class texts start nearly
-# identical (M = 16: 81.3%, seed 0). Measured with these defaults over seeds 0-4: TPR @TPR_RANGE@, BiEfficient
-# @BIEF_RANGE@ top-1 (chance 12.5%, a frame order-blind model at most 50%).
+# identical (M = 16: 81.3%, seed 0). Measured with these defaults over seeds 0-4: TPR 95.9-99.0%, BiEfficient
+# 98.6-100% top-1 (chance 12.5%, a frame order-blind model at most 50%).
 # Choice: one intra-op CPU thread (--threads 1) on the synthetic set: its matrices are too small to gain from
 # splitting, and on a machine with more runnable threads than cores two OpenMP threads cost 15x the CPU time
 # per step (measured: 2.0 s against 0.13 s per TPR step, 2 cores at load 13); one thread also makes the result
