@@ -317,7 +317,7 @@ RANGES = (("frames", 1, False), ("batch_size", 1, False), ("micro_batch", 1, Fal
           ("lr", 0, True), ("min_lr", 0, False), ("warmup_epochs", 0, False), ("weight_decay", 0, False),
           ("grad_clip", 0, False), ("tau", 0, True), ("S", 0, False), ("M", 1, False), ("synthetic_videos", 1, False),
           ("workers", 0, False), ("print_every", 1, False), ("save_every", 0, False), ("eval_every", 0, False),
-          ("eval_batch_size", 1, False))
+          ("eval_batch_size", 1, False), ("threads", 1, False))
 
 
 def validate_args(args):
