@@ -84,7 +84,6 @@ SCALE_SIZE = 256  # training short side for a 224 crop (TSN / X-CLIP); scaled wi
 CROP_SCALES = (1.0, 0.875, 0.75, 0.66)  # mmaction2 MultiScaleCrop scales, max aspect distortion 1
 GRAYSCALE_P = 0.2  # TPR Table 2
 FLIP_P = 0.5  # TPR Table 2
-FRAME_COUNT_SLACK = 2  # frames a container header may over-count before we call the file truncated
 # Choice: non-reference frames are skipped while the decoder is more than SKIP_MARGIN frames before a needed
 # frame; the margin exceeds B-frame reordering plus frame-thread delay, so no needed frame is ever skipped.
 SKIP_MARGIN = 64
@@ -196,22 +195,42 @@ def sample_indices(num_frames, T, mode="train", rng=None, clips=1, clip=0, sampl
 
 
 # ------------------------------------------------------------------------------------------------- decoding
+# A frame index, everywhere in this file (probe, decode, --check, sampling), is the position of a frame in the
+# sequence a plain full decode yields: presentation order, after the container's edit list, after FFmpeg drops
+# what it cannot decode (a packet the decoder rejects is skipped, as ffmpeg's command line skips it). Decoded
+# frames are mapped to indices by their timestamps, never by dividing by an average frame rate, so variable
+# frame rate, B-frames and odd or negative start timestamps need no special case.
+class MetaMismatch(BadVideo):
+    """The decoder did not show the frames the packets promised; probe_video(path, exact=True) will know."""
+
+
 class VideoMeta:
-    """What one demux pass tells about a video: frame count, fps, timestamps and keyframe positions."""
+    """What the probe tells about a video.
 
-    __slots__ = ("num_frames", "start", "step", "key_idx", "key_pts")
+    pts         (num_frames,) int64 ascending, the timestamp of the frame at each index (stream time base);
+                None when the decoded frames carry no usable timestamps (frames are then counted from the start)
+    key_pts     ascending timestamps of the keyframes, the seek targets; key_idx the index of the first frame
+                shown at or after each
+    header      the frame count the container claims (0 when it claims none)
+    damage      '' for a sound file, else why fewer frames decode than the file should hold (truncated, ...)
+    exact       pts come from a full decode (True) or from the packets (False)
+    """
 
-    def __init__(self, num_frames, start, step, key_idx, key_pts):
-        self.num_frames, self.start, self.step = num_frames, start, step
-        self.key_idx, self.key_pts = key_idx, key_pts
+    __slots__ = ("pts", "num_frames", "key_pts", "key_idx", "header", "damage", "exact", "width", "height")
+
+    def __init__(self, pts, num_frames, key_pts, header, damage, exact, width, height):
+        self.pts, self.num_frames, self.header, self.damage, self.exact = pts, num_frames, header, damage, exact
+        self.width, self.height = width, height
+        self.key_pts = np.asarray(key_pts if pts is not None else [], dtype=np.int64)
+        self.key_idx = np.searchsorted(pts, self.key_pts) if pts is not None else self.key_pts
 
     def index(self, pts):
-        # Choice: frame index from the timestamp at the average frame rate (constant frame rate, as in all
-        # the datasets here); a variable-rate file gets the frame nearest in time.
-        return int(round((pts - self.start) / self.step))
+        """Index of the frame shown at timestamp `pts`, or -1 if no frame of the video has it."""
+        i = int(np.searchsorted(self.pts, pts)) if pts is not None else self.num_frames
+        return i if i < self.num_frames and self.pts[i] == pts else -1
 
 
-def _open(path):
+def _open(path, threads=None):
     if not os.path.exists(path):
         raise BadVideo("file not found")
     if os.path.getsize(path) == 0:
@@ -224,78 +243,172 @@ def _open(path):
         container.close()
         raise BadVideo("no video stream")
     stream = container.streams.video[0]
-    stream.thread_type = "AUTO"  # codec threading (frame and slice)
+    stream.thread_type = threads or _thread_type()
     return container, stream
 
 
-def probe_video(path):
-    """Demux every packet once (no decoding) to count frames and find keyframes; BadVideo if unreadable."""
-    container, stream = _open(path)
+def _thread_type():
+    # Choice: measured with `python data.py --bench-threads` (README): frame threads ("AUTO", "FRAME") refill
+    # their pipeline after every seek, and in a DataLoader worker they compete with the other workers for the
+    # same cores, so workers decode with one thread ("NONE"); the main process (evaluate.py --video, num_workers
+    # 0) uses slice threads, which do not delay frames.
+    return "NONE" if torch.utils.data.get_worker_info() is not None else "SLICE"
+
+
+def _frames(container, stream):
+    """Decoded frames in presentation order; a packet the decoder rejects is skipped and a container that
+    breaks off ends the video, as in a plain `ffmpeg -i` decode."""
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except (StopIteration, av.FFmpegError):  # the end, or a container that breaks off (a cut file)
+            break
+        if packet.size == 0:  # the demuxer's end marker, or an AVI's empty 'dropped frame' chunk
+            continue
+        try:
+            frames = packet.decode()
+        except av.FFmpegError:
+            continue
+        yield from frames
     try:
-        rate = stream.average_rate or stream.guessed_rate
-        if not rate or stream.time_base is None:
-            raise BadVideo("no frame rate in the container")
-        step = float(1 / (rate * stream.time_base))  # timestamp ticks per frame
-        pts, keys = [], []
-        for packet in container.demux(stream):
-            if packet.pts is None:
-                continue  # the flush packet at the end
-            pts.append(packet.pts)
-            keys.append(packet.is_keyframe)
-    except av.FFmpegError as e:
-        raise BadVideo(f"cannot demux: {e}") from None
+        yield from stream.codec_context.decode(None)  # what the decoder still holds (B-frames, threads)
+    except av.FFmpegError:
+        return
+
+
+def _decoded_pts(path):
+    """Timestamps of every frame a plain full decode yields (None if any frame lacks one), and their count."""
+    container, stream = _open(path, "AUTO")  # one pass over everything: frame threads are fastest
+    try:
+        pts = [f.pts for f in _frames(container, stream)]
     finally:
         container.close()
-    if not pts:
-        raise BadVideo("no video frames")
-    header = stream.frames
-    # The header count (AVI `strh`, MP4 `stts`) is what the file claims; a file cut short holds fewer packets.
-    if header > 0 and len(pts) + FRAME_COUNT_SLACK < header:
-        raise BadVideo(f"truncated: container says {header} frames, file holds {len(pts)}")
-    start = min(pts)
-    order = sorted(range(len(pts)), key=pts.__getitem__)
-    key_pts = [pts[i] for i in order if keys[i]] or [start]
-    meta = VideoMeta(len(pts), start, step, None, np.asarray(key_pts, dtype=np.int64))
-    meta.key_idx = np.asarray([meta.index(p) for p in key_pts], dtype=np.int64)
-    return meta
+    usable = all(p is not None for p in pts) and all(a < b for a, b in zip(pts, pts[1:]))
+    return (np.asarray(pts, dtype=np.int64) if usable else None), len(pts)
 
 
-def decode_frames(path, indices, meta):
-    """RGB frames (len(indices), H, W, 3) uint8 at `indices`, decoding only from the keyframe before each."""
-    wanted = sorted(set(indices))
+def probe_video(path, exact=False):
+    """Frame timestamps and keyframes of a video, from one demux pass (no decoding) where the packets tell it
+    exactly, else (or with exact=True) from one full decode; BadVideo if nothing decodes.
+
+    The packets tell it where they hold timestamps, the container holds as many as its header claims, and the
+    first frame the decoder shows is the first the packets promise; the frames shown are then the packets' in
+    timestamp order, less those marked discard (an edit list's pre-roll) and those before the first keyframe in
+    decode order (undecodable). Anything else (a cut or damaged file, missing timestamps, a decoder that shows
+    frames before the first keyframe) costs one full decode, once: callers cache the result."""
+    container, stream = _open(path)
+    packets, broken, corrupt, empty = [], False, False, 0  # packets: (pts, keyframe, discard) in decode order
+    try:
+        header = max(stream.frames, 0)
+        width, height = stream.codec_context.width, stream.codec_context.height
+        try:
+            for packet in container.demux(stream):
+                if packet.size:  # not the end marker nor an AVI's empty 'dropped frame' chunk
+                    packets.append((packet.pts, packet.is_keyframe, packet.is_discard))
+                    corrupt |= packet.is_corrupt
+                elif packet.pts is not None:
+                    empty += 1
+        except av.FFmpegError:
+            broken = True  # the container breaks off: a cut file
+        first_key = next((i for i, p in enumerate(packets) if p[1]), None)
+        shown = sorted(p[0] for p in packets[first_key or 0:] if not p[2] and p[0] is not None)
+        key_pts = sorted(p[0] for p in packets if p[1] and p[0] is not None)
+        cut = broken or corrupt or len(packets) + empty < header
+        exact = (exact or cut or first_key is None or not shown or any(p[0] is None for p in packets)
+                 or len(set(shown)) < len(shown))
+        if not exact and (first_key > 0 or any(p[2] for p in packets) or shown[0] < packets[first_key][0]):
+            # The head is unusual (an edit list, a cut before a keyframe): does the decoder agree?
+            container.close()
+            container, stream = _open(path)
+            first = next(_frames(container, stream), None)
+            exact = first is None or first.pts != shown[0]
+    finally:
+        container.close()
+    if not exact:
+        return VideoMeta(np.asarray(shown, dtype=np.int64), len(shown), key_pts, header, "", False, width, height)
+    pts, n = _decoded_pts(path)
+    if n == 0:
+        raise BadVideo("no decodable frames" + (f" ({len(packets)} packets)" if packets else ""))
+    damage = ""
+    if cut:
+        damage = (f"truncated: container says {header} frames, {n} decode" if header > n
+                  else f"truncated: {len(packets)} packets, {n} frames decode")
+    elif n < len(shown):
+        damage = f"damaged: {len(shown)} frames in the packets, {n} decode"
+    return VideoMeta(pts, n, key_pts, header, damage, True, width, height)
+
+
+def video_verdict(meta, T):
+    """The one rule training and --check share: a damaged video is used if at least T frames of it decode,
+    with its damage reported; else BadVideo. A sound video is always used (a short one repeats frames)."""
+    if meta.damage and meta.num_frames < T:
+        raise BadVideo(f"{meta.damage}, fewer than T={T}")
+    return meta.damage
+
+
+def decode_frames(path, indices, meta=None, size=None):
+    """uint8 RGB frames (len(indices), H, W, 3), exactly `frame.to_ndarray(format="rgb24")` of the frame at
+    each index (in any order, repeats allowed), decoding only from the keyframe before each needed frame.
+
+    meta: probe_video(path), probed here when None. size: (width, height) to have swscale resize while it
+    converts the colours (the transforms' fast path) instead of full size. MetaMismatch when the decoder does
+    not show a frame the (packet-based) meta promised."""
+    meta = meta or probe_video(path)
+    n = meta.num_frames
+    outside = [i for i in indices if not 0 <= i < n]
+    if outside:
+        raise IndexError(f"frame indices {outside[:8]} outside 0..{n - 1} of {path}")
+    if size is None:
+        convert = lambda f: f.to_ndarray(format="rgb24")
+    else:
+        # Choice: swscale's bilinear filter, which widens with the shrink factor (antialiased like PIL's).
+        convert = lambda f: f.to_ndarray(width=size[0], height=size[1], format="rgb24", interpolation="BILINEAR")
+    pending = sorted(set(indices))  # still to fill, ascending
     got = {}
     container, stream = _open(path)
     try:
-        frames_iter, pos, last = None, -1, None
-        pending = list(wanted)  # still to fill, ascending
-        while pending:
+        if meta.pts is None:  # no timestamps: count frames from the start
+            for i, frame in enumerate(_frames(container, stream)):
+                if i == pending[0]:
+                    got[pending.pop(0)] = convert(frame)
+                    if not pending:
+                        break
+        frames, opened, pos, back = None, False, -1, 0  # pos: index of the frame the decoder showed last
+        while pending and meta.pts is not None:
             target = pending[0]
-            k = bisect.bisect_right(meta.key_idx, target) - 1
-            key = int(meta.key_idx[max(k, 0)])
-            if frames_iter is None or key > pos:  # seeking helps only if the keyframe lies ahead of the decoder
-                container.seek(int(meta.key_pts[max(k, 0)]), stream=stream, backward=True)
-                frames_iter = container.decode(stream)
-                pos = key
+            k = int(np.searchsorted(meta.key_pts, meta.pts[target], "right")) - 1 - back  # keyframe before it
+            key = int(meta.key_idx[k]) if k >= 0 else 0
+            if frames is None or key > pos + 1:  # seeking helps only if the keyframe lies ahead of the decoder
+                if k >= 0 and (key > 0 or opened):
+                    container.seek(int(meta.key_pts[k]), stream=stream, backward=True)
+                elif opened:  # from the very start: reopen (a seek may land on a later keyframe)
+                    container.close()
+                    container, stream = _open(path)
+                frames, opened, pos, fresh = _frames(container, stream), True, key - 1, True
             # Far from the target (long GOPs), frames no other frame refers to need not be decoded at all.
             stream.codec_context.skip_frame = "NONREF" if target - pos > SKIP_MARGIN else "DEFAULT"
-            for frame in frames_iter:
-                if frame.pts is None:
-                    continue
-                pos = meta.index(frame.pts)
-                if pos < target:
-                    if target - pos <= SKIP_MARGIN:
+            for frame in frames:
+                i = meta.index(frame.pts)
+                if i < 0:
+                    raise MetaMismatch(f"the decoder shows a frame at pts {frame.pts}, which the packets lack")
+                if i > target and fresh and k >= 0:  # the seek landed after the target: one keyframe earlier
+                    back += 1
+                    frames = None
+                    break
+                if i > target:
+                    raise MetaMismatch(f"frame {target} of {n} (pts {meta.pts[target]}) is never shown")
+                pos, fresh, back = i, False, 0
+                if i < target:
+                    if target - i <= SKIP_MARGIN:
                         stream.codec_context.skip_frame = "DEFAULT"
                     continue
-                last = frame.to_ndarray(format="rgb24")
-                while pending and pending[0] <= pos:  # a dropped frame takes the next one shown
-                    got[pending.pop(0)] = last
+                got[pending.pop(0)] = convert(frame)
                 break
             else:  # end of stream before `target`
-                if last is None or len(pending) > FRAME_COUNT_SLACK:
-                    raise BadVideo(f"truncated: frame {target} of {meta.num_frames} not decodable")
-                for i in pending:
-                    got[i] = last
-                pending = []
+                raise MetaMismatch(f"frame {target} of {n} not decodable")
+        if pending:
+            raise MetaMismatch(f"frame {pending[0]} of {n} not decodable")
     except av.FFmpegError as e:
         raise BadVideo(f"decode error: {e}") from None
     finally:
@@ -341,6 +454,8 @@ def _normalise(x):
 def _crop_resize(frames, box, size):
     """Crop box (y0, x0, h, w) of uint8 frames (T, H, W, 3) and resize it to (T, 3, size, size) float."""
     y0, x0, h, w = box
+    if h == w == size:  # a pure crop (frames the decoder already scaled)
+        return torch.from_numpy(np.ascontiguousarray(frames[:, y0:y0 + h, x0:x0 + w])).permute(0, 3, 1, 2).float()
     # PIL's resize with a box crops and resamples in one uint8 pass (antialiased when shrinking), several
     # times faster than a float interpolate of the whole clip.
     out = np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h)))
@@ -421,10 +536,29 @@ def _random_erase(x, rng, p=0.25, area=(0.02, 1 / 3), log_ratio=(math.log(0.3), 
     return x
 
 
+def _scaled_crop(H, W, box, size):
+    """The decoder-side form of cropping `box` (y0, x0, h, w) of an H x W frame and resizing it to size x size:
+    scale the whole frame by size / h, size / w to (width, height), then crop size x size at (y, x)."""
+    y0, x0, h, w = box
+    width, height = max(size, round(W * size / w)), max(size, round(H * size / h))
+    y, x = min(round(y0 * size / h), height - size), min(round(x0 * size / w), width - size)
+    return (width, height), (y, x)
+
+
+def _short_side(H, W, size):
+    """(width, height) of an H x W frame whose short side is resized to `size` (aspect kept)."""
+    return (size, max(size, round(H * size / W))) if W <= H else (max(size, round(W * size / H)), size)
+
+
 def train_transform(frames, rng, size=224, flip=True, randaugment=False, random_erasing=False):
     """uint8 (T, H, W, 3) -> (T, 3, size, size) normalised; one augmentation draw shared by all frames."""
     H, W = frames.shape[1:3]
     x = _crop_resize(frames, _multiscale_box(H, W, size, rng), size)  # (T, 3, S, S)
+    return _train_augment(x, rng, flip, randaugment, random_erasing)
+
+
+def _train_augment(x, rng, flip=True, randaugment=False, random_erasing=False):
+    """The rest of train_transform after the crop: (T, 3, S, S) float in [0, 255] -> normalised."""
     if flip and rng.random() < FLIP_P:
         x = x.flip(-1)
     if randaugment:
@@ -502,8 +636,8 @@ class _Base(torch.utils.data.Dataset):
     def _rng(self, index):
         return random.Random(f"{self.seed}:{self.epoch}:{index}")
 
-    def _marker(self, path):
-        return os.path.join(self._bad_dir, hashlib.sha1(path.encode()).hexdigest())
+    def _marker(self, path, kind=""):
+        return os.path.join(self._bad_dir, kind + hashlib.sha1(path.encode()).hexdigest())
 
     def _is_bad(self, path):
         return path in self._bad_local or os.path.exists(self._marker(path))
@@ -520,8 +654,13 @@ class _Base(torch.utils.data.Dataset):
 
     def bad_files(self):
         """{path: reason} for every unreadable video met so far in this process or its workers."""
+        return self._read_markers("")
+
+    def _read_markers(self, kind):
         out = {}
         for name in os.listdir(self._bad_dir):
+            if kind != name[:-40]:  # "" (bad) or "damaged-" before the 40-digit hash
+                continue
             with open(os.path.join(self._bad_dir, name), encoding="utf-8") as f:
                 text = f.read()
             if "\t" in text:  # a marker still being written by a worker is counted next time
@@ -599,29 +738,74 @@ class VideoDataset(_Base):
         self.frame_dirs, self.filename_tmpl, self.start_index = frame_dirs, filename_tmpl, start_index
         self._num_frames = dict(num_frames or {})  # path -> count given by a list file
         self._meta = {}  # path -> VideoMeta, filled on first read (per process)
+        self._damaged_local = set()
 
-    def probe(self, path):
-        """Frame count (and keyframes, for videos) of one sample; counted once per process and cached."""
+    def probe(self, path, exact=False):
+        """Frame count (and timestamps, keyframes, for videos) of one sample; counted once per process and
+        cached (exact: from a full decode, see probe_video)."""
         if self.frame_dirs:
             if path not in self._num_frames:
                 self._num_frames[path] = count_frame_dir(path, self.filename_tmpl, self.start_index)
             return self._num_frames[path]
-        if path not in self._meta:
-            self._meta[path] = probe_video(path)
+        if path not in self._meta or (exact and not self._meta[path].exact):
+            self._meta[path] = probe_video(path, exact)
         return self._meta[path]
 
     def _load(self, j, rng):
         path = self.samples[j][0]
-        info = self.probe(path)
-        n = info if self.frame_dirs else info.num_frames
-        clips = self._clip_indices(n, rng)
-        flat = sorted({i for c in clips for i in c})
         if self.frame_dirs:
+            clips = self._clip_indices(self.probe(path), rng)
+            flat = sorted({i for c in clips for i in c})
             arr = read_frame_dir(path, flat, self.filename_tmpl, self.start_index)
-        else:
-            arr = decode_frames(path, flat, info)
+            pos = {i: k for k, i in enumerate(flat)}
+            return self._views([arr[[pos[i] for i in c]] for c in clips], rng)
+        state = rng.getstate()
+        try:
+            return self._load_video(path, self.probe(path), rng)
+        except MetaMismatch:  # the decoder disagrees with the packets: one full decode settles it for good
+            rng.setstate(state)
+            return self._load_video(path, self.probe(path, exact=True), rng)
+
+    def _load_video(self, path, meta, rng):
+        damage = video_verdict(meta, self.T)  # BadVideo if too little of it decodes, as --check says
+        if damage:
+            self._note_damaged(path, damage)
+        clips = self._clip_indices(meta.num_frames, rng)
+        flat = sorted({i for c in clips for i in c})
         pos = {i: k for k, i in enumerate(flat)}
+        H, W, S = meta.height, meta.width, self.input_size
+        if not (H and W):  # no frame size in the header: full-size frames through the array transforms
+            arr = decode_frames(path, flat, meta)
+            return self._views([arr[[pos[i] for i in c]] for c in clips], rng)
+        # The decoder's swscale scales while it converts the colours, so only S x S-sized frames are made.
+        if self.mode == "train":
+            box = _multiscale_box(H, W, S, rng)  # drawn where train_transform draws it
+            size, (y, x) = _scaled_crop(H, W, box, S)
+            arr = decode_frames(path, flat, meta, size)[:, y:y + S, x:x + S]  # (len(flat), S, S, 3)
+            clip = torch.from_numpy(arr[[pos[i] for i in clips[0]]]).permute(0, 3, 1, 2).float()  # (T, 3, S, S)
+            return _train_augment(clip, rng, self.flip, self.randaugment, self.random_erasing)
+        arr = decode_frames(path, flat, meta, _short_side(H, W, self._test_short_side()))  # short side resized
         return self._views([arr[[pos[i] for i in c]] for c in clips], rng)
+
+    def _test_short_side(self):
+        return self.input_size  # the short side test_crops resizes to
+
+    def _note_damaged(self, path, damage):
+        """Log once (over all worker processes) that a damaged video is used, and remember it."""
+        if path in self._damaged_local:
+            return
+        self._damaged_local.add(path)
+        try:
+            fd = os.open(self._marker(path, "damaged-"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f"{path}\t{damage}")
+        log.warning("damaged video %s (%s): using the frames that decode", path, damage)
+
+    def damaged_files(self):
+        """{path: damage} of every damaged video used so far (in this process or its workers)."""
+        return self._read_markers("damaged-")
 
 
 class SyntheticVideos(_Base):
@@ -992,7 +1176,7 @@ def zero_shot_protocol(name, root, protocol="splits", halves=10, seed=0, **kw):
 
 # ------------------------------------------------------------------------------------------------------ check
 class _CheckAll(torch.utils.data.Dataset):
-    """Decodes every frame of every sample once: (index, frames, reason or '')."""
+    """Decodes every frame of every sample once: (index, frames, damage note, reason it is refused or '')."""
 
     def __init__(self, ds):
         self.ds = ds
@@ -1006,48 +1190,49 @@ class _CheckAll(torch.utils.data.Dataset):
             if self.ds.frame_dirs:
                 n = self.ds.probe(path)
                 read_frame_dir(path, range(n), self.ds.filename_tmpl, self.ds.start_index)
-                return i, n, ""
+                return i, n, "", ""
             meta = probe_video(path)
-            container, stream = _open(path)
-            try:
-                decoded = sum(1 for _ in container.decode(stream))
-            except av.FFmpegError as e:
-                raise BadVideo(f"decode error: {e}") from None
-            finally:
-                container.close()
-            if decoded + FRAME_COUNT_SLACK < meta.num_frames:
-                raise BadVideo(f"truncated: {meta.num_frames} frames in the container, {decoded} decodable")
-            return i, meta.num_frames, ""
+            if not meta.exact:  # the probe trusted the packets: does the full decode show exactly those frames?
+                pts, n = _decoded_pts(path)
+                if pts is None or not np.array_equal(pts, meta.pts):
+                    meta = probe_video(path, exact=True)  # what training switches to when it meets the difference
+            return i, meta.num_frames, video_verdict(meta, self.ds.T), ""  # the rule training applies
         except BadVideo as e:
-            return i, 0, str(e)
+            return i, 0, "", str(e)
 
 
 def check(name, root, split=1, workers=None, list_file=None, class_file=None, filename_tmpl="img_{:05d}.jpg",
-          out=None):
-    """Print each split's size and frame counts, decode every video once; return the number of bad files."""
+          out=None, frames=8):
+    """Print each split's size and frame counts, decode every video once; return the number of bad files.
+    A damaged video is listed as used or bad by the rule training applies with T = `frames`."""
     out = out or sys.stdout
     workers = os.cpu_count() if workers is None else workers
     parts = [("train", list_file), ("test", None)] if name != "list" else [("train", list_file)]
     bad = 0
     for mode, lf in parts:
         ds = build_dataset(name, root, split=split, mode=mode, list_file=lf, class_file=class_file,
-                           filename_tmpl=filename_tmpl)
+                           filename_tmpl=filename_tmpl, frames=frames)
         print(f"{name} split {split} {mode}: {len(ds)} videos, {len(ds.classes)} classes", file=out)
         if name == "synthetic":
             continue
         loader = torch.utils.data.DataLoader(_CheckAll(ds), batch_size=None, num_workers=workers)
-        counts, bad_here = [], []
-        for i, n, reason in loader:
+        counts, bad_here, damaged = [], [], []
+        for i, n, damage, reason in loader:
             if reason:
                 bad_here.append((ds.samples[i][0], reason))
             else:
                 counts.append(n)
+            if damage:
+                damaged.append((ds.samples[i][0], damage))
         if counts:
             print(f"  frames per video: min {min(counts)}, mean {sum(counts) / len(counts):.1f}, "
                   f"max {max(counts)}", file=out)
+        for path, damage in damaged:
+            print(f"  DAMAGED {path}: {damage}; used (at least T={frames} frames decode)", file=out)
         for path, reason in bad_here:
             print(f"  BAD {path}: {reason}", file=out)
-        print(f"  {len(bad_here)} bad of {len(ds)}", file=out)
+        print(f"  {len(bad_here)} bad of {len(ds)}" + (f", {len(damaged)} damaged but used" if damaged else ""),
+              file=out)
         bad += len(bad_here)
     return bad
 
@@ -1133,6 +1318,8 @@ def main(argv=None):
     p.add_argument("--class-file", help="class-name file for --dataset list")
     p.add_argument("--filename-tmpl", default="img_{:05d}.jpg", help="frame file names for frame-folder lists")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes for --check")
+    p.add_argument("--frames", type=int, default=8,
+                   help="T you train with (TPR 16, BiEfficient 8): a damaged video is used if T frames decode")
     p.add_argument("--check", action="store_true", help="decode every video once, list bad files, exit 1 if any")
     p.add_argument("--bench", action="store_true", help="clips/s of this loader vs a decode-everything loader")
     p.add_argument("--bench-videos", type=int, default=12, help="videos per codec in --bench")
@@ -1145,7 +1332,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         bad = check(args.dataset, args.root, args.split, args.workers, args.list_file, args.class_file,
-                    args.filename_tmpl)
+                    args.filename_tmpl, frames=args.frames)
     except (OSError, ValueError, KeyError) as e:  # layout errors: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
