@@ -59,6 +59,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -347,31 +348,26 @@ def video_verdict(meta, T):
     return meta.damage
 
 
-def decode_frames(path, indices, meta=None, size=None):
+def decode_frames(path, indices, meta=None, threads=None):
     """uint8 RGB frames (len(indices), H, W, 3), exactly `frame.to_ndarray(format="rgb24")` of the frame at
     each index (in any order, repeats allowed), decoding only from the keyframe before each needed frame.
 
-    meta: probe_video(path), probed here when None. size: (width, height) to have swscale resize while it
-    converts the colours (the transforms' fast path) instead of full size. MetaMismatch when the decoder does
-    not show a frame the (packet-based) meta promised."""
+    meta: probe_video(path), probed here when None. threads: the codec's thread_type ("NONE", "SLICE",
+    "FRAME", "AUTO"), by default chosen for the context. MetaMismatch when the decoder does not show a frame the
+    (packet-based) meta promised."""
     meta = meta or probe_video(path)
     n = meta.num_frames
     outside = [i for i in indices if not 0 <= i < n]
     if outside:
         raise IndexError(f"frame indices {outside[:8]} outside 0..{n - 1} of {path}")
-    if size is None:
-        convert = lambda f: f.to_ndarray(format="rgb24")
-    else:
-        # Choice: swscale's bilinear filter, which widens with the shrink factor (antialiased like PIL's).
-        convert = lambda f: f.to_ndarray(width=size[0], height=size[1], format="rgb24", interpolation="BILINEAR")
     pending = sorted(set(indices))  # still to fill, ascending
     got = {}
-    container, stream = _open(path)
+    container, stream = _open(path, threads)
     try:
         if meta.pts is None:  # no timestamps: count frames from the start
             for i, frame in enumerate(_frames(container, stream)):
                 if i == pending[0]:
-                    got[pending.pop(0)] = convert(frame)
+                    got[pending.pop(0)] = frame.to_ndarray(format="rgb24")
                     if not pending:
                         break
         frames, opened, pos, back = None, False, -1, 0  # pos: index of the frame the decoder showed last
@@ -384,7 +380,7 @@ def decode_frames(path, indices, meta=None, size=None):
                     container.seek(int(meta.key_pts[k]), stream=stream, backward=True)
                 elif opened:  # from the very start: reopen (a seek may land on a later keyframe)
                     container.close()
-                    container, stream = _open(path)
+                    container, stream = _open(path, threads)
                 frames, opened, pos, fresh = _frames(container, stream), True, key - 1, True
             # Far from the target (long GOPs), frames no other frame refers to need not be decoded at all.
             stream.codec_context.skip_frame = "NONREF" if target - pos > SKIP_MARGIN else "DEFAULT"
@@ -403,7 +399,7 @@ def decode_frames(path, indices, meta=None, size=None):
                     if target - i <= SKIP_MARGIN:
                         stream.codec_context.skip_frame = "DEFAULT"
                     continue
-                got[pending.pop(0)] = convert(frame)
+                got[pending.pop(0)] = frame.to_ndarray(format="rgb24")
                 break
             else:  # end of stream before `target`
                 raise MetaMismatch(f"frame {target} of {n} not decodable")
@@ -454,13 +450,15 @@ def _normalise(x):
 def _crop_resize(frames, box, size):
     """Crop box (y0, x0, h, w) of uint8 frames (T, H, W, 3) and resize it to (T, 3, size, size) float."""
     y0, x0, h, w = box
-    if h == w == size:  # a pure crop (frames the decoder already scaled)
-        return torch.from_numpy(np.ascontiguousarray(frames[:, y0:y0 + h, x0:x0 + w])).permute(0, 3, 1, 2).float()
-    # PIL's resize with a box crops and resamples in one uint8 pass (antialiased when shrinking), several
-    # times faster than a float interpolate of the whole clip.
-    out = np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h)))
-                    for f in frames])  # (T, size, size, 3)
-    return torch.from_numpy(out).permute(0, 3, 1, 2).float()  # (T, 3, size, size)
+    crop = frames[:, y0:y0 + h, x0:x0 + w]
+    crop = crop if crop.flags.writeable else crop.copy()  # torch wants writable memory (a broadcast view is not)
+    x = torch.from_numpy(crop).permute(0, 3, 1, 2)  # (T, 3, h, w) uint8, channels-last memory
+    if (h, w) != (size, size):
+        # Choice: bilinear with antialiasing on uint8 (torch's path built to match PIL's BILINEAR resize; equal to
+        # PIL's box resize but at the box edges, which PIL samples from outside the box), for the whole clip at
+        # once: several times faster than a per-frame PIL round trip or a float interpolate.
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    return x.float()  # (T, 3, size, size)
 
 
 def _multiscale_box(H, W, size, rng):
@@ -536,29 +534,10 @@ def _random_erase(x, rng, p=0.25, area=(0.02, 1 / 3), log_ratio=(math.log(0.3), 
     return x
 
 
-def _scaled_crop(H, W, box, size):
-    """The decoder-side form of cropping `box` (y0, x0, h, w) of an H x W frame and resizing it to size x size:
-    scale the whole frame by size / h, size / w to (width, height), then crop size x size at (y, x)."""
-    y0, x0, h, w = box
-    width, height = max(size, round(W * size / w)), max(size, round(H * size / h))
-    y, x = min(round(y0 * size / h), height - size), min(round(x0 * size / w), width - size)
-    return (width, height), (y, x)
-
-
-def _short_side(H, W, size):
-    """(width, height) of an H x W frame whose short side is resized to `size` (aspect kept)."""
-    return (size, max(size, round(H * size / W))) if W <= H else (max(size, round(W * size / H)), size)
-
-
 def train_transform(frames, rng, size=224, flip=True, randaugment=False, random_erasing=False):
     """uint8 (T, H, W, 3) -> (T, 3, size, size) normalised; one augmentation draw shared by all frames."""
     H, W = frames.shape[1:3]
     x = _crop_resize(frames, _multiscale_box(H, W, size, rng), size)  # (T, 3, S, S)
-    return _train_augment(x, rng, flip, randaugment, random_erasing)
-
-
-def _train_augment(x, rng, flip=True, randaugment=False, random_erasing=False):
-    """The rest of train_transform after the crop: (T, 3, S, S) float in [0, 255] -> normalised."""
     if flip and rng.random() < FLIP_P:
         x = x.flip(-1)
     if randaugment:
@@ -772,23 +751,9 @@ class VideoDataset(_Base):
             self._note_damaged(path, damage)
         clips = self._clip_indices(meta.num_frames, rng)
         flat = sorted({i for c in clips for i in c})
+        arr = decode_frames(path, flat, meta)
         pos = {i: k for k, i in enumerate(flat)}
-        H, W, S = meta.height, meta.width, self.input_size
-        if not (H and W):  # no frame size in the header: full-size frames through the array transforms
-            arr = decode_frames(path, flat, meta)
-            return self._views([arr[[pos[i] for i in c]] for c in clips], rng)
-        # The decoder's swscale scales while it converts the colours, so only S x S-sized frames are made.
-        if self.mode == "train":
-            box = _multiscale_box(H, W, S, rng)  # drawn where train_transform draws it
-            size, (y, x) = _scaled_crop(H, W, box, S)
-            arr = decode_frames(path, flat, meta, size)[:, y:y + S, x:x + S]  # (len(flat), S, S, 3)
-            clip = torch.from_numpy(arr[[pos[i] for i in clips[0]]]).permute(0, 3, 1, 2).float()  # (T, 3, S, S)
-            return _train_augment(clip, rng, self.flip, self.randaugment, self.random_erasing)
-        arr = decode_frames(path, flat, meta, _short_side(H, W, self._test_short_side()))  # short side resized
         return self._views([arr[[pos[i] for i in c]] for c in clips], rng)
-
-    def _test_short_side(self):
-        return self.input_size  # the short side test_crops resizes to
 
     def _note_damaged(self, path, damage):
         """Log once (over all worker processes) that a damaged video is used, and remember it."""
@@ -1238,16 +1203,22 @@ def check(name, root, split=1, workers=None, list_file=None, class_file=None, fi
 
 
 # ------------------------------------------------------------------------------------------------------ bench
-def write_video(path, frames, fps=30, codec="mpeg4"):
-    """Encode uint8 frames (T, H, W, 3) with PyAV (used by the tests and the benchmark)."""
+def write_video(path, frames, fps=30, codec="mpeg4", gop=12, tag=None, bframes=0):
+    """Encode uint8 frames (T, H, W, 3) with PyAV (used by the tests and the benchmark); libx264 uses
+    `gop` with its other defaults (3 B-frames), mpeg4 `gop` and `bframes`, `tag` a FourCC such as 'XVID'."""
     with av.open(path, "w") as c:
         s = c.add_stream(codec, rate=fps)
         s.height, s.width = frames.shape[1:3]
         s.pix_fmt = "yuv420p"
+        if tag:
+            s.codec_tag = tag
         if codec == "mpeg4":
-            s.gop_size = 12
-            # high quality, keyframes every 12 frames only (no extra ones at scene cuts): known GOPs for tests
+            s.gop_size = gop
+            s.codec_context.max_b_frames = bframes
+            # high quality, keyframes every `gop` frames only (no extra ones at scene cuts): known GOPs for tests
             s.options = {"qscale": "2", "sc_threshold": "1000000000"}
+        elif codec == "libx264":
+            s.options = {"x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0", "preset": "veryfast"}
         for f in frames:
             for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
                 c.mux(p)
@@ -1255,57 +1226,209 @@ def write_video(path, frames, fps=30, codec="mpeg4"):
             c.mux(p)
 
 
-def naive_clip(path, T, rng, size=224):
-    """What most peer loaders do: decode every frame to RGB, then sample T of them."""
+def naive_frames(path, indices):
+    """What most peer loaders do: decode every frame to RGB, then pick the ones asked for."""
     with av.open(path) as c:
         s = c.streams.video[0]
         s.thread_type = "AUTO"
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(s)]
-    idx = sample_indices(len(frames), T, "train", rng)
-    return train_transform(np.stack([frames[i] for i in idx]), rng, size)
+    return np.stack([frames[i] for i in indices])
 
 
-def bench(videos=12, T=8, size=224, seconds=10, fps=30, width=320, height=240, repeats=3, out=None):
-    """Clips per second of this loader and of the decode-everything loader on the same freshly made videos."""
+def naive_clip(path, T, rng, size=224):
+    """The decode-everything loader with the training transform."""
+    with av.open(path) as c:
+        n = sum(1 for _ in c.demux(video=0)) - 1  # less the end marker
+    return train_transform(naive_frames(path, sample_indices(n, T, "train", rng)), rng, size)
+
+
+# (what, codec, extension, width, height, GOP, FourCC, mpeg4 B-frames): the forms users' files come in
+BENCH_KINDS = (("mpeg4 .avi 320x240 GOP 12 (HMDB51/UCF101)", "mpeg4", "avi", 320, 240, 12, None, 0),
+               ("xvid .avi 320x240 GOP 12, B-frames", "mpeg4", "avi", 320, 240, 12, "XVID", 2),
+               ("x264 .mp4 340x256 GOP 12", "libx264", "mp4", 340, 256, 12, None, 0),
+               ("x264 .mp4 340x256 GOP 250", "libx264", "mp4", 340, 256, 250, None, 0),
+               ("x264 .mp4 640x360 GOP 12", "libx264", "mp4", 640, 360, 12, None, 0),
+               ("x264 .mp4 640x360 GOP 250 (K400)", "libx264", "mp4", 640, 360, 250, None, 0))
+
+
+def _bench_video(path, kind, seed, n):
+    _, codec, _, W, H, gop, tag, bframes = kind
+    g = np.random.default_rng(seed)
+    # a texture drifting right and down with a bright square crossing it: real motion for the encoder
+    base = g.integers(0, 256, (H // 8 + 16, W // 8 + n, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+    frames = np.stack([base[i % 64:i % 64 + H, 3 * i:3 * i + W] for i in range(n)])
+    for i in range(n):
+        y, x = (7 * i) % (H - 40), (11 * i) % (W - 40)
+        frames[i, y:y + 40, x:x + 40] = 255
+    write_video(path, frames, 30, codec, gop, tag, bframes)
+
+
+def _reference_loaders():
+    """decord and torchcodec when importable (benchmark only, never a requirement), else why not."""
+    loaders, missing = {}, []
+    try:
+        import decord
+        loaders["decord"] = lambda p, idx: decord.VideoReader(p, ctx=decord.cpu(0)).get_batch(idx).asnumpy()
+    except Exception as e:  # ImportError, or a build that cannot load its libraries
+        missing.append(f"decord ({type(e).__name__}: {e})")
+    try:
+        from torchcodec.decoders import VideoDecoder
+
+        def torchcodec_frames(p, idx):
+            return VideoDecoder(p, seek_mode="exact").get_frames_at(list(idx)).data.permute(0, 2, 3, 1).numpy()
+        loaders["torchcodec"] = torchcodec_frames
+    except Exception as e:
+        missing.append(f"torchcodec ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    return loaders, missing
+
+
+def _compare(name, got, truth, idx, out):
+    """Print where a loader's frames differ from the plain decode's frames at the same indices."""
+    if got.shape != (len(idx),) + truth.shape[1:]:
+        print(f"    {name}: shape {got.shape}, expected {(len(idx),) + truth.shape[1:]}", file=out)
+        return
+    small = truth[:, ::8, ::8].astype(np.int16)  # (n, H/8, W/8, 3) to find which frame a returned one is
+    wrong, worst = [], 0
+    for k, i in enumerate(idx):
+        worst = max(worst, int(np.abs(got[k].astype(np.int16) - truth[i]).max()))
+        seen = int(np.abs(small - got[k, ::8, ::8]).mean(axis=(1, 2, 3)).argmin())
+        if seen != i:
+            wrong.append((i, seen))
+    if wrong:
+        print(f"    {name}: WRONG FRAMES (index, frame returned): {wrong[:8]}", file=out)
+    elif worst:
+        print(f"    {name}: same frames, pixels differ by up to {worst} levels (colour conversion)", file=out)
+
+
+def _timed(fn, reps):
+    """Median seconds of fn() over reps runs."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class _ThreadProbe(torch.utils.data.Dataset):
+    """One test clip per item, decoded with a given codec threading (the worker-side threading figure)."""
+
+    def __init__(self, paths, T, threads):
+        self.paths, self.T, self.threads = paths, T, threads
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        meta = probe_video(self.paths[i])
+        return decode_frames(self.paths[i], sample_indices(meta.num_frames, self.T, "test"), meta,
+                             threads=self.threads).shape[0]
+
+
+def bench(videos=3, Ts=(8, 16), seconds=10, repeats=5, workers=2, kinds=BENCH_KINDS, out=None):
+    """Clips per second for one test clip (TSN centres) of T full-size RGB frames, the file opened each time,
+    of this loader, the decode-everything loader, decord and torchcodec, measured interleaved (A B A B ...),
+    medians of `repeats`; after a check that all return the same frames. Then the codec threading and the
+    dataset's items (decode + transform)."""
     out = out or sys.stdout
     tmp = tempfile.mkdtemp(prefix="data_bench_")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker, where torch runs one thread
+    n = seconds * 30
+    refs, missing = _reference_loaders()
+    print(f"data.py --bench: {videos} videos of {seconds} s at 30 fps per kind, medians of {repeats} interleaved "
+          f"rounds, {os.cpu_count()} CPU cores, 1 torch thread", file=out)
+    for m in missing:
+        print(f"  not measured: {m}", file=out)
     try:
-        g = np.random.default_rng(0)
-        n = seconds * fps
-        for codec, ext, note in (("mpeg4", "avi", "HMDB/UCF style, GOP 12"),
-                                 ("libx264", "mp4", "K400 style, x264 default GOP 250")):
-            paths = []
-            for v in range(videos):
-                base = g.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
-                frames = np.stack([np.roll(base, 3 * i, axis=1) for i in range(n)])
-                paths.append(os.path.join(tmp, f"{codec}_{v}.{ext}"))
-                write_video(paths[-1], frames, fps, codec)
-            best = {"naive": 1e9, "cold": 1e9, "warm": 1e9}
-            for rep in range(repeats):  # best of `repeats`: the figures of a loaded machine are noisy
-                rng = random.Random(rep)
-                t0 = time.perf_counter()
-                for p in paths:
-                    naive_clip(p, T, rng, size)
-                best["naive"] = min(best["naive"], time.perf_counter() - t0)
-                ds = VideoDataset("bench", ["x"], [(p, 0) for p in paths], mode="train", frames=T, input_size=size,
-                                  seed=rep)
-                for key in ("cold", "warm"):  # cold: first epoch, includes the one demux pass per video
-                    t0 = time.perf_counter()
-                    for i in range(len(ds)):
-                        ds[i]
-                    best[key] = min(best[key], time.perf_counter() - t0)
-                    ds.set_epoch(1)
-            print(f"{codec} .{ext} ({note}), {videos} videos of {seconds} s, {fps} fps, {width}x{height}, "
-                  f"T={T}, crop {size}, 1 process, best of {repeats}:", file=out)
-            print(f"  naive decode-all loader : {videos / best['naive']:7.1f} clips/s", file=out)
-            for key, what in (("cold", "first epoch"), ("warm", "later epoch")):
-                print(f"  this loader, {what}: {videos / best[key]:7.1f} clips/s  "
-                      f"({best['naive'] / best[key]:.1f}x)", file=out)
+        for kind in kinds:
+            paths = [os.path.join(tmp, f"{kinds.index(kind)}_{v}.{kind[2]}") for v in range(videos)]
+            for v, p in enumerate(paths):
+                _bench_video(p, kind, v, n)
+            metas = {p: probe_video(p) for p in paths}
+            loaders = {"this loader": lambda p, idx: decode_frames(p, idx),
+                       "this loader, probe cached": lambda p, idx: decode_frames(p, idx, metas[p]),
+                       "decode-everything": naive_frames, **refs}
+            print(f"{kind[0]}:", file=out)
+            truth = naive_frames(paths[0], range(metas[paths[0]].num_frames))
+            check_idx = sample_indices(len(truth), 16, "test") + [len(truth) - 1, 5, 5, 0]
+            for name, load in list(loaders.items()):  # the same frames at the same indices, first
+                try:
+                    _compare(name, load(paths[0], check_idx), truth, check_idx, out)
+                except Exception as e:  # a reference loader that fails on this kind is left out of its figures
+                    print(f"    {name}: FAILS ({type(e).__name__}: {str(e).splitlines()[0][:100]}), not timed",
+                          file=out)
+                    del loaders[name]
+            for T in Ts:
+                idx = {p: sample_indices(metas[p].num_frames, T, "test") for p in paths}
+                times = {name: [] for name in loaders}
+                for rep in range(repeats):  # interleaved, the order rotated each round
+                    names = list(loaders)
+                    for name in names[rep % len(names):] + names[:rep % len(names)]:
+                        times[name].append(_timed(lambda: [loaders[name](p, idx[p]) for p in paths], 1))
+                rate = {name: len(paths) / statistics.median(t) for name, t in times.items()}
+                ours = rate["this loader"]
+                vs = ", ".join(f"{ours / rate[k]:.2f}x {k}" for k in rate if not k.startswith("this loader"))
+                print(f"  T={T:2d}: " + "  ".join(f"{k} {r:6.1f}" for k, r in rate.items()) + " clips/s", file=out)
+                print(f"        this loader is {vs}", file=out)
+        _bench_threads(tmp, Ts[-1], repeats, workers, out)
+        _bench_items(tmp, Ts, repeats, out)
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _bench_threads(tmp, T, repeats, workers, out):
+    """Codec threading of this loader, in one process and inside `workers` DataLoader workers."""
+    print(f"codec threading, T={T} test clips, clips/s (one process | {workers} DataLoader workers):", file=out)
+    for k, kind in enumerate(BENCH_KINDS):
+        paths = sorted(os.path.join(tmp, f) for f in os.listdir(tmp) if f.startswith(f"{k}_"))
+        if not paths:
+            continue
+        metas = {p: probe_video(p) for p in paths}
+        idx = {p: sample_indices(metas[p].num_frames, T, "test") for p in paths}
+        one, many = {}, {}
+        for rep in range(repeats):
+            for thr in ("NONE", "SLICE", "AUTO"):
+                one.setdefault(thr, []).append(_timed(
+                    lambda: [decode_frames(p, idx[p], metas[p], threads=thr) for p in paths], 1))
+        for thr in ("NONE", "SLICE", "AUTO"):  # workers: each round a fresh pool, 4 passes over the files
+            loader = torch.utils.data.DataLoader(_ThreadProbe(paths * 4, T, thr), batch_size=None,
+                                                 num_workers=workers)
+            many[thr] = _timed(lambda: list(loader), max(1, repeats // 2))
+        print(f"  {kind[0]:42s} " + "  ".join(f"{thr} {len(paths) / statistics.median(one[thr]):6.1f}"
+                                                for thr in one) + "  |  " +
+              "  ".join(f"{thr} {4 * len(paths) / many[thr]:6.1f}" for thr in many), file=out)
+    print(f"  (the loader uses {_thread_type()} in one process and NONE in workers)", file=out)
+
+
+def _bench_items(tmp, Ts, repeats, out, size=224):
+    """Dataset items per second (decode + transform, 1 process): decoder-side scaling against full-size
+    frames through the array transforms, and the decode-everything loader."""
+    print(f"dataset items (decode + transform to {size}), items/s, 1 process:", file=out)
+    for k in (0, 5):  # HMDB51-like and K400-like
+        paths = sorted(os.path.join(tmp, f) for f in os.listdir(tmp) if f.startswith(f"{k}_"))
+        if not paths:
+            continue
+        for mode, T in (("train", Ts[0]), ("test", Ts[-1])):
+            ds = VideoDataset("bench", ["x"], [(p, 0) for p in paths], mode=mode, frames=T, input_size=size)
+            for p in paths:
+                ds.probe(p)
+
+            def full_size():
+                for i, p in enumerate(paths):
+                    rng = ds._rng(i)
+                    clips = ds._clip_indices(ds.probe(p).num_frames, rng)
+                    ds._views([decode_frames(p, c, ds.probe(p)) for c in clips], rng)
+            ways = {"decoder-side scaling": lambda: [ds[i] for i in range(len(paths))], "full size + PIL": full_size}
+            if mode == "train":
+                ways["decode-everything"] = lambda: [naive_clip(p, T, random.Random(0), size) for p in paths]
+            times = {w: [] for w in ways}
+            for rep in range(repeats):
+                for w in ways:
+                    times[w].append(_timed(ways[w], 1))
+            print(f"  {BENCH_KINDS[k][0]}, {mode} T={T}: " + "  ".join(
+                f"{w} {len(paths) / statistics.median(t):6.1f}" for w, t in times.items()), file=out)
 
 
 # ------------------------------------------------------------------------------------------------------- main
@@ -1321,11 +1444,13 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=8,
                    help="T you train with (TPR 16, BiEfficient 8): a damaged video is used if T frames decode")
     p.add_argument("--check", action="store_true", help="decode every video once, list bad files, exit 1 if any")
-    p.add_argument("--bench", action="store_true", help="clips/s of this loader vs a decode-everything loader")
-    p.add_argument("--bench-videos", type=int, default=12, help="videos per codec in --bench")
+    p.add_argument("--bench", action="store_true",
+                   help="clips/s of this loader vs a decode-everything loader, decord and torchcodec")
+    p.add_argument("--bench-videos", type=int, default=3, help="videos per file kind in --bench")
+    p.add_argument("--bench-repeats", type=int, default=5, help="interleaved rounds per figure in --bench")
     args = p.parse_args(argv)
     if args.bench:
-        bench(videos=args.bench_videos)
+        bench(videos=args.bench_videos, repeats=args.bench_repeats)
         return 0
     if not args.check or args.dataset is None:
         p.error("give --bench, or --dataset NAME --root DIR --check")
