@@ -67,6 +67,7 @@ import weakref
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
@@ -86,8 +87,8 @@ CROP_SCALES = (1.0, 0.875, 0.75, 0.66)  # mmaction2 MultiScaleCrop scales, max a
 GRAYSCALE_P = 0.2  # TPR Table 2
 FLIP_P = 0.5  # TPR Table 2
 # Choice: non-reference frames are skipped while the decoder is more than SKIP_MARGIN frames before a needed
-# frame; the margin exceeds B-frame reordering plus frame-thread delay, so no needed frame is ever skipped.
-SKIP_MARGIN = 64
+# frame: the deepest B-frame reordering H.264 and HEVC allow (16), so no needed frame's packet is ever skipped.
+SKIP_MARGIN = 16
 SYNTHETIC_CLASSES = ("moving left", "moving right", "moving up", "moving down",
                      "growing", "shrinking", "getting brighter", "getting darker")
 SYNTHETIC_STEPS = 4096  # time grid of a synthetic video
@@ -217,13 +218,21 @@ class VideoMeta:
     exact       pts come from a full decode (True) or from the packets (False)
     """
 
-    __slots__ = ("pts", "num_frames", "key_pts", "key_idx", "header", "damage", "exact", "width", "height")
+    __slots__ = ("pts", "num_frames", "key_pts", "key_idx", "header", "damage", "exact", "width", "height",
+                 "_lookup")
 
     def __init__(self, pts, num_frames, key_pts, header, damage, exact, width, height):
         self.pts, self.num_frames, self.header, self.damage, self.exact = pts, num_frames, header, damage, exact
         self.width, self.height = width, height
         self.key_pts = np.asarray(key_pts if pts is not None else [], dtype=np.int64)
         self.key_idx = np.searchsorted(pts, self.key_pts) if pts is not None else self.key_pts
+        self._lookup = None
+
+    def lookup(self):
+        """{pts: index} of every frame, built once."""
+        if self._lookup is None:
+            self._lookup = {int(p): i for i, p in enumerate(self.pts)} if self.pts is not None else {}
+        return self._lookup
 
     def index(self, pts):
         """Index of the frame shown at timestamp `pts`, or -1 if no frame of the video has it."""
@@ -299,33 +308,40 @@ def probe_video(path, exact=False):
     decode order (undecodable). Anything else (a cut or damaged file, missing timestamps, a decoder that shows
     frames before the first keyframe) costs one full decode, once: callers cache the result."""
     container, stream = _open(path)
-    packets, broken, corrupt, empty = [], False, False, 0  # packets: (pts, keyframe, discard) in decode order
     try:
-        header = max(stream.frames, 0)
-        width, height = stream.codec_context.width, stream.codec_context.height
-        try:
-            for packet in container.demux(stream):
-                if packet.size:  # not the end marker nor an AVI's empty 'dropped frame' chunk
-                    packets.append((packet.pts, packet.is_keyframe, packet.is_discard))
-                    corrupt |= packet.is_corrupt
-                elif packet.pts is not None:
-                    empty += 1
-        except av.FFmpegError:
-            broken = True  # the container breaks off: a cut file
-        first_key = next((i for i, p in enumerate(packets) if p[1]), None)
-        shown = sorted(p[0] for p in packets[first_key or 0:] if not p[2] and p[0] is not None)
-        key_pts = sorted(p[0] for p in packets if p[1] and p[0] is not None)
-        cut = broken or corrupt or len(packets) + empty < header
-        exact = (exact or cut or first_key is None or not shown or any(p[0] is None for p in packets)
-                 or len(set(shown)) < len(shown))
-        if not exact and (first_key > 0 or any(p[2] for p in packets) or shown[0] < packets[first_key][0]):
-            # The head is unusual (an edit list, a cut before a keyframe): does the decoder agree?
-            container.close()
-            container, stream = _open(path)
-            first = next(_frames(container, stream), None)
-            exact = first is None or first.pts != shown[0]
+        return _probe(path, container, stream, exact)
     finally:
         container.close()
+
+
+def _probe(path, container, stream, exact=False):
+    """probe_video on an open container (left at its end)."""
+    packets, broken, corrupt, empty = [], False, False, 0  # packets: (pts, keyframe, discard) in decode order
+    header = max(stream.frames, 0)
+    width, height = stream.codec_context.width, stream.codec_context.height
+    try:
+        for packet in container.demux(stream):
+            if packet.size:  # not the end marker nor an AVI's empty 'dropped frame' chunk
+                packets.append((packet.pts, packet.is_keyframe, packet.is_discard))
+                corrupt |= packet.is_corrupt
+            elif packet.pts is not None:
+                empty += 1
+    except av.FFmpegError:
+        broken = True  # the container breaks off: a cut file
+    first_key = next((i for i, p in enumerate(packets) if p[1]), None)
+    shown = sorted(p[0] for p in packets[first_key or 0:] if not p[2] and p[0] is not None)
+    key_pts = sorted(p[0] for p in packets if p[1] and p[0] is not None)
+    cut = broken or corrupt or len(packets) + empty < header
+    exact = (exact or cut or first_key is None or not shown or any(p[0] is None for p in packets)
+             or len(set(shown)) < len(shown))
+    if not exact and (first_key > 0 or any(p[2] for p in packets) or shown[0] < packets[first_key][0]):
+        # The head is unusual (an edit list, a cut before a keyframe): does the decoder agree?
+        head, head_stream = _open(path)
+        try:
+            first = next(_frames(head, head_stream), None)
+        finally:
+            head.close()
+        exact = first is None or first.pts != shown[0]
     if not exact:
         return VideoMeta(np.asarray(shown, dtype=np.int64), len(shown), key_pts, header, "", False, width, height)
     pts, n = _decoded_pts(path)
@@ -352,25 +368,36 @@ def decode_frames(path, indices, meta=None, threads=None):
     """uint8 RGB frames (len(indices), H, W, 3), exactly `frame.to_ndarray(format="rgb24")` of the frame at
     each index (in any order, repeats allowed), decoding only from the keyframe before each needed frame.
 
-    meta: probe_video(path), probed here when None. threads: the codec's thread_type ("NONE", "SLICE",
-    "FRAME", "AUTO"), by default chosen for the context. MetaMismatch when the decoder does not show a frame the
-    (packet-based) meta promised."""
-    meta = meta or probe_video(path)
-    n = meta.num_frames
-    outside = [i for i in indices if not 0 <= i < n]
-    if outside:
-        raise IndexError(f"frame indices {outside[:8]} outside 0..{n - 1} of {path}")
+    meta: probe_video(path), probed here (on the same open file) when None. threads: the codec's thread_type
+    ("NONE", "SLICE", "FRAME", "AUTO"), by default chosen for the context. MetaMismatch when the decoder does not
+    show a frame the (packet-based) meta promised."""
     pending = sorted(set(indices))  # still to fill, ascending
     got = {}
     container, stream = _open(path, threads)
     try:
+        opened = meta is None  # the probe has read the file to its end: the first frame needs a seek
+        meta = meta or _probe(path, container, stream)
+        n = meta.num_frames
+        outside = [i for i in pending if not 0 <= i < n]
+        if outside:
+            raise IndexError(f"frame indices {outside[:8]} outside 0..{n - 1} of {path}")
+        rgb = VideoReformatter()  # one colour converter for all frames (a frame's own is set up anew each time)
+        ctx = stream.codec_context
+        # Far before a needed frame (long GOPs), frames no other frame refers to need not be decoded at all.
+        # Choice: "far" is SKIP_MARGIN frames, plus the frames a frame-threaded decoder holds in flight.
+        frame_threads = av.codec.context.ThreadType.FRAME in ctx.thread_type
+        margin = SKIP_MARGIN + (ctx.thread_count or os.cpu_count() or 1) + 1 if frame_threads else SKIP_MARGIN
         if meta.pts is None:  # no timestamps: count frames from the start
+            if opened:
+                container.close()
+                container, stream = _open(path, threads)
             for i, frame in enumerate(_frames(container, stream)):
                 if i == pending[0]:
-                    got[pending.pop(0)] = frame.to_ndarray(format="rgb24")
+                    got[pending.pop(0)] = rgb.reformat(frame, format="rgb24").to_ndarray()
                     if not pending:
                         break
-        frames, opened, pos, back = None, False, -1, 0  # pos: index of the frame the decoder showed last
+        frames, pos, back = None, -1, 0  # pos: index of the frame the decoder showed last
+        where = meta.lookup()
         while pending and meta.pts is not None:
             target = pending[0]
             k = int(np.searchsorted(meta.key_pts, meta.pts[target], "right")) - 1 - back  # keyframe before it
@@ -381,11 +408,11 @@ def decode_frames(path, indices, meta=None, threads=None):
                 elif opened:  # from the very start: reopen (a seek may land on a later keyframe)
                     container.close()
                     container, stream = _open(path, threads)
+                    ctx = stream.codec_context
                 frames, opened, pos, fresh = _frames(container, stream), True, key - 1, True
-            # Far from the target (long GOPs), frames no other frame refers to need not be decoded at all.
-            stream.codec_context.skip_frame = "NONREF" if target - pos > SKIP_MARGIN else "DEFAULT"
+            ctx.skip_frame = "NONREF" if target - pos > margin else "DEFAULT"
             for frame in frames:
-                i = meta.index(frame.pts)
+                i = where.get(frame.pts, -1)
                 if i < 0:
                     raise MetaMismatch(f"the decoder shows a frame at pts {frame.pts}, which the packets lack")
                 if i > target and fresh and k >= 0:  # the seek landed after the target: one keyframe earlier
@@ -396,10 +423,10 @@ def decode_frames(path, indices, meta=None, threads=None):
                     raise MetaMismatch(f"frame {target} of {n} (pts {meta.pts[target]}) is never shown")
                 pos, fresh, back = i, False, 0
                 if i < target:
-                    if target - i <= SKIP_MARGIN:
-                        stream.codec_context.skip_frame = "DEFAULT"
+                    if target - i <= margin:
+                        ctx.skip_frame = "DEFAULT"
                     continue
-                got[pending.pop(0)] = frame.to_ndarray(format="rgb24")
+                got[pending.pop(0)] = rgb.reformat(frame, format="rgb24").to_ndarray()
                 break
             else:  # end of stream before `target`
                 raise MetaMismatch(f"frame {target} of {n} not decodable")
