@@ -86,9 +86,6 @@ SCALE_SIZE = 256  # training short side for a 224 crop (TSN / X-CLIP); scaled wi
 CROP_SCALES = (1.0, 0.875, 0.75, 0.66)  # mmaction2 MultiScaleCrop scales, max aspect distortion 1
 GRAYSCALE_P = 0.2  # TPR Table 2
 FLIP_P = 0.5  # TPR Table 2
-# Choice: non-reference frames are skipped while the decoder is more than SKIP_MARGIN frames before a needed
-# frame: the deepest B-frame reordering H.264 and HEVC allow (16), so no needed frame's packet is ever skipped.
-SKIP_MARGIN = 16
 SYNTHETIC_CLASSES = ("moving left", "moving right", "moving up", "moving down",
                      "growing", "shrinking", "getting brighter", "getting darker")
 SYNTHETIC_STEPS = 4096  # time grid of a synthetic video
@@ -265,9 +262,11 @@ def _thread_type():
     return "NONE" if torch.utils.data.get_worker_info() is not None else "SLICE"
 
 
-def _frames(container, stream):
+def _frames(container, stream, needed=None):
     """Decoded frames in presentation order; a packet the decoder rejects is skipped and a container that
-    breaks off ends the video, as in a plain `ffmpeg -i` decode."""
+    breaks off ends the video, as in a plain `ffmpeg -i` decode. With `needed` (a set of timestamps), frames no
+    other frame refers to are not decoded at all unless their packet's timestamp is needed."""
+    ctx, skipping = stream.codec_context, False
     packets = container.demux(stream)
     while True:
         try:
@@ -276,13 +275,17 @@ def _frames(container, stream):
             break
         if packet.size == 0:  # the demuxer's end marker, or an AVI's empty 'dropped frame' chunk
             continue
+        if needed is not None and skipping != (packet.pts not in needed):
+            skipping = not skipping
+            ctx.skip_frame = "NONREF" if skipping else "DEFAULT"
         try:
             frames = packet.decode()
         except av.FFmpegError:
             continue
         yield from frames
+    ctx.skip_frame = "DEFAULT"
     try:
-        yield from stream.codec_context.decode(None)  # what the decoder still holds (B-frames, threads)
+        yield from ctx.decode(None)  # what the decoder still holds (B-frames, threads)
     except av.FFmpegError:
         return
 
@@ -364,13 +367,25 @@ def video_verdict(meta, T):
     return meta.damage
 
 
-def decode_frames(path, indices, meta=None, threads=None):
+def decode_frames(path, indices, meta=None, threads=None, skip=True):
     """uint8 RGB frames (len(indices), H, W, 3), exactly `frame.to_ndarray(format="rgb24")` of the frame at
     each index (in any order, repeats allowed), decoding only from the keyframe before each needed frame.
 
     meta: probe_video(path), probed here (on the same open file) when None. threads: the codec's thread_type
-    ("NONE", "SLICE", "FRAME", "AUTO"), by default chosen for the context. MetaMismatch when the decoder does not
-    show a frame the (packet-based) meta promised."""
+    ("NONE", "SLICE", "FRAME", "AUTO"), by default chosen for the context. skip: leave undecoded the frames no
+    other frame refers to (B-frames, mostly) that are not asked for. MetaMismatch when the decoder does not show
+    a frame the (packet-based) meta promised."""
+    try:
+        return _decode(path, indices, meta, threads, skip)
+    except MetaMismatch:
+        if not skip:
+            raise
+        # Choice: a frame skipped as non-reference that the meta promised (a codec that packs two frames into
+        # one packet, as some AVI muxers do): decode every frame before giving up.
+        return _decode(path, indices, meta, threads, False)
+
+
+def _decode(path, indices, meta, threads, skip):
     pending = sorted(set(indices))  # still to fill, ascending
     got = {}
     container, stream = _open(path, threads)
@@ -382,11 +397,6 @@ def decode_frames(path, indices, meta=None, threads=None):
         if outside:
             raise IndexError(f"frame indices {outside[:8]} outside 0..{n - 1} of {path}")
         rgb = VideoReformatter()  # one colour converter for all frames (a frame's own is set up anew each time)
-        ctx = stream.codec_context
-        # Far before a needed frame (long GOPs), frames no other frame refers to need not be decoded at all.
-        # Choice: "far" is SKIP_MARGIN frames, plus the frames a frame-threaded decoder holds in flight.
-        frame_threads = av.codec.context.ThreadType.FRAME in ctx.thread_type
-        margin = SKIP_MARGIN + (ctx.thread_count or os.cpu_count() or 1) + 1 if frame_threads else SKIP_MARGIN
         if meta.pts is None:  # no timestamps: count frames from the start
             if opened:
                 container.close()
@@ -398,6 +408,7 @@ def decode_frames(path, indices, meta=None, threads=None):
                         break
         frames, pos, back = None, -1, 0  # pos: index of the frame the decoder showed last
         where = meta.lookup()
+        needed = {int(meta.pts[i]) for i in pending} if skip and meta.pts is not None else None
         while pending and meta.pts is not None:
             target = pending[0]
             k = int(np.searchsorted(meta.key_pts, meta.pts[target], "right")) - 1 - back  # keyframe before it
@@ -408,9 +419,7 @@ def decode_frames(path, indices, meta=None, threads=None):
                 elif opened:  # from the very start: reopen (a seek may land on a later keyframe)
                     container.close()
                     container, stream = _open(path, threads)
-                    ctx = stream.codec_context
-                frames, opened, pos, fresh = _frames(container, stream), True, key - 1, True
-            ctx.skip_frame = "NONREF" if target - pos > margin else "DEFAULT"
+                frames, opened, pos, fresh = _frames(container, stream, needed), True, key - 1, True
             for frame in frames:
                 i = where.get(frame.pts, -1)
                 if i < 0:
@@ -422,12 +431,9 @@ def decode_frames(path, indices, meta=None, threads=None):
                 if i > target:
                     raise MetaMismatch(f"frame {target} of {n} (pts {meta.pts[target]}) is never shown")
                 pos, fresh, back = i, False, 0
-                if i < target:
-                    if target - i <= margin:
-                        ctx.skip_frame = "DEFAULT"
-                    continue
-                got[pending.pop(0)] = rgb.reformat(frame, format="rgb24").to_ndarray()
-                break
+                if i == target:
+                    got[pending.pop(0)] = rgb.reformat(frame, format="rgb24").to_ndarray()
+                    break
             else:  # end of stream before `target`
                 raise MetaMismatch(f"frame {target} of {n} not decodable")
         if pending:

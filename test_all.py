@@ -1246,8 +1246,8 @@ def test_data_decodes_only_needed_gops(layouts, monkeypatch):
     decoded = []
     real_frames = data._frames
 
-    def counting_frames(container, stream):  # the decoder's frames, each frame's number recorded
-        for f in real_frames(container, stream):
+    def counting_frames(container, stream, needed=None):  # the decoder's frames, each frame's number recorded
+        for f in real_frames(container, stream, needed):
             decoded.append(meta.index(f.pts))
             yield f
     monkeypatch.setattr(data, "_frames", counting_frames)
