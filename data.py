@@ -86,6 +86,7 @@ SCALE_SIZE = 256  # training short side for a 224 crop (TSN / X-CLIP); scaled wi
 CROP_SCALES = (1.0, 0.875, 0.75, 0.66)  # mmaction2 MultiScaleCrop scales, max aspect distortion 1
 GRAYSCALE_P = 0.2  # TPR Table 2
 FLIP_P = 0.5  # TPR Table 2
+LONG_GOP = 60  # frames per keyframe from which one process decodes with frame threads (see _thread_type)
 SYNTHETIC_CLASSES = ("moving left", "moving right", "moving up", "moving down",
                      "growing", "shrinking", "getting brighter", "getting darker")
 SYNTHETIC_STEPS = 4096  # time grid of a synthetic video
@@ -250,16 +251,19 @@ def _open(path, threads=None):
         container.close()
         raise BadVideo("no video stream")
     stream = container.streams.video[0]
-    stream.thread_type = threads or _thread_type()
+    stream.thread_type = threads or _thread_type()  # the decoder opens at the first packet: callers may change it
     return container, stream
 
 
-def _thread_type():
-    # Choice: measured with `python data.py --bench-threads` (README): frame threads ("AUTO", "FRAME") refill
-    # their pipeline after every seek, and in a DataLoader worker they compete with the other workers for the
-    # same cores, so workers decode with one thread ("NONE"); the main process (evaluate.py --video, num_workers
-    # 0) uses slice threads, which do not delay frames.
-    return "NONE" if torch.utils.data.get_worker_info() is not None else "SLICE"
+def _thread_type(meta=None):
+    # Choice: measured with `python data.py --bench` (README): frame threads ("AUTO") refill their pipeline after
+    # every seek and cost 20-35% more CPU time per clip; in DataLoader workers, which keep every core busy, the
+    # decoder runs one thread ("NONE"). In one process (evaluate.py --video, num_workers 0) frame threads are
+    # used on files with long GOPs (LONG_GOP frames or more per keyframe), where decoding runs long stretches
+    # without a seek; slice threads add nothing to single-slice H.264 and mpeg4.
+    if torch.utils.data.get_worker_info() is not None or meta is None or meta.pts is None:
+        return "NONE"
+    return "AUTO" if meta.num_frames >= LONG_GOP * max(len(meta.key_pts), 1) else "NONE"
 
 
 def _frames(container, stream, needed=None):
@@ -396,6 +400,8 @@ def _decode(path, indices, meta, threads, skip):
         outside = [i for i in pending if not 0 <= i < n]
         if outside:
             raise IndexError(f"frame indices {outside[:8]} outside 0..{n - 1} of {path}")
+        threads = threads or _thread_type(meta)
+        stream.thread_type = threads
         rgb = VideoReformatter()  # one colour converter for all frames (a frame's own is set up anew each time)
         if meta.pts is None:  # no timestamps: count frames from the start
             if opened:
@@ -1432,7 +1438,8 @@ def _bench_threads(tmp, T, repeats, workers, out):
         print(f"  {kind[0]:42s} " + "  ".join(f"{thr} {len(paths) / statistics.median(one[thr]):6.1f}"
                                                 for thr in one) + "  |  " +
               "  ".join(f"{thr} {4 * len(paths) / many[thr]:6.1f}" for thr in many), file=out)
-    print(f"  (the loader uses {_thread_type()} in one process and NONE in workers)", file=out)
+    print(f"  (the loader uses NONE in workers; in one process AUTO from {LONG_GOP} frames per keyframe, else NONE)",
+          file=out)
 
 
 def _bench_items(tmp, Ts, repeats, out, size=224):
