@@ -39,15 +39,20 @@ Interface used by the training engine:
   processes), and "replaced" is 1: the engine's epoch summary sums batch["replaced"] or asks bad_count().
   chinese_labels(dataset, class_names, path=None), class_text(name), few_shot(...), zero_shot_protocol(...).
 
-Decoding: PyAV with codec threading. Each video is demuxed once per process (packets only, no decoding, a few
-ms; cached) to count its frames and find its keyframes; the container's header count is only trusted as far as
-the packets back it (a file holding fewer packets than its header claims is truncated). Then for each needed
-frame the decoder seeks to the keyframe before it, unless it is already past that keyframe, and decodes forward
-to the frame; only needed frames are converted to RGB. The gain depends on the keyframe interval: large for
-mpeg4 / short GOPs (HMDB51, UCF101), small for files with one keyframe every 250 frames.
+Decoding: PyAV. A frame index is the position of a frame in the sequence a plain full decode yields (see the
+decoding section), the same in the probe, the decoder, --check and sampling. Each video is demuxed once per
+process (packets only, no decoding, a few ms; cached): the shown frames' timestamps, in presentation order, less
+an edit list's pre-roll and the undecodable packets before the first keyframe; a file whose packets cannot tell
+(cut short, damaged, no timestamps, a decoder that shows what the packets do not promise) is decoded in full
+once instead. For each needed frame the decoder seeks to the keyframe before it, unless it is already past that
+keyframe, decodes forward skipping the non-reference frames not asked for, and maps frames to indices by their
+timestamps; only needed frames are converted to RGB (full size), and the transforms crop and resize the whole
+clip at once in torch. A truncated file is used (and logged) when at least T frames decode, refused otherwise;
+--check applies the same rule.
 
-CLI: `python data.py --dataset NAME --root DIR [--split K] --check` decodes every video once and lists the bad
-ones (exit 1 if any); `python data.py --bench` compares this loader with a decode-everything loader.
+CLI: `python data.py --dataset NAME --root DIR [--split K] [--frames T] --check` decodes every video once and
+lists the bad ones (exit 1 if any) and the damaged ones used; `python data.py --bench` compares this loader
+with a decode-everything loader, decord and torchcodec (when installed).
 """
 import argparse
 import bisect
@@ -64,6 +69,7 @@ import sys
 import tempfile
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import av
 import numpy as np
@@ -214,6 +220,7 @@ class VideoMeta:
     header      the frame count the container claims (0 when it claims none)
     damage      '' for a sound file, else why fewer frames decode than the file should hold (truncated, ...)
     exact       pts come from a full decode (True) or from the packets (False)
+    width, height  the frame size the container gives
     """
 
     __slots__ = ("pts", "num_frames", "key_pts", "key_idx", "header", "damage", "exact", "width", "height",
@@ -234,8 +241,7 @@ class VideoMeta:
 
     def index(self, pts):
         """Index of the frame shown at timestamp `pts`, or -1 if no frame of the video has it."""
-        i = int(np.searchsorted(self.pts, pts)) if pts is not None else self.num_frames
-        return i if i < self.num_frames and self.pts[i] == pts else -1
+        return self.lookup().get(pts, -1)
 
 
 def _open(path, threads=None):
@@ -260,7 +266,8 @@ def _thread_type(meta=None):
     # every seek and cost 20-35% more CPU time per clip; in DataLoader workers, which keep every core busy, the
     # decoder runs one thread ("NONE"). In one process (evaluate.py --video, num_workers 0) frame threads are
     # used on files with long GOPs (LONG_GOP frames or more per keyframe), where decoding runs long stretches
-    # without a seek; slice threads add nothing to single-slice H.264 and mpeg4.
+    # without a seek; on short GOPs decode_frames runs one single-threaded decoder per core instead, each on
+    # its own stretch between seeks. Slice threads add nothing to single-slice H.264 and to mpeg4.
     if torch.utils.data.get_worker_info() is not None or meta is None or meta.pts is None:
         return "NONE"
     return "AUTO" if meta.num_frames >= LONG_GOP * max(len(meta.key_pts), 1) else "NONE"
@@ -379,6 +386,19 @@ def decode_frames(path, indices, meta=None, threads=None, skip=True):
     ("NONE", "SLICE", "FRAME", "AUTO"), by default chosen for the context. skip: leave undecoded the frames no
     other frame refers to (B-frames, mostly) that are not asked for. MetaMismatch when the decoder does not show
     a frame the (packet-based) meta promised."""
+    cores = os.cpu_count() or 1
+    if threads is None and cores > 1 and torch.utils.data.get_worker_info() is None:
+        meta = meta or probe_video(path)
+        outside = [i for i in indices if not 0 <= i < meta.num_frames]
+        if outside:
+            raise IndexError(f"frame indices {outside[:8]} outside 0..{meta.num_frames - 1} of {path}")
+        runs = _runs(meta, indices) if _thread_type(meta) == "NONE" else []
+        if len(runs) > 1:  # one process, short GOPs: the runs between seeks decode in parallel, one per core
+            chunks = [sum(runs[c::cores], []) for c in range(min(cores, len(runs)))]
+            with ThreadPoolExecutor(len(chunks)) as pool:  # PyAV releases the GIL while it decodes
+                parts = pool.map(lambda c: decode_frames(path, c, meta, "NONE", skip), chunks)
+                got = {i: f for c, part in zip(chunks, parts) for i, f in zip(c, part)}
+            return np.stack([got[i] for i in indices])
     try:
         return _decode(path, indices, meta, threads, skip)
     except MetaMismatch:
@@ -387,6 +407,20 @@ def decode_frames(path, indices, meta=None, threads=None, skip=True):
         # Choice: a frame skipped as non-reference that the meta promised (a codec that packs two frames into
         # one packet, as some AVI muxers do): decode every frame before giving up.
         return _decode(path, indices, meta, threads, False)
+
+
+def _runs(meta, indices):
+    """The distinct indices grouped by the keyframe a decoder starts from: [[i, ...], ...], ascending."""
+    if meta.pts is None:
+        return [sorted(set(indices))]
+    runs, last = [], None
+    for i in sorted(set(indices)):
+        k = int(np.searchsorted(meta.key_pts, meta.pts[i], "right"))  # keyframes at or before frame i
+        if k != last:
+            runs.append([])
+            last = k
+        runs[-1].append(i)
+    return runs
 
 
 def _decode(path, indices, meta, threads, skip):

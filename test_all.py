@@ -1581,10 +1581,11 @@ def test_data_real_world_exact_at_every_index(real_world, kind):
     meta = data.probe_video(path)
     assert meta.num_frames == len(truth), (kind, meta.num_frames, len(truth))
     for name, idx in index_sets(len(truth)).items():
-        got = data.decode_frames(path, idx, meta)
-        assert got.shape == (len(idx),) + truth.shape[1:] and got.dtype == np.uint8
-        wrong = [i for k, i in enumerate(idx) if not np.array_equal(got[k], truth[i])]
-        assert not wrong, f"{kind}, {name}: indices {wrong[:8]} differ from the plain decode"
+        for threads in (None, "NONE"):  # one process (parallel stretches, frame threads) and a loader worker
+            got = data.decode_frames(path, idx, meta, threads)
+            assert got.shape == (len(idx),) + truth.shape[1:] and got.dtype == np.uint8
+            wrong = [i for k, i in enumerate(idx) if not np.array_equal(got[k], truth[i])]
+            assert not wrong, f"{kind}, {name}, threads {threads}: indices {wrong[:8]} differ from the plain decode"
     assert np.array_equal(data.decode_frames(path, [0, len(truth) - 1]), truth[[0, -1]])  # meta probed inside
 
 
