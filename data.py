@@ -1373,14 +1373,16 @@ def _compare(name, got, truth, idx, out):
         print(f"    {name}: same frames, pixels differ by up to {worst} levels (colour conversion)", file=out)
 
 
-def _timed(fn, reps):
-    """Median seconds of fn() over reps runs."""
+def _timed(fn, reps, cpu=False):
+    """Median seconds of fn() over reps runs: wall-clock, or with cpu=True (wall, CPU time of all this
+    process's threads)."""
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        times.append((time.perf_counter() - t0, time.process_time() - c0))
+    wall, used = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+    return (wall, used) if cpu else wall
 
 
 class _ThreadProbe(torch.utils.data.Dataset):
@@ -1410,7 +1412,9 @@ def bench(videos=3, Ts=(8, 16), seconds=10, repeats=5, workers=2, kinds=BENCH_KI
     n = seconds * 30
     refs, missing = _reference_loaders()
     print(f"data.py --bench: {videos} videos of {seconds} s at 30 fps per kind, medians of {repeats} interleaved "
-          f"rounds, {os.cpu_count()} CPU cores, 1 torch thread", file=out)
+          f"rounds, {os.cpu_count()} CPU cores, 1 torch thread; one test clip (TSN centres) per video, full-size "
+          "RGB, the file opened each time. clips/s: one process; clips per CPU-second (all threads counted): the "
+          "rate DataLoader workers reach when they keep every core busy", file=out)
     for m in missing:
         print(f"  not measured: {m}", file=out)
     try:
@@ -1420,7 +1424,8 @@ def bench(videos=3, Ts=(8, 16), seconds=10, repeats=5, workers=2, kinds=BENCH_KI
                 _bench_video(p, kind, v, n)
             metas = {p: probe_video(p) for p in paths}
             loaders = {"this loader": lambda p, idx: decode_frames(p, idx),
-                       "this loader, probe cached": lambda p, idx: decode_frames(p, idx, metas[p]),
+                       # as inside a DataLoader worker after the first epoch: probe cached, one decoder thread
+                       "this loader, worker": lambda p, idx: decode_frames(p, idx, metas[p], threads="NONE"),
                        "decode-everything": naive_frames, **refs}
             print(f"{kind[0]}:", file=out)
             truth = naive_frames(paths[0], range(metas[paths[0]].num_frames))
@@ -1438,12 +1443,13 @@ def bench(videos=3, Ts=(8, 16), seconds=10, repeats=5, workers=2, kinds=BENCH_KI
                 for rep in range(repeats):  # interleaved, the order rotated each round
                     names = list(loaders)
                     for name in names[rep % len(names):] + names[:rep % len(names)]:
-                        times[name].append(_timed(lambda: [loaders[name](p, idx[p]) for p in paths], 1))
-                rate = {name: len(paths) / statistics.median(t) for name, t in times.items()}
-                ours = rate["this loader"]
-                vs = ", ".join(f"{ours / rate[k]:.2f}x {k}" for k in rate if not k.startswith("this loader"))
-                print(f"  T={T:2d}: " + "  ".join(f"{k} {r:6.1f}" for k, r in rate.items()) + " clips/s", file=out)
-                print(f"        this loader is {vs}", file=out)
+                        times[name].append(_timed(lambda: [loaders[name](p, idx[p]) for p in paths], 1, cpu=True))
+                for col, what, ours in ((0, "clips/s", "this loader"),
+                                        (1, "clips per CPU-second", "this loader, worker")):
+                    rate = {k: len(paths) / statistics.median(t[col] for t in ts) for k, ts in times.items()}
+                    vs = ", ".join(f"{rate[ours] / rate[k]:.2f}x {k}" for k in rate if not k.startswith("this"))
+                    print(f"  T={T:2d} {what}: " + "  ".join(f"{k} {r:.1f}" for k, r in rate.items()), file=out)
+                    print(f"        {ours} is {vs}", file=out)
         _bench_threads(tmp, Ts[-1], repeats, workers, out)
         _bench_items(tmp, Ts, repeats, out)
     finally:
@@ -1476,10 +1482,18 @@ def _bench_threads(tmp, T, repeats, workers, out):
           file=out)
 
 
+def _pil_crop_resize(frames, box, size):
+    """The per-frame PIL round trip the transforms used before (the reference of the transform figures)."""
+    y0, x0, h, w = box
+    return torch.from_numpy(np.stack([np.asarray(Image.fromarray(f).resize(
+        (size, size), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))) for f in frames])).permute(0, 3, 1, 2).float()
+
+
 def _bench_items(tmp, Ts, repeats, out, size=224):
-    """Dataset items per second (decode + transform, 1 process): decoder-side scaling against full-size
-    frames through the array transforms, and the decode-everything loader."""
-    print(f"dataset items (decode + transform to {size}), items/s, 1 process:", file=out)
+    """Dataset items per second (decode + transform, 1 process) against the decode-everything loader, and the
+    transforms alone: the whole clip in torch against a per-frame PIL round trip."""
+    print(f"dataset items (decode + transform to {size}), items/s, 1 process | transform alone, ms per clip:",
+          file=out)
     for k in (0, 5):  # HMDB51-like and K400-like
         paths = sorted(os.path.join(tmp, f) for f in os.listdir(tmp) if f.startswith(f"{k}_"))
         if not paths:
@@ -1488,21 +1502,24 @@ def _bench_items(tmp, Ts, repeats, out, size=224):
             ds = VideoDataset("bench", ["x"], [(p, 0) for p in paths], mode=mode, frames=T, input_size=size)
             for p in paths:
                 ds.probe(p)
-
-            def full_size():
-                for i, p in enumerate(paths):
-                    rng = ds._rng(i)
-                    clips = ds._clip_indices(ds.probe(p).num_frames, rng)
-                    ds._views([decode_frames(p, c, ds.probe(p)) for c in clips], rng)
-            ways = {"decoder-side scaling": lambda: [ds[i] for i in range(len(paths))], "full size + PIL": full_size}
+            ways = {"this loader": lambda: [ds[i] for i in range(len(paths))]}
             if mode == "train":
                 ways["decode-everything"] = lambda: [naive_clip(p, T, random.Random(0), size) for p in paths]
+            clip = decode_frames(paths[0], sample_indices(ds.probe(paths[0]).num_frames, T, "test"))
+            H, W = clip.shape[1:3]
+            box = _multiscale_box(H, W, size, random.Random(0))
+            c = min(H, W)
+            centre = (0, (W - c) // 2, c, c) if W >= H else ((H - c) // 2, 0, c, c)
+            crop = box if mode == "train" else centre
+            ways["torch crop+resize"] = lambda: _crop_resize(clip, crop, size)
+            ways["PIL per frame"] = lambda: _pil_crop_resize(clip, crop, size)
             times = {w: [] for w in ways}
             for rep in range(repeats):
                 for w in ways:
                     times[w].append(_timed(ways[w], 1))
-            print(f"  {BENCH_KINDS[k][0]}, {mode} T={T}: " + "  ".join(
-                f"{w} {len(paths) / statistics.median(t):6.1f}" for w, t in times.items()), file=out)
+            items = "  ".join(f"{w} {len(paths) / statistics.median(times[w]):6.1f}" for w in list(ways)[:-2])
+            transform = "  ".join(f"{w} {1e3 * statistics.median(times[w]):5.1f}" for w in list(ways)[-2:])
+            print(f"  {BENCH_KINDS[k][0]}, {mode} T={T}: {items}  |  {transform}", file=out)
 
 
 # ------------------------------------------------------------------------------------------------------- main
