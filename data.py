@@ -1458,8 +1458,11 @@ def bench(videos=3, Ts=(8, 16), seconds=10, repeats=5, workers=2, kinds=BENCH_KI
 
 
 def _bench_threads(tmp, T, repeats, workers, out):
-    """Codec threading of this loader, in one process and inside `workers` DataLoader workers."""
-    print(f"codec threading, T={T} test clips, clips/s (one process | {workers} DataLoader workers):", file=out)
+    """Codec threading of this loader, in one process and inside `workers` DataLoader workers: clips/s and the
+    CPU time a clip costs (all threads; the workers' from their resource usage once they have exited)."""
+    import resource
+    print(f"codec threading, T={T} test clips: clips/s and CPU ms per clip, one process | {workers} DataLoader "
+          "workers (4 passes over the files, worker start included):", file=out)
     for k, kind in enumerate(BENCH_KINDS):
         paths = sorted(os.path.join(tmp, f) for f in os.listdir(tmp) if f.startswith(f"{k}_"))
         if not paths:
@@ -1470,16 +1473,22 @@ def _bench_threads(tmp, T, repeats, workers, out):
         for rep in range(repeats):
             for thr in ("NONE", "SLICE", "AUTO"):
                 one.setdefault(thr, []).append(_timed(
-                    lambda: [decode_frames(p, idx[p], metas[p], threads=thr) for p in paths], 1))
-        for thr in ("NONE", "SLICE", "AUTO"):  # workers: each round a fresh pool, 4 passes over the files
+                    lambda: [decode_frames(p, idx[p], metas[p], threads=thr) for p in paths], 1, cpu=True))
+        for thr in ("NONE", "SLICE", "AUTO"):  # a fresh pool each time
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             loader = torch.utils.data.DataLoader(_ThreadProbe(paths * 4, T, thr), batch_size=None,
                                                  num_workers=workers)
-            many[thr] = _timed(lambda: list(loader), max(1, repeats // 2))
-        print(f"  {kind[0]:42s} " + "  ".join(f"{thr} {len(paths) / statistics.median(one[thr]):6.1f}"
-                                                for thr in one) + "  |  " +
-              "  ".join(f"{thr} {4 * len(paths) / many[thr]:6.1f}" for thr in many), file=out)
-    print(f"  (the loader uses NONE in workers; in one process AUTO from {LONG_GOP} frames per keyframe, else NONE)",
-          file=out)
+            wall = _timed(lambda: list(loader), 1)
+            del loader  # joins the workers, whose CPU time then counts as the children's
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            many[thr] = wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        n = len(paths)
+        print(f"  {kind[0]:42s} " + "  ".join(
+            f"{thr} {n / statistics.median(w for w, _ in t):5.1f} {1e3 * statistics.median(c for _, c in t) / n:4.0f}"
+            for thr, t in one.items()) + "  |  " + "  ".join(
+            f"{thr} {4 * n / w:5.1f} {1e3 * c / (4 * n):4.0f}" for thr, (w, c) in many.items()), file=out)
+    print(f"  (the loader uses NONE in workers; in one process AUTO from {LONG_GOP} frames per keyframe, else one "
+          "NONE decoder per core)", file=out)
 
 
 def _pil_crop_resize(frames, box, size):
