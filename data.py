@@ -322,7 +322,8 @@ def _frames(container, stream, needed=None):
 
 def _decoded_pts(path):
     """Timestamps of every frame a plain full decode yields (None if any frame lacks one), and their count."""
-    container, stream = _open(path, "AUTO")  # one pass over everything: frame threads are fastest
+    # One pass over everything: frame threads are fastest, but not inside a worker, where the cores are taken.
+    container, stream = _open(path, "AUTO" if torch.utils.data.get_worker_info() is None else "NONE")
     try:
         pts = [f.pts for f in _frames(container, stream)]
     finally:
@@ -1429,20 +1430,23 @@ def write_video(path, frames, fps=30, codec="mpeg4", gop=12, tag=None, bframes=0
             c.mux(p)
 
 
-def naive_frames(path, indices):
-    """What most peer loaders do: decode every frame to RGB, then pick the ones asked for."""
+def _decode_everything(path):
     with av.open(path) as c:
         s = c.streams.video[0]
         s.thread_type = "AUTO"
-        frames = [f.to_ndarray(format="rgb24") for f in c.decode(s)]
+        return [f.to_ndarray(format="rgb24") for f in c.decode(s)]
+
+
+def naive_frames(path, indices):
+    """What most peer loaders do: decode every frame to RGB, then pick the ones asked for."""
+    frames = _decode_everything(path)
     return np.stack([frames[i] for i in indices])
 
 
 def naive_clip(path, T, rng, size=224):
     """The decode-everything loader with the training transform."""
-    with av.open(path) as c:
-        n = sum(1 for _ in c.demux(video=0)) - 1  # less the end marker
-    return train_transform(naive_frames(path, sample_indices(n, T, "train", rng)), rng, size)
+    frames = _decode_everything(path)
+    return train_transform(np.stack([frames[i] for i in sample_indices(len(frames), T, "train", rng)]), rng, size)
 
 
 # (what, codec, extension, width, height, GOP, FourCC, mpeg4 B-frames): the forms users' files come in
