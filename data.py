@@ -1610,10 +1610,9 @@ def _bench_threads(tmp, T, repeats, workers, out):
                     lambda: [decode_frames(p, idx[p], metas[p], threads=thr) for p in paths], 1, cpu=True))
         for thr in ("NONE", "SLICE", "AUTO"):  # a fresh pool each time
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            loader = torch.utils.data.DataLoader(_ThreadProbe(paths * 4, T, thr), batch_size=None,
-                                                 num_workers=workers)
-            wall = _timed(lambda: list(loader), 1)
-            del loader  # joins the workers, whose CPU time then counts as the children's
+            probe = _ThreadProbe(paths * 4, T, thr)
+            # an exhausted loader joins its workers, whose CPU time then counts as the children's
+            wall = _timed(lambda: list(torch.utils.data.DataLoader(probe, batch_size=None, num_workers=workers)), 1)
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             many[thr] = wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
         n = len(paths)
