@@ -1588,7 +1588,8 @@ def test_data_train_augmentation_is_shared_by_frames_and_seeded():
 
 # --------------------------------------------------------------------------------------- bad files, --check
 def test_data_bad_files_replaced_logged_once_and_counted(layouts, caplog):
-    ds = data.build_dataset("hmdb51", layouts["hmdb_bad"], mode="train", frames=4, input_size=32)
+    # T = 16: the truncated v3 (9 of 20 frames decode) is refused; with T <= 9 it would be used
+    ds = data.build_dataset("hmdb51", layouts["hmdb_bad"], mode="train", frames=16, input_size=32)
     order = [os.path.basename(p) for p, _ in ds.samples]
     bad_zero = order.index("brush_hair_v2.avi")
     with caplog.at_level(logging.WARNING, logger="data"):
@@ -1611,7 +1612,8 @@ def test_data_bad_files_replaced_logged_once_and_counted(layouts, caplog):
 
 
 def test_data_check_reports_bad_files(layouts, capsys):
-    assert data.main(["--dataset", "hmdb51", "--root", layouts["hmdb_bad"], "--check", "--workers", "2"]) == 1
+    assert data.main(["--dataset", "hmdb51", "--root", layouts["hmdb_bad"], "--check", "--workers", "2",
+                      "--frames", "16"]) == 1
     out = capsys.readouterr().out
     for name in ("brush_hair_v2.avi: zero-byte", "brush_hair_v3.avi: truncated", "catch_v2.avi: cannot open"):
         assert name in out, out
@@ -1636,23 +1638,13 @@ def test_data_decodes_only_needed_gops(layouts, monkeypatch):
     meta = data.probe_video(path)
     assert meta.num_frames == N_FRAMES and list(meta.key_idx) == [0, 12]  # mpeg4 GOP 12
     decoded = []
-    real_open = data.av.open
+    real_frames = data._frames
 
-    class Counting:  # the container, with decode() recording each decoded frame's number
-        def __init__(self, c):
-            self.c = c
-
-        def __getattr__(self, name):
-            return getattr(self.c, name)
-
-        def decode(self, *a, **k):
-            for f in self.c.decode(*a, **k):
-                decoded.append(meta.index(f.pts))
-                yield f
-
-    def counting_open(*a, **k):
-        return Counting(real_open(*a, **k))
-    monkeypatch.setattr(data.av, "open", counting_open)
+    def counting_frames(container, stream, needed=None):  # the decoder's frames, each frame's number recorded
+        for f in real_frames(container, stream, needed):
+            decoded.append(meta.index(f.pts))
+            yield f
+    monkeypatch.setattr(data, "_frames", counting_frames)
     frames = data.decode_frames(path, [5, 14, 16], meta)
     assert read_index(data._normalise(torch.from_numpy(frames).permute(0, 3, 1, 2).float())) == [5, 14, 16]
     assert decoded == [0, 1, 2, 3, 4, 5, 12, 13, 14, 15, 16]  # 6..11 skipped by seeking to keyframe 12
@@ -1831,6 +1823,258 @@ def test_data_long_gop_frames_exact(tmp_path):
     got = data.decode_frames(path, want, meta)
     code = (got[:, 4::8, 32, 0] > 128).astype(int)  # (len(want), 7): centre row of each stripe
     assert [int((c << np.arange(7)).sum()) for c in code] == want
+
+
+# ------------------------------------------------------------------------ real-world files: exact frame indices
+# Each file kind users bring, built with PyAV alone; the truth is what a plain full decode yields.
+CODE_BITS = 9  # frame numbers up to 511 written as stripes
+
+
+def coded_frames(n, H=64, W=96, seed=0):
+    """(n, H, W, 3) uint8: frame i holds the bits of i as black/white stripes over moving noise (real motion
+    for the encoder, so P- and B-frames differ from keyframes)."""
+    g = np.random.default_rng(seed)
+    noise = g.integers(0, 256, (H // 4, W // 4 + n, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1)
+    out = np.stack([noise[:, 4 * i:4 * i + W] for i in range(n)])
+    for b in range(CODE_BITS):
+        out[:, 4 * b:4 * b + 4, :W // 2] = (((np.arange(n) >> b) & 1) * 255)[:, None, None, None]
+    return out
+
+
+def frame_code(frames):
+    """The frame numbers written by coded_frames, read back from (..., H, W, 3) frames."""
+    bits = frames[..., 2:4 * CODE_BITS:4, 4:40, :].mean(axis=(-1, -2)) > 128  # (..., CODE_BITS)
+    return (bits * (1 << np.arange(CODE_BITS))).sum(-1).tolist()
+
+
+def encode(path, frames, codec="libx264", rate=30, pts=None, time_base=None, options=None, tag=None,
+           bframes=None, container_options=None):
+    import av
+    with av.open(path, "w", options=container_options or {}) as c:
+        s = c.add_stream(codec, rate=rate)
+        s.height, s.width = frames.shape[1:3]
+        s.pix_fmt = "yuv420p"
+        if time_base is not None:
+            s.codec_context.time_base = time_base
+        if tag:
+            s.codec_tag = tag
+        if bframes:
+            s.codec_context.max_b_frames = bframes
+        if codec == "mpeg4":
+            s.gop_size = 12
+            s.options = {"qscale": "3", "sc_threshold": "1000000000"}
+        else:
+            s.options = options or {}
+        for i, f in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
+            if pts is not None:
+                vf.pts, vf.time_base = pts[i], time_base
+            for p in s.encode(vf):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def remux(src, dst, first_packet, shift_frames=0):
+    """Stream-copy src's video packets from `first_packet` (decode order) on, timestamps moved back by
+    `shift_frames` frame durations (what `ffmpeg -ss T -c copy` makes)."""
+    import av
+    with av.open(src) as i, av.open(dst, "w") as o:
+        s = i.streams.video[0]
+        out = o.add_stream_from_template(s)
+        packets = [p for p in i.demux(s) if p.size]
+        shift = shift_frames * packets[1].duration if shift_frames else 0
+        start = min(p.pts for p in packets[first_packet:first_packet + 8])
+        for p in packets[first_packet:]:
+            p.pts, p.dts = p.pts - start - shift, p.dts - start - shift
+            p.stream = out
+            o.mux(p)
+
+
+def plain_decode(path):
+    """Every frame a plain full decode yields, rgb24, a packet the decoder rejects skipped (as `ffmpeg -i`)."""
+    import av
+    out = []
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        for packet in c.demux(s):
+            try:
+                out += [f.to_ndarray(format="rgb24") for f in packet.decode()]
+            except av.InvalidDataError:
+                pass
+    return np.stack(out)
+
+
+def _x264(keyint, bframes=2):
+    return {"x264-params": f"keyint={keyint}:min-keyint={keyint}:scenecut=0:bframes={bframes}:crf=20"}
+
+
+@pytest.fixture(scope="session")
+def real_world(tmp_path_factory):
+    """{kind: path} of the file kinds of issue 10, with what each is known to hold."""
+    from fractions import Fraction
+    root = tmp_path_factory.mktemp("real_world")
+    f = coded_frames(300)
+    out = {}
+    # variable frame rate: 20 fps for 5 s, then 40 fps with 22-28 ms jitter; millisecond time base
+    ms = [50 * i for i in range(100)] + [5000 + 25 * i + (3 if i % 3 == 1 else -3 if i % 3 == 2 else 0)
+                                          for i in range(200)]
+    out["vfr"] = str(root / "vfr.mp4")
+    encode(out["vfr"], f, pts=ms, time_base=Fraction(1, 1000), options=_x264(24),
+           container_options={"video_track_timescale": "1000"})
+    src = str(root / "src.mp4")
+    encode(src, f, options=_x264(24))
+    # edit list: a cut from keyframe 24 with timestamps shifted so the first 5 frames are negative (pre-roll)
+    out["editlist"] = str(root / "editlist.mp4")
+    remux(src, out["editlist"], 24, shift_frames=5)
+    # a careless cut: starts with 5 non-key packets the decoder cannot use
+    out["nonkey"] = str(root / "nonkey.mp4")
+    remux(src, out["nonkey"], 19)
+    # mpeg4 .avi cut at a non-key packet: FFmpeg's mpeg4 decoder shows those frames (from a grey reference)
+    m4 = str(root / "m4.avi")
+    encode(m4, f[:120], codec="mpeg4")
+    out["nonkey_avi"] = str(root / "nonkey.avi")
+    remux(m4, out["nonkey_avi"], 5)
+    # xvid-tagged .avi with B-frames (packets in decode order, timestamps starting at 1)
+    out["xvid"] = str(root / "xvid.avi")
+    encode(out["xvid"], f, codec="mpeg4", tag="XVID", bframes=2)
+    # truncated .avi: the last 45% of the bytes missing (no index, a partial last packet)
+    full = str(root / "full.avi")
+    encode(full, f, codec="mpeg4")
+    out["truncated"] = str(root / "truncated.avi")
+    with open(full, "rb") as a, open(out["truncated"], "wb") as b:
+        raw = a.read()
+        b.write(raw[: len(raw) * 55 // 100])
+    # mkv with an odd, negative start (stream copy of the cut), and webm (VP9)
+    out["mkv"] = str(root / "cut.mkv")
+    remux(src, out["mkv"], 48, shift_frames=3)
+    out["webm"] = str(root / "clip.webm")
+    encode(out["webm"], f[:150], codec="libvpx-vp9", options={"g": "30", "deadline": "realtime", "cpu-used": "8"})
+    return out
+
+
+REAL_WORLD = ("vfr", "editlist", "nonkey", "nonkey_avi", "xvid", "truncated", "mkv", "webm")
+
+
+def index_sets(n, seed=0):
+    """The index lists a user's run asks for: TSN test clips for T = 8, 16, 32 and 4 clips, training draws,
+    unsorted indices with repeats, every frame."""
+    rng = random.Random(seed)
+    sets = {f"test T={T} clip {c}": data.sample_indices(n, T, "test", clips=4, clip=c)
+            for T in (8, 16, 32) for c in range(4)}
+    sets.update({f"train T={T} draw {d}": data.sample_indices(n, T, "train", rng) for T in (8, 16) for d in range(3)})
+    sets["unsorted, repeats"] = [n - 1, 3, 3, n // 2, 0, n // 2, 1, n - 1, 2 * n // 3]
+    sets["all"] = list(range(n))
+    return sets
+
+
+@pytest.mark.parametrize("kind", REAL_WORLD)
+def test_data_real_world_exact_at_every_index(real_world, kind):
+    path = real_world[kind]
+    truth = plain_decode(path)
+    meta = data.probe_video(path)
+    assert meta.num_frames == len(truth), (kind, meta.num_frames, len(truth))
+    for name, idx in index_sets(len(truth)).items():
+        for threads in (None, "NONE"):  # one process (parallel stretches, frame threads) and a loader worker
+            got = data.decode_frames(path, idx, meta, threads)
+            assert got.shape == (len(idx),) + truth.shape[1:] and got.dtype == np.uint8
+            wrong = [i for k, i in enumerate(idx) if not np.array_equal(got[k], truth[i])]
+            assert not wrong, f"{kind}, {name}, threads {threads}: indices {wrong[:8]} differ from the plain decode"
+    assert np.array_equal(data.decode_frames(path, [0, len(truth) - 1]), truth[[0, -1]])  # meta probed inside
+
+
+def test_data_real_world_counts_and_identities(real_world):
+    """What each file holds, by the frame numbers in its pixels: VFR keeps all 300 frames in order (an average
+    rate would return [12, 38, ...] for TSN indices), the edit list and the careless cut drop their first 5
+    frames, the truncated .avi keeps the frames before the cut and says so."""
+    n = {k: data.probe_video(p).num_frames for k, p in real_world.items()}
+    code = {k: frame_code(data.decode_frames(p, range(n[k]))) for k, p in real_world.items()}
+    assert n["vfr"] == 300 and code["vfr"] == list(range(300))
+    tsn = data.sample_indices(300, 8, "test")
+    assert frame_code(data.decode_frames(real_world["vfr"], tsn)) == tsn == [18, 56, 93, 131, 168, 206, 243, 281]
+    assert n["editlist"] == 271 and code["editlist"] == list(range(29, 300))  # keyframe 24 + 5 pre-roll frames
+    assert n["nonkey"] == 276 and code["nonkey"] == list(range(24, 300))  # packets 19..23 undecodable
+    assert n["xvid"] == 300 and code["xvid"] == list(range(300))
+    assert n["mkv"] == 252 and code["mkv"] == list(range(48, 300))
+    assert n["webm"] == 150 and code["webm"] == list(range(150))
+    meta = data.probe_video(real_world["truncated"])
+    assert meta.damage == f"truncated: container says 300 frames, {meta.num_frames} decode" and meta.exact
+    last = meta.num_frames - 1  # the last frame decodes from a partial packet: its bottom is concealed
+    assert 100 < meta.num_frames < 300 and code["truncated"][:last] == list(range(last))
+    for kind in ("vfr", "editlist", "nonkey", "xvid", "mkv", "webm"):  # from the packets, no full decode
+        assert not data.probe_video(real_world[kind]).exact, kind
+    assert data.probe_video(real_world["nonkey_avi"]).exact  # the decoder shows frames before the first keyframe
+
+
+def test_data_real_world_check_and_training_agree(real_world, tmp_path, capsys):
+    """--check and a training epoch take the same decision on every file: used (damage reported by both) or
+    refused (reported by both), by the same rule with the same T."""
+    import shutil
+    files = dict(real_world)
+    short = str(tmp_path / "short_cut.avi")  # a truncated file of which fewer than T frames decode
+    encode(short, coded_frames(30), codec="mpeg4")
+    raw = open(short, "rb").read()
+    with open(short, "wb") as f:
+        f.write(raw[: len(raw) * 4 // 10])
+    files["short_cut"] = short
+    classes = tmp_path / "classes.txt"
+    classes.write_text("a\nb\n")
+    lst = tmp_path / "train.txt"
+    good = str(tmp_path / "good.avi")
+    shutil.copy(real_world["xvid"], good)  # every class keeps a readable video to replace the refused ones
+    lst.write_text("".join(f"{p} {k % 2}\n" for k, p in enumerate(list(files.values()) + [good, good])))
+    T = 16
+    assert data.probe_video(short).num_frames < T <= data.probe_video(real_world["truncated"]).num_frames
+    code = data.main(["--dataset", "list", "--list-file", str(lst), "--class-file", str(classes), "--check",
+                      "--workers", "2", "--frames", str(T)])
+    out = capsys.readouterr().out
+    check_bad = {line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith("  BAD ")}
+    check_damaged = {line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith("  DAMAGED ")}
+    assert code == 1 and check_bad == {short} and check_damaged == {real_world["truncated"]}, out
+    ds = data.build_dataset("list", None, list_file=str(lst), class_file=str(classes), frames=T, input_size=32)
+    for batch in torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2):
+        assert batch["video"].shape[1:] == (T, 3, 32, 32)
+    assert set(ds.bad_files()) == check_bad and set(ds.damaged_files()) == check_damaged
+    assert ds.bad_files()[short] in out and ds.damaged_files()[real_world["truncated"]] in out
+
+
+def test_data_decoder_disagreeing_with_packets_switches_to_exact_count(real_world, caplog):
+    """A packet-based count that the decoder contradicts (here: a fake extra frame) is replaced by one full
+    decode, the sample is drawn again from the exact count, and training goes on with the same file."""
+    path = real_world["vfr"]
+    ds = data.VideoDataset("t", ["a"], [(path, 0)], mode="test", frames=8, input_size=32)
+    meta = data.probe_video(path)
+    fake = 169  # a TSN test index of 301 frames: a frame between real frames 168 and 169 that nothing shows
+    lying = data.VideoMeta(np.insert(meta.pts, fake, meta.pts[fake - 1] + 1), meta.num_frames + 1, meta.key_pts,
+                           meta.header, "", False, meta.width, meta.height)
+    with pytest.raises(data.MetaMismatch, match=f"frame {fake} of 301 .* is never shown"):
+        data.decode_frames(path, [fake], lying)
+    with pytest.raises(data.MetaMismatch, match="frame 301 of 302 not decodable"):
+        data.decode_frames(path, [301], data.VideoMeta(np.append(lying.pts, lying.pts[-1] + 1), 302, meta.key_pts,
+                                                     meta.header, "", False, meta.width, meta.height))
+    ds._meta[path] = lying
+    item = ds[0]
+    assert item["replaced"] == 0 and ds._meta[path].exact and ds._meta[path].num_frames == 300
+    ds2 = data.VideoDataset("t", ["a"], [(path, 0)], mode="test", frames=8, input_size=32)
+    assert torch.equal(item["video"], ds2[0]["video"]) and not ds.bad_files()
+
+
+def test_data_crop_resize_equals_pil_box_resize():
+    """The transforms' crop + resize (torch, uint8, whole clip at once) is PIL's per-frame BILINEAR box resize
+    inside the box; only the border may differ (PIL samples beyond the box)."""
+    from PIL import Image
+    yy, xx = np.mgrid[0:120, 0:160]
+    frame = np.stack([(xx * 1.7) % 256, (yy * 2 + xx) % 256, (xx + yy) * 0.6], -1).astype(np.uint8)
+    frames = np.stack([frame, 255 - frame])
+    for box, size in (((10, 20, 85, 90), 64), ((0, 20, 120, 120), 112), ((5, 7, 60, 40), 80)):
+        y0, x0, h, w = box
+        got = data._crop_resize(frames, box, size)  # (2, 3, size, size)
+        want = np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BILINEAR,
+                                                               box=(x0, y0, x0 + w, y0 + h))) for f in frames])
+        diff = (got.permute(0, 2, 3, 1) - torch.from_numpy(want).float()).abs()[:, 2:-2, 2:-2]
+        assert diff.max() <= 1, (box, size, diff.max())
+    assert torch.equal(data._crop_resize(frames, (3, 4, 50, 50), 50),
+                       torch.from_numpy(frames[:, 3:53, 4:54]).permute(0, 3, 1, 2).float())  # a crop is a copy
 
 
 # ------------------------------------------------------------------------------------ split and list files (faults)
