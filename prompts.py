@@ -372,7 +372,8 @@ import clip  # noqa: E402
 
 # Paper: every row below is a place where the authors' code differs from the paper: (paper, code).
 # `None` in a constructor argument picks the column of the mode (code_compat); an explicit value overrides it.
-# Not here because it is the engine's: the code solves a per-GPU B x B problem, we gather the global batch.
+# The last five rows are the training step's: the model records them in `config` and train.py applies them
+# (the model applies `linear_init`). Only `wgvp_tau` is the same in both columns (see its comment).
 BIEFFICIENT_DEFAULTS = {
     # name:             (paper,   code)
     "M":                (16,      12),           # number of learned context tokens (Sec. 3.2 "M = 16"; code m = 12)
@@ -397,7 +398,27 @@ BIEFFICIENT_DEFAULTS = {
     "normalize_video":  (True,    False),        # Eq. 10 cosine: L2-normalise v-hat (code: not re-normalised)
     "weight_decay":     (0.2,     0.05),         # AdamW weight decay (Sec. 4.1: 0.2; code 0.05)
     "decay_all":        (False,   True),         # weight decay on every parameter (code) or on weight matrices only
+    # The training step (train.py). Paper: Eq. (10) is a contrastive loss over "the batch"; with a class repeated
+    # in the batch, TPR's multi-positive Eq. (15) (each positive 1/|K(i)|) or the code's nn.CrossEntropyLoss on
+    # multi-hot targets that are not row-normalised (text_branches.multi_hot_contrastive_loss).
+    "loss":             ("multi_positive", "multi_hot"),
+    # Contrastive batch: the global batch gathered from every rank (the objective does not depend on the number
+    # of GPUs) or one B x B problem per rank, no gathering (the code: 32 per GPU x 4 GPUs).
+    "contrastive_batch": ("global", "local"),
+    # Init of the Meta-Net, Adapter fc1, Post-Prompt and temporal-head Linears: PyTorch's default (Kaiming
+    # uniform, biases up to +-1/sqrt(fan_in)) or the code's trunc_normal(std 0.02) with zero biases.
+    "linear_init":      ("pytorch", "trunc_normal"),
+    # Learning rate: warm-up then cosine set every step, or the code's ActionCLIP scheduler stepped with the
+    # fractional epoch at iteration 0 of every epoch and then every 10th iteration (lr 0 for the first 9 steps).
+    "lr_schedule":      ("step",  "every10"),
+    # What `--precision auto` picks on a CUDA GPU: bf16 autocast where supported (our choice, the paper is
+    # silent) or the code's fp16 autocast + GradScaler.
+    "amp":              ("bf16",  "fp16"),
 }
+BIEFFICIENT_CHOICES = {"words": ("name", "all"), "patch_proj_init": ("clip", "normal"),
+                       "loss": ("multi_positive", "multi_hot"), "contrastive_batch": ("global", "local"),
+                       "linear_init": ("pytorch", "trunc_normal"), "lr_schedule": ("step", "every10"),
+                       "amp": ("bf16", "fp16")}
 BIEFFICIENT_DESIGNS = ("metanet", "A1", "A2", "A3", "context")  # Table 6 (A1-A3) and Table 5's learnable prompt
 
 
@@ -619,10 +640,9 @@ class BiEfficient(nn.Module):
         differences["M"] = M
         cfg = {k: (differences.get(k) if differences.get(k) is not None else v[int(bool(code_compat))])
                for k, v in BIEFFICIENT_DEFAULTS.items()}
-        if cfg["words"] not in ("name", "all"):
-            raise ValueError(f"words={cfg['words']!r}; valid: 'name', 'all'")
-        if cfg["patch_proj_init"] not in ("clip", "normal"):
-            raise ValueError(f"patch_proj_init={cfg['patch_proj_init']!r}; valid: 'clip', 'normal'")
+        for key, valid in BIEFFICIENT_CHOICES.items():
+            if cfg[key] not in valid:
+                raise ValueError(f"{key}={cfg[key]!r}; valid: {', '.join(map(repr, valid))}")
         self.config = dict(cfg, T=T, pre_prompt=pre_prompt, post_prompt=post_prompt, wgvp=wgvp,
                            code_compat=code_compat, pre_prompt_design=pre_prompt_design,
                            mean_pooling=mean_pooling, top1_source=top1_source, alpha_init=alpha_init, tau=tau)
@@ -665,8 +685,30 @@ class BiEfficient(nn.Module):
             self.logit_scale = nn.Parameter(clip_model.logit_scale.detach().clone().float())
         else:
             self.register_buffer("logit_scale", torch.tensor(math.log(1.0 / tau)), persistent=False)
+        if cfg["linear_init"] == "trunc_normal":
+            self._init_linears_as_the_code()
         self.n_prompt = self.pre.n_prompt if self.pre is not None else 0  # P
         self.class_names = None
+
+    # Std of the code's trunc_normal_ (timm): its bounds are absolute (+-2), i.e. 100 std, so in effect a normal.
+    CODE_INIT_STD = 0.02
+
+    @torch.no_grad()
+    def _init_linears_as_the_code(self):
+        """The code's `_init_weights` (VisualToTextual, PostVisualToTextual, VideoHead): every nn.Linear of the
+        Meta-Net (with its Adapter), the Post-Prompt and the temporal head gets trunc_normal(std 0.02) weights
+        and zero biases; the Adapter's fc2 stays zero (identity at the start). Not touched, as in the code:
+        attention in_proj matrices of the temporal head (not Linears: nn.MultiheadAttention's xavier init),
+        LayerNorms (already 1 and 0), tokens and embeddings."""
+        for part in (self.head, self.pre, self.post):
+            for m in ([] if part is None else part.modules()):
+                if isinstance(m, nn.Linear):
+                    nn.init.trunc_normal_(m.weight, std=self.CODE_INIT_STD, a=-2.0, b=2.0)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+        if self.pre is not None and hasattr(self.pre, "adapter"):
+            nn.init.zeros_(self.pre.adapter.fc2.weight)
+            nn.init.zeros_(self.pre.adapter.fc2.bias)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -574,6 +574,33 @@ def multi_positive_contrastive_loss(logits, labels, candidates):
     return (loss_rows + loss_cols) / 2  # Eq. (15) / (16)
 
 
+def multi_hot_contrastive_loss(logits, labels, candidates):
+    """The loss of the BiEfficient authors' code (WbLiuBJTULab/BiEfficient train.py): nn.CrossEntropyLoss on
+    multi-hot targets y[i, a] = 1 where labels[i] == candidates[a] (their `gen_label`), NOT row-normalised,
+    in both directions, each averaged over its rows.
+
+      rows    = -1/B sum_i sum_{a in K(i)} log softmax_over_a(logits[i])[a]
+      columns = -1/A sum_a sum_{i in K(a)} log softmax_over_i(logits[:, a])[i]
+      L = (rows + columns) / 2
+
+    Paper: BiEfficient writes a contrastive loss (Eq. 10) and does not say what a repeated class does; the
+    code sums the log-probabilities of all k positives of a row (TPR's Eq. 15, multi_positive_contrastive_loss,
+    divides by k). With no repeated class both are the symmetric InfoNCE. In the code A = B (the batch's
+    own labels); every column then has a positive. A column without one contributes 0 and still counts in
+    the 1/A average, as nn.CrossEntropyLoss on an all-zero target row does.
+    """
+    if logits.dim() != 2 or logits.shape != (labels.shape[0], candidates.shape[0]):
+        raise ValueError(f"logits {tuple(logits.shape)} must be (B, A) = ({labels.shape[0]}, {candidates.shape[0]})")
+    target = (labels[:, None] == candidates[None, :]).to(torch.float32)  # (B, A) multi-hot, gen_label
+    if not bool((target.sum(dim=1) > 0).all()):
+        missing = labels[target.sum(dim=1) == 0].tolist()
+        raise ValueError(f"labels {missing} are not among the candidates; every video needs a positive text")
+    logits = logits.float()
+    loss_rows = -(logits.log_softmax(dim=1) * target).sum(dim=1).mean()  # CE(logits, y)
+    loss_cols = -(logits.log_softmax(dim=0) * target).sum(dim=0).mean()  # CE(logits.T, y.T)
+    return (loss_rows + loss_cols) / 2
+
+
 def fuse_scores(s_en, s_zh=None, lam=TPR_DEFAULT_LAMBDA):
     """TPR Eq. (18): S = lambda * S_VT + (1 - lambda) * S_VC; s_en, s_zh (B, A). Without a Chinese branch
     (s_zh None) S = S_VT.
