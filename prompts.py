@@ -11,7 +11,7 @@ TPR (Electronics 2024): temporal prompts C, G, I of Eq. (8)-(11), prompts joinin
   score (Eq. 18). No public code exists; every decision the paper leaves open is marked `# Choice:`.
 BiEfficient (ACCV 2024): Pre-Prompt with Meta-Net (Eq. 5-6), Post-Prompt (Eq. 7), Word-Guided Visual Prompt
 (Eq. 8-9), the logits of Eq. (10); the paper by default, the authors' code with code_compat=True.
-`python prompts.py --bench-biefficient` times BiEfficient against its straightforward version.
+`python prompts.py --bench-biefficient` times BiEfficient's training step against the authors' computation.
 """
 
 
@@ -367,6 +367,7 @@ import math  # noqa: E402  (section imports: this section can be copied out alon
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 import clip  # noqa: E402
 
@@ -586,7 +587,9 @@ class WordGuidedVisualPrompt(nn.Module):
         self.ln_word = clip.LayerNorm(width) if layernorm else nn.Identity()
         self.ln_class = clip.LayerNorm(width) if layernorm else nn.Identity()
 
-    def forward(self, frames, classes, words, word_mask):
+    def forward(self, frames, classes, words, word_mask, words_of=None):
+        """words_of: instead of words (then None), a function top1 (B,) -> the top-1 classes' words (B, L, E)
+        (top1_source "class" only: the top-1 is then chosen without the words)."""
         B = frames.shape[0]
         v = F.normalize(frames, dim=-1)  # (B, T, E); Choice: unit frames as the code (Eq. 8 is a cosine anyway)
         v_bar = v.mean(dim=1)  # (B, E) mean pooling
@@ -601,7 +604,8 @@ class WordGuidedVisualPrompt(nn.Module):
                 sim = (cos * word_mask.to(cos.dtype)).sum(-1)  # (B, U)
             top1 = sim.argmax(dim=1)  # (B,)
         rows = torch.arange(B, device=frames.device)
-        w = F.normalize(self.ln_word(words[rows, top1]), dim=-1)  # (B, L, E) the top-1 class's words w-hat
+        w = words[rows, top1] if words_of is None else words_of(top1)  # (B, L, E) the top-1 class's words
+        w = F.normalize(self.ln_word(w), dim=-1)  # w-hat
         mask = word_mask[top1].to(w.dtype)  # (B, L)
         s = torch.einsum("ble,bte->blt", w, v.to(w.dtype))  # Eq. (8): cosine of every word and frame (B, L, T)
         # Paper: a plain softmax over frames (tau = 1); the code divides by 0.01.
@@ -730,15 +734,16 @@ class BiEfficient(nn.Module):
         self.register_buffer("name_ids", ids.to(self.clip_model.token_embedding.weight.device), persistent=False)
         self.class_names = names
 
-    def _text(self, prompts, uniq):
+    def _text(self, prompts, uniq, need_words=True):
         """Eq. (5): t_i = [SOS, prompts, class-name tokens, EOT] for every (video, class) through the frozen text
         tower. prompts (B', P, W) with B' = B, or None (P = 0, no Pre-Prompt, B' = 1).
-        Returns class embeddings (B', U, E), word embeddings (B', U, L, E) and the word mask (U, L)."""
+        Returns class embeddings (B', U, E), word embeddings (B', U, L, E) (None unless need_words) and the word
+        mask (U, L)."""
         ids = self.name_ids[uniq]  # (U, 77 - P)
         U, P = ids.shape[0], self.n_prompt
         emb = self.clip_model.token_embedding(ids)  # Eq. (5): (U, 77 - P, W)
         eot = ids.argmax(dim=-1) + P  # (U,) EOT position in the prompted sequence
-        full = self.words == "all" or not self.text_truncate
+        full = (self.words == "all" and need_words) or not self.text_truncate
         # Paper: words = the class name's tokens; the code takes all 77 positions, so those must be computed.
         L = self.clip_model.context_length if full else int(eot.max()) + 1
         Bp = 1 if prompts is None else prompts.shape[0]
@@ -747,16 +752,25 @@ class BiEfficient(nn.Module):
             parts.append(prompts.to(emb.dtype)[:, None].expand(Bp, U, P, -1))  # (B', U, P, W)
         parts.append(emb[None, :, 1:L - P].expand(Bp, U, L - P - 1, -1))  # name, EOT, padding
         x = torch.cat(parts, dim=2).reshape(Bp * U, L, -1)  # (B' U, L, W)
-        need_words = self.wgvp is not None
         c, words = self.clip_model.encode_text_embeddings(x, eot.repeat(Bp), return_words=need_words,
                                                           truncate=not full)  # (B' U, E), (B' U, L, E)
         pos = torch.arange(L, device=ids.device)
         if self.words == "all":
-            mask = torch.ones(U, L, dtype=torch.bool, device=ids.device)  # all 77 positions (code)
+            mask = torch.ones(U, self.clip_model.context_length, dtype=torch.bool, device=ids.device)  # (code)
         else:
             mask = (pos[None] > P) & (pos[None] < eot[:, None])  # (U, L) the class name's tokens
         words = None if words is None else words.view(Bp, U, L, -1)
         return c.view(Bp, U, -1), words, mask
+
+    def _top1_words(self, prompts, classes):
+        """All 77 word embeddings (B, 77, E) of one prompted text per video: video b's prompts (B, P, W) (or
+        None) with class index classes[b] (B,), through the frozen text tower (words == "all", the code)."""
+        ids = self.name_ids[classes]  # (B, 77 - P)
+        emb = self.clip_model.token_embedding(ids)  # (B, 77 - P, W)
+        if prompts is not None:
+            emb = torch.cat([emb[:, :1], prompts.to(emb.dtype), emb[:, 1:]], dim=1)  # (B, 77, W)
+        eot = ids.argmax(dim=-1) + self.n_prompt  # (B,)
+        return self.clip_model.encode_text_embeddings(emb, eot, return_words=True, truncate=False)[1]
 
     def forward(self, video, labels=None, candidates=None):
         """video (B, T, 3, H, W); labels (B,) unused (the top-1 is the model's own); candidates (A,) class
@@ -786,14 +800,25 @@ class BiEfficient(nn.Module):
             # The code projects then averages over frames; projecting the average is the same (linear) and T x cheaper.
             mem = p @ self.patch_proj.to(p.dtype)  # (B, N, E)
         prompts = self.pre(mem, frames_clip.mean(dim=1)) if self.pre is not None else None  # Eq. (6): (B, P, W)
-        c, words, mask = self._text(prompts, uniq)  # (B or 1, U, E), (B or 1, U, L, E), (U, L)
+        # Choice: with words == "all" (the code) WGVP reads the 77 positions of one text per video, its top-1
+        # class, and the top-1 depends only on the EOT outputs. So every (video, class) text runs up to its EOT
+        # and only the B top-1 texts run at all 77 positions: the same function, B x 77 positions instead of
+        # B x U x 77 (the code computes all of them).
+        lazy = (self.wgvp is not None and self.words == "all" and self.text_truncate
+                and self.wgvp.top1_source == "class")
+        c, words, mask = self._text(prompts, uniq, need_words=self.wgvp is not None and not lazy)
+        # (B or 1, U, E), (B or 1, U, L, E) or None, (U, L)
         c = c.to(dt).expand(B, -1, -1)  # (B, U, E)
         if self.post is not None:
             c = self.post(c, mem)  # Eq. (7)
         out = {}
         if self.wgvp is not None:
-            words = words.to(dt).expand(B, -1, -1, -1)  # (B, U, L, E)
-            v_hat, S, top1 = self.wgvp(frames, c, words, mask)  # Eq. (8)-(9)
+            words_of = None
+            if lazy:
+                words_of = lambda top1: self._top1_words(prompts, uniq[top1]).to(dt)  # noqa: E731  (B, 77, E)
+            else:
+                words = words.to(dt).expand(B, -1, -1, -1)  # (B, U, L, E)
+            v_hat, S, top1 = self.wgvp(frames, c, words, mask, words_of)  # Eq. (8)-(9)
             out["frame_weights"], out["top1"] = S, uniq[top1]
         else:
             v_hat = F.normalize(frames, dim=-1).mean(dim=1)  # mean pooling (B, E)
@@ -841,104 +866,243 @@ class BiEfficient(nn.Module):
         return [{"params": decay, "weight_decay": self.weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def benchmark_biefficient(arch: str = "ViT-B/16", B: int = 2, T: int = 4, A: int = 4, steps: int = 3,
-                          device: str | None = None, code_compat: bool = False, grad_checkpointing: bool = False,
-                          amp: bool = False):
-    """Prints the train step time and peak memory of BiEfficient against the straightforward version (text tower
-    on all 77 positions, visual tower in the autograd graph) on the same weights and batch. Memory: CUDA
-    max_memory_allocated on a GPU; on a CPU the bytes autograd saves for backward (the activation memory,
-    counted once per storage). Random CLIP weights: timing and memory do not depend on their values."""
-    import time
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+# ---- the --bench-biefficient benchmark: our training step against the authors' computation ----
+
+def _authors_logits(model, video, texts):
+    """The BiEfficient authors' forward pass (WbLiuBJTULab/BiEfficient, utils/modules/biefficient.py) re-stated
+    on our model's modules and weights, for the benchmark only: the same function as `model(...)` in
+    code_compat mode, computed the way their code computes it. video (B, T, 3, H, W); texts: A class names.
+    Returns logits (B, A).
+
+    As their code: the frozen visual tower gets no graph; the patch memory is projected per frame, then
+    averaged; the prompts are tokenised in every forward from placeholder text "X ... X name"; a Python loop
+    over the B videos runs the text tower on all 77 positions of the A texts, block by block under gradient
+    checkpointing; LayerNorm and the WGVP of Eq. (8)-(9) in a second loop over the videos; no deduplication
+    of repeated class names."""
+    cm, P = model.clip_model, model.n_prompt
+    B, T = video.shape[:2]
+    with torch.no_grad():  # their visual tower: frozen, outside the graph
+        cls, patches = cm.visual(video.flatten(0, 1), return_tokens=True)  # (B T, E), (B T, N, D)
+    frames = model.head(cls.view(B, T, -1))  # VideoHead: (B, T, E)
+    mem = model.patch_ln(patches) @ model.patch_proj  # (B T, N, E): projected per frame ...
+    mem = mem.view(B, T, *mem.shape[1:]).mean(dim=1)  # ... then averaged: (B, N, E)
+    prompts = model.pre(mem, None)  # Meta-Net: (B, P, W) = [context, meta token]
+    ids = clip.tokenize([" ".join(["X"] * P) + " " + name for name in texts]).to(video.device)  # (A, 77)
+    with torch.no_grad():
+        emb = cm.token_embedding(ids)  # (A, 77, W)
+    eot = ids.argmax(dim=-1)  # (A,)
+    cls_embs, word_embs = [], []
+    for p in prompts:  # one video at a time: (P, W)
+        x = torch.cat([emb[:, :1], p[None].expand(len(texts), -1, -1), emb[:, 1 + P:]], dim=1)  # (A, 77, W)
+        x = x + cm.positional_embedding
+        for block in cm.transformer.resblocks:
+            x = checkpoint(block, x, use_reentrant=False)  # (A, 77, W)
+        x = cm.ln_final(x)
+        word_embs.append(x @ cm.text_projection)  # (A, 77, E)
+        cls_embs.append(x[torch.arange(len(texts)), eot] @ cm.text_projection)  # (A, E)
+    c = model.post(torch.stack(cls_embs), mem)  # Post-Prompt: (B, A, E)
+    words = torch.stack(word_embs)  # (B, A, 77, E)
+    wgvp, pooled = model.wgvp, []
+    for c_b, w_b, v_b in zip(c, words, frames):  # get_logits_vcs: one video at a time
+        w_b = F.normalize(wgvp.ln_word(w_b), dim=-1)  # (A, 77, E)
+        v_b = F.normalize(v_b, dim=-1)  # (T, E)
+        v_mean = v_b.mean(dim=0)  # (E,)
+        top1 = (F.normalize(wgvp.ln_class(c_b), dim=-1) @ v_mean).argmax()
+        weights = torch.softmax(w_b[top1] @ v_b.T / wgvp.tau, dim=-1).mean(dim=0)  # (T,)
+        pooled.append(v_mean + wgvp.beta * (weights @ v_b))  # (E,)
+    return model.logit_scale.exp() * torch.einsum("be,bae->ba", torch.stack(pooled), F.normalize(c, dim=-1))
+
+
+def _bench_setup(arch, B, T, A, device, grad_checkpointing=False):
+    """The benchmark's model (code_compat, every trainable parameter moved off its init), batch and labels.
+    Deterministic: every process that calls it gets the same weights and data. One class repeats in the batch
+    (when B >= 3), as in most Kinetics-400 batches of 32; A - B further candidate classes have no video."""
+    import contextlib
+    import io
     torch.manual_seed(0)
-    clip_model = clip.build_random(arch).to(device)
-    names = ["brush hair", "cartwheel", "catch", "chew", "clap", "climb stairs", "dive", "draw sword",
-             "dribble", "drink", "eat", "fall floor", "fencing", "flic flac", "golf", "hand stand"]
-    kw = dict(T=T, code_compat=code_compat, grad_checkpointing=grad_checkpointing)
-    ours = BiEfficient(clip_model, **kw).to(device)
-    naive = BiEfficient(clip_model, **kw, text_truncate=False, visual_no_grad=False).to(device)
-    naive.load_state_dict(ours.state_dict())
-    for m in (ours, naive):
-        m.set_classes(names)
-        m.train()
+    with contextlib.redirect_stderr(io.StringIO()):  # the random-init warning: timing needs no real weights
+        clip_model = clip.build_random(arch)
+    model = BiEfficient(clip_model, T=T, code_compat=True, grad_checkpointing=grad_checkpointing)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn_like(p))
+    model = model.to(device).train()
+    labels = torch.arange(B)
+    if B >= 3:
+        labels[-1] = 0
+    candidates = torch.cat([labels, torch.arange(B, B + A - B)])  # (A,) the batch's labels first
+    model.set_classes([f"action {i}" for i in range(B + A)])
     R = clip_model.visual.input_resolution
-    video = torch.randn(B, T, 3, R, R, device=device)
-    candidates = torch.arange(A, device=device) % len(names)  # the labels of the (global) batch, A >= B
-    labels = candidates[torch.arange(B, device=device) % A]  # (B,)
-    target = (labels[:, None] == candidates[None]).float()  # multi-positive video->text targets (B, A)
-    opts = {id(m): torch.optim.AdamW(m.optimizer_groups(), lr=1e-4) for m in (ours, naive)}
+    video = torch.randn(B, T, 3, R, R)
+    return model, video.to(device), labels.to(device), candidates.to(device)
 
-    def step(model, in_graph):
-        for p in clip_model.visual.parameters():
-            p.requires_grad_(in_graph)  # "frozen" by leaving it out of the optimizer: its graph is built
-        saved = {}
 
-        def pack(t):
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                logits = model(video, labels, candidates)["logits"]["en"]  # (B, A)
-        loss = -(target / target.sum(1, keepdim=True) * logits.float().log_softmax(-1)).sum(-1).mean()
-        loss.backward()
-        opts[id(model)].step()
-        opts[id(model)].zero_grad(set_to_none=True)
-        for p in clip_model.visual.parameters():
-            p.requires_grad_(False)
-            p.grad = None
-        return sum(saved.values())
+def _bench_loss(row, model, video, labels, candidates):
+    """Forward and the authors' loss (multi-hot targets, text_branches' formula restated to keep this
+    section free of imports of ours) for one row."""
+    if row == "authors":
+        logits = _authors_logits(model, video, list(model.class_names[i] for i in candidates.tolist()))
+    else:
+        logits = model(video, labels, candidates)["logits"]["en"]
+    target = (labels[:, None] == candidates[None]).float()  # (B, A) gen_label, not row-normalised
+    logits = logits.float()
+    loss = -((logits.log_softmax(1) * target).sum(1).mean() + (logits.log_softmax(0) * target).sum(0).mean()) / 2
+    return logits, loss
 
-    results = {}
-    for name, model, in_graph in (("ours", ours, False), ("straightforward", naive, True)):
-        step(model, in_graph)  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            saved = step(model, in_graph)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = (time.perf_counter() - t0) / steps
-        peak = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else saved
-        results[name] = (elapsed, peak)
-    table = ours.parameter_table()
-    print(f"BiEfficient benchmark: arch={arch} B={B} T={T} A={A} device={device} "
-          f"code_compat={code_compat} grad_checkpointing={grad_checkpointing} amp={amp} steps={steps}")
-    for n, c in table:
-        print(f"  {n:55s} {c:>12,d}")
-    print(f"  {'total trainable':55s} {sum(c for _, c in table):>12,d}")
-    what = "peak CUDA memory above the weights" if device.type == "cuda" else "autograd saved activations"
-    for name, (elapsed, peak) in results.items():
-        print(f"  {name:16s} step {elapsed * 1000:9.1f} ms   {what} {peak / 2 ** 20:9.1f} MiB")
-    (t1, m1), (t2, m2) = results["ours"], results["straightforward"]
-    print(f"  speed-up {t2 / t1:.2f}x   memory ratio {m1 / max(m2, 1):.2f}x (goal on a GPU: >= 2x, <= 0.5x)")
-    return results
+
+def _bench_row(row, arch, B, T, A, device, precision, steps):
+    """One row, in its own process (so its peak memory is its own): warm-up step, then `steps` timed training
+    steps (forward, loss, backward, AdamW, as train.py with --biefficient-code-compat). Prints one JSON line."""
+    import json
+    import resource
+    import time
+    device = torch.device(device)
+    model, video, labels, candidates = _bench_setup(arch, B, T, A, device, grad_checkpointing=row == "ours+ckpt")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            _, loss = _bench_loss(row.split("+")[0], model, video, labels, candidates)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    with open("/proc/self/statm") as f:  # Linux: the resident set now (pages), before any step
+        rss_base = int(f.read().split()[1]) * resource.getpagesize()
+    step()  # warm-up (and the AdamW state)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    elapsed = (time.perf_counter() - t0) / steps
+    if device.type == "cuda":
+        peak, held = torch.cuda.max_memory_allocated(), base
+    else:
+        peak, held = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, rss_base  # ru_maxrss: KiB
+    print(json.dumps(dict(row=row, step_s=elapsed, peak=peak, held=held)), flush=True)
+
+
+def _bench_check(arch, B, T, A, device):
+    """Before timing: the re-statement must compute our model's numbers (logits, loss, gradients) in fp32.
+    Returns the largest differences; raises AssertionError if they are not float rounding."""
+    model, video, labels, candidates = _bench_setup(arch, B, T, A, torch.device(device))
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for row in ("ours", "authors"):
+        logits, loss = _bench_loss(row, model, video, labels, candidates)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        results.append((logits.detach(), loss.detach(), [torch.zeros_like(p) if g is None else g
+                                                         for p, g in zip(params, grads)]))
+    (l1, s1, g1), (l2, s2, g2) = results
+    d_logits = float((l1 - l2).abs().max() / l2.abs().max().clamp_min(1e-12))
+    d_loss = abs(float(s1 - s2)) / max(abs(float(s2)), 1e-12)
+    # Per parameter, relative to its own scale, floored at 1e-3 of the largest gradient: the key biases of the
+    # attentions have a true gradient of 0 (a shift shared by all keys leaves the softmax unchanged), so theirs
+    # is float noise in both.
+    g_max = max(float(b.abs().max()) for b in g2)
+    d_grad = max(float((a - b).abs().max()) / max(float(b.abs().max()), 1e-3 * g_max, 1e-30) for a, b in zip(g1, g2))
+    assert max(d_logits, d_loss, d_grad) < 1e-3, (
+        f"the authors' re-statement does not compute our numbers (relative differences: logits {d_logits:.2e}, "
+        f"loss {d_loss:.2e}, gradients {d_grad:.2e}); the timing would compare different functions")
+    return d_logits, d_loss, d_grad, float(s1)
+
+
+def benchmark_biefficient(arch="ViT-B/16", B=None, T=8, A=None, steps=None, device=None, precision=None):
+    """Prints the training step time and peak memory of our BiEfficient (code_compat) against the authors'
+    computation of the same function (`_authors_logits`), after checking that both give the same logits, loss
+    and gradients. Each row runs in its own process. Memory: on CUDA torch.cuda.max_memory_allocated, on a
+    CPU the process's max RSS; both in total and above what the process held before the first step (the
+    weights). Random CLIP weights: timing and memory do not depend on their values."""
+    import json
+    import subprocess
+    import sys
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.startswith("cuda")
+    # The authors' K400 config on a GPU (batch 32 per rank, the batch's 32 labels as the texts); on a CPU a
+    # shape that fits in minutes: 2 videos, their 2 labels.
+    B = B or (32 if cuda else 2)
+    A = A or B
+    if A < B:
+        raise ValueError(f"--candidates {A} < --batch-size {B}: the candidates are the batch's labels, then others")
+    steps = steps or (5 if cuda else 2)
+    precision = precision or ("fp16" if cuda else "fp32")
+    print(f"BiEfficient benchmark (training step, --biefficient-code-compat, the authors' loss): arch={arch} "
+          f"B={B} T={T} A={A} device={device} precision={precision} steps={steps} (+1 warm-up)", flush=True)
+    d_logits, d_loss, d_grad, loss = _bench_check(arch, B, T, A, device)
+    print(f"  check (fp32, same weights and batch): authors' re-statement vs ours, relative max differences: "
+          f"logits {d_logits:.1e}, loss {d_loss:.1e} (loss {loss:.4f}), gradients {d_grad:.1e}", flush=True)
+    rows = {}
+    for row in ("ours", "ours+ckpt", "authors"):
+        cmd = [sys.executable, __file__, "--bench-biefficient", "--bench-row", row, "--arch", arch,
+               "--batch-size", str(B), "--frames", str(T), "--candidates", str(A), "--steps", str(steps),
+               "--device", device, "--precision", precision]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"benchmark row {row} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+        rows[row] = json.loads(p.stdout.strip().splitlines()[-1])
+    what = "peak CUDA memory (max_memory_allocated)" if cuda else "peak process memory (max RSS)"
+    print(f"  {'row':10s} {'step':>10s}   {what}: total / above the weights")
+    names = {"ours": "ours", "ours+ckpt": "ours + --grad-checkpointing", "authors": "authors' way"}
+    mib = 2 ** 20
+    for row, r in rows.items():
+        print(f"  {names[row]:28s} {r['step_s'] * 1000:10.1f} ms   {r['peak'] / mib:9.1f} MiB / "
+              f"{(r['peak'] - r['held']) / mib:9.1f} MiB")
+    ref = rows["authors"]
+    for row in ("ours", "ours+ckpt"):
+        r = rows[row]
+        print(f"  {names[row]} vs authors' way: {ref['step_s'] / r['step_s']:.2f}x faster, memory "
+              f"{r['peak'] / ref['peak']:.2f}x total, {(r['peak'] - r['held']) / max(ref['peak'] - ref['held'], 1):.2f}x "
+              f"above the weights (goal on a GPU: >= 2x faster, <= 0.5x memory)")
+    return rows
 
 
 # ==== command line (shared by both sections) ====
 
 def main(argv=None):
     import argparse
+    import sys
     parser = argparse.ArgumentParser(description="Benchmarks of the prompt models (random CLIP weights).")
     parser.add_argument("--bench-biefficient", action="store_true",
-                        help="train step time and memory of BiEfficient against the straightforward version")
+                        help="BiEfficient training step (code-compat): ours against the authors' computation")
     parser.add_argument("--arch", default="ViT-B/16", choices=list(clip.ARCHS), help="CLIP architecture shapes")
-    parser.add_argument("--batch", type=int, default=2, help="videos per step (B)")
-    parser.add_argument("--frames", type=int, default=4, help="frames per video (T)")
-    parser.add_argument("--candidates", type=int, default=4, help="candidate class texts per step (A)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--biefficient-code-compat", action="store_true",
-                        help="the authors' code instead of the paper")
-    parser.add_argument("--grad-checkpointing", action="store_true", help="checkpoint the text tower blocks")
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="videos per step, B (default: 32 on cuda, the authors' per-GPU batch; 2 on cpu)")
+    parser.add_argument("--frames", type=int, default=8, help="frames per video, T (the authors' K400 config: 8)")
+    parser.add_argument("--candidates", type=int, default=None,
+                        help="candidate class texts, A >= B: the batch's labels, then others (default: A = B)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps after one warm-up (cuda 5, cpu 2)")
+    parser.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda if available")
+    parser.add_argument("--precision", default=None, choices=("fp32", "fp16", "bf16"),
+                        help="autocast (default: fp16 + GradScaler on cuda, as the authors; fp32 on cpu)")
+    parser.add_argument("--bench-row", default=None, choices=("ours", "ours+ckpt", "authors"),
+                        help=argparse.SUPPRESS)  # internal: one row in its own process
     args = parser.parse_args(argv)
     if not args.bench_biefficient:
         parser.error("nothing to do: pass --bench-biefficient")
-    benchmark_biefficient(args.arch, args.batch, args.frames, args.candidates, args.steps, args.device,
-                          args.biefficient_code_compat, args.grad_checkpointing, args.amp)
+    for name in ("batch_size", "frames", "candidates", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} {value}: must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is available here; use --device cpu")
+    if args.device == "cpu" and args.precision == "fp16":
+        parser.error("--precision fp16 needs --device cuda (fp16 autocast is a GPU mode); use fp32 or bf16 on cpu")
+    if args.bench_row:
+        return _bench_row(args.bench_row, args.arch, args.batch_size, args.frames, args.candidates, args.device,
+                          args.precision, args.steps)
+    try:
+        benchmark_biefficient(args.arch, args.batch_size, args.frames, args.candidates, args.steps, args.device,
+                              args.precision)
+    except (ValueError, AssertionError) as e:
+        print(f"prompts.py: error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, ValueError) else 1)
 
 
 if __name__ == "__main__":

@@ -197,7 +197,12 @@ def add_optimisation_flags(p):
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas (TPR Table 2)")
     g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0 = off, the papers')")
     g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="auto: bf16 autocast on GPUs that support it, fp16 + GradScaler on others, fp32 on CPU")
+                   help="auto: bf16 autocast on GPUs that support it, fp16 + GradScaler on others, fp32 on CPU; "
+                   "with --biefficient-code-compat fp16 + GradScaler on every GPU (the authors' code)")
+    g.add_argument("--contrastive-batch", default=None, choices=("global", "local"),
+                   help="global: the loss sees the whole global batch (logits gathered from every rank); local: "
+                   "one per-rank B x B problem, no gathering (the BiEfficient authors' code). Default: global, "
+                   "local with --biefficient-code-compat")
     g.add_argument("--seed", type=int, default=0, help="seed of everything (model init, data order, "
                    "augmentation, few-shot draw)")
 
@@ -242,6 +247,29 @@ def resolve_args(args):
             raise UsageError(f"--{flag.replace('_', '-')} must be a JSON object, got {getattr(args, flag)!r}")
     if args.eval_batch_size is None:
         args.eval_batch_size = max(1, args.batch_size // 4)
+    resolve_training_rows(args)
+    return args
+
+
+# The training-step rows of prompts.BIEFFICIENT_DEFAULTS; TPR (and runs saved before these existed) use the
+# paper column.
+TRAINING_ROWS = ("loss", "contrastive_batch", "lr_schedule", "amp")
+
+
+def resolve_training_rows(args):
+    """args.loss, .contrastive_batch, .lr_schedule, .amp: an explicit --contrastive-batch, else a value given in
+    --biefficient-kwargs, else BiEfficient's column for its mode (paper or code-compat); TPR: the paper's."""
+    kw = json.loads(args.biefficient_kwargs) if args.method == "biefficient" else {}
+    column = int(args.method == "biefficient" and bool(args.biefficient_code_compat))
+    flag = args.contrastive_batch
+    for key in TRAINING_ROWS:
+        valid = prompts.BIEFFICIENT_CHOICES[key]
+        value = kw.get(key, prompts.BIEFFICIENT_DEFAULTS[key][column])
+        if value not in valid:
+            raise UsageError(f"--biefficient-kwargs {key}={value!r}; valid: {', '.join(map(repr, valid))}")
+        setattr(args, key, value)
+    if flag is not None:
+        args.contrastive_batch = flag
     return args
 
 
@@ -411,6 +439,7 @@ def build_model(args, class_texts, classes_zh=None):
         kw = json.loads(args.biefficient_kwargs)
         if args.M is not None:
             kw["M"] = args.M
+        kw.update({key: getattr(args, key) for key in TRAINING_ROWS})  # model.config states what the engine does
         model = prompts.BiEfficient(clip_model, T=args.frames, pre_prompt=not args.no_pre_prompt,
                                     post_prompt=not args.no_post_prompt, wgvp=not args.no_wgvp,
                                     code_compat=args.biefficient_code_compat, **kw)
@@ -522,7 +551,10 @@ def param_groups(model, weight_decay):
 
 
 def lr_at(step, args, steps_per_epoch):
-    """Linear warm-up from 0 to --lr, then cosine to --min-lr, per step (TPR Table 2, BiEfficient Sec. 4.1)."""
+    """Linear warm-up from 0 to --lr, then cosine to --min-lr, per step (TPR Table 2, BiEfficient Sec. 4.1).
+    With args.lr_schedule == "every10", the BiEfficient authors' cadence (code_lr_at)."""
+    if getattr(args, "lr_schedule", "step") == "every10":
+        return code_lr_at(step, args, steps_per_epoch)
     total = max(1, args.epochs * steps_per_epoch)
     warmup = min(int(args.warmup_epochs * steps_per_epoch), total - 1)
     if step < warmup:
@@ -531,11 +563,35 @@ def lr_at(step, args, steps_per_epoch):
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def amp_settings(precision, device):
-    """(autocast dtype or None, use GradScaler)."""
+# Paper: the BiEfficient authors' train.py steps its scheduler with the fractional epoch at iteration 0 of every
+# epoch and then whenever (iteration + 1) % 10 == 0, so each value holds for up to 10 steps.
+CODE_LR_EVERY = 10
+
+
+def code_lr_at(step, args, steps_per_epoch):
+    """The BiEfficient authors' learning rate at global step `step`: their train.py calls
+    `lr_scheduler.step(epoch + i / len(train_loader))` when i == 0 or (i + 1) % 10 == 0 (i the iteration within
+    the epoch), and the value holds until the next call. Their WarmupCosineAnnealingLR (solver.py; the file
+    itself, utils/lr_scheduler.py, is not in their public copy) is ActionCLIP's: lr * e / warmup for a
+    fractional epoch e < warmup, then a cosine from lr to --min-lr over the remaining epochs. Hence lr 0 for
+    the first 9 steps of a run."""
+    epoch, i = divmod(step, steps_per_epoch)
+    i_set = 0 if i + 1 < CODE_LR_EVERY else (i + 1) // CODE_LR_EVERY * CODE_LR_EVERY - 1  # last call's iteration
+    e = epoch + i_set / steps_per_epoch  # fractional epoch the scheduler was last stepped with
+    if e < args.warmup_epochs:
+        return args.lr * e / args.warmup_epochs
+    progress = (e - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-12)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def amp_settings(precision, device, auto_cuda="bf16"):
+    """(autocast dtype or None, use GradScaler). auto_cuda: what "auto" picks on a GPU ("bf16" where supported,
+    else fp16; "fp16": BiEfficient code-compat, the authors' fp16 autocast + GradScaler)."""
     if precision == "auto":
         if device.type != "cuda":
             precision = "fp32"  # bf16 matmuls are slow on CPUs; fp16 unsupported there
+        elif auto_cuda == "fp16":
+            precision = "fp16"
         else:
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if precision == "fp32":
@@ -545,32 +601,53 @@ def amp_settings(precision, device):
     return (torch.bfloat16, False) if precision == "bf16" else (torch.float16, True)
 
 
-def contrastive_loss(logits, labels, candidates):
-    return text_branches.multi_positive_contrastive_loss(logits.float(), labels, candidates)
+CONTRASTIVE_LOSSES = {"multi_positive": text_branches.multi_positive_contrastive_loss,  # TPR Eq. (15)
+                      "multi_hot": text_branches.multi_hot_contrastive_loss}  # the BiEfficient authors' code
+
+
+def contrastive_loss(logits, labels, candidates, kind="multi_positive"):
+    return CONTRASTIVE_LOSSES[kind](logits.float(), labels, candidates)
+
+
+def _local_rows(x):
+    return x
 
 
 def train_step(ddp_model, model, video, labels, args, world, amp_dtype, scaler, device):
     """Forward and backward of one global batch; returns the loss (identical on every rank).
 
-    The loss over the global batch (TPR Eq. 17) is computed on every rank from the gathered logits; each rank
-    back-propagates only through its own rows, and DDP AVERAGES gradients over ranks, so the loss is
-    multiplied by the world size: the averaged gradient is then exactly the one-process gradient.
+    global contrastive batch: the loss over the global batch (TPR Eq. 17) is computed on every rank from the
+    gathered logits; each rank back-propagates only through its own rows, and DDP AVERAGES gradients over
+    ranks, so the loss is multiplied by the world size: the averaged gradient is then exactly the one-process
+    gradient. local (the BiEfficient authors' code): each rank's own B x B problem (its videos against its own
+    labels), nothing gathered; DDP's average of the per-rank gradients is the gradient of the mean of the
+    per-rank losses, and that mean is what is returned.
     """
     labels = labels.to(device, non_blocking=True)
-    candidates = gather_rows(labels)  # (B,) the whole global batch, duplicates kept (contract)
+    local = getattr(args, "contrastive_batch", "global") == "local"
+    gather = _local_rows if local else gather_rows
+    kind = getattr(args, "loss", "multi_positive")
+    candidates = gather(labels)  # (B,) the contrastive batch's labels, duplicates kept (contract)
     micro = args.micro_batch
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     if micro >= labels.shape[0]:
         with autocast:
             out = ddp_model(video.to(device, non_blocking=True), labels, candidates)
-        loss = sum(contrastive_loss(gather_rows(out["logits"][k]), candidates, candidates)
+        loss = sum(contrastive_loss(gather(out["logits"][k]), candidates, candidates, kind)
                    for k in model.loss_keys)  # Eq. (17)
-        scaler.scale(loss * world).backward()
-        return loss.detach()
-    return accumulate(ddp_model, model, video, labels, candidates, micro, world, autocast, scaler, device)
+        scaler.scale(loss if local else loss * world).backward()
+    else:
+        loss = accumulate(ddp_model, model, video, labels, candidates, micro, world, autocast, scaler, device,
+                          gather, kind)
+    loss = loss.detach()
+    if local and dist.is_initialized():
+        dist.all_reduce(loss)  # the mean of the per-rank losses, the same on every rank
+        loss = loss / world
+    return loss
 
 
-def accumulate(ddp_model, model, video, labels, candidates, micro, world, autocast, scaler, device):
+def accumulate(ddp_model, model, video, labels, candidates, micro, world, autocast, scaler, device,
+               gather=gather_rows, kind="multi_positive"):
     """Gradient accumulation that keeps the contrastive batch = the whole global batch.
 
     Choice: accumulating per-micro-batch losses would shrink the contrastive batch (fewer negatives) and make
@@ -584,11 +661,12 @@ def accumulate(ddp_model, model, video, labels, candidates, micro, world, autoca
     chunks = list(zip(video.split(micro), labels.split(micro)))
     with torch.no_grad(), autocast:
         rows = [model(v.to(device, non_blocking=True), l, candidates)["logits"] for v, l in chunks]
-    full = {k: gather_rows(torch.cat([r[k] for r in rows]).float()).requires_grad_(True) for k in model.loss_keys}
-    loss = sum(contrastive_loss(full[k], candidates, candidates) for k in model.loss_keys)  # Eq. (17)
+    full = {k: gather(torch.cat([r[k] for r in rows]).float()).requires_grad_(True) for k in model.loss_keys}
+    loss = sum(contrastive_loss(full[k], candidates, candidates, kind) for k in model.loss_keys)  # Eq. (17)
     grads = torch.autograd.grad(loss, [full[k] for k in model.loss_keys])
     b = labels.shape[0]
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    local = gather is _local_rows  # the per-rank problem: the rows are this rank's own, the loss not replicated
+    rank = dist.get_rank() if dist.is_initialized() and not local else 0
     local = {k: g[rank * b:(rank + 1) * b].split(micro) for k, g in zip(model.loss_keys, grads)}
     for i, (v, l) in enumerate(chunks):
         sync = i == len(chunks) - 1
@@ -597,7 +675,7 @@ def accumulate(ddp_model, model, video, labels, candidates, micro, world, autoca
             with autocast:
                 out = ddp_model(v.to(device, non_blocking=True), l, candidates)
             surrogate = sum((out["logits"][k].float() * local[k][i]).sum() for k in model.loss_keys)
-            scaler.scale(surrogate * world).backward()
+            scaler.scale(surrogate if local else surrogate * world).backward()
     return loss.detach()
 
 
@@ -752,6 +830,9 @@ def resolve_run_args(cli, argv, world):
         for key in RESUME_MAY_CHANGE:
             if getattr(cli, key) is not None:
                 setattr(args, key, getattr(cli, key))
+        for key in TRAINING_ROWS:  # runs saved before these rows existed trained with the paper column
+            if not hasattr(args, key):
+                setattr(args, key, prompts.BIEFFICIENT_DEFAULTS[key][0])
         args.resume, args.output = cli.resume, cli.resume
         args.dry_run = cli.dry_run
     else:
@@ -785,7 +866,7 @@ def setup(argv=None):
     rank, world, device = setup_distributed()
     args, ckpt = resolve_run_args(cli, argv, world)
     run = Run(args, rank, world, device)
-    run.amp_dtype, use_scaler = amp_settings(args.precision, device)
+    run.amp_dtype, use_scaler = amp_settings(args.precision, device, getattr(args, "amp", "bf16"))
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     if not cli.resume and not args.dry_run:
@@ -860,9 +941,11 @@ def save(run, name, last_eval=None):
     if run.rank != 0:
         return
     args = run.args
+    cadence = ("the BiEfficient authors' cadence (every 10th step)"
+               if getattr(args, "lr_schedule", "step") == "every10" else "per step")
     state = dict(format=CHECKPOINT_FORMAT, method=args.method, args=_plain(vars(args)),
                  trainable=trainable_state(run.model), optimizer=run.optimizer.state_dict(),
-                 scaler=run.scaler.state_dict(), schedule=dict(kind="linear warm-up then cosine, per step",
+                 scaler=run.scaler.state_dict(), schedule=dict(kind=f"linear warm-up then cosine, {cadence}",
                                                                step=run.step, total_steps=run.total_steps),
                  epoch=run.epoch, epoch_step=run.epoch_step, step=run.step, best_top1=run.best, rng=states,
                  frozen_fingerprint=run.fingerprint, classes=list(run.train_set.classes), last_eval=last_eval)
