@@ -2300,6 +2300,210 @@ def test_bief_autocast_bf16(bief_tiny):
     assert torch.isfinite(out["logits"]["en"].float()).all() and model.post.alpha.grad is not None
 
 
+# ---- code-compat: the authors' training step (loss, contrastive batch, init, schedule, precision) ----
+def test_bief_code_compat_loss_is_the_unnormalised_multi_hot_one():
+    """The authors' nn.CrossEntropyLoss on gen_label's multi-hot targets, by hand, on a batch with a repeated
+    class: it sums the log-probabilities of a row's positives; TPR's Eq. (15) (the paper mode) averages them."""
+    import text_branches
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(4, 4, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 2])
+    rows = cols = 0.0
+    for i in range(4):  # CE(logits, y): -sum_a y[i, a] log softmax(logits[i])[a], mean over i
+        z = sum(math.exp(logits[i, a]) for a in range(4))
+        rows += -sum(math.log(math.exp(logits[i, a]) / z) for a in range(4) if labels[i] == labels[a]) / 4
+    for a in range(4):  # CE(logits.T, y): the same over the columns
+        z = sum(math.exp(logits[i, a]) for i in range(4))
+        cols += -sum(math.log(math.exp(logits[i, a]) / z) for i in range(4) if labels[i] == labels[a]) / 4
+    code = text_branches.multi_hot_contrastive_loss(logits, labels, labels)
+    assert float(code) == pytest.approx((rows + cols) / 2, rel=1e-6)
+    target = (labels[:, None] == labels[None]).float()
+    ce = torch.nn.CrossEntropyLoss()  # what their train.py calls, on the float logits
+    assert float(code) == pytest.approx(float((ce(logits.float(), target) + ce(logits.float().T, target)) / 2),
+                                        rel=1e-5)
+    paper = text_branches.multi_positive_contrastive_loss(logits, labels, labels)
+    assert float(code) > float(paper) * 1.05  # the repeated class counts twice in the code's rows and columns
+    distinct = torch.tensor([0, 1, 2, 3])  # no repeated class: both are the symmetric InfoNCE
+    assert float(text_branches.multi_hot_contrastive_loss(logits, distinct, distinct)) == pytest.approx(
+        float(text_branches.multi_positive_contrastive_loss(logits, distinct, distinct)), rel=1e-9)
+    with pytest.raises(ValueError, match="positive"):
+        text_branches.multi_hot_contrastive_loss(logits[:, :2], labels, torch.tensor([0, 1]))
+
+
+def _bief_code_linears(model):
+    """The Linears the authors initialise with trunc_normal(0.02): Meta-Net (attention, MLP), Adapter fc1,
+    Post-Prompt blocks, temporal head (attention output, MLP)."""
+    pre, post, head = model.pre, model.post, model.head
+    named = {"pre.attn." + n: m for n, m in pre.attn.named_modules() if isinstance(m, torch.nn.Linear)}
+    named["pre.adapter.fc1"] = pre.adapter.fc1
+    named.update({"post." + n: m for n, m in post.named_modules() if isinstance(m, torch.nn.Linear)})
+    named.update({"head." + n: m for n, m in head.named_modules() if isinstance(m, torch.nn.Linear)})
+    return named
+
+
+def test_bief_code_compat_init_trunc_normal_zero_biases():
+    torch.manual_seed(0)
+    big = clip.build_random("ViT-B/32")  # E = 512: 512 x 512 weights give a sharp std estimate
+    code = BiEfficient(big, T=8, code_compat=True)
+    named = _bief_code_linears(code)
+    assert len(named) == 3 + 2 + 1 + 2 * 6 + 2 * 3  # q/k/v + MLP, fc1, 2 Post-Prompt blocks, 2 head blocks
+    for name, m in named.items():
+        w = m.weight.detach()
+        assert abs(float(w.std()) - 0.02) < 0.002, (name, float(w.std()))
+        assert float(w.mean().abs()) < 0.002 and float(w.abs().max()) <= 2.0, name  # timm's bounds: +-2
+        assert m.bias is None or not m.bias.detach().any(), name
+    assert not code.pre.adapter.fc2.weight.detach().any() and not code.pre.adapter.fc2.bias.detach().any()
+    attn_in = code.head.resblocks[0].attn.in_proj_weight.detach()  # not a Linear: nn.MultiheadAttention's xavier
+    assert abs(float(attn_in.std()) - math.sqrt(2 / (512 + 3 * 512))) < 0.002
+    torch.manual_seed(0)
+    paper = BiEfficient(big, T=8)  # PyTorch's default Linear init: Kaiming-uniform weights, non-zero biases
+    post_fc = paper.post.resblocks[0].mlp[0]
+    assert abs(float(post_fc.weight.detach().std()) - 1 / math.sqrt(3 * 512)) < 0.002
+    assert post_fc.bias.detach().abs().max() > 0.03
+    assert paper.config["linear_init"] == "pytorch" and code.config["linear_init"] == "trunc_normal"
+    over = BiEfficient(big, T=8, code_compat=True, linear_init="pytorch")  # each row overridable
+    assert over.post.resblocks[0].mlp[0].bias.detach().abs().max() > 0.03
+
+
+def _bief_train_args(*flags):
+    import train
+    return train.resolve_args(train.build_parser().parse_args(
+        ["--method", "biefficient", "--dataset", "synthetic", "--random-init", *flags]))
+
+
+def test_bief_code_compat_training_rows_schedule_and_precision():
+    """Code-compat picks the code column of every training-step row; each can be overridden. The authors'
+    scheduler cadence: lr 0 for the first 9 steps, then a value held for 10 steps; fp16 + GradScaler on GPUs."""
+    import train
+    import prompts
+    paper, code = _bief_train_args(), _bief_train_args("--biefficient-code-compat")
+    rows = ("loss", "contrastive_batch", "lr_schedule", "amp")
+    assert [getattr(paper, k) for k in rows] == [prompts.BIEFFICIENT_DEFAULTS[k][0] for k in rows]
+    assert [getattr(code, k) for k in rows] == ["multi_hot", "local", "every10", "fp16"]
+    for a in (paper, code):
+        a.lr, a.epochs, a.warmup_epochs, a.min_lr = 5e-4, 50, 5, 0.0
+    spe = 100
+    lrs = [train.lr_at(s, code, spe) for s in range(40)]
+    assert lrs[:9] == [0.0] * 9
+    assert lrs[9] == pytest.approx(5e-4 * (9 / spe) / 5) and len(set(lrs[9:19])) == 1 and lrs[19] > lrs[18]
+    assert train.lr_at(spe, code, spe) == pytest.approx(5e-4 / 5)  # a new epoch steps it at its iteration 0
+    assert train.lr_at(spe + 5, code, spe) == train.lr_at(spe, code, spe)
+    assert train.lr_at(0, paper, spe) > 0 and train.lr_at(1, paper, spe) > train.lr_at(0, paper, spe)
+    cuda = torch.device("cuda")  # "auto" on a GPU: no GPU call on the fp16 path, so this runs anywhere
+    assert train.amp_settings("auto", cuda, code.amp) == (torch.float16, True)
+    assert train.amp_settings("auto", torch.device("cpu"), code.amp) == (None, False)
+    assert train.amp_settings("bf16", cuda, code.amp) == (torch.bfloat16, False)  # an explicit flag wins
+    over = _bief_train_args("--biefficient-code-compat", "--contrastive-batch", "global",
+                            "--biefficient-kwargs", '{"loss": "multi_positive", "lr_schedule": "step"}')
+    assert (over.contrastive_batch, over.loss, over.lr_schedule) == ("global", "multi_positive", "step")
+    with pytest.raises(train.UsageError, match="loss='sum'.*multi_hot"):
+        _bief_train_args("--biefficient-kwargs", '{"loss": "sum"}')
+    model = train.build_model(code, ["a", "b"])
+    assert all(model.config[k] == getattr(code, k) for k in rows)  # the model states what the engine does
+
+
+_BIEF_DDP_WORKER = r"""
+import json, os, sys, argparse
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+sys.path.insert(0, os.environ["BIEF_REPO"])
+import clip, prompts, train
+rank, world, device = train.setup_distributed()
+torch.manual_seed(0)
+model = prompts.BiEfficient(clip.build_random("tiny"), T=2, M=2, code_compat=True)
+model.set_classes([f"class {i}" for i in range(6)])
+model.train()
+ddp = DDP(model, find_unused_parameters=model.has_unused_parameters)  # as train.py
+g = torch.Generator().manual_seed(10 + rank)
+video = torch.randn(4, 2, 3, 32, 32, generator=g)
+labels = torch.tensor([[0, 0, 1, 2], [3, 1, 4, 4]][rank])
+out = {}
+for batch in ("local", "global"):
+    for micro in (4, 1):
+        args = argparse.Namespace(micro_batch=micro, contrastive_batch=batch, loss="multi_hot")
+        loss = train.train_step(ddp, model, video, labels, args, world, None,
+                                torch.amp.GradScaler("cpu", enabled=False), device)
+        grad = model.post.resblocks[0].mlp[0].weight.grad
+        out[f"{batch}-{micro}"] = dict(loss=float(loss), grad=grad.flatten()[:64].tolist())
+        model.zero_grad(set_to_none=True)
+if rank == 0:
+    json.dump(out, open(sys.argv[1], "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_bief_contrastive_batch_local_vs_global_torchrun(tmp_path):
+    """Two ranks (gloo), 4 videos each. local: each rank its own 4 x 4 problem (the authors' code), the step's
+    gradient the mean of the per-rank losses' gradients; global: one 8 x 8 problem on the gathered logits.
+    Both with and without gradient accumulation (micro-batch 1), against one process computing each by hand."""
+    import subprocess
+    import sys
+    import os
+    import text_branches
+    worker, result = tmp_path / "worker.py", tmp_path / "out.json"
+    worker.write_text(_BIEF_DDP_WORKER)
+    repo = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", BIEF_REPO=repo)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(worker), str(result)], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(result.read_text())
+    torch.manual_seed(0)
+    model = BiEfficient(clip.build_random("tiny"), T=2, M=2, code_compat=True)
+    model.set_classes([f"class {i}" for i in range(6)])
+    model.train()
+    videos = [torch.randn(4, 2, 3, 32, 32, generator=torch.Generator().manual_seed(10 + r)) for r in range(2)]
+    labels = [torch.tensor([0, 0, 1, 2]), torch.tensor([3, 1, 4, 4])]
+    weight = model.post.resblocks[0].mlp[0].weight
+    loss_fn = text_branches.multi_hot_contrastive_loss
+    local_losses = []
+    for v, l in zip(videos, labels):
+        logits = model(v, l, l)["logits"]["en"]  # (4, 4): the rank's videos against its own labels
+        assert logits.shape == (4, 4)
+        local_losses.append(loss_fn(logits, l, l))
+    local = sum(local_losses) / 2
+    (g_local,) = torch.autograd.grad(local, [weight])
+    every = torch.cat(labels)
+    full = torch.cat([model(v, l, every)["logits"]["en"] for v, l in zip(videos, labels)])  # (8, 8)
+    glob = loss_fn(full, every, every)
+    (g_global,) = torch.autograd.grad(glob, [weight])
+    assert abs(float(local.detach()) - float(glob.detach())) > 0.05  # the two objectives differ on this batch
+    for micro in (4, 1):
+        for name, loss, grad in (("local", local, g_local), ("global", glob, g_global)):
+            r = got[f"{name}-{micro}"]
+            assert r["loss"] == pytest.approx(float(loss), rel=1e-5), (name, micro)
+            torch.testing.assert_close(torch.tensor(r["grad"]), grad.flatten()[:64], rtol=1e-4, atol=1e-7)
+
+
+def test_bief_readme_counts_the_code_compat_differences():
+    """The README's count of code-compat differences is the number of rows whose two columns differ."""
+    import os
+    import re
+    import prompts
+    differ = sum(p != c for p, c in prompts.BIEFFICIENT_DEFAULTS.values())
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    counts = [int(n) for n in re.findall(r"\((\d+) differences", readme)]
+    assert counts == [differ], (counts, differ)
+
+
+def test_bief_benchmark_checks_and_prints_both_rows(capsys):
+    """--bench-biefficient (tiny shapes): the authors' re-statement matches our logits, loss and gradients,
+    and both rows are timed in their own processes and printed with their ratios."""
+    import prompts
+    prompts.main(["--bench-biefficient", "--arch", "tiny", "--device", "cpu", "--batch-size", "3",
+                  "--frames", "2", "--candidates", "4", "--steps", "1"])
+    out = capsys.readouterr().out
+    check = re.search(r"logits ([0-9.e+-]+), loss ([0-9.e+-]+) .*gradients ([0-9.e+-]+)", out)
+    assert check and max(float(x) for x in check.groups()) < 1e-4, out
+    for row in ("ours ", "ours + --grad-checkpointing", "authors' way"):
+        assert re.search(re.escape(row) + r"\s+[0-9.]+ ms\s+[0-9.]+ MiB", out), (row, out)
+    assert out.count("vs authors' way") == 2 and "x faster" in out
+    with pytest.raises(SystemExit) as e:
+        prompts.main(["--bench-biefficient", "--arch", "tiny", "--device", "cpu", "--batch-size", "3",
+                      "--candidates", "2"])
+    assert e.value.code == 2
+
+
 # ==============================================================================================================
 # train.py and evaluate.py: the engine
 # (from engine tests)

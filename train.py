@@ -665,8 +665,8 @@ def accumulate(ddp_model, model, video, labels, candidates, micro, world, autoca
     loss = sum(contrastive_loss(full[k], candidates, candidates, kind) for k in model.loss_keys)  # Eq. (17)
     grads = torch.autograd.grad(loss, [full[k] for k in model.loss_keys])
     b = labels.shape[0]
-    local = gather is _local_rows  # the per-rank problem: the rows are this rank's own, the loss not replicated
-    rank = dist.get_rank() if dist.is_initialized() and not local else 0
+    per_rank = gather is _local_rows  # the per-rank problem: the rows are this rank's own, the loss not replicated
+    rank = dist.get_rank() if dist.is_initialized() and not per_rank else 0
     local = {k: g[rank * b:(rank + 1) * b].split(micro) for k, g in zip(model.loss_keys, grads)}
     for i, (v, l) in enumerate(chunks):
         sync = i == len(chunks) - 1
@@ -675,7 +675,7 @@ def accumulate(ddp_model, model, video, labels, candidates, micro, world, autoca
             with autocast:
                 out = ddp_model(v.to(device, non_blocking=True), l, candidates)
             surrogate = sum((out["logits"][k].float() * local[k][i]).sum() for k in model.loss_keys)
-            scaler.scale(surrogate if local else surrogate * world).backward()
+            scaler.scale(surrogate if per_rank else surrogate * world).backward()
     return loss.detach()
 
 
@@ -899,7 +899,10 @@ def setup(argv=None):
         raise UsageError("this configuration has no trainable parameters (e.g. TPR with --no-temporal-prompts "
                          "--beta none --pooling mean: Fig. 5a's CLIP row); pass --epochs 0 to only evaluate it")
     model.train()
-    run.ddp_model = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # A model may hold trainable parameters that never get a gradient (BiEfficient code-compat: the LayerNorm
+    # used only to pick the top-1); DDP must then look for them every step.
+    run.ddp_model = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                         find_unused_parameters=getattr(model, "has_unused_parameters", False))
                      if world > 1 and trainable else model)
     run.optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas))
     run.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
