@@ -2330,6 +2330,24 @@ def test_bief_code_compat_loss_is_the_unnormalised_multi_hot_one():
         text_branches.multi_hot_contrastive_loss(logits[:, :2], labels, torch.tensor([0, 1]))
 
 
+def test_bief_code_compat_runs_77_positions_only_for_the_top1_texts(bief_tiny):
+    """words == "all" (the code): only each video's top-1 text runs at all 77 positions, the others up to their
+    EOT; logits and gradients equal the computation of every text at 77 positions."""
+    model = _bief_randomize(_model(bief_tiny, code_compat=True)).train()
+    video, cands = _video(B=3), torch.tensor([0, 4, 1, 4])
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for truncate in (True, False):
+        model.text_truncate = truncate
+        logits = model(video, None, cands)["logits"]["en"]
+        results.append((logits, torch.autograd.grad(logits.square().sum(), params, allow_unused=True)))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for x, y in zip(ga, gb):
+        if y is not None:
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5 * float(y.abs().max()) + 1e-7)
+
+
 def _bief_code_linears(model):
     """The Linears the authors initialise with trunc_normal(0.02): Meta-Net (attention, MLP), Adapter fc1,
     Post-Prompt blocks, temporal head (attention output, MLP)."""
