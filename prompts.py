@@ -628,8 +628,8 @@ class BiEfficient(nn.Module):
     mean_pooling: Table 7. top1_source: Table 8 ("class" or "word"). alpha_init: Table 9. beta_init: Table 10.
     tau: the fixed temperature (Sec. 4.1: 0.01) unless learn_logit_scale.
     grad_checkpointing: recompute the text blocks in backward (sets clip_model.transformer.grad_checkpointing).
-    text_truncate / visual_no_grad: the speed-by-design switches; False only to measure the straightforward
-    version (77 text positions, visual tower in the graph).
+    text_truncate / visual_no_grad: the speed-by-design switches; False only to check against the
+    straightforward version (every text at 77 positions, visual tower in the graph).
     """
 
     def __init__(self, clip_model, T: int = 8, M: int | None = None, pre_prompt: bool = True,
