@@ -42,7 +42,7 @@ OVERRIDABLE = ("root", "pretrained", "pretrained_chinese", "lam", "test_words", 
 
 def build_parser():
     p = argparse.ArgumentParser(description="Evaluate a TPR or BiEfficient checkpoint (one process or torchrun).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=train.HelpFormatter)
     p.add_argument("--checkpoint", nargs="+", required=True,
                    help="checkpoint file(s) or run folder(s) (their last.pt); several: mean +- std over them "
                         "(e.g. the runs of a few-shot experiment)")
@@ -109,6 +109,33 @@ def set_classes(model, args, dataset, name):
         model.set_classes(texts)
 
 
+class Progress:
+    """A progress line every `every` batches while one test set is scored: videos done / total, ETA.
+
+    Called by train.evaluate with this rank's counts; the ranks score equal shares in step, so rank 0's
+    fraction stands for all of them."""
+
+    def __init__(self, what, total, every, log):
+        self.what, self.total, self.every, self.log = what, total, every, log
+        self.batches, self.t0 = 0, time.monotonic()
+
+    def __call__(self, done, share):
+        self.batches += 1
+        if not self.every or (self.batches % self.every and done < share):
+            return
+        elapsed = time.monotonic() - self.t0
+        videos = min(self.total, round(self.total * done / max(share, 1)))
+        eta = elapsed * (share - done) / max(done, 1)
+        self.log(f"  {self.what}: {videos}/{self.total} videos, {videos / max(elapsed, 1e-9):.1f} videos/s, "
+                 f"ETA {train._hms(eta)}")
+
+
+def score(model, ds, cli, device, amp_dtype, log, what):
+    """train.evaluate with progress lines."""
+    progress = Progress(what, len(ds), cli.print_every, log)
+    return train.evaluate(model, ds, device, amp_dtype, cli.batch_size, cli.workers, progress=progress)
+
+
 def mean_std(values):
     values = [float(v) for v in values]
     m = sum(values) / len(values)
@@ -137,7 +164,7 @@ def evaluate_run(path, cli, device, amp_dtype, log):
                     texts, zh = train.class_names(args, ds, name)
                     model = restore(ckpt, args, texts, zh, device, path)
                 set_classes(model, args, ds, name)
-                r = train.evaluate(model, ds, device, amp_dtype, cli.batch_size, cli.workers)
+                r = score(model, ds, cli, device, amp_dtype, log, f"zero-shot {ev['name']} {view}")
                 proto = dict(train.protocol(args, ds, view, dataset_name=name), zero_shot=cli.zero_shot,
                              part=ev["name"], trained_on=args.dataset)
                 log(f"zero-shot {ev['name']} (trained on {args.dataset}): {train.describe(r, proto, args.random_init)}")
@@ -160,7 +187,7 @@ def evaluate_run(path, cli, device, amp_dtype, log):
                 texts, zh = train.class_names(args, ds, name)
                 model = restore(ckpt, args, texts, zh, device, path)
             set_classes(model, args, ds, name)
-            r = train.evaluate(model, ds, device, amp_dtype, cli.batch_size, cli.workers)
+            r = score(model, ds, cli, device, amp_dtype, log, f"{name} split {split} {view}")
             proto = train.protocol(args, ds, view, split=split, dataset_name=name)
             if name != args.dataset:
                 proto.update(zero_shot="classes of another dataset", trained_on=args.dataset)

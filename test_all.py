@@ -1230,9 +1230,12 @@ def test_data_check_reports_bad_files(layouts, capsys):
     assert data.main(["--dataset", "ssv1", "--root", layouts["ssv1"], "--check", "--workers", "0"]) == 0
     assert "ssv1 split 1 test: 2 videos, 2 classes" in capsys.readouterr().out
     lists = layouts["lists"]
-    assert data.main(["--dataset", "list", "--list-file", os.path.join(lists, "frames.txt"), "--class-file",
-                      os.path.join(lists, "classes.txt"), "--root", lists, "--check", "--workers", "0"]) == 0
-    assert "0 bad of 2" in capsys.readouterr().out
+    # --list-file TRAIN TEST, as train.py's: both lists are checked.
+    assert data.main(["--dataset", "list", "--list-file", os.path.join(lists, "frames.txt"),
+                      os.path.join(lists, "videos.txt"), "--class-file", os.path.join(lists, "classes.txt"),
+                      "--root", lists, "--check", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "list split 1 train: 2 videos" in out and "list split 1 test: " in out and out.count("0 bad of") == 2
     assert data.main(["--dataset", "k400", "--root", os.path.join(lists, "nowhere"), "--check"]) == 2
     assert "nowhere" in capsys.readouterr().err
 
