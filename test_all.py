@@ -2681,6 +2681,23 @@ def test_engine_visualization_says_what_it_shows(tpr_run, tmp_path):
     assert len(ranked) == 5
 
 
+def test_engine_own_video_labels_of_a_dataset_take_its_chinese_dictionary(tpr_run, tmp_path, capsys):
+    """HMDB51 class names typed as words on a synthetic-trained TPR: the hmdb51 dictionary gives their Chinese
+    labels, the same scores as a file holding those entries."""
+    import json as _json
+    video = _banded_video(str(tmp_path / "v.mp4"))
+    ranked, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "brush hair,cartwheel"])
+    assert "note: Chinese labels from the hmdb51 dictionary" in capsys.readouterr().out
+    zh = tmp_path / "zh.json"
+    zh.write_text(_json.dumps({"brush hair": "梳头", "cartwheel": "侧手翻"}, ensure_ascii=False), encoding="utf-8")
+    same, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "brush hair,cartwheel",
+                             "--chinese-labels", str(zh)])
+    assert ranked == pytest.approx(same)
+    english, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "brush hair,cartwheel",
+                                "--lam", "1"])
+    assert english != pytest.approx(ranked)  # the Chinese branch did contribute
+
+
 def argparse_ns(**kw):
     import argparse
     return argparse.Namespace(**kw)
