@@ -7,8 +7,11 @@
   official test splits with mean and standard deviation, or BIKE's half-classes x 10.
 - Few-shot (TPR Sec. 4.3, Table 7): K-shot runs are trained by train.py --shots K --seed s; pass all their
   checkpoints here and get the mean (and std) over runs.
-- A user's own video: the top-5 labels with probabilities; --visualize draws the sampled frames with their
-  word-guided weights (TPR Eq. 6-7, BiEfficient Eq. 8) and the top-5 bar chart.
+- A user's own video: the top-5 labels with probabilities (of the dataset's classes or of --labels; a TPR
+  model with a Chinese branch takes their Chinese labels from a dictionary here, or scores with its English
+  branch alone and says so); --visualize draws a titled PNG of the frames as the model saw them (its centre
+  crop) with their word-guided weights (TPR Eq. 6-7, BiEfficient Eq. 8) and the top-k bars, k = min(5, labels).
+- Progress: a line every --print-every batches (videos done / total, ETA).
 
 Counting follows pytorch/examples `imagenet/main.py`: each rank scores videos rank, rank + W, ... without
 padding, and the correct counts (not accuracies) are all-reduced, so every video counts exactly once.
