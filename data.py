@@ -1028,7 +1028,7 @@ def check(name, root, split=1, workers=None, list_file=None, class_file=None, fi
     out = out or sys.stdout
     workers = os.cpu_count() if workers is None else workers
     # list_file: (TRAIN, TEST) list files of dataset 'list', as train.py --list-file
-    parts = [("train", None), ("test", None)] if name != "list" else list(zip(("train", "test"), list_file or (None,) * 2))
+    parts = list(zip(("train", "test"), (list_file or (None, None)) if name == "list" else (None, None)))
     bad = 0
     for mode, lf in parts:
         ds = build_dataset(name, root, split=split, mode=mode, list_file=lf, class_file=class_file,
