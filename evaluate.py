@@ -225,14 +225,14 @@ def summarise(records, log):
 # ----------------------------------------------------------------------------------------------------------
 
 def load_video(path, T, size):
-    """One test clip of a video file: (1, T, 3, size, size) normalised, as the model sees it."""
+    """One test clip of a video file: (1, T, 3, size, size) normalised, and the uint8 frames (T, H, W, 3)."""
     try:
         meta = data.probe_video(path)
         idx = data.sample_indices(meta.num_frames, T, "test")
         frames = data.decode_frames(path, idx, meta)
     except data.BadVideo as e:
         raise train.UsageError(f"cannot read {path}: {e}") from None
-    return data.test_crops(frames, size, 1)  # (1, T, 3, S, S)
+    return data.test_crops(frames, size, 1), frames  # (1, T, 3, S, S)
 
 
 def crop_pixels(video):
@@ -294,8 +294,8 @@ def predict_video(cli, device, amp_dtype):
             if cli.chinese_labels is not None:
                 try:
                     zh = data.chinese_labels("custom", texts, cli.chinese_labels)
-                except (KeyError, ValueError, OSError) as e:
-                    raise train.UsageError(f"--chinese-labels: {e}") from None
+                except (ValueError, KeyError, OSError) as e:
+                    raise train.UsageError(f"--chinese-labels: {e.args[0] if isinstance(e, KeyError) else e}") from None
                 note = f"Chinese labels from {cli.chinese_labels}"
             else:
                 zh, source = dictionary_chinese(ckpt, args, texts)
@@ -320,7 +320,7 @@ def predict_video(cli, device, amp_dtype):
             ds = train.build_dataset(args, "test", dataset=name)
         texts, zh = train.class_names(args, ds, name)
         model = restore(ckpt, args, texts, zh, device, path)
-    video = load_video(cli.video, args.frames, clip.ARCHS[args.arch]["image_resolution"])  # (1, T, 3, S, S)
+    video, _ = load_video(cli.video, args.frames, clip.ARCHS[args.arch]["image_resolution"])  # (1, T, 3, S, S)
     K = len(texts)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         out = model(video.to(device), None, torch.arange(K, device=device))
