@@ -33,10 +33,15 @@ Interface used by the training engine:
   items (dicts that torch's default collate batches):
     train  {"video": (T, 3, H, W) float, CLIP mean/std, "label": int, "index": int, "replaced": 0/1}
     test   {"video": (V, T, 3, H, W), V = clips x crops views of one video (clip-major), "label", "index",
-            "replaced"}
-  A sample whose file is corrupt, truncated, empty or undecodable is replaced by the next readable sample of
-  the same class (fixed order, so deterministic), the path is logged once with its reason (once over all worker
-  processes), and "replaced" is 1: the engine's epoch summary sums batch["replaced"] or asks bad_count().
+            "replaced" (always 0), "skipped"}
+  A training sample whose file is corrupt, truncated, empty or undecodable is replaced by the next readable
+  sample of the same class (fixed order, so deterministic), the path is logged once with its reason (once over
+  all worker processes), and "replaced" is 1: the engine's epoch summary sums batch["replaced"] or asks
+  bad_count(); a class with no readable training video raises UnreadableClass. A test sample is never
+  replaced (an evaluation must not score a substitute): its item is a zero placeholder with "skipped" 1, which
+  the engine drops and counts.
+Split, list and class files: LF or CRLF, blank lines and `#` comments skipped, file names may hold spaces (the
+label or id is the last token), every error names file:line, a missing video is named with the line listing it.
   chinese_labels(dataset, class_names, path=None), class_text(name), few_shot(...), zero_shot_protocol(...).
 
 Decoding: PyAV with codec threading. Each video is demuxed once per process (packets only, no decoding, a few
@@ -47,7 +52,7 @@ to the frame; only needed frames are converted to RGB. The gain depends on the k
 mpeg4 / short GOPs (HMDB51, UCF101), small for files with one keyframe every 250 frames.
 
 CLI: `python data.py --dataset NAME --root DIR [--split K] --check` decodes every video once and lists the bad
-ones (exit 1 if any); `python data.py --bench` compares this loader with a decode-everything loader.
+ones (exit 1 if any) and the videos of hmdb51 / ucf101 class folders that no split file names; `python data.py --bench` compares this loader with a decode-everything loader.
 """
 import argparse
 import bisect
@@ -98,6 +103,17 @@ SYNTHETIC_CHINESE = {"moving left": "向左移动", "moving right": "向右移�
 
 class BadVideo(Exception):
     """A video (or frame folder) that cannot be read; the message is the reason."""
+
+
+class UnreadableClass(Exception):
+    """Every training video of a class is unreadable, so none can stand in for another (a user-facing error)."""
+
+    def __init__(self, message):
+        # Raised in a DataLoader worker, it comes back as "Caught UnreadableClass in DataLoader worker ...
+        # Original Traceback ... data.UnreadableClass: <message>": keep the one line meant for the user.
+        if "Original Traceback" in message:
+            message = message.rstrip().splitlines()[-1].partition("UnreadableClass: ")[2] or message
+        super().__init__(message)
 
 
 # ----------------------------------------------------------------------------------------------- class names
@@ -151,7 +167,9 @@ def chinese_labels(dataset, class_names, path=None):
             text = f.read()
         try:
             table = json.loads(text)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as e:
+            if text.lstrip("\ufeff \t\r\n")[:1] in ("{", "["):  # meant as JSON: its error, not the tab format's
+                raise ValueError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
             table = {}
             for n, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
@@ -516,7 +534,8 @@ class _Base(torch.utils.data.Dataset):
             return  # another worker logged it
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(f"{path}\t{reason}")
-        log.warning("bad video %s (%s): replaced by another video of its class", path, reason)
+        what = "replaced by another video of its class" if self.mode == "train" else "skipped: not scored"
+        log.warning("bad video %s (%s): %s", path, reason, what)
 
     def bad_files(self):
         """{path: reason} for every unreadable video met so far in this process or its workers."""
@@ -558,6 +577,20 @@ class _Base(torch.utils.data.Dataset):
     def __getitem__(self, index):
         path, label = self.samples[index]
         rng = self._rng(index)
+        if self.mode == "test":
+            # An evaluation scores only real videos: an unreadable one is never replaced; its item holds a zero
+            # placeholder marked "skipped", which the engine drops before the forward pass and counts.
+            video = None
+            if not self._is_bad(path):
+                try:
+                    video = self._load(index, rng)
+                except BadVideo as e:
+                    self._mark_bad(path, str(e))
+            skipped = video is None
+            if skipped:
+                S = self.input_size
+                video = torch.zeros(self.clips * self.crops, self.T, 3, S, S)  # (V, T, 3, S, S)
+            return {"video": video, "label": label, "index": index, "replaced": 0, "skipped": int(skipped)}
         members = self._by_class[label]
         start = bisect.bisect_left(members, index)  # members are ascending sample indices
         for j in members[start:] + members[:start]:  # itself first, then its class in a fixed order
@@ -570,8 +603,11 @@ class _Base(torch.utils.data.Dataset):
                 self._mark_bad(cand, str(e))
                 continue
             return {"video": video, "label": label, "index": index, "replaced": int(j != index)}
-        raise RuntimeError(f"every video of class {self.classes[label]!r} is unreadable: "
-                           f"{[self.samples[j][0] for j in members]}")
+        bad = self.bad_files()
+        raise UnreadableClass(
+            f"every training video of class {self.classes[label]!r} is unreadable ({len(members)} videos, e.g. "
+            f"{path}: {bad.get(path, 'unreadable')}); list the bad files with `python data.py --dataset "
+            f"{self.name} --root DIR --check`, then repair them or drop them from the split")
 
     def _clip_indices(self, n, rng):
         if self.mode == "train":
@@ -714,15 +750,30 @@ def _need(path, what, name):
     return path
 
 
+def _numbered_lines(path):
+    """(line number, text) of every line of a split, list or class file that holds something: LF or CRLF
+    endings, surrounding whitespace stripped, blank lines and `#` comment lines skipped; the numbers count
+    every line of the file, so errors can say file:line."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first name
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return [(n, t.strip()) for n, t in enumerate(lines, 1) if t.strip() and not t.lstrip().startswith("#")]
+
+
 def _read_lines(path):
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+    return [text for _, text in _numbered_lines(path)]
 
 
-def _check_on_disk(samples, name, is_dir=False):
+def _check_on_disk(samples, name, is_dir=False, where=None):
+    """Every sample is on disk; else the first missing one named with the file:line that lists it."""
     missing = [p for p, _ in samples if not (os.path.isdir(p) if is_dir else os.path.isfile(p))]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} {name} split entries are not on disk, e.g. {missing[:5]}; "
+        first = missing[0]
+        origin = f"{where[first]}: " if where and first in where else ""
+        more = f" (and {len(missing) - 1} more of {len(samples)} entries, e.g. {missing[1:4]})" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"{origin}{'frame folder' if is_dir else 'video'} {first} is not on disk{more}; "
                                 f"{name} expects {LAYOUTS[name]}")
 
 
@@ -742,13 +793,18 @@ def _hmdb51(root, split, part):
         raise FileNotFoundError(f"no *{suffix} in {split_dir}; hmdb51 expects {LAYOUTS['hmdb51']}")
     classes = [f[:-len(suffix)] for f in files]
     ids = {"train": {"1"}, "test": {"2"}, "all": {"0", "1", "2"}}[part]  # 1 train, 2 test, 0 unused
-    samples = []
+    samples, where = [], {}
     for label, (cls, file) in enumerate(zip(classes, files)):
-        for line in _read_lines(os.path.join(split_dir, file)):
-            video, vid = line.split()[:2]
-            if vid in ids:
-                samples.append((os.path.join(root, cls, video), label))
-    _check_on_disk(samples, "hmdb51")
+        path = os.path.join(split_dir, file)
+        for n, line in _numbered_lines(path):
+            parts = line.rsplit(None, 1)  # the id is the last token; a file name may hold spaces
+            if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
+                raise ValueError(f"{path}:{n}: expected `<video> <id>` with id 0 (unused), 1 (train) or 2 (test), "
+                                 f"got {line!r}")
+            if parts[1] in ids:
+                samples.append((os.path.join(root, cls, parts[0]), label))
+                where[samples[-1][0]] = f"{path}:{n}"
+    _check_on_disk(samples, "hmdb51", where=where)
     return classes, samples
 
 
@@ -756,19 +812,32 @@ def _ucf101(root, split, part):
     videos = os.path.join(root, "UCF-101")
     videos = videos if os.path.isdir(videos) else root
     lists = _need(os.path.join(root, "ucfTrainTestlist"), "split folder", "ucf101")
-    index = [line.split() for line in _read_lines(_need(os.path.join(lists, "classInd.txt"), "file", "ucf101"))]
-    classes = [name for _, name in sorted(index, key=lambda x: int(x[0]))]  # classInd ids are 1-based
+    class_file = _need(os.path.join(lists, "classInd.txt"), "file", "ucf101")
+    index = []
+    for n, line in _numbered_lines(class_file):
+        parts = line.split(None, 1)
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise ValueError(f"{class_file}:{n}: expected `<id> <ClassName>`, got {line!r}")
+        index.append((int(parts[0]), parts[1]))
+    classes = [name for _, name in sorted(index)]  # classInd ids are 1-based
     by_name = {c.lower(): i for i, c in enumerate(classes)}
-    samples = []
+    samples, where = [], {}
     for kind in (("train", "test") if part == "all" else (part,)):
         file = _need(os.path.join(lists, f"{kind}list0{split}.txt"), "split file", "ucf101")
-        for line in _read_lines(file):
-            rel = line.split()[0]
+        for n, line in _numbered_lines(file):
+            parts = line.rsplit(None, 1)  # trainlist: `<Class>/<video> <id>`, testlist: `<Class>/<video>`
+            labelled = len(parts) == 2 and parts[1].isdigit()
+            rel = parts[0] if labelled else line
             cls = rel.split("/")[0]
-            if cls.lower() not in by_name:
-                raise ValueError(f"{file}: class folder {cls!r} of {rel!r} is not in classInd.txt")
-            samples.append((os.path.join(videos, rel), by_name[cls.lower()]))
-    _check_on_disk(samples, "ucf101")
+            if "/" not in rel or cls.lower() not in by_name:
+                raise ValueError(f"{file}:{n}: class folder {cls!r} of {rel!r} is not in classInd.txt (expected "
+                                 f"`<Class>/<video>` lines)")
+            label = by_name[cls.lower()]
+            if labelled and int(parts[1]) != label + 1:
+                raise ValueError(f"{file}:{n}: id {parts[1]} of {rel!r}, but classInd.txt gives {cls} id {label + 1}")
+            samples.append((os.path.join(videos, rel), label))
+            where[samples[-1][0]] = f"{file}:{n}"
+    _check_on_disk(samples, "ucf101", where=where)
     return classes, samples
 
 
@@ -777,15 +846,19 @@ def _ssv1(root, part):
     frames = frames if os.path.isdir(frames) else root
     classes = _read_lines(_need(os.path.join(root, "something-something-v1-labels.csv"), "label file", "ssv1"))
     by_name = {c: i for i, c in enumerate(classes)}
-    samples = []
+    samples, where = [], {}
     for kind in (("train", "validation") if part == "all" else ("train" if part == "train" else "validation",)):
         file = _need(os.path.join(root, f"something-something-v1-{kind}.csv"), "split file", "ssv1")
-        for line in _read_lines(file):
+        for n, line in _numbered_lines(file):
+            if ";" not in line:
+                raise ValueError(f"{file}:{n}: expected `<id>;<label>`, got {line!r}")
             vid, label = line.split(";", 1)
             if label not in by_name:
-                raise ValueError(f"{file}: label {label!r} of video {vid} is not in something-something-v1-labels.csv")
+                raise ValueError(f"{file}:{n}: label {label!r} of video {vid} is not in "
+                                 f"something-something-v1-labels.csv")
             samples.append((os.path.join(frames, vid), by_name[label]))
-    _check_on_disk(samples, "ssv1", is_dir=True)
+            where[samples[-1][0]] = f"{file}:{n}"
+    _check_on_disk(samples, "ssv1", is_dir=True, where=where)
     return classes, samples
 
 
@@ -800,7 +873,7 @@ def _k400_split_dir(root, kind):
 def _k400(root, part):
     kinds = ("train", "test") if part == "all" else (part,)
     ann = os.path.join(root, "annotations")
-    samples, classes = [], None
+    samples, classes, where = [], None, {}
     if os.path.isdir(ann):
         def csv_for(kind):
             for n in (("train",) if kind == "train" else ("val", "validate", "validation")):
@@ -809,19 +882,33 @@ def _k400(root, part):
             raise FileNotFoundError(f"no train/val CSV in {ann}; k400 expects {LAYOUTS['k400']}")
 
         def rows(kind):
-            with open(csv_for(kind), newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f))
-        classes = sorted({r["label"] for r in rows("train")})
+            """(file:line, label, file name) of each row of the split's CSV."""
+            path = csv_for(kind)
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f)
+                need = ("label", "youtube_id", "time_start", "time_end")
+                if reader.fieldnames is None or not set(need) <= set(reader.fieldnames):
+                    raise ValueError(f"{path}:1: header {reader.fieldnames} lacks columns of {','.join(need)}")
+                out = []
+                for r in reader:
+                    try:
+                        file = f"{r['youtube_id']}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}.mp4"
+                    except (TypeError, ValueError):
+                        raise ValueError(f"{path}:{reader.line_num}: expected label,youtube_id,time_start,time_end,"
+                                         f"... with numeric times, got {r}") from None
+                    out.append((f"{path}:{reader.line_num}", r["label"], file))
+                return out
+        classes = sorted({label for _, label, _ in rows("train")})
         by_name = {c: i for i, c in enumerate(classes)}
         for kind in kinds:
             sub = _k400_split_dir(root, kind)
-            for r in rows(kind):
-                file = f"{r['youtube_id']}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}.mp4"
-                nested = os.path.join(root, sub, r["label"], file)
+            for origin, label, file in rows(kind):
+                nested = os.path.join(root, sub, label, file)
                 path = nested if os.path.exists(nested) else os.path.join(root, sub, file)
-                if r["label"] not in by_name:
-                    raise ValueError(f"{csv_for(kind)}: label {r['label']!r} is not a training class")
-                samples.append((path, by_name[r["label"]]))
+                if label not in by_name:
+                    raise ValueError(f"{origin}: label {label!r} is not a training class")
+                samples.append((path, by_name[label]))
+                where[path] = origin
     else:
         train_dir = os.path.join(root, _k400_split_dir(root, "train"))
         classes = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
@@ -842,33 +929,36 @@ def _k400(root, part):
     if official is not None and sorted(official) == classes:
         remap = {i: official.index(c) for i, c in enumerate(classes)}
         classes, samples = official, [(p, remap[l]) for p, l in samples]
-    _check_on_disk(samples, "k400")
+    _check_on_disk(samples, "k400", where=where)
     return classes, samples
 
 
 def read_class_file(path):
     """Class names from a file of one name per line, or an `id,name` CSV (header optional)."""
-    lines = _read_lines(_need(path, "class file", "list"))
-    if lines and all("," in l for l in lines):
-        rows = [l.split(",", 1) for l in lines]
-        if not rows[0][0].strip().isdigit():
+    lines = _numbered_lines(_need(path, "class file", "list"))
+    if lines and all("," in l for _, l in lines):
+        rows = [(n, *l.split(",", 1)) for n, l in lines]
+        if not rows[0][1].strip().isdigit():
             rows = rows[1:]  # header such as id,name
-        return [name.strip() for _, name in sorted(rows, key=lambda r: int(r[0]))]
-    return lines
+        for n, i, _ in rows:
+            if not i.strip().isdigit():
+                raise ValueError(f"{path}:{n}: expected `<id>,<name>` with an integer id, got {i.strip()!r}")
+        return [name.strip() for _, _, name in sorted(rows, key=lambda r: int(r[1]))]
+    return [l for _, l in lines]
 
 
 def _list(root, list_file, class_file):
     if list_file is None or class_file is None:
         raise ValueError("dataset 'list' needs list_file (--list-file) and class_file (--class-file)")
     classes = read_class_file(class_file)
-    samples, counts, kinds = [], {}, set()
-    for n, line in enumerate(_read_lines(_need(list_file, "list file", "list")), 1):
-        parts = line.split()
-        if len(parts) >= 3 and parts[-2].isdigit() and parts[-1].lstrip("-").isdigit():
-            path, count, label = " ".join(parts[:-2]), int(parts[-2]), int(parts[-1])
+    samples, counts, kinds, where = [], {}, set(), {}
+    for n, line in _numbered_lines(_need(list_file, "list file", "list")):
+        parts = line.rsplit(None, 2)  # the numbers are the last tokens; a path may hold spaces
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].lstrip("-").isdigit():
+            path, count, label = parts[0], int(parts[1]), int(parts[2])
             kinds.add("frames")
         elif len(parts) >= 2 and parts[-1].lstrip("-").isdigit():
-            path, count, label = " ".join(parts[:-1]), None, int(parts[-1])
+            path, count, label = line.rsplit(None, 1)[0], None, int(parts[-1])
             kinds.add("video")
         else:
             raise ValueError(f"{list_file}:{n}: expected `path label` or `dir num_frames label`, got {line!r}")
@@ -876,12 +966,13 @@ def _list(root, list_file, class_file):
             raise ValueError(f"{list_file}:{n}: label {label} outside 0..{len(classes) - 1} of {class_file}")
         path = os.path.join(root, path) if root else path
         samples.append((path, label))
+        where[path] = f"{list_file}:{n}"
         if count is not None:
             counts[path] = count
     if len(kinds) > 1:
         raise ValueError(f"{list_file}: mixes video lines and frame-folder lines; use one kind per list")
     frame_dirs = kinds == {"frames"}
-    _check_on_disk(samples, "list", is_dir=frame_dirs)
+    _check_on_disk(samples, "list", is_dir=frame_dirs, where=where)
     return classes, samples, frame_dirs, counts
 
 
@@ -923,6 +1014,9 @@ def build_dataset(name, root=None, split=1, mode="train", frames=8, input_size=2
             classes, samples = _k400(root, mode)
         else:
             classes, samples, frame_dirs, counts = _list(root, list_file, class_file)
+        if not samples:
+            raise ValueError(f"{name} split {split} {mode}: the split files list no videos for this part; "
+                             f"{name} expects {LAYOUTS[name]}")
         if name != "list" or mode == "train":
             _check_classes(samples, classes, name, mode)
         if name == "ssv1" and flip:
@@ -1022,6 +1116,36 @@ class _CheckAll(torch.utils.data.Dataset):
             return i, 0, str(e)
 
 
+def unlisted_videos(name, root):
+    """Videos inside the class folders of an hmdb51 or ucf101 root that no split file of any split names (a
+    class folder without a split file included): the loaders never read them, so --check reports them."""
+    listed, folders = set(), []
+    if name == "hmdb51":
+        split_dir = os.path.join(root, "testTrainMulti_7030_splits")
+        for file in sorted(os.listdir(split_dir)):
+            cls, sep, _ = file.partition("_test_split")
+            if sep:
+                listed |= {os.path.join(root, cls, line.rsplit(None, 1)[0])
+                           for line in _read_lines(os.path.join(split_dir, file))}
+        folders = [os.path.join(root, d) for d in sorted(os.listdir(root)) if d != "testTrainMulti_7030_splits"]
+    elif name == "ucf101":
+        videos = os.path.join(root, "UCF-101")
+        videos = videos if os.path.isdir(videos) else root
+        lists = os.path.join(root, "ucfTrainTestlist")
+        for file in sorted(os.listdir(lists)):
+            if file.startswith(("trainlist", "testlist")):
+                for line in _read_lines(os.path.join(lists, file)):
+                    parts = line.rsplit(None, 1)
+                    listed.add(os.path.join(videos, parts[0] if len(parts) == 2 and parts[1].isdigit() else line))
+        folders = [os.path.join(videos, d) for d in sorted(os.listdir(videos)) if d != "ucfTrainTestlist"]
+    out = []
+    for folder in folders:
+        if os.path.isdir(folder):
+            out += [os.path.join(folder, f) for f in sorted(os.listdir(folder))
+                    if f.lower().endswith(VIDEO_EXTS) and os.path.join(folder, f) not in listed]
+    return out
+
+
 def check(name, root, split=1, workers=None, list_file=None, class_file=None, filename_tmpl="img_{:05d}.jpg",
           out=None):
     """Print each split's size and frame counts, decode every video once; return the number of bad files."""
@@ -1050,6 +1174,11 @@ def check(name, root, split=1, workers=None, list_file=None, class_file=None, fi
             print(f"  BAD {path}: {reason}", file=out)
         print(f"  {len(bad_here)} bad of {len(ds)}", file=out)
         bad += len(bad_here)
+    unlisted = unlisted_videos(name, root) if name in ("hmdb51", "ucf101") else []
+    if unlisted:
+        print(f"{name}: {len(unlisted)} videos in class folders are in no split file (never read):", file=out)
+        for path in unlisted:
+            print(f"  UNLISTED {path}", file=out)
     return bad
 
 
@@ -1138,6 +1267,7 @@ def main(argv=None):
     p.add_argument("--check", action="store_true", help="decode every video once, list bad files, exit 1 if any")
     p.add_argument("--bench", action="store_true", help="clips/s of this loader vs a decode-everything loader")
     p.add_argument("--bench-videos", type=int, default=12, help="videos per codec in --bench")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also: DEBUG=1)")
     args = p.parse_args(argv)
     if args.bench:
         bench(videos=args.bench_videos)
@@ -1149,7 +1279,9 @@ def main(argv=None):
         bad = check(args.dataset, args.root, args.split, args.workers, args.list_file, args.class_file,
                     args.filename_tmpl)
     except (OSError, ValueError, KeyError) as e:  # layout errors: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
+        if args.debug or os.environ.get("DEBUG") == "1":
+            raise
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
     return 1 if bad else 0
 

@@ -1442,6 +1442,114 @@ def test_data_long_gop_frames_exact(tmp_path):
     assert [int((c << np.arange(7)).sum()) for c in code] == want
 
 
+# ------------------------------------------------------------------------------------ split and list files (faults)
+def _hmdb_root(tmp_path, lines_by_class, videos=()):
+    """An hmdb51 root: split-1 files with the given raw text per class, and the named videos on disk."""
+    root = tmp_path / "hm"
+    (root / "testTrainMulti_7030_splits").mkdir(parents=True)
+    for cls, text in lines_by_class.items():
+        (root / cls).mkdir(exist_ok=True)
+        (root / "testTrainMulti_7030_splits" / f"{cls}_test_split1.txt").write_bytes(text.encode())
+    for rel in videos:
+        (root / rel).parent.mkdir(exist_ok=True)
+        data.write_video(str(root / rel), gray_video(4))
+    return root
+
+
+def test_data_split_files_names_with_spaces_crlf_comments(tmp_path):
+    text = "# HMDB51 split 1\r\n\r\nmy first clip.avi 1 \r\nclip2.avi 2\r\n   \r\n"
+    root = _hmdb_root(tmp_path, {"jump": text}, ["jump/my first clip.avi", "jump/clip2.avi"])
+    train = data.build_dataset("hmdb51", str(root), mode="train", frames=2, input_size=32)
+    test = data.build_dataset("hmdb51", str(root), mode="test", frames=2, input_size=32)
+    assert names(train) == ["my first clip.avi"] and names(test) == ["clip2.avi"]
+    lst = tmp_path / "list.txt"
+    lst.write_bytes(b"# path label\r\n\r\njump/my first clip.avi 0\r\n")
+    (tmp_path / "classes.txt").write_bytes(b"jump\r\n")
+    ds = data.build_dataset("list", str(root), list_file=str(lst), class_file=str(tmp_path / "classes.txt"))
+    assert names(ds) == ["my first clip.avi"] and ds.classes == ["jump"]
+
+
+def test_data_split_line_errors_name_file_and_line(tmp_path):
+    root = _hmdb_root(tmp_path, {"jump": "a.avi 1\n\nlonely_token.avi\n"}, ["jump/a.avi"])
+    with pytest.raises(ValueError, match=r"jump_test_split1.txt:3: expected `<video> <id>`.*'lonely_token.avi'"):
+        data.build_dataset("hmdb51", str(root))
+    (root / "testTrainMulti_7030_splits" / "jump_test_split1.txt").write_text("a.avi 7\n")
+    with pytest.raises(ValueError, match=r"split1.txt:1: .*id 0 \(unused\), 1 \(train\) or 2"):
+        data.build_dataset("hmdb51", str(root))
+    ssv1 = tmp_path / "ss"
+    ssv1.mkdir()
+    (ssv1 / "something-something-v1-labels.csv").write_text("Pushing\n")
+    (ssv1 / "something-something-v1-train.csv").write_text("# id;label\n1 Pushing\n")
+    with pytest.raises(ValueError, match=r"train.csv:2: expected `<id>;<label>`"):
+        data.build_dataset("ssv1", str(ssv1))
+    lst, cls = tmp_path / "l.txt", tmp_path / "c.txt"
+    cls.write_text("a\n")
+    lst.write_text("\n\nx.mp4 zero\n")  # the blank lines count: line 3
+    with pytest.raises(ValueError, match=r"l.txt:3: expected `path label`"):
+        data.build_dataset("list", str(tmp_path), list_file=str(lst), class_file=str(cls))
+    ucf = tmp_path / "ucf"
+    (ucf / "ucfTrainTestlist").mkdir(parents=True)
+    (ucf / "ucfTrainTestlist" / "classInd.txt").write_text("1 Jump\nRun\n")
+    with pytest.raises(ValueError, match=r"classInd.txt:2: expected `<id> <ClassName>`"):
+        data.build_dataset("ucf101", str(ucf))
+
+
+def test_data_missing_video_is_named_with_its_line(tmp_path):
+    root = _hmdb_root(tmp_path, {"jump": "a.avi 1\nghost.avi 1\n"}, ["jump/a.avi"])
+    with pytest.raises(FileNotFoundError, match=r"jump_test_split1.txt:2: video \S*ghost.avi is not on disk"):
+        data.build_dataset("hmdb51", str(root))
+
+
+def test_data_empty_split_says_so(tmp_path):
+    root = _hmdb_root(tmp_path, {"jump": "a.avi 0\n", "run": "# nothing\n"}, ["jump/a.avi"])
+    with pytest.raises(ValueError, match="hmdb51 split 1 train: the split files list no videos"):
+        data.build_dataset("hmdb51", str(root))
+
+
+def test_data_class_without_readable_training_video_is_one_line(tmp_path):
+    root = _hmdb_root(tmp_path, {"jump": "a.avi 1\nb.avi 1\n", "run": "c.avi 1\n"}, ["run/c.avi"])
+    (root / "jump" / "a.avi").write_bytes(b"")
+    (root / "jump" / "b.avi").write_bytes(np.random.default_rng(0).bytes(3000))
+    ds = data.build_dataset("hmdb51", str(root), frames=2, input_size=32)
+    with pytest.raises(data.UnreadableClass) as e:  # raised in a worker process, one line in the main one
+        list(torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("every training video of class 'jump' is unreadable (2 videos")
+    assert "--check" in msg
+
+
+def test_data_test_videos_are_skipped_never_replaced(tmp_path, caplog):
+    root = _hmdb_root(tmp_path, {"jump": "a.avi 2\nb.avi 2\n"}, ["jump/a.avi"])
+    (root / "jump" / "b.avi").write_bytes(b"garbage")
+    ds = data.build_dataset("hmdb51", str(root), mode="test", frames=2, input_size=32, views="4x3")
+    order = names(ds)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        items = [ds[i] for i in range(len(ds))]
+    good, bad = (items[[os.path.basename(p) for p, _ in ds.samples].index(n)] for n in order)
+    assert (good["skipped"], good["replaced"]) == (0, 0) and good["video"].abs().sum() > 0
+    assert (bad["skipped"], bad["replaced"]) == (1, 0) and bad["video"].shape == good["video"].shape
+    assert not bad["video"].any()  # a placeholder, not another video's frames
+    assert "b.avi" in caplog.text and "skipped: not scored" in caplog.text
+
+
+def test_data_check_reports_unlisted_videos_once(tmp_path, capsys):
+    root = _hmdb_root(tmp_path, {"jump": "a.avi 1\nb.avi 2\n"},
+                      ["jump/a.avi", "jump/b.avi", "jump/forgotten.avi", "newclass/x.avi"])
+    assert data.main(["--dataset", "hmdb51", "--root", str(root), "--check", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("2 videos in class folders are in no split file") == 1
+    assert out.count("forgotten.avi") == 1 and out.count(os.path.join("newclass", "x.avi")) == 1
+
+
+def test_data_chinese_labels_malformed_json_reports_the_json_error(tmp_path):
+    path = tmp_path / "zh.json"
+    path.write_text('{"jump": "跳",\n "run": }\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"zh.json:2:9: malformed JSON: Expecting value"):
+        data.chinese_labels("custom", ["jump", "run"], str(path))
+    path.write_text("jump\t跳\nrun\t跑\n", encoding="utf-8")  # the tab format still reads
+    assert data.chinese_labels("custom", ["jump", "run"], str(path)) == ["跳", "跑"]
+
+
 # ==============================================================================================================
 # TPR (prompts.py TPR section, reparam.py, text_branches.py loss and fusion)
 # (from tpr tests)
@@ -2551,7 +2659,6 @@ def test_engine_scores_a_users_own_video(tpr_run, tmp_path, capsys):
     assert all(f"{p * 100:6.2f}%  {l}" in printed for l, p in ranked)
     assert len(weights) == 8 and abs(sum(weights) - 1) < 1e-4  # word-guided weights of the 8 sampled frames
     assert Image.open(png).size[0] >= 8 * 128  # one thumbnail per sampled frame
-    # Custom labels: the model has a Chinese branch, so it asks for their Chinese labels, then scores them.
     # Custom labels on a model with a Chinese branch: labels of a dataset take their Chinese labels from its
     # dictionary, exactly as from a file holding the same entries.
     from_dictionary, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "moving left,growing"])
@@ -2604,6 +2711,255 @@ def test_engine_mean_pooling_baseline_cannot_order_frames(tmp_path):
     r = train.main(["--dataset", "synthetic", "--random-init", "--workers", "0", "--synthetic-videos", "16",
                     "--epochs", "0", "--output", str(tmp_path / "m")] + CLIP_ROW)
     assert r["final"]["protocol"]["videos"] == 128 and r["final"]["top1"] <= 60, r["final"]
+
+
+# ------------------------------------------------------------------------------------ faults and bad input
+def cli(capsys, main, argv):
+    """A script's command-line entry (train.cli_main) in this process: (exit code, stderr)."""
+    capsys.readouterr()
+    code = train.cli_main(main, argv)
+    return code, capsys.readouterr().err
+
+
+def assert_one_line(code, err, *words):
+    """Exit code 2, the error on one line (after any warnings, e.g. RANDOM-INIT's), no traceback."""
+    lines = err.strip().splitlines()
+    assert code == 2 and lines and lines[-1].startswith("error: "), (code, err)
+    assert sum(l.startswith("error: ") for l in lines) == 1 and "Traceback" not in err, err
+    assert all(w in lines[-1] for w in words), err
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--frames", "0"], ["--frames 0", ">= 1"]), (["--frames", "-3"], ["--frames -3"]),
+    (["--batch-size", "0"], ["--batch-size 0", ">= 1"]), (["--lr", "-1"], ["--lr -1.0", "> 0"]),
+    (["--lr", "0"], ["--lr 0.0"]), (["--epochs", "-1"], ["--epochs -1"]), (["--workers", "-2"], ["--workers -2"]),
+    (["--print-every", "0"], ["--print-every 0"]), (["--lam", "1.5"], ["--lam 1.5", "[0, 1]"]),
+    (["--prefix", "a video"], ["--prefix 'a video'", "{}"])])
+def test_engine_bad_values_are_one_line_before_any_folder(argv, words, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = cli(capsys, train.main, SMALL + argv + ["--output", str(out)])
+    assert_one_line(code, err, *words)
+    assert not out.exists()
+
+
+def test_engine_bad_paths_are_one_line(tmp_path, capsys):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    assert_one_line(*cli(capsys, train.main, ["--dataset", "hmdb51", "--root", str(a_file)]), str(a_file), "is a file")
+    assert_one_line(*cli(capsys, train.main, SMALL + ["--output", str(a_file)]), "--output", "existing file")
+    assert_one_line(*cli(capsys, train.main, ["--resume", str(tmp_path / "nowhere")]), "nowhere")
+    assert_one_line(*cli(capsys, evaluate.main, ["--checkpoint", str(a_file), "--views", "5x5"]), "5x5", "1 or 3")
+    assert_one_line(*cli(capsys, evaluate.main, ["--checkpoint", str(tmp_path / "none.pt")]), "none.pt")
+
+
+def test_engine_bad_split_files_are_one_line(tmp_path, capsys):
+    root = tmp_path / "hm"
+    (root / "testTrainMulti_7030_splits").mkdir(parents=True)
+    (root / "jump").mkdir()
+    split = root / "testTrainMulti_7030_splits" / "jump_test_split1.txt"
+    base = ["--dataset", "hmdb51", "--root", str(root), "--arch", "tiny", "--random-init", "--no-chinese",
+            "--workers", "0", "--output", str(tmp_path / "run")]
+    for text, words in (("ghost.avi 1\n", ["split1.txt:1", "ghost.avi", "not on disk"]),
+                        ("onetoken.avi\n", ["split1.txt:1", "onetoken.avi"]),
+                        ("a.avi 0\n", ["split files list no videos"])):
+        split.write_text(text)
+        assert_one_line(*cli(capsys, train.main, base), *words)
+    # a class whose every training video is unreadable: one line, from inside the training loop
+    (root / "jump" / "a.avi").write_bytes(b"")
+    split.write_text("a.avi 1\n")
+    assert_one_line(*cli(capsys, train.main, base + ["--batch-size", "1", "--epochs", "1"]),
+                    "every training video of class 'jump' is unreadable")
+
+
+def test_engine_bad_checkpoints_are_one_line(tpr_run, tmp_path, capsys):
+    good = open(os.path.join(tpr_run, "last.pt"), "rb").read()
+    for name, content in (("truncated", good[: len(good) // 2]), ("garbage", os.urandom(4096)), ("empty", b"")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "last.pt").write_bytes(content)
+        assert_one_line(*cli(capsys, train.main, ["--resume", str(folder)]), "not a readable checkpoint")
+        assert_one_line(*cli(capsys, evaluate.main, ["--checkpoint", str(folder)]), "not a readable checkpoint")
+
+
+def test_engine_entry_point_prints_one_line_and_exit_2(tmp_path):
+    p = run(SMALL + ["--frames", "0", "--output", str(tmp_path / "r")], check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == ["error: --frames 0: must be >= 1"], p.stderr
+    p = run(SMALL + ["--frames", "0", "--debug"], check=False)  # --debug: the traceback
+    assert p.returncode == 1 and "Traceback" in p.stderr and "UsageError: --frames 0" in p.stderr
+
+
+def test_engine_resume_extends_epochs_and_takes_new_lr(tmp_path):
+    import argparse
+    out = str(tmp_path / "r")
+    train.main(SMALL + ["--epochs", "1", "--eval-every", "0", "--output", out])
+    r = train.main(["--resume", out, "--epochs", "2", "--lr", "1e-3", "--workers", "0", "--print-every", "2"])
+    ck = trainable(out)
+    assert (ck["epoch"], ck["step"]) == (2, 8) and ck["args"]["epochs"] == 2 and ck["args"]["lr"] == 1e-3
+    args = argparse.Namespace(**ck["args"])
+    logged = {m["step"]: m["lr"] for m in metrics(out) if m["kind"] == "train" and m["step"] > 4}
+    assert sorted(logged) == [6, 8]  # --print-every 2 taken too
+    for step, lr in logged.items():  # the cosine of a run launched with --epochs 2 --lr 1e-3
+        assert lr == pytest.approx(train.lr_at(step - 1, args, 4), rel=1e-12)
+    assert r["final"] is not None
+    # at an epoch's start any batch size maps: epoch 3 in 2 steps of 8, global step 2 x 2 + 2 of the new schedule
+    train.main(["--resume", out, "--epochs", "3", "--batch-size", "8", "--workers", "0"])
+    ck = trainable(out)
+    assert (ck["epoch"], ck["step"], ck["args"]["batch_size"]) == (3, 6, 8)
+
+
+def test_engine_ctrl_c_outside_training_is_one_line(capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    assert train.cli_main(interrupted, []) == 130
+    assert capsys.readouterr().err == "interrupted (Ctrl-C) outside a training step: nothing new was saved\n"
+
+
+def test_engine_evaluate_metrics_give_scored_and_skipped(tpr_run):
+    res = evaluate.main(["--checkpoint", tpr_run, tpr_run, "--views", "1x1", "--workers", "0",
+                         "--output", os.path.join(tpr_run, "eval2")])
+    assert [(r["scored"], r["skipped"], r["skipped_files"]) for r in res["results"]] == [(16, 0, [])] * 2
+    assert (res["summary"][0]["scored"], res["summary"][0]["skipped"]) == (32, 0)
+    evals = [m for m in metrics(tpr_run) if m["kind"] == "eval"]
+    assert evals and all((m["scored"], m["skipped"]) == (16, 0) for m in evals)
+
+
+def test_engine_resume_refuses_model_and_data_flags_by_name(tpr_run, tmp_path):
+    with pytest.raises(train.UsageError) as e:
+        train.main(["--resume", tpr_run, "--frames", "16", "--arch", "ViT-B/32", "--epochs", "4"])
+    msg = str(e.value)
+    assert "--frames 8 -> 16" in msg and "--arch tiny -> ViT-B/32" in msg and "--epochs" not in msg
+    ck = trainable(tpr_run)  # stopped 3 steps of batch 4 = 12 videos into an epoch: batch 8 cannot continue it
+    ck["epoch_step"], ck["epoch"], ck["step"] = 3, 1, 7
+    (tmp_path / "mid").mkdir()
+    torch.save(ck, tmp_path / "mid" / "last.pt")
+    with pytest.raises(train.UsageError, match="--batch-size 8: the run stopped 12 videos into epoch 2"):
+        train.main(["--resume", str(tmp_path / "mid"), "--batch-size", "8"])
+
+
+def test_engine_sigterm_saves_exits_requeue_and_resume_is_exact(tpr_run, tmp_path):
+    out = str(tmp_path / "term")
+    p = run(SMALL + ["--method", "tpr", "--epochs", "3", "--eval-every", "0", "--kill-at-step", "6",
+                     "--kill-signal", "SIGTERM", "--output", out], check=False)
+    assert p.returncode == train.REQUEUE_EXIT, (p.returncode, p.stderr[-2000:])
+    last = p.stderr.strip().splitlines()[-1]  # after the RANDOM-INIT warnings
+    assert last.startswith("stopped: SIGTERM after step 2/4 of epoch 2") and "Traceback" not in p.stderr, p.stderr
+    ck = trainable(out)
+    assert (ck["epoch"], ck["epoch_step"], ck["step"]) == (1, 2, 6)  # the step in progress finished and was saved
+    run(["--resume", out, "--workers", "0"])
+    a, b = trainable(tpr_run)["trainable"], trainable(out)["trainable"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_engine_sigint_saves_and_exits_requeue(tmp_path):
+    out = str(tmp_path / "int")
+    p = run(SMALL + ["--epochs", "1", "--eval-every", "0", "--kill-at-step", "3", "--kill-signal", "SIGINT",
+                     "--output", out], check=False)
+    assert p.returncode == train.REQUEUE_EXIT and "stopped: SIGINT after step 3/4" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and trainable(out)["step"] == 3
+
+
+def test_engine_kill_between_checkpoint_writes_keeps_best_consistent(tmp_path, monkeypatch):
+    out = str(tmp_path / "r")
+    real = os.replace
+    writes = []
+
+    def replace(src, dst):  # the run dies right after the first checkpoint write of the improving epoch end
+        real(src, dst)
+        if str(dst).endswith(".pt"):
+            writes.append(os.path.basename(dst))
+            raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(SMALL + ["--epochs", "1", "--output", out])
+    monkeypatch.setattr(os, "replace", real)
+    evals = [m["top1"] for m in metrics(out) if m["kind"] == "eval"]
+    assert writes == ["best.pt"] and len(evals) == 1  # the log claims a best: best.pt holds it
+    assert trainable(out, "best.pt")["best_top1"] == evals[0]
+
+
+def test_engine_resume_repairs_a_stale_best(tpr_run, tmp_path):
+    import shutil
+    out = str(tmp_path / "r")
+    shutil.copytree(tpr_run, out)
+    stale = trainable(out, "best.pt")
+    stale["best_top1"], stale["last_eval"]["top1"] = -1.0, -1.0  # what an older best would hold
+    torch.save(stale, os.path.join(out, "best.pt"))
+    train.main(["--resume", out, "--workers", "0"])  # nothing left to train: only the repair
+    best, last = trainable(out, "best.pt"), trainable(out)
+    assert best["best_top1"] == last["best_top1"] >= 0
+    assert all(torch.equal(best["trainable"][k], last["trainable"][k]) for k in last["trainable"])
+
+
+def test_engine_full_disk_is_one_line_and_leaves_no_tmp(tmp_path, monkeypatch):
+    import errno
+    out = tmp_path / "r"
+    real = torch.save
+
+    def full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(train.UsageError, match=r"cannot write checkpoint \S*\.pt: the disk is full.*removed"):
+        train.main(SMALL + ["--epochs", "1", "--eval-every", "0", "--output", str(out)])
+    monkeypatch.setattr(torch, "save", real)
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_engine_nan_stop_is_true_and_one_line(tmp_path, monkeypatch, capsys):
+    real = train.train_step
+    calls = []
+
+    def nan_at_3(*a, **k):
+        calls.append(1)
+        loss = real(*a, **k)
+        return loss * float("nan") if len(calls) == 3 else loss
+    monkeypatch.setattr(train, "train_step", nan_at_3)
+    code, err = cli(capsys, train.main, SMALL + ["--epochs", "1", "--output", str(tmp_path / "a")])
+    assert_one_line(code, err, "non-finite loss", "epoch 1, step 3", "no checkpoint was saved yet")
+    calls.clear()
+    out = str(tmp_path / "b")
+    code, err = cli(capsys, train.main, SMALL + ["--epochs", "1", "--save-every", "1", "--output", out])
+    assert_one_line(code, err, f"{out}/last.pt (epoch 1, step 2) is intact", f"--resume {out} --lr")
+    monkeypatch.setattr(train, "train_step", real)
+    train.main(["--resume", out, "--lr", "1e-3", "--workers", "0"])  # the advice can be followed
+    assert trainable(out)["step"] == 4
+
+
+def test_engine_folder_killed_before_first_checkpoint_can_restart(tmp_path):
+    for how in ("resume", "again"):
+        out = str(tmp_path / how)
+        p = run(SMALL + ["--epochs", "1", "--eval-every", "0", "--kill-at-step", "1", "--output", out], check=False)
+        assert p.returncode == -9 and not os.path.exists(os.path.join(out, "last.pt"))
+        argv = ["--resume", out, "--workers", "0"] if how == "resume" else SMALL + ["--epochs", "1", "--output", out]
+        train.main(argv)
+        assert trainable(out)["step"] == 4
+        assert [m["step"] for m in metrics(out) if m["kind"] == "train"] == [1, 2, 3, 4]  # the old log started over
+
+
+def test_engine_evaluation_scores_only_real_videos(tmp_path):
+    """3 test videos, one unreadable: 2 scored, 1 skipped and named; with stop_on_bad, the evaluation stops."""
+    import numpy as np
+    import data
+    g = np.random.default_rng(0)
+    (tmp_path / "classes.txt").write_text("moving left\nmoving right\n")
+    lines = []
+    for i, label in enumerate((0, 1, 0)):
+        path = tmp_path / f"v{i}.avi"
+        data.write_video(str(path), data.render_synthetic(label, [t / 15 for t in range(16)], data.g_state(g), 32, 32))
+        lines.append(f"{path} {label}")
+    (tmp_path / "v1.avi").write_bytes(b"not a video")
+    (tmp_path / "test.txt").write_text("\n".join(lines) + "\n")
+    ds = data.build_dataset("list", None, mode="test", frames=8, input_size=32, list_file=str(tmp_path / "test.txt"),
+                            class_file=str(tmp_path / "classes.txt"))
+    args = train.resolve_args(train.build_parser().parse_args(["--random-init", "--no-chinese"]))
+    model = train.build_model(args, list(ds.class_texts))
+    r = train.evaluate(model, ds, torch.device("cpu"), batch_size=3, return_indices=True)
+    assert (r["videos"], r["skipped"], r["skipped_files"]) == (2, 1, [str(tmp_path / "v1.avi")])
+    assert sorted(r["indices"]) == [0, 2] and r["top1"] in (0.0, 50.0, 100.0)
+    line = train.describe(r, train.protocol(args, ds, "1x1"), False)
+    assert "2 videos scored, 1 skipped as unreadable" in line and "v1.avi" in line
+    with pytest.raises(train.UsageError, match=r"unreadable test video \S*v1.avi"):
+        train.evaluate(model, ds, torch.device("cpu"), batch_size=1, stop_on_bad=True)
 
 
 # ---------------------------------------------------------------------------------------------- what users see
