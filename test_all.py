@@ -145,16 +145,22 @@ def test_labels_ssv1_keeps_placeholders_and_directions():
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
+import pickle
 import re
 import sys
 import types
 import urllib.request
+import warnings
+import zipfile
 from pathlib import Path
+from typing import Tuple
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 import clip
 
@@ -304,7 +310,7 @@ def test_clip_load_official_formats_parity(clip_official, form, monkeypatch):
     real_jit_load = torch.jit.load
     monkeypatch.setattr(torch.jit, "load", lambda *a, **k: jit_loads.append(a) or real_jit_load(*a, **k))
     model, preprocess = clip.load(str(clip_official.files[form]), device="cpu")
-    assert len(jit_loads) == (form == "torchscript"), "a TorchScript archive is read as one, the others not"
+    assert jit_loads == [], "no archive is loaded by torch.jit.load, which would run its code"
     if form == "torchscript":
         assert set(CLIP_TS_ATTRIBUTES) <= set(real_jit_load(str(clip_official.files[form])).state_dict())
     assert preprocess.n_px == model.visual.input_resolution == clip.ARCHS[clip_official.arch]["image_resolution"]
@@ -638,6 +644,282 @@ def test_clip_bench_runs_on_tiny(capsys):
     assert "images/s" in capsys.readouterr().out
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face CLIPModel forms (transformers, test-only) of the same perturbed full-size weights
+# ---------------------------------------------------------------------------------------------------------
+CLIP_HF_BLOCK = {"attn.out_proj.": "self_attn.out_proj.", "ln_1.": "layer_norm1.", "ln_2.": "layer_norm2.",
+                 "mlp.c_fc.": "mlp.fc1.", "mlp.c_proj.": "mlp.fc2."}
+CLIP_HF_TOP = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+               "positional_embedding": "text_model.embeddings.position_embedding.weight",
+               "ln_final.weight": "text_model.final_layer_norm.weight", "ln_final.bias": "text_model.final_layer_norm.bias",
+               "visual.class_embedding": "vision_model.embeddings.class_embedding",
+               "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+               "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+               "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight", "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+               "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+               "visual.ln_post.bias": "vision_model.post_layernorm.bias", "logit_scale": "logit_scale"}
+
+
+def clip_to_hf(state_dict):
+    """OpenAI names -> transformers' CLIPModel names (the test's own map; transformers checks it on load)."""
+    out = {}
+    for k, v in state_dict.items():
+        m = re.fullmatch(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)", k)
+        if k in CLIP_TS_ATTRIBUTES:
+            continue
+        elif k in CLIP_HF_TOP:
+            out[CLIP_HF_TOP[k]] = v
+        elif k in ("text_projection", "visual.proj"):
+            out["text_projection.weight" if k == "text_projection" else "visual_projection.weight"] = v.t().contiguous()
+        elif m and m[3].startswith("attn.in_proj_"):
+            prefix = f"{'vision' if m[1] else 'text'}_model.encoder.layers.{m[2]}.self_attn."
+            for name, part in zip("qkv", v.chunk(3)):
+                out[f"{prefix}{name}_proj.{m[3].split('_')[-1]}"] = part.contiguous()
+        else:
+            (ours, theirs), = [(a, b) for a, b in CLIP_HF_BLOCK.items() if m[3].startswith(a)]
+            out[f"{'vision' if m[1] else 'text'}_model.encoder.layers.{m[2]}.{theirs}{m[3][len(ours):]}"] = v
+    return out
+
+
+def clip_hf_features(output):
+    """transformers 4 returns the features, 5 a model output holding them as pooler_output."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+@pytest.fixture(scope="module")
+def clip_hf(clip_official, tmp_path_factory):
+    """The perturbed reference weights as a transformers CLIPModel (loaded by transformers itself, every key
+    used), written by save_pretrained (model.safetensors + config.json) and as pytorch_model.bin, with
+    transformers' own features of the fixed inputs."""
+    transformers = importlib.import_module("transformers")  # test-only; a missing install fails
+    safetensors_torch = importlib.import_module("safetensors.torch")  # test-only; a missing install fails
+    a = clip.ARCHS[clip_official.arch]
+    config = transformers.CLIPConfig(
+        text_config=dict(hidden_size=a["transformer_width"], intermediate_size=4 * a["transformer_width"],
+                         num_hidden_layers=a["transformer_layers"], num_attention_heads=a["transformer_heads"],
+                         max_position_embeddings=a["context_length"], vocab_size=a["vocab_size"],
+                         hidden_act="quick_gelu"),
+        vision_config=dict(hidden_size=a["vision_width"], intermediate_size=4 * a["vision_width"],
+                           num_hidden_layers=a["vision_layers"], num_attention_heads=a["vision_width"] // 64,
+                           image_size=a["image_resolution"], patch_size=a["vision_patch_size"], hidden_act="quick_gelu"),
+        projection_dim=a["embed_dim"])
+    d = tmp_path_factory.mktemp("hf-" + clip_official.arch.replace("/", "-"))
+    (d / "in").mkdir()
+    config.save_pretrained(d / "in")
+    safetensors_torch.save_file(clip_to_hf(clip_official.state_dict), d / "in" / "model.safetensors")
+    model, info = transformers.CLIPModel.from_pretrained(d / "in", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    model.eval().float()
+    model.save_pretrained(d / "folder")  # model.safetensors + config.json
+    (d / "bin").mkdir()
+    # transformers 5 writes safetensors only; transformers 4's save_pretrained(safe_serialization=False)
+    # wrote this: the model's state dict, pickled by torch.save.
+    torch.save(model.state_dict(), d / "bin" / "pytorch_model.bin")
+    with torch.no_grad():
+        expected = {"image": clip_hf_features(model.get_image_features(pixel_values=clip_official.images)),
+                    "text": clip_hf_features(model.get_text_features(input_ids=clip_official.texts))}
+    yield types.SimpleNamespace(files={"folder": d / "folder", "bin": d / "bin" / "pytorch_model.bin"},
+                                expected=expected)
+    for f in d.rglob("*"):
+        if f.is_file():
+            f.unlink()
+
+
+@pytest.mark.parametrize("form", ["folder", "bin"])
+def test_clip_load_hugging_face_forms_parity(clip_hf, clip_official, form, monkeypatch):
+    if form == "folder":  # model.safetensors: read without any pickle
+        monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called on safetensors"))
+    model, preprocess = clip.load(str(clip_hf.files[form]), device="cpu")
+    # the same weights as the OpenAI-form files, bit for bit, under OpenAI's names
+    ours = model.state_dict()
+    reference = {k: v for k, v in clip_official.state_dict.items() if k not in CLIP_TS_ATTRIBUTES}
+    assert set(ours) == set(reference) and preprocess.n_px == clip.ARCHS[clip_official.arch]["image_resolution"]
+    for k, v in reference.items():
+        assert ours[k].dtype == torch.float32 and torch.equal(ours[k], v), k
+    with torch.no_grad():
+        image = model.encode_image(clip_official.images)
+        text = model.encode_text(clip_official.texts)
+    # transformers' get_image_features / get_text_features, and OpenAI's encode_image / encode_text
+    assert clip_rel_err(image, clip_hf.expected["image"]) < 1e-5 and clip_rel_err(text, clip_hf.expected["text"]) < 1e-5
+    assert clip_rel_err(image, clip_official.expected["image"]) < 1e-5
+    assert clip_rel_err(text, clip_official.expected["text"]) < 1e-5
+
+
+class ClipArchiveHook(nn.Module):
+    """A TorchScript module whose __setstate__ (run by torch.jit.load) loops and prints."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 3
+
+    @torch.jit.export
+    def __getstate__(self):
+        return (self.n, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[int, bool]):
+        for i in range(state[0]):
+            print("ARCHIVE CODE RAN", i)
+        self.n = state[0]
+        self.training = state[1]
+
+    def forward(self, x):
+        return x
+
+
+class ClipArchiveTensorState(ClipArchiveHook):
+    """Weights that only its own __setstate__ code could put back."""
+
+    def __init__(self):
+        super().__init__()
+        self.secret = nn.Parameter(torch.ones(2))
+
+    @torch.jit.export
+    def __getstate__(self):
+        return (self.n, self.training, self.secret)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[int, bool, torch.Tensor]):
+        print("ARCHIVE CODE RAN")
+        self.n = state[0]
+        self.training = state[1]
+        self.secret = state[2]
+
+
+def clip_traced_archive(path, hook):
+    model = clip.build_random("tiny")
+    clip_perturb(model, seed=9)
+    model.hook = torch.jit.script(hook)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings about the truncated text length
+        archive = torch.jit.trace(model, (torch.randn(1, 3, 32, 32), clip.tokenize(["a b"])), check_trace=False)
+    torch.jit.save(archive, path)
+    return model
+
+
+def test_clip_torchscript_archive_code_never_runs(tmp_path, capfd, monkeypatch):
+    path = tmp_path / "hooked.pt"
+    model = clip_traced_archive(path, ClipArchiveHook())
+    capfd.readouterr()
+    torch.jit.load(str(path))
+    assert capfd.readouterr().out.count("ARCHIVE CODE RAN") == 3, "the archive really carries code that runs"
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load runs the archive's code"))
+    loaded, _ = clip.load(str(path), device="cpu")
+    assert "ARCHIVE CODE RAN" not in capfd.readouterr().out
+    expected = model.state_dict()
+    assert set(loaded.state_dict()) == set(expected)
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+    # tensors that only the archive's own code could restore are refused, not guessed
+    clip_traced_archive(tmp_path / "state.pt", ClipArchiveTensorState())
+    with pytest.raises(ValueError, match=r"hook \(.*ClipArchiveTensorState\).*__setstate__"):
+        clip.load(str(tmp_path / "state.pt"), device="cpu")
+    assert "ARCHIVE CODE RAN" not in capfd.readouterr().out
+
+
+class ClipEvilPickle:
+    def __reduce__(self):
+        return (print, ("PICKLE CODE RAN",))
+
+
+def test_clip_torchscript_foreign_global_is_refused(tmp_path, capfd):
+    path = tmp_path / "hooked.pt"
+    clip_traced_archive(path, ClipArchiveHook())
+    evil = tmp_path / "evil.pt"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(evil, "w") as out:
+        for info in src.infolist():  # the same archive with a data.pkl that calls print when unpickled
+            data = src.read(info)
+            out.writestr(info, pickle.dumps(ClipEvilPickle(), protocol=2) if info.filename.endswith("/data.pkl")
+                         else data)
+    capfd.readouterr()
+    with pytest.raises(ValueError, match=r"refusing '(__builtin__|builtins)\.print'") as e:
+        clip.load(str(evil), device="cpu")
+    assert "\n" not in str(e.value) and str(evil) in str(e.value)
+    assert "PICKLE CODE RAN" not in capfd.readouterr().out
+
+
+CLIP_ST_TENSORS = {"f32": torch.randn(3, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 3, 4).bfloat16(),
+                   "odd": torch.randn(3).half(), "after_odd": torch.randn(4, 2), "ids": torch.arange(77)[None],
+                   "empty": torch.zeros(0, 4), "scalar": torch.tensor(4.6052)}
+
+
+def test_clip_safetensors_reader_equals_library(tmp_path):
+    safetensors_torch = importlib.import_module("safetensors.torch")  # test-only; a missing install fails
+    path = tmp_path / "blob"  # no suffix, as Hugging Face's cache blobs: the format is read from the bytes
+    safetensors_torch.save_file(CLIP_ST_TENSORS, path, metadata={"format": "pt"})
+    theirs = safetensors_torch.load_file(path)
+    for ours in (clip.read_safetensors(str(path)), clip.read_weights(str(path))[0]):
+        assert set(ours) == set(theirs) == set(CLIP_ST_TENSORS)
+        for k, v in theirs.items():
+            assert ours[k].dtype == v.dtype and ours[k].shape == v.shape and torch.equal(ours[k], v), k
+    assert {str(v.dtype) for v in theirs.values()} >= {"torch.float32", "torch.float16", "torch.bfloat16"}
+
+
+def clip_safetensors_bytes(header, data):
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+@pytest.mark.parametrize("case,match", [
+    ("truncated", "truncated"), ("short", "shorter than the 8-byte"), ("length", "header length"),
+    ("json", "not JSON"), ("shape", "lies about 'w'"), ("overlap", "lies about"), ("dtype", "'w' is not"),
+    ("padded", "truncated or padded")])
+def test_clip_safetensors_bad_header_is_one_line(tmp_path, case, match):
+    safetensors_torch = importlib.import_module("safetensors.torch")  # test-only; a missing install fails
+    good = tmp_path / "good.safetensors"
+    safetensors_torch.save_file({"w": torch.randn(4, 4), "b": torch.randn(4)}, good)
+    raw = good.read_bytes()
+    w, b = torch.zeros(16).numpy().tobytes(), torch.zeros(4).numpy().tobytes()
+    files = {
+        "truncated": raw[:-10],
+        "short": raw[:5],
+        "length": (10 ** 6).to_bytes(8, "little") + raw[8:],
+        "json": (5).to_bytes(8, "little") + b"{nope" + w,
+        "shape": clip_safetensors_bytes({"w": {"dtype": "F32", "shape": [5, 4], "data_offsets": [0, 64]}}, w),
+        "overlap": clip_safetensors_bytes({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]},
+                                           "b": {"dtype": "F32", "shape": [4], "data_offsets": [48, 64]}}, w),
+        "dtype": clip_safetensors_bytes({"w": {"dtype": "F8_E9", "shape": [4, 4], "data_offsets": [0, 64]}}, w),
+        "padded": clip_safetensors_bytes({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}}, w + b),
+    }
+    bad = tmp_path / f"{case}.safetensors"
+    bad.write_bytes(files[case])
+    with pytest.raises(ValueError, match=match) as e:
+        clip.load(str(bad), device="cpu")
+    assert "\n" not in str(e.value) and str(bad) in str(e.value)
+
+
+def test_clip_hugging_face_config_and_key_errors(tmp_path, clip_tiny_file):
+    safetensors_torch = importlib.import_module("safetensors.torch")  # test-only; a missing install fails
+    hf = clip_to_hf(torch.load(clip_tiny_file, weights_only=True))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    safetensors_torch.save_file(hf, folder / "model.safetensors")
+    config = {"model_type": "clip", "text_config": {"hidden_size": 128, "num_attention_heads": 2},
+              "vision_config": {"hidden_size": 128, "num_attention_heads": 2}}
+    (folder / "config.json").write_text(json.dumps(config))
+    model, _ = clip.load(str(folder), device="cpu")  # no config check fails, every key maps back
+    clip_assert_same_weights(model, clip_tiny_file)
+    for change, match in ((("vision_config", "hidden_act", "gelu"), "hidden_act is 'gelu'.*quick_gelu"),
+                          (("text_config", "num_attention_heads", 4), "4 heads of width 32"),
+                          ((None, "model_type", "chinese_clip"), "Chinese text tower")):
+        bad = json.loads(json.dumps(config))
+        (bad[change[0]] if change[0] else bad)[change[1]] = change[2]
+        (folder / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match):
+            clip.load(str(folder / "model.safetensors"), device="cpu")  # the config beside a file counts too
+    (folder / "config.json").write_text(json.dumps(config))
+    key = "text_model.encoder.layers.1.self_attn.k_proj.bias"
+    safetensors_torch.save_file({k: v for k, v in hf.items() if k != key}, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=re.escape(key)):
+        clip.load(str(folder), device="cpu")
+    safetensors_torch.save_file({**hf, "text_model.extra.weight": torch.zeros(2)}, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"unexpected keys \['text_model\.extra\.weight'\]"):
+        clip.load(str(folder), device="cpu")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors, pytorch_model.bin"):
+        clip.load(str(folder), device="cpu")
+
+
 # ==============================================================================================================
 # text_branches.py: Chinese-CLIP text tower and WordPiece tokenizer, parity with cn_clip
 # (from chinese tests)
@@ -645,6 +927,7 @@ def test_clip_bench_runs_on_tiny(capsys):
 # (installed test-only with --no-deps) on checkpoints built in both official forms, and the loader's errors.
 # ==============================================================================================================
 import importlib
+import json
 import logging
 import sys
 import types
@@ -908,6 +1191,117 @@ def test_chinese_padding_mask_and_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model.encode_text(ids)
     assert low.dtype == torch.bfloat16 and _rel_error(low.float(), padded) < 5e-2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face ChineseCLIPModel forms (transformers, test-only) of the reference's text weights
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chinese_hf(reference, parity_batch, tmp_path_factory):
+    """The reference's text tower inside a transformers ChineseCLIPModel (loaded by transformers itself; its
+    tiny vision tower moved off its init too), written by save_pretrained and as pytorch_model.bin, with
+    transformers' get_text_features of the parity batch."""
+    transformers = importlib.import_module("transformers")  # test-only; a missing install fails
+    safetensors_torch = importlib.import_module("safetensors.torch")  # test-only; a missing install fails
+    config = transformers.ChineseCLIPConfig(
+        text_config=dict(vocab_size=21128, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                         intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2,
+                         hidden_act="gelu", layer_norm_eps=1e-12),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=16),
+        projection_dim=512)
+    root = tmp_path_factory.mktemp("chinese_hf")
+    (root / "in").mkdir()
+    config.save_pretrained(root / "in")
+    text = {k: v.contiguous() for k, v in _hf_form(reference).items()
+            if k.startswith("text_") and not k.endswith("position_ids") and ".pooler." not in k}
+    safetensors_torch.save_file(text, root / "in" / "model.safetensors")
+    model, info = transformers.ChineseCLIPModel.from_pretrained(root / "in", output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert all(k.startswith(("vision_model.", "visual_projection.", "logit_scale")) for k in info["missing_keys"])
+    model.eval().float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith("text_"):
+                p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(root / "folder")  # model.safetensors + config.json
+    (root / "bin").mkdir()
+    torch.save(model.state_dict(), root / "bin" / "pytorch_model.bin")  # transformers 4's pickled form
+    ids, _ = parity_batch
+    with torch.no_grad():  # cn_clip's mask (ids != [PAD]); transformers' default would attend to padding
+        out = model.get_text_features(input_ids=ids, attention_mask=ids.ne(0))
+    weights = {"bert." + k[len("text_model."):]: v for k, v in model.state_dict().items() if k.startswith("text_model.")}
+    weights["text_projection"] = model.state_dict()["text_projection.weight"].t()
+    return types.SimpleNamespace(files={"folder": root / "folder", "bin": root / "bin" / "pytorch_model.bin"},
+                                 expected=out if isinstance(out, torch.Tensor) else out.pooler_output,
+                                 weights=weights)
+
+
+@pytest.mark.parametrize("form", ["folder", "bin"])
+def test_chinese_hugging_face_forms_parity(form, chinese_hf, reference, parity_batch, monkeypatch):
+    if form == "folder":  # model.safetensors: read without any pickle
+        monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called on safetensors"))
+    model = tb.load_chinese_clip(str(chinese_hf.files[form]))
+    ours, reference_weights = model.state_dict(), reference.state_dict()
+    assert set(ours) <= set(chinese_hf.weights)
+    for k, v in ours.items():  # the file's text weights, bit for bit: the reference's, but for the [PAD] row,
+        assert torch.equal(v, chinese_hf.weights[k]), k  # which transformers zeroes (padding_idx)
+        assert torch.equal(v, reference_weights[k]) or k == "bert.embeddings.word_embeddings.weight", k
+    ids, theirs = parity_batch
+    with torch.no_grad():
+        ours = model(ids)
+    for a, b, c in zip(ours, chinese_hf.expected, theirs):  # transformers and cn_clip, every text
+        assert _rel_error(a, b) <= 1e-5 and _rel_error(a, c) <= 1e-5
+
+
+def test_chinese_cache_survives_failed_redownload(tmp_path, monkeypatch):
+    _, ckpt = _small_official_checkpoint()
+    served = tmp_path / "served" / "clip_cn_vit-b-16.pt"  # absent until the network is "back"
+    url = served.as_uri()
+    monkeypatch.setitem(tb._MODELS, "ViT-B-16", ("RoBERTa-wwm-ext-base-chinese", url))
+    # offline without a cache: one line naming the file and the URL it would come from, once
+    with pytest.raises(tb.DownloadError) as e:
+        tb.load_chinese_clip("ViT-B-16", download_root=str(tmp_path / "empty"))
+    assert "clip_cn_vit-b-16.pt from " + url in str(e.value) and str(e.value).count(url) == 1
+    assert "\n" not in str(e.value) and list((tmp_path / "empty").iterdir()) == []
+    # a cached file that fails to load survives a re-download that fails (offline)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    broken = {"state_dict": {k: v for k, v in ckpt["state_dict"].items() if not k.endswith("layer.1.attention.self.key.bias")}}
+    torch.save(broken, cache / served.name)
+    before = (cache / served.name).read_bytes()
+    with pytest.raises(RuntimeError) as e:
+        tb.load_chinese_clip("ViT-B-16", download_root=str(cache))
+    assert "kept as it was" in str(e.value) and str(e.value).count(url) == 1 and "\n" not in str(e.value)
+    assert [p.name for p in cache.iterdir()] == [served.name] and (cache / served.name).read_bytes() == before
+    # once the download works, the fresh copy replaces it and nothing is left aside
+    served.parent.mkdir()
+    torch.save(ckpt, served)
+    assert len(tb.load_chinese_clip("ViT-B-16", download_root=str(cache)).bert.encoder.layer) == 2
+    assert [p.name for p in cache.iterdir()] == [served.name] and (cache / served.name).read_bytes() == served.read_bytes()
+
+
+def test_chinese_safetensors_file_and_config_checks(tmp_path, monkeypatch):
+    safetensors_torch = importlib.import_module("safetensors.torch")  # test-only; a missing install fails
+    model, ckpt = _small_official_checkpoint()
+    hf = {"text_model." + k[len("module.bert."):]: v for k, v in ckpt["state_dict"].items()
+          if k.startswith("module.bert.")}
+    hf["text_projection.weight"] = ckpt["state_dict"]["module.text_projection"].t().contiguous()
+    hf["logit_scale"] = torch.tensor(4.6)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    safetensors_torch.save_file(hf, folder / "model.safetensors")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called on safetensors"))
+    ids = torch.tensor([[11, 7, 8, 12, 0, 0]])
+    expected = model.eval().encode_text(ids)
+    assert torch.equal(tb.load_chinese_clip(str(folder / "model.safetensors")).encode_text(ids), expected)
+    config = {"model_type": "chinese_clip", "text_config": {"num_attention_heads": 4, "hidden_act": "gelu"}}
+    (folder / "config.json").write_text(json.dumps(config))  # the config's head count is used: 4, not 12
+    assert tb.load_chinese_clip(str(folder)).bert.encoder.layer[0].attention.self.heads == 4
+    config["text_config"]["hidden_act"] = "relu"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="hidden_act is 'relu'"):
+        tb.load_chinese_clip(str(folder))
 
 
 # ==============================================================================================================
