@@ -1371,7 +1371,8 @@ def check(name, root, split=1, workers=None, list_file=None, class_file=None, fi
     A damaged video is listed as used or bad by the rule training applies with T = `frames`."""
     out = out or sys.stdout
     workers = os.cpu_count() if workers is None else workers
-    parts = [("train", list_file), ("test", None)] if name != "list" else [("train", list_file)]
+    # list_file: (TRAIN, TEST) list files of dataset 'list', as train.py --list-file
+    parts = list(zip(("train", "test"), (list_file or (None, None)) if name == "list" else (None, None)))
     bad = 0
     for mode, lf in parts:
         ds = build_dataset(name, root, split=split, mode=mode, list_file=lf, class_file=class_file,
@@ -1670,8 +1671,9 @@ def main(argv=None):
     p.add_argument("--dataset", choices=DATASETS, help="dataset name")
     p.add_argument("--root", help="dataset folder in its authors' layout")
     p.add_argument("--split", type=int, default=1, choices=(1, 2, 3), help="official split (hmdb51, ucf101)")
-    p.add_argument("--list-file", help="list file for --dataset list")
-    p.add_argument("--class-file", help="class-name file for --dataset list")
+    p.add_argument("--list-file", nargs=2, metavar=("TRAIN", "TEST"),
+                   help="dataset 'list': mmaction2 list files for training and testing (as train.py's)")
+    p.add_argument("--class-file", help="dataset 'list': class names, one per line or id,name CSV")
     p.add_argument("--filename-tmpl", default="img_{:05d}.jpg", help="frame file names for frame-folder lists")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes for --check")
     p.add_argument("--frames", type=int, default=8,

@@ -1626,9 +1626,12 @@ def test_data_check_reports_bad_files(layouts, capsys):
     assert data.main(["--dataset", "ssv1", "--root", layouts["ssv1"], "--check", "--workers", "0"]) == 0
     assert "ssv1 split 1 test: 2 videos, 2 classes" in capsys.readouterr().out
     lists = layouts["lists"]
-    assert data.main(["--dataset", "list", "--list-file", os.path.join(lists, "frames.txt"), "--class-file",
-                      os.path.join(lists, "classes.txt"), "--root", lists, "--check", "--workers", "0"]) == 0
-    assert "0 bad of 2" in capsys.readouterr().out
+    # --list-file TRAIN TEST, as train.py's: both lists are checked.
+    assert data.main(["--dataset", "list", "--list-file", os.path.join(lists, "frames.txt"),
+                      os.path.join(lists, "videos.txt"), "--class-file", os.path.join(lists, "classes.txt"),
+                      "--root", lists, "--check", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "list split 1 train: 2 videos" in out and "list split 1 test: " in out and out.count("0 bad of") == 2
     assert data.main(["--dataset", "k400", "--root", os.path.join(lists, "nowhere"), "--check"]) == 2
     assert "nowhere" in capsys.readouterr().err
 
@@ -3294,14 +3297,16 @@ def test_engine_scores_a_users_own_video(tpr_run, tmp_path, capsys):
     assert all(f"{p * 100:6.2f}%  {l}" in printed for l, p in ranked)
     assert len(weights) == 8 and abs(sum(weights) - 1) < 1e-4  # word-guided weights of the 8 sampled frames
     assert Image.open(png).size[0] >= 8 * 128  # one thumbnail per sampled frame
-    # Custom labels: the model has a Chinese branch, so it asks for their Chinese labels, then scores them.
-    with pytest.raises(train.UsageError, match="--chinese-labels"):
-        evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "moving left,growing"])
+    # Custom labels on a model with a Chinese branch: labels of a dataset take their Chinese labels from its
+    # dictionary, exactly as from a file holding the same entries.
+    from_dictionary, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "moving left,growing"])
+    assert "note: Chinese labels from the synthetic dictionary" in capsys.readouterr().out
     zh = tmp_path / "zh.json"
     zh.write_text(_json.dumps({"moving left": "向左移动", "growing": "变大"}, ensure_ascii=False), encoding="utf-8")
     ranked, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "moving left,growing",
                                "--chinese-labels", str(zh)])
     assert sorted(l for l, _ in ranked) == ["growing", "moving left"] and abs(sum(p for _, p in ranked) - 1) < 1e-5
+    assert ranked == pytest.approx(from_dictionary)
 
 
 CLIP_ROW = ["--no-temporal-prompts", "--beta", "none", "--no-chinese", "--pooling", "mean"]  # Fig. 5a CLIP row
@@ -3593,3 +3598,208 @@ def test_engine_evaluation_scores_only_real_videos(tmp_path):
     assert "2 videos scored, 1 skipped as unreadable" in line and "v1.avi" in line
     with pytest.raises(train.UsageError, match=r"unreadable test video \S*v1.avi"):
         train.evaluate(model, ds, torch.device("cpu"), batch_size=1, stop_on_bad=True)
+
+
+# ---------------------------------------------------------------------------------------------- what users see
+# The newcomer's surface (issue 15): the README's own-video command on the quick start's checkpoint, a picture
+# that says what it shows, progress lines, --help, --dry-run, warnings once under torchrun, the README's counts.
+def _readme():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+def _banded_video(path, codec="libx264"):
+    """A 16:9 H.264 video: magenta left band, yellow right band, both outside the centre crop, moving grey
+    texture between them."""
+    import numpy as np
+    import data
+    g = np.random.default_rng(0)
+    frames = np.zeros((40, 180, 320, 3), dtype=np.uint8)
+    for t in range(40):
+        frames[t, :, 60:260] = g.integers(64, 192, (180, 200, 1), dtype=np.uint8)
+    frames[:, :, :60] = (255, 0, 255)
+    frames[:, :, 260:] = (255, 255, 0)
+    data.write_video(path, frames, codec=codec)
+    return path
+
+
+def test_engine_readme_own_video_command_runs_on_the_quick_start_checkpoint(tpr_run, tmp_path):
+    """The README's command, as printed, on a quick-start-like checkpoint (TPR with its Chinese branch): labels
+    no dictionary translates are scored by the English branch alone, said in one line."""
+    import shlex
+    line = next(l for l in _readme().splitlines() if l.startswith("python evaluate.py") and "--video" in l)
+    argv = shlex.split(line.split("#")[0])
+    assert argv[:2] == ["python", "evaluate.py"] and "--labels" in argv and "--visualize" in argv
+    argv[argv.index("--checkpoint") + 1] = os.path.join(tpr_run, "best.pt")
+    video = argv[argv.index("--video") + 1]
+    _banded_video(str(tmp_path / video))
+    labels = argv[argv.index("--labels") + 1].split(",")
+    p = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py")] + argv[2:], cwd=tmp_path, env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("English branch alone") == 1, p.stdout
+    assert f"top-{len(labels)} of {len(labels)} classes (RANDOM-INIT" in p.stdout
+    assert all(f"%  {label}" in p.stdout for label in labels)
+    assert (tmp_path / argv[argv.index("--visualize") + 1]).stat().st_size > 0
+
+
+def test_engine_visualization_says_what_it_shows(tpr_run, tmp_path):
+    """The PNG: a title (video, checkpoint, method, RANDOM-INIT), the Eq. 6 caption, one bar per label (top-k,
+    k = min(5, labels)), and frames as the model's centre crop (the bands outside it never appear)."""
+    import numpy as np
+    from PIL import Image
+    video = _banded_video(str(tmp_path / "wide.mp4"))
+    png = str(tmp_path / "vis.png")
+    ckpt = os.path.join(tpr_run, "best.pt")
+    ranked, weights = evaluate.main(["--checkpoint", ckpt, "--video", video, "--labels", "run,jump,swim",
+                                     "--visualize", png])
+    assert len(ranked) == 3 and len(weights) == 8
+    img = Image.open(png)
+    title, caption = img.text["Title"], img.text["Description"]
+    assert video in title and ckpt in title and "method: tpr" in title and "RANDOM-INIT" in title
+    assert caption.startswith("word-guided frame weights, TPR Eq. 6")
+    assert img.size[0] == 8 * (128 + 8) + 8  # one 128-pixel thumbnail per sampled frame
+    px = np.asarray(img.convert("RGB")).astype(int)
+    assert (px[:14] < 100).all(-1).sum() > 50  # the first title line is drawn
+    red = (px[..., 0] > 150) & (px[..., 1] < 20) & (px[..., 2] < 20)  # (200, 0, 0) text, not the (200, 60, 60) bars
+    assert red.sum() > 50  # the RANDOM-INIT line
+    column = (px[:, 8 + 160] == (60, 110, 200)).all(-1)  # through the first pixel column of every top-k bar
+    assert int((column[1:] & ~column[:-1]).sum()) == len(ranked)
+    magenta = (px[..., 0] > 200) & (px[..., 1] < 60) & (px[..., 2] > 200)
+    yellow = (px[..., 0] > 200) & (px[..., 1] > 200) & (px[..., 2] < 60)
+    assert magenta.sum() < 20 and yellow.sum() < 20  # squashed 16:9 frames would show 8 x 3,000 of each
+    # BiEfficient's caption names its own equation; with 7 labels the chart keeps the top 5.
+    assert evaluate.weights_caption(argparse_ns(method="biefficient"), [0.5, 0.5], "run").startswith(
+        "word-guided frame weights, BiEfficient Eq. 8")
+    ranked, _ = evaluate.main(["--checkpoint", ckpt, "--video", video, "--labels", "a,b,c,d,e,f,g"])
+    assert len(ranked) == 5
+
+
+def test_engine_own_video_labels_of_a_dataset_take_its_chinese_dictionary(tpr_run, tmp_path, capsys):
+    """HMDB51 class names typed as words on a synthetic-trained TPR: the hmdb51 dictionary gives their Chinese
+    labels, the same scores as a file holding those entries."""
+    import json as _json
+    video = _banded_video(str(tmp_path / "v.mp4"))
+    ranked, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "brush hair,cartwheel"])
+    assert "note: Chinese labels from the hmdb51 dictionary" in capsys.readouterr().out
+    zh = tmp_path / "zh.json"
+    zh.write_text(_json.dumps({"brush hair": "梳头", "cartwheel": "侧手翻"}, ensure_ascii=False), encoding="utf-8")
+    same, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "brush hair,cartwheel",
+                             "--chinese-labels", str(zh)])
+    assert ranked == pytest.approx(same)
+    english, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "brush hair,cartwheel",
+                                "--lam", "1"])
+    assert english != pytest.approx(ranked)  # the Chinese branch did contribute
+
+
+def argparse_ns(**kw):
+    import argparse
+    return argparse.Namespace(**kw)
+
+
+def test_engine_evaluate_prints_progress(tpr_run, capsys):
+    evaluate.main(["--checkpoint", tpr_run, "--views", "1x1", "--workers", "0", "--batch-size", "4",
+                   "--print-every", "2"])
+    lines = [l for l in capsys.readouterr().out.splitlines() if "videos/s, ETA" in l]
+    # 16 test videos in batches of 4: a line after batches 2 and 4 (the last one always).
+    assert [l.split(": ")[1].split(",")[0] for l in lines] == ["8/16 videos", "16/16 videos"], lines
+    assert lines[0].lstrip().startswith("synthetic split 1 1x1:") and lines[-1].endswith("ETA 0:00:00")
+
+
+def test_engine_speed_and_eta_come_from_recent_training_steps(tmp_path, monkeypatch):
+    """A fake clock: each training step takes 1 s (4 clips), each evaluation 1000 s. clips/s stays 4.0 after
+    an evaluation (a cumulative average would fall to 0.02), and the ETA is the steps left at 1 s plus the
+    evaluations left at 1000 s each."""
+    clock = [0.0]
+    monkeypatch.setattr(train, "_now", lambda: clock[0])
+    step, ev = train.optimizer_step, train.evaluate
+
+    def timed_step(*a, **k):
+        clock[0] += 1.0
+        return step(*a, **k)
+
+    def timed_eval(*a, **k):
+        clock[0] += 1000.0
+        return ev(*a, **k)
+
+    monkeypatch.setattr(train, "optimizer_step", timed_step)
+    monkeypatch.setattr(train, "evaluate", timed_eval)
+    out = str(tmp_path / "run")
+    train.main(SMALL + ["--method", "biefficient", "--epochs", "3", "--eval-every", "1", "--output", out])
+    records = [r for r in metrics(out) if r["kind"] == "train"]
+    assert len(records) == 12 and all(r["clips_per_s"] == pytest.approx(4.0) for r in records)
+    eta = {r["step"]: r["eta_s"] for r in records}
+    assert eta[1] == pytest.approx(11)  # no evaluation measured yet
+    assert eta[5] == pytest.approx(7 + 2 * 1000) and eta[9] == pytest.approx(3 + 1000)
+    assert eta[12] == pytest.approx(1000)  # the final evaluation is still to come
+
+
+def test_engine_help_has_one_default_per_flag_and_no_missing_paths(capsys):
+    import re
+    import data
+    for main in (train.main, evaluate.main, data.main):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        text = capsys.readouterr().out
+        flags = re.split(r"\n  (?=-)", text)[1:]
+        assert len(flags) > 8
+        for entry in flags:
+            assert entry.lower().count("default") <= 1 and "(default: None)" not in entry, entry
+        for path in re.findall(r"[\w.-]+(?:/[\w.-]+)*\.(?:md|py|txt|json|csv)\b", "\n".join(flags)):
+            if "/" in path or path.endswith(".py"):
+                assert os.path.exists(os.path.join(HERE, path)), f"--help names {path}, not in the repository"
+
+
+def test_engine_choices_are_shared_by_train_and_evaluate():
+    def choices(parser):
+        return {a.dest: tuple(a.choices) for a in parser._actions if a.choices}
+    mine, theirs = choices(evaluate.build_parser()), choices(train.build_parser())
+    for dest in set(mine) & set(theirs):
+        assert mine[dest] == theirs[dest], dest
+    assert mine["test_words"] == theirs["test_words"]
+
+
+def test_engine_dry_run_prints_the_resolved_setup_before_the_table(capsys):
+    train.main(SMALL + ["--method", "biefficient", "--dry-run"])
+    out = capsys.readouterr().out
+    head = out[:out.index("component")]
+    for text in ("biefficient on synthetic", "arch tiny", "T = 8", "M = 2", "M 2 (paper 16)", "lr 0.003 (paper"):
+        assert text in head, (text, head)
+    train.main(SMALL + ["--method", "tpr", "--frames", "4", "--dry-run"])
+    head = capsys.readouterr().out.split("component")[0]
+    assert "T = 4" in head and "S = 8" in head and "frames" not in head.split("instead of the paper's:")[1]
+    assert "prefix '{}.' (paper 'This is a video about {}.')" in head
+
+
+def test_engine_synthetic_without_random_init_says_what_to_pass():
+    with pytest.raises(train.UsageError, match="synthetic demo needs --random-init.*--pretrained"):
+        train.main(["--dataset", "synthetic", "--dry-run"])
+
+
+def test_engine_warnings_come_from_rank_0_only():
+    p = run(SMALL + ["--dry-run"], torchrun=True)
+    assert p.stderr.count("RANDOMLY INITIALISED CLIP") == 1, p.stderr
+    assert p.stderr.count("RANDOMLY INITIALISED Chinese-CLIP") == 1, p.stderr
+    assert p.stdout.count("setup: tpr on synthetic") == 1
+
+
+def test_engine_readme_counts_match_the_code():
+    """The README's number of code-compat differences is the number of BIEFFICIENT_DEFAULTS rows whose two
+    columns differ, and its parameter table gives the default-T counts of ViT-B/16 (built on the meta device)."""
+    import re
+    import clip
+    import prompts
+    import reparam
+    readme = _readme()
+    differ = sum(paper != code for paper, code in prompts.BIEFFICIENT_DEFAULTS.values())
+    assert re.findall(r"\((\d+) differences", readme) == [str(differ)]
+    T = train.paper_defaults("tpr", "hmdb51", 0)["frames"]
+    with torch.device("meta"):
+        big = clip.build_random("ViT-B/16")
+        for frames in (8, T):
+            beta = reparam.ReparamEncoder(beta="r2plus1d", D=768, T=frames, P=1 + 8 + frames, residual=True)
+            n = sum(c for _, c in prompts.TPR(big, T=frames, S=8, reparam=beta).parameter_table())
+            assert re.search(rf"\| TPR, T = {frames}\b[^|]*\| {n:,} ", readme), (frames, n)
+        T = train.paper_defaults("biefficient", "k400", 0)["frames"]
+        n = sum(c for _, c in prompts.BiEfficient(big, T=T).parameter_table())
+        assert re.search(rf"\| BiEfficient, T = {T}\b[^|]*\| {n:,} ", readme), n

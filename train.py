@@ -23,9 +23,11 @@ checkpoint, full disk, non-finite loss; --debug or DEBUG=1 shows the traceback);
 Ctrl-C after finishing the step and saving last.pt (requeue, then --resume); 130 Ctrl-C before training.
 """
 import argparse
+import collections
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import math
 import os
@@ -64,6 +66,7 @@ RESUME_MAY_CHANGE = ("epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", 
 # retry later"), the code SLURM --requeue wrappers and Kubernetes restart policies take as "run me again".
 REQUEUE_EXIT = 75
 DEBUG_ENV = "DEBUG"  # DEBUG=1 shows the traceback of a user-facing error, like --debug
+SPEED_WINDOW = 50  # training steps behind the clips/s and ETA of the progress line
 
 
 class UsageError(Exception):
@@ -144,9 +147,21 @@ def paper_defaults(method, dataset, shots):
     return dict(arch="ViT-B/16", frames=8, batch_size=32, epochs=50, lr=5e-4, warmup_epochs=5, weight_decay=0.2)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with one default per flag: '(default: X)' is added only where the help text does not already
+    say its default, and never for None (filled in from the papers' values) or off switches."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.default is False or \
+                action.default == argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="Train TPR or BiEfficient on a video dataset (one process or torchrun).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_data_flags(p)
     add_backbone_flags(p)
     add_tpr_flags(p)
@@ -186,8 +201,8 @@ def add_backbone_flags(p):
     g.add_argument("--arch", default=None, choices=tuple(clip.ARCHS), help="CLIP ViT (default: the paper's "
                    "ViT-B/16; tiny for synthetic)")
     g.add_argument("--pretrained", default=None, metavar="NAME|PATH",
-                   help="CLIP weights: an official name (downloaded into ~/.cache/clip) or a local file; "
-                        "default: the --arch name")
+                   help="CLIP weights: an official name (downloaded into ~/.cache/clip) or a local file "
+                        "(default: the --arch name)")
     g.add_argument("--pretrained-chinese", default="ViT-B-16", metavar="NAME|PATH",
                    help="Chinese-CLIP weights for TPR's Chinese branch: official name (into "
                         "~/.cache/chinese-clip) or a local file")
@@ -217,13 +232,14 @@ def add_tpr_flags(p):
 def add_biefficient_flags(p):
     """BiEfficient's ablation switches (Tables 4-10)."""
     g = p.add_argument_group("BiEfficient (ablations: Tables 4-10)")
-    g.add_argument("--M", type=int, default=None, help="learned context tokens of the Pre-Prompt (paper 16; "
-                   "code-compat 12)")
+    g.add_argument("--M", type=int, default=None, help="learned context tokens of the Pre-Prompt (default: the "
+                   "paper's 16; 12 with --biefficient-code-compat; 2 on the synthetic set)")
     g.add_argument("--no-pre-prompt", action="store_true", help="without Pre-Prompt (Table 4)")
     g.add_argument("--no-post-prompt", action="store_true", help="without Post-Prompt (Table 4)")
     g.add_argument("--no-wgvp", action="store_true", help="without the Word-Guided Visual Prompt (Table 4)")
     g.add_argument("--biefficient-code-compat", action="store_true",
-                   help="reproduce the authors' code instead of the paper (notes/biefficient-official-code.md)")
+                   help="reproduce the authors' code instead of the paper (every difference: "
+                        "BIEFFICIENT_DEFAULTS in prompts.py)")
     g.add_argument("--biefficient-kwargs", default="{}", help="extra BiEfficient keyword arguments as JSON, for "
                    "the ablations of Tables 5-10, e.g. '{\"alpha_init\": 0.01}'")
     g.add_argument("--tpr-kwargs", default="{}", help="extra TPR keyword arguments as JSON")
@@ -237,7 +253,8 @@ def add_optimisation_flags(p):
     g.add_argument("--batch-size", type=int, default=None, help="GLOBAL batch (all ranks together); the "
                    "contrastive loss sees all of it (default: the paper's)")
     g.add_argument("--micro-batch", type=int, default=None, help="videos per rank per forward; smaller than "
-                   "batch-size/world-size turns on gradient accumulation (exact, see accumulate())")
+                   "batch-size/world-size turns on gradient accumulation (exact, see accumulate(); default: the "
+                   "per-rank batch, no accumulation)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the paper's)")
     g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine")
     g.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up (default: the paper's 5)")
@@ -260,7 +277,8 @@ def add_run_flags(p):
     g.add_argument("--print-every", type=int, default=10, help="progress line every N steps")
     g.add_argument("--save-every", type=int, default=0, help="also save last.pt every N steps (0: each epoch)")
     g.add_argument("--eval-every", type=int, default=1, help="evaluate (1 view) every N epochs; 0: at the end")
-    g.add_argument("--eval-batch-size", type=int, default=None, help="videos per rank per evaluation forward")
+    g.add_argument("--eval-batch-size", type=int, default=None, help="videos per rank per evaluation forward "
+                   "(default: a quarter of --batch-size)")
     g.add_argument("--dry-run", action="store_true", help="build the model, print its trainable parameters, exit")
     g.add_argument("--debug", action="store_true", help=f"show the traceback of an error (also: {DEBUG_ENV}=1)")
     g.add_argument("--kill-at-step", type=int, default=0, help=argparse.SUPPRESS)  # testing: SIGKILL self
@@ -280,7 +298,13 @@ def resolve_args(args):
     if args.random_erasing is None:
         args.random_erasing = args.dataset == "ssv1"
     if args.method == "biefficient" and args.biefficient_code_compat and args.weight_decay == 0.2:
-        args.weight_decay = 0.05  # the authors' code (notes/biefficient-official-code.md)
+        args.weight_decay = 0.05  # the authors' code (prompts.BIEFFICIENT_DEFAULTS["weight_decay"])
+    if args.arch == "tiny" and not args.random_init:
+        # The tiny towers exist only as random ones: say so instead of "unknown CLIP model 'tiny'".
+        what = "the synthetic demo" if args.dataset == "synthetic" else "--arch tiny"
+        raise UsageError(f"{what} needs --random-init (its tiny towers have no pretrained weights), or real "
+                         f"weights via --arch ViT-B/16 --pretrained NAME|PATH (names: "
+                         f"{', '.join(a for a in clip.ARCHS if a != 'tiny')})")
     if args.dataset not in ("synthetic",) and args.dataset != "list" and args.root is None:
         raise UsageError(f"--dataset {args.dataset} needs --root DIR (the dataset folder in its authors' layout; "
                          f"see data.py)")
@@ -478,11 +502,19 @@ def build_chinese(args, embed_dim):
     return tower.float().eval()
 
 
+def rank0_only_warnings():
+    """A context in which only rank 0 prints warnings (e.g. the RANDOM-INIT ones of the tower builders): every
+    rank builds the same towers, so the other ranks' copies of the message would only repeat it."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return contextlib.nullcontext() if rank == 0 else contextlib.redirect_stderr(io.StringIO())
+
+
 def build_model(args, class_texts, classes_zh=None):
     """The method model of prompts.py for these arguments, its classes set. Deterministic in args.seed, so a
     random-init run can be rebuilt identically from its checkpoint's arguments."""
     torch.manual_seed(args.seed)
-    clip_model = build_clip(args)
+    with rank0_only_warnings():  # errors still raise on every rank
+        clip_model = build_clip(args)
     if args.grad_checkpointing:
         clip_model.transformer.grad_checkpointing = True
     if args.method == "tpr":
@@ -492,7 +524,8 @@ def build_model(args, class_texts, classes_zh=None):
         if not args.no_temporal_prompts and args.beta != "none":
             beta = reparam.ReparamEncoder(beta=args.beta, D=D, T=args.frames, P=1 + args.S + args.frames,
                                           residual=not args.no_residual)
-        chinese = None if args.no_chinese else build_chinese(args, clip_model.embed_dim)
+        with rank0_only_warnings():
+            chinese = None if args.no_chinese else build_chinese(args, clip_model.embed_dim)
         for key in ("lam", "test_words"):
             if getattr(args, key) is not None:
                 kw[key] = getattr(args, key)
@@ -579,6 +612,30 @@ def getattr_path(obj, path):
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def describe_setup(args, model):
+    """Lines naming what the parameter table depends on (method, dataset, arch, T, S or M, ...) and every
+    synthetic-demo value that replaces a paper default, so that a count can be matched with the README."""
+    parts = [f"{args.method} on {args.dataset}", f"arch {args.arch}", f"T = {args.frames}"]
+    if args.method == "tpr":
+        parts += ["no temporal prompts" if args.no_temporal_prompts else f"S = {args.S}", f"beta {args.beta}",
+                  f"pooling {args.pooling}", f"Chinese branch {'off' if args.no_chinese else 'on'}"]
+        paper = dict(paper_defaults("tpr", "hmdb51", args.shots), prefix="This is a video about {}.")
+    else:
+        cfg = model.config
+        parts += [f"M = {cfg['M']}" if cfg["pre_prompt"] else "no Pre-Prompt", f"head layers {cfg['head_layers']}",
+                  f"Post-Prompt blocks {cfg['post_layers'] if cfg['post_prompt'] else 0}",
+                  f"WGVP {'on' if cfg['wgvp'] else 'off'}", "authors' code" if cfg["code_compat"] else "paper"]
+        paper = dict(paper_defaults("biefficient", "k400", args.shots),
+                     M=prompts.BIEFFICIENT_DEFAULTS["M"][int(bool(args.biefficient_code_compat))])
+    lines = ["setup: " + ", ".join(parts)]
+    if args.dataset == "synthetic":
+        demo = {**SYNTHETIC, **SYNTHETIC_BY_METHOD[args.method]}
+        changed = [f"{k} {getattr(args, k)!r} (paper {paper[k]!r})" for k, v in demo.items()
+                   if k in paper and getattr(args, k) == v != paper[k]]
+        lines.append("synthetic demo values instead of the paper's: " + ("; ".join(changed) or "none"))
+    return lines
 
 
 def print_parameter_table(model, log):
@@ -702,14 +759,15 @@ def accumulate(ddp_model, model, video, labels, candidates, micro, world, autoca
 
 @torch.no_grad()
 def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, return_indices=False,
-             stop_on_bad=False):
+             stop_on_bad=False, progress=None):
     """Top-1 / top-5 over a test dataset whose items hold all views of one video, (V, T, 3, H, W).
 
     Each rank takes videos rank, rank + W, ... (no padding: each video is scored exactly once, as
     pytorch/examples imagenet does for its validation set); correct counts are all-reduced, never per-rank
     accuracies. Only real videos are scored: an unreadable one (item "skipped") is counted as skipped and
     named in `skipped_files`, or, with stop_on_bad, stops the evaluation. Returns dict(top1, top5 in % of the
-    scored videos, videos (scored), skipped, skipped_files, correct1, correct5[, indices])."""
+    scored videos, videos (scored), skipped, skipped_files, correct1, correct5[, indices]).
+    progress(done, total), if given, is called after each batch with this rank's counts."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     indices = list(range(rank, len(dataset), world))
@@ -732,6 +790,8 @@ def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, re
             counts[3] += len(bad)
             batch = {k: v[real] for k, v in batch.items()}
             if not real.any():
+                if progress is not None:
+                    progress(len(seen) + len(skipped), len(indices))
                 continue
         video, labels = batch["video"].to(device, non_blocking=True), batch["label"].to(device)
         if video.dim() == 5:
@@ -747,6 +807,8 @@ def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, re
         counts[1] += (top == labels[:, None]).any(-1).sum().item()
         counts[2] += B
         seen += batch["index"].tolist()
+        if progress is not None:
+            progress(len(seen) + len(skipped), len(indices))  # this rank's videos done (scored or skipped)
     if dist.is_initialized():
         counts = counts.to(device)
         dist.all_reduce(counts)
@@ -869,6 +931,45 @@ def _run_signature(folder):
     return [f for f in ("last.pt", "best.pt", "metrics.jsonl", "args.json") if os.path.exists(os.path.join(folder, f))]
 
 
+def _now():
+    return time.monotonic()
+
+
+class Throughput:
+    """clips/s and ETA of the progress line, from the last `window` training steps only.
+
+    Choice: a moving window of step durations whose clock restarts after every pause that is not a training
+    step (evaluation, writing checkpoints), so the speed is that of training now; a cumulative average would
+    mix in every evaluation and the slow start. The ETA adds the evaluations still due, each as long as the
+    last one measured."""
+
+    def __init__(self, window=SPEED_WINDOW):
+        self.steps = collections.deque(maxlen=window)  # (seconds, clips) of the recent steps
+        self.t = _now()
+        self.eval_s = 0.0  # the last evaluation's duration
+
+    def restart(self):
+        self.t = _now()
+
+    def step(self, clips):
+        now = _now()
+        self.steps.append((now - self.t, clips))
+        self.t = now
+
+    def clips_per_s(self):
+        return sum(c for _, c in self.steps) / max(sum(t for t, _ in self.steps), 1e-9)
+
+    def eta(self, steps_left, evals_left):
+        per_step = sum(t for t, _ in self.steps) / max(len(self.steps), 1)
+        return steps_left * per_step + evals_left * self.eval_s
+
+
+def evaluations_left(args, epoch):
+    """Evaluations still due from epoch index `epoch` (0-based, not yet evaluated) to the end of the run."""
+    return sum(1 for e in range(epoch + 1, args.epochs + 1)
+               if (args.eval_every and e % args.eval_every == 0) or e == args.epochs)
+
+
 class Run:
     """What one training run holds: its arguments and ranks, model, optimiser, data, and where it stands in
     the schedule (epoch, step within the epoch, global step, best top-1). The steps below read and advance it."""
@@ -879,6 +980,7 @@ class Run:
         self.epoch, self.epoch_step, self.step, self.best = 0, 0, 0, -1.0
         self.test_set, self.metrics = None, None
         self.t_start, self.clips_done = time.time(), 0
+        self.speed = Throughput()
 
 
 def explicit_flags(argv):
@@ -994,10 +1096,13 @@ def setup(argv=None):
     if restart:
         ckpt = None
 
-    run.train_set = build_dataset(args, "train", shots_dir=None if args.dry_run else args.output)
+    with rank0_only_warnings():
+        run.train_set = build_dataset(args, "train", shots_dir=None if args.dry_run else args.output)
     texts, zh = class_names(args, run.train_set)
     model = run.model = build_model(args, texts, zh).to(device)
     if args.dry_run:
+        for line in describe_setup(args, model):
+            run.log(line)
         print_parameter_table(model, run.log)
         return None, None
     torch.manual_seed(args.seed + rank)  # after the (identical) model init, each rank its own stream
@@ -1013,6 +1118,8 @@ def setup(argv=None):
             f"{args.arch}{' RANDOM-INIT' if args.random_init else ''}; {world} rank(s) on {device.type}, global "
             f"batch {args.batch_size} = {world} x {per_rank // args.micro_batch} x {args.micro_batch}, precision "
             f"{run.amp_dtype or 'fp32'}; run folder {run.out}")
+    for line in describe_setup(args, model):
+        run.log(line)
     print_parameter_table(model, run.log)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -1133,7 +1240,9 @@ def run_eval(run):
     args = run.args
     if run.test_set is None:
         run.test_set = build_dataset(args, "test", views="1x1")
+    t0 = _now()
     result = evaluate(run.model, run.test_set, run.device, run.amp_dtype, args.eval_batch_size, args.workers)
+    run.speed.eval_s = _now() - t0
     proto = protocol(args, run.test_set, "1x1")
     run.log(f"eval epoch {run.epoch + 1}: {describe(result, proto, args.random_init)}")
     write_metrics(run, dict(kind="eval", epoch=run.epoch + 1, step=run.step, protocol=proto, top1=result["top1"],
@@ -1177,19 +1286,22 @@ def train_epoch(run):
     run.train_set.set_epoch(run.epoch)
     sampler = BatchSampler(len(run.train_set), args.batch_size, run.rank, run.world, args.seed, run.epoch,
                            start=run.epoch_step)
+    run.speed.restart()  # after the evaluation and saving of the previous epoch
     for batch in loader(run.train_set, batch_sampler=sampler, workers=args.workers):
         loss, lr = optimizer_step(run, batch)
+        run.speed.step(args.batch_size)
         run.step, run.epoch_step, run.clips_done = run.step + 1, run.epoch_step + 1, run.clips_done + args.batch_size
         if run.epoch_step % args.print_every == 0 or run.epoch_step == spe:
             now = time.time()
-            speed = run.clips_done / max(now - run.t_start, 1e-9)
-            eta = (run.total_steps - run.step) * args.batch_size / max(speed, 1e-9)
+            speed = run.speed.clips_per_s()
+            eta = run.speed.eta(run.total_steps - run.step, evaluations_left(args, run.epoch))
             run.log(f"epoch {run.epoch + 1}/{args.epochs} step {run.epoch_step}/{spe} loss {loss.item():.4f} "
                     f"lr {lr:.3e} {speed:.1f} clips/s ETA {_hms(eta)} peak mem {_peak_memory_mib(run.device):.0f} MiB")
             write_metrics(run, dict(kind="train", epoch=run.epoch + 1, step=run.step, epoch_step=run.epoch_step,
-                                    loss=loss.item(), lr=lr, clips_per_s=speed, time_s=now - run.t_start))
+                                    loss=loss.item(), lr=lr, clips_per_s=speed, eta_s=eta, time_s=now - run.t_start))
         if args.save_every and run.epoch_step % args.save_every == 0 and run.epoch_step < spe:
             save(run, "last.pt")
+            run.speed.restart()
         if args.kill_at_step and run.step == args.kill_at_step:
             os.kill(os.getpid(), getattr(signal, args.kill_signal))  # testing only: a preempted job
         if stop_requested(run):
