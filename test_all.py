@@ -1660,8 +1660,8 @@ def _receptive_field(beta, T, P, t0, p0):
         return [[t == t0 and p == p0 for p in range(P)] for t in range(T)]
     if beta in ("r2plus1d", "c3d"):  # (1, 3) + (3, 1) convs, or one 3 x 3 conv, over (T, P)
         return [[near_t[t] and near_p[p] for p in range(P)] for t in range(T)]
-    if beta == "tada":  # alpha_t from two kernel-3 temporal convs of the frames' means scales whole frames
-        return [[abs(t - t0) <= 2 for p in range(P)] for t in range(T)]
+    if beta == "tada":  # alpha_t from the frames' means and the video's mean (global context) scales all frames
+        return [[True] * P for _ in range(T)]
     if beta == "lstm":  # one bidirectional sequence over T per prompt position
         return [[p == p0 for p in range(P)] for t in range(T)]
     return [[True] * P for _ in range(T)]  # transformer: all T * P tokens
