@@ -19,6 +19,7 @@ The run folder (--output) receives args.json, metrics.jsonl (one JSON object per
 every evaluation with its protocol), last.pt and best.pt (trainable parameters only, never the frozen towers).
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -98,6 +99,17 @@ def paper_defaults(method, dataset, shots):
 def build_parser():
     p = argparse.ArgumentParser(description="Train TPR or BiEfficient on a video dataset (one process or torchrun).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_data_flags(p)
+    add_backbone_flags(p)
+    add_tpr_flags(p)
+    add_biefficient_flags(p)
+    add_optimisation_flags(p)
+    add_run_flags(p)
+    return p
+
+
+def add_data_flags(p):
+    """What to train on: method, dataset, split, sampling, augmentation."""
     g = p.add_argument_group("what to train")
     g.add_argument("--method", default="tpr", choices=METHODS, help="which paper's model")
     g.add_argument("--dataset", default="synthetic", choices=data.DATASETS, help="dataset, in its authors' layout")
@@ -119,6 +131,9 @@ def build_parser():
     g.add_argument("--synthetic-videos", type=int, default=64, help="synthetic: videos per class and split")
     g.add_argument("--no-flip", action="store_true", help="no horizontal flip (always off for ssv1 and synthetic)")
 
+
+def add_backbone_flags(p):
+    """The frozen towers and where their weights come from."""
     g = p.add_argument_group("backbones")
     g.add_argument("--arch", default=None, choices=tuple(clip.ARCHS), help="CLIP ViT (default: the paper's "
                    "ViT-B/16; tiny for synthetic)")
@@ -132,6 +147,9 @@ def build_parser():
                    help="build RANDOMLY INITIALISED towers (smoke tests, synthetic demo); every accuracy line "
                         "then says RANDOM-INIT")
 
+
+def add_tpr_flags(p):
+    """TPR's ablation switches (Fig. 5, Tables 3-5, 7)."""
     g = p.add_argument_group("TPR (ablations: Fig. 5, Tables 3-5, 7)")
     g.add_argument("--S", type=int, default=8, help="global prompts per frame (Fig. 5c)")
     g.add_argument("--beta", default="r2plus1d", choices=reparam.BETAS + ("none",), help="reparameterization network beta of Eq. (12), Table 3; "
@@ -147,6 +165,9 @@ def build_parser():
     g.add_argument("--lam", type=float, default=None, help="lambda of Eq. (18); default: the model's")
     g.add_argument("--tau", type=float, default=0.01, help="temperature tau (Sec. 4.1)")
 
+
+def add_biefficient_flags(p):
+    """BiEfficient's ablation switches (Tables 4-10)."""
     g = p.add_argument_group("BiEfficient (ablations: Tables 4-10)")
     g.add_argument("--M", type=int, default=None, help="learned context tokens of the Pre-Prompt (paper 16; "
                    "code-compat 12)")
@@ -160,6 +181,9 @@ def build_parser():
     g.add_argument("--tpr-kwargs", default="{}", help="extra TPR keyword arguments as JSON")
     g.add_argument("--grad-checkpointing", action="store_true", help="checkpoint the frozen text tower's blocks")
 
+
+def add_optimisation_flags(p):
+    """Optimiser, schedule, precision, seed."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help="training epochs (default: the paper's)")
     g.add_argument("--batch-size", type=int, default=None, help="GLOBAL batch (all ranks together); the "
@@ -177,6 +201,9 @@ def build_parser():
     g.add_argument("--seed", type=int, default=0, help="seed of everything (model init, data order, "
                    "augmentation, few-shot draw)")
 
+
+def add_run_flags(p):
+    """Run folder, resume, loader, logging and saving cadence."""
     g = p.add_argument_group("run")
     g.add_argument("--output", default=None, help="run folder (default runs/<method>-<dataset>-<time>)")
     g.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR exactly where it "
@@ -188,7 +215,6 @@ def build_parser():
     g.add_argument("--eval-batch-size", type=int, default=None, help="videos per rank per evaluation forward")
     g.add_argument("--dry-run", action="store_true", help="build the model, print its trainable parameters, exit")
     g.add_argument("--kill-at-step", type=int, default=0, help=argparse.SUPPRESS)  # testing: SIGKILL self
-    return p
 
 
 def resolve_args(args):
@@ -566,43 +592,13 @@ def accumulate(ddp_model, model, video, labels, candidates, micro, world, autoca
     local = {k: g[rank * b:(rank + 1) * b].split(micro) for k, g in zip(model.loss_keys, grads)}
     for i, (v, l) in enumerate(chunks):
         sync = i == len(chunks) - 1
-        ctx = ddp_model.no_sync() if (isinstance(ddp_model, DDP) and not sync) else _nullcontext()
+        ctx = ddp_model.no_sync() if (isinstance(ddp_model, DDP) and not sync) else contextlib.nullcontext()
         with ctx:
             with autocast:
                 out = ddp_model(v.to(device, non_blocking=True), l, candidates)
             surrogate = sum((out["logits"][k].float() * local[k][i]).sum() for k in model.loss_keys)
             scaler.scale(surrogate * world).backward()
     return loss.detach()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-class _NoScaler:
-    """GradScaler's interface for fp32/bf16 (nothing to scale)."""
-
-    def scale(self, x):
-        return x
-
-    def unscale_(self, opt):
-        pass
-
-    def step(self, opt):
-        opt.step()
-
-    def update(self):
-        pass
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -721,7 +717,7 @@ def load_checkpoint(path, method=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Main
+# Main: set up, resume, then per epoch train / evaluate / save (karpathy/nanoGPT's train.py, in named steps)
 # ----------------------------------------------------------------------------------------------------------
 
 def _peak_memory_mib(device):
@@ -734,12 +730,21 @@ def _run_signature(folder):
     return [f for f in ("last.pt", "best.pt", "metrics.jsonl", "args.json") if os.path.exists(os.path.join(folder, f))]
 
 
-def main(argv=None):
-    parser = build_parser()
-    cli = parser.parse_args(argv)
-    rank, world, device = setup_distributed()
-    log = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
+class Run:
+    """What one training run holds: its arguments and ranks, model, optimiser, data, and where it stands in
+    the schedule (epoch, step within the epoch, global step, best top-1). The steps below read and advance it."""
 
+    def __init__(self, args, rank, world, device):
+        self.args, self.rank, self.world, self.device = args, rank, world, device
+        self.log = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
+        self.epoch, self.epoch_step, self.step, self.best = 0, 0, 0, -1.0
+        self.test_set, self.metrics = None, None
+        self.t_start, self.clips_done = time.time(), 0
+
+
+def resolve_run_args(cli, argv, world):
+    """The run's arguments: the checkpoint's when resuming (a few flags may change), else the command line's
+    with the papers' defaults filled in; then the per-rank and micro-batch sizes."""
     ckpt = None
     if cli.resume:
         ckpt, _ = load_checkpoint(cli.resume, cli.method if _explicit(argv, "--method") else None)
@@ -759,177 +764,236 @@ def main(argv=None):
     if per_rank % args.micro_batch:
         raise UsageError(f"--micro-batch {args.micro_batch} does not divide the per-rank batch {per_rank} "
                          f"(= --batch-size {args.batch_size} / {world} ranks)")
+    return args, ckpt
 
-    amp_dtype, use_scaler = amp_settings(args.precision, device)
+
+def choose_output(args, rank):
+    """A new run's folder (the same name on every rank); refuses one that holds another run."""
+    out = args.output or os.path.join("runs", f"{args.method}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = broadcast_object(out)
+    held = broadcast_object(_run_signature(out) if rank == 0 and os.path.isdir(out) else [])
+    if held:
+        raise UsageError(f"output folder {out} holds another run ({', '.join(held)}); pass --resume {out} "
+                         f"to continue it, or choose another --output")
+    return out
+
+
+def setup(argv=None):
+    """Arguments, processes, seeds, output folder, data and model. Returns (run, checkpoint to resume or None),
+    or (None, None) after printing the parameter table for --dry-run."""
+    cli = build_parser().parse_args(argv)
+    rank, world, device = setup_distributed()
+    args, ckpt = resolve_run_args(cli, argv, world)
+    run = Run(args, rank, world, device)
+    run.amp_dtype, use_scaler = amp_settings(args.precision, device)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
-
-    # Output folder
     if not cli.resume and not args.dry_run:
-        out = args.output or os.path.join("runs", f"{args.method}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-        args.output = out = broadcast_object(out)
-        held = broadcast_object(_run_signature(out) if rank == 0 and os.path.isdir(out) else [])
-        if held:
-            raise UsageError(f"output folder {out} holds another run ({', '.join(held)}); pass --resume {out} "
-                             f"to continue it, or choose another --output")
-    out = args.output
+        args.output = choose_output(args, rank)
+    run.out = args.output
 
-    # Data and model
-    train_set = build_dataset(args, "train", shots_dir=None if args.dry_run else args.output)
-    texts, zh = class_names(args, train_set)
-    model = build_model(args, texts, zh).to(device)
+    run.train_set = build_dataset(args, "train", shots_dir=None if args.dry_run else args.output)
+    texts, zh = class_names(args, run.train_set)
+    model = run.model = build_model(args, texts, zh).to(device)
     if args.dry_run:
-        print_parameter_table(model, log)
-        return None
+        print_parameter_table(model, run.log)
+        return None, None
     torch.manual_seed(args.seed + rank)  # after the (identical) model init, each rank its own stream
     if rank == 0 and not cli.resume:  # written once the model is built, so a failed start leaves no "run"
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "args.json"), "w") as f:
+        os.makedirs(run.out, exist_ok=True)
+        with open(os.path.join(run.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
     if dist.is_initialized():
         dist.barrier()
-
-    log(f"{args.method} on {args.dataset} (split {args.split}{f', {args.shots}-shot' if args.shots else ''}): "
-        f"{len(train_set)} training videos, {len(train_set.classes)} classes, T={args.frames}, arch {args.arch}"
-        f"{' RANDOM-INIT' if args.random_init else ''}; {world} rank(s) on {device.type}, global batch "
-        f"{args.batch_size} = {world} x {per_rank // args.micro_batch} x {args.micro_batch}, precision "
-        f"{amp_dtype or 'fp32'}; run folder {out}")
-    print_parameter_table(model, log)
+    per_rank = args.batch_size // world
+    run.log(f"{args.method} on {args.dataset} (split {args.split}{f', {args.shots}-shot' if args.shots else ''}): "
+            f"{len(run.train_set)} training videos, {len(run.train_set.classes)} classes, T={args.frames}, arch "
+            f"{args.arch}{' RANDOM-INIT' if args.random_init else ''}; {world} rank(s) on {device.type}, global "
+            f"batch {args.batch_size} = {world} x {per_rank // args.micro_batch} x {args.micro_batch}, precision "
+            f"{run.amp_dtype or 'fp32'}; run folder {run.out}")
+    print_parameter_table(model, run.log)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable and args.epochs:
         raise UsageError("this configuration has no trainable parameters (e.g. TPR with --no-temporal-prompts "
                          "--beta none --pooling mean: Fig. 5a's CLIP row); pass --epochs 0 to only evaluate it")
     model.train()
-    ddp_model = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-                 if world > 1 and trainable else model)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas))
-    scaler = torch.amp.GradScaler(device.type) if use_scaler else _NoScaler()
-    steps_per_epoch = len(train_set) // args.batch_size
-    if steps_per_epoch == 0:
-        raise UsageError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_set)} videos)")
-    total_steps = args.epochs * steps_per_epoch
-    epoch, epoch_step, step, best = 0, 0, 0, -1.0
-    fingerprint = frozen_fingerprint(model)
-    if ckpt is not None:
-        if ckpt["frozen_fingerprint"] != fingerprint:
-            raise UsageError(f"{cli.resume}: the frozen towers differ from the ones this run was trained with "
-                             f"(fingerprint {fingerprint} vs {ckpt['frozen_fingerprint']}); pass the same weights")
-        load_trainable_state(model, ckpt["trainable"], cli.resume)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        epoch, epoch_step, step, best = ckpt["epoch"], ckpt["epoch_step"], ckpt["step"], ckpt["best_top1"]
-        if len(ckpt["rng"]) == world:
-            set_rng_state(ckpt["rng"][rank])
-        else:
-            log(f"WARNING: the run had {len(ckpt['rng'])} ranks, now {world}: random states re-seeded "
+    run.ddp_model = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+                     if world > 1 and trainable else model)
+    run.optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas))
+    run.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    run.steps_per_epoch = len(run.train_set) // args.batch_size
+    if run.steps_per_epoch == 0:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the training set "
+                         f"({len(run.train_set)} videos)")
+    run.total_steps = args.epochs * run.steps_per_epoch
+    run.fingerprint = frozen_fingerprint(model)
+    return run, ckpt
+
+
+def resume(run, ckpt):
+    """Restore the trainable weights, optimiser, scaler, schedule position and random states of a checkpoint."""
+    where = run.args.resume
+    if ckpt["frozen_fingerprint"] != run.fingerprint:
+        raise UsageError(f"{where}: the frozen towers differ from the ones this run was trained with "
+                         f"(fingerprint {run.fingerprint} vs {ckpt['frozen_fingerprint']}); pass the same weights")
+    load_trainable_state(run.model, ckpt["trainable"], where)
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.epoch, run.epoch_step, run.step, run.best = ckpt["epoch"], ckpt["epoch_step"], ckpt["step"], ckpt["best_top1"]
+    if len(ckpt["rng"]) == run.world:
+        set_rng_state(ckpt["rng"][run.rank])
+    else:
+        run.log(f"WARNING: the run had {len(ckpt['rng'])} ranks, now {run.world}: random states re-seeded "
                 f"(data order and augmentation stay exact: they depend on the seed, epoch and index only)")
-        log(f"resumed {cli.resume} at epoch {epoch + 1}, step {epoch_step}/{steps_per_epoch} (global step {step})")
+    run.log(f"resumed {where} at epoch {run.epoch + 1}, step {run.epoch_step}/{run.steps_per_epoch} "
+            f"(global step {run.step})")
 
-    def save(name, last_eval=None):
-        states = [None] * world
-        if dist.is_initialized():
-            dist.all_gather_object(states, rng_state())
-        else:
-            states = [rng_state()]
-        if rank != 0:
-            return
-        state = dict(format=CHECKPOINT_FORMAT, method=args.method, args=_plain(vars(args)),
-                     trainable=trainable_state(model), optimizer=optimizer.state_dict(),
-                     scaler=scaler.state_dict(), schedule=dict(kind="linear warm-up then cosine, per step",
-                                                               step=step, total_steps=total_steps),
-                     epoch=epoch, epoch_step=epoch_step, step=step, best_top1=best, rng=states,
-                     frozen_fingerprint=fingerprint, classes=list(train_set.classes), last_eval=last_eval)
-        atomic_save(state, os.path.join(out, name))
 
-    metrics = open(os.path.join(out, "metrics.jsonl"), "a") if rank == 0 else None
+def save(run, name, last_eval=None):
+    """Write the run's trainable state to `name` in the run folder (rank 0; every rank's RNG state)."""
+    states = [None] * run.world
+    if dist.is_initialized():
+        dist.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    if run.rank != 0:
+        return
+    args = run.args
+    state = dict(format=CHECKPOINT_FORMAT, method=args.method, args=_plain(vars(args)),
+                 trainable=trainable_state(run.model), optimizer=run.optimizer.state_dict(),
+                 scaler=run.scaler.state_dict(), schedule=dict(kind="linear warm-up then cosine, per step",
+                                                               step=run.step, total_steps=run.total_steps),
+                 epoch=run.epoch, epoch_step=run.epoch_step, step=run.step, best_top1=run.best, rng=states,
+                 frozen_fingerprint=run.fingerprint, classes=list(run.train_set.classes), last_eval=last_eval)
+    atomic_save(state, os.path.join(run.out, name))
 
-    def write_metrics(record):
-        if metrics is not None:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
 
-    test_set = None
+def write_metrics(run, record):
+    if run.metrics is not None:
+        run.metrics.write(json.dumps(record) + "\n")
+        run.metrics.flush()
 
-    def run_eval():
-        nonlocal test_set
-        if test_set is None:
-            test_set = build_dataset(args, "test", views="1x1")
-        result = evaluate(model, test_set, device, amp_dtype, args.eval_batch_size, args.workers)
-        proto = protocol(args, test_set, "1x1")
-        log(f"eval epoch {epoch + 1}: {describe(result, proto, args.random_init)}")
-        write_metrics(dict(kind="eval", epoch=epoch + 1, step=step, protocol=proto, top1=result["top1"],
-                           top5=result["top5"], random_init=bool(args.random_init),
-                           **({"note": "RANDOM-INIT"} if args.random_init else {})))
-        return result
 
-    t_start, clips_done = time.time(), 0
-    while epoch < args.epochs:
-        train_set.set_epoch(epoch)
-        sampler = BatchSampler(len(train_set), args.batch_size, rank, world, args.seed, epoch, start=epoch_step)
-        t_last = time.time()
-        for batch in loader(train_set, batch_sampler=sampler, workers=args.workers):
-            lr = lr_at(step, args, steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = train_step(ddp_model, model, batch["video"], batch["label"], args, world, amp_dtype, scaler,
-                              device)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {epoch_step + 1}: stopping. The "
-                    f"last good checkpoint {os.path.join(out, 'last.pt')} is intact; resume it with a lower --lr "
-                    f"or --precision fp32.")
-            if args.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step, epoch_step, clips_done = step + 1, epoch_step + 1, clips_done + args.batch_size
-            if epoch_step % args.print_every == 0 or epoch_step == steps_per_epoch:
-                now = time.time()
-                speed = clips_done / max(now - t_start, 1e-9)
-                eta = (total_steps - step) * args.batch_size / max(speed, 1e-9)
-                log(f"epoch {epoch + 1}/{args.epochs} step {epoch_step}/{steps_per_epoch} loss {loss.item():.4f} "
-                    f"lr {lr:.3e} {speed:.1f} clips/s ETA {_hms(eta)} peak mem {_peak_memory_mib(device):.0f} MiB")
-                write_metrics(dict(kind="train", epoch=epoch + 1, step=step, epoch_step=epoch_step,
-                                   loss=loss.item(), lr=lr, clips_per_s=speed, time_s=now - t_start))
-                t_last = now
-            if args.save_every and epoch_step % args.save_every == 0 and epoch_step < steps_per_epoch:
-                save("last.pt")
-            if args.kill_at_step and step == args.kill_at_step:
-                os.kill(os.getpid(), signal.SIGKILL)  # testing only: die like a preempted job
-        bad = train_set.bad_count()
-        if bad:
-            log(f"epoch {epoch + 1}: {bad} unreadable videos so far were replaced by others of their class")
-        result = None
-        if (args.eval_every and (epoch + 1) % args.eval_every == 0) or epoch + 1 == args.epochs:
-            result = run_eval()
-        epoch, epoch_step = epoch + 1, 0
-        improved = result is not None and result["top1"] > best
-        if improved:
-            best = result["top1"]
-        save("last.pt", None if result is None else {k: result[k] for k in ("top1", "top5", "videos")})
-        if improved and rank == 0:
-            shutil.copyfile(os.path.join(out, "last.pt"), os.path.join(out, "best.pt.tmp"))
-            os.replace(os.path.join(out, "best.pt.tmp"), os.path.join(out, "best.pt"))
-    if args.epochs == 0:  # evaluation only (e.g. frozen CLIP with mean pooling, nothing to train)
-        result = run_eval()
-        best = result["top1"]
-        save("last.pt", {k: result[k] for k in ("top1", "top5", "videos")})
-        if rank == 0:
-            shutil.copyfile(os.path.join(out, "last.pt"), os.path.join(out, "best.pt"))
-    final = None
-    if test_set is not None:
-        last = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))] if rank == 0 else []
-        final = next((r for r in reversed(last) if r["kind"] == "eval"), None)
-        if final is not None:
-            log(f"done: best top1 {best:.2f}%; last: top1 {final['top1']:.2f}% top5 {final['top5']:.2f}% "
+def run_eval(run):
+    """Single-view evaluation on the test split (built once), logged and written to metrics.jsonl."""
+    args = run.args
+    if run.test_set is None:
+        run.test_set = build_dataset(args, "test", views="1x1")
+    result = evaluate(run.model, run.test_set, run.device, run.amp_dtype, args.eval_batch_size, args.workers)
+    proto = protocol(args, run.test_set, "1x1")
+    run.log(f"eval epoch {run.epoch + 1}: {describe(result, proto, args.random_init)}")
+    write_metrics(run, dict(kind="eval", epoch=run.epoch + 1, step=run.step, protocol=proto, top1=result["top1"],
+                            top5=result["top5"], random_init=bool(args.random_init),
+                            **({"note": "RANDOM-INIT"} if args.random_init else {})))
+    return result
+
+
+def optimizer_step(run, batch):
+    """One global batch: learning rate of this step, forward + backward, clip, step. Returns the loss."""
+    args, opt = run.args, run.optimizer
+    lr = lr_at(run.step, args, run.steps_per_epoch)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss = train_step(run.ddp_model, run.model, batch["video"], batch["label"], args, run.world, run.amp_dtype,
+                      run.scaler, run.device)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"non-finite loss ({loss.item()}) at epoch {run.epoch + 1}, step {run.epoch_step + 1}: stopping. The "
+            f"last good checkpoint {os.path.join(run.out, 'last.pt')} is intact; resume it with a lower --lr "
+            f"or --precision fp32.")
+    if args.grad_clip > 0:
+        run.scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+    run.scaler.step(opt)
+    run.scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return loss, lr
+
+
+def train_epoch(run):
+    """The rest of the current epoch, from run.epoch_step on: steps, progress lines, mid-epoch last.pt."""
+    args, spe = run.args, run.steps_per_epoch
+    run.train_set.set_epoch(run.epoch)
+    sampler = BatchSampler(len(run.train_set), args.batch_size, run.rank, run.world, args.seed, run.epoch,
+                           start=run.epoch_step)
+    for batch in loader(run.train_set, batch_sampler=sampler, workers=args.workers):
+        loss, lr = optimizer_step(run, batch)
+        run.step, run.epoch_step, run.clips_done = run.step + 1, run.epoch_step + 1, run.clips_done + args.batch_size
+        if run.epoch_step % args.print_every == 0 or run.epoch_step == spe:
+            now = time.time()
+            speed = run.clips_done / max(now - run.t_start, 1e-9)
+            eta = (run.total_steps - run.step) * args.batch_size / max(speed, 1e-9)
+            run.log(f"epoch {run.epoch + 1}/{args.epochs} step {run.epoch_step}/{spe} loss {loss.item():.4f} "
+                    f"lr {lr:.3e} {speed:.1f} clips/s ETA {_hms(eta)} peak mem {_peak_memory_mib(run.device):.0f} MiB")
+            write_metrics(run, dict(kind="train", epoch=run.epoch + 1, step=run.step, epoch_step=run.epoch_step,
+                                    loss=loss.item(), lr=lr, clips_per_s=speed, time_s=now - run.t_start))
+        if args.save_every and run.epoch_step % args.save_every == 0 and run.epoch_step < spe:
+            save(run, "last.pt")
+        if args.kill_at_step and run.step == args.kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)  # testing only: die like a preempted job
+
+
+def end_epoch(run):
+    """After an epoch: report replaced videos, evaluate when due, save last.pt (and best.pt on a new best)."""
+    args = run.args
+    bad = run.train_set.bad_count()
+    if bad:
+        run.log(f"epoch {run.epoch + 1}: {bad} unreadable videos so far were replaced by others of their class")
+    result = None
+    if (args.eval_every and (run.epoch + 1) % args.eval_every == 0) or run.epoch + 1 == args.epochs:
+        result = run_eval(run)
+    run.epoch, run.epoch_step = run.epoch + 1, 0
+    improved = result is not None and result["top1"] > run.best
+    if improved:
+        run.best = result["top1"]
+    save(run, "last.pt", None if result is None else {k: result[k] for k in ("top1", "top5", "videos")})
+    if improved and run.rank == 0:
+        shutil.copyfile(os.path.join(run.out, "last.pt"), os.path.join(run.out, "best.pt.tmp"))
+        os.replace(os.path.join(run.out, "best.pt.tmp"), os.path.join(run.out, "best.pt"))
+
+
+def evaluate_only(run):
+    """--epochs 0: evaluate the untrained configuration (e.g. frozen CLIP with mean pooling) and save it."""
+    result = run_eval(run)
+    run.best = result["top1"]
+    save(run, "last.pt", {k: result[k] for k in ("top1", "top5", "videos")})
+    if run.rank == 0:
+        shutil.copyfile(os.path.join(run.out, "last.pt"), os.path.join(run.out, "best.pt"))
+
+
+def finish(run):
+    """The closing line (best and last top-1 with their protocol). Returns the last evaluation record."""
+    if run.test_set is None:
+        return None
+    last = [json.loads(l) for l in open(os.path.join(run.out, "metrics.jsonl"))] if run.rank == 0 else []
+    final = next((r for r in reversed(last) if r["kind"] == "eval"), None)
+    if final is not None:
+        out = run.out
+        run.log(f"done: best top1 {run.best:.2f}%; last: top1 {final['top1']:.2f}% top5 {final['top5']:.2f}% "
                 f"({final['protocol']['dataset']} test, 1x1 view, {final['protocol']['videos']} videos)"
-                f"{' RANDOM-INIT' if args.random_init else ''}. Checkpoints: {out}/last.pt, {out}/best.pt")
-    if metrics is not None:
-        metrics.close()
-    return dict(output=out, best_top1=best, final=final, model=model)
+                f"{' RANDOM-INIT' if run.args.random_init else ''}. Checkpoints: {out}/last.pt, {out}/best.pt")
+    return final
+
+
+def main(argv=None):
+    run, ckpt = setup(argv)
+    if run is None:  # --dry-run
+        return None
+    if ckpt is not None:
+        resume(run, ckpt)
+    run.metrics = open(os.path.join(run.out, "metrics.jsonl"), "a") if run.rank == 0 else None
+    try:
+        while run.epoch < run.args.epochs:
+            train_epoch(run)
+            end_epoch(run)
+        if run.args.epochs == 0:
+            evaluate_only(run)
+        final = finish(run)
+    finally:
+        if run.metrics is not None:
+            run.metrics.close()
+    return dict(output=run.out, best_top1=run.best, final=final, model=run.model)
 
 
 def _explicit(argv, flag):
