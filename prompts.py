@@ -363,7 +363,7 @@ class TPR(nn.Module):
         # We default to the softmax probabilities over the candidates ("prob"), a deviation: Chinese-CLIP's
         # and CLIP's cosines live on different scales (each tower has its own spread), the probabilities share
         # [0, 1], and they are what the multi-view average of Sec. 4.1.1 averages. evaluate.py reports top-1
-        # for both (score_variants).
+        # for both (train.evaluate's top1_by_fusion).
         fusion = fusion or self.fusion
         if fusion not in TPR_FUSIONS:
             raise ValueError(f"fusion={fusion!r}; valid: {', '.join(TPR_FUSIONS)}")
@@ -372,10 +372,6 @@ class TPR(nn.Module):
         if "zh" not in s:
             return s["en"]
         return self.lam * s["en"] + (1 - self.lam) * s["zh"]  # TPR Eq. (18)
-
-    def score_variants(self, out):
-        """Both readings of TPR Eq. (18)'s S: {"prob": (B, A), "cosine": (B, A)}; the default is self.fusion."""
-        return {fusion: self.scores(out, fusion) for fusion in TPR_FUSIONS}
 
 
 # ==== BiEfficient ====
