@@ -1842,7 +1842,9 @@ def test_tpr_ablation_switches(tiny):
     tpb = TPR(tiny, T=2, S=2, reparam=ReparamEncoder("r2plus1d", 128, 2, 5))
     full = TPR(tiny, T=2, S=2, reparam=ReparamEncoder("r2plus1d", 128, 2, 5), chinese_text=tiny_chinese(),
                chinese_tokenize=tb.tokenize_chinese)
-    assert base.prompts is None and base.temporal_embedding is None and base.loss_keys == ("en",)
+    # Paper: the baseline (no temporal prompts, word pooling) trains Eq. (1)'s e_temporal; frame-wise CLIP has none.
+    assert base.prompts is None and base.temporal_embedding.requires_grad and base.loss_keys == ("en",)
+    assert TPR(tiny, T=2, temporal_prompts=False, pooling="mean").temporal_embedding is None
     assert tp.prompts is not None and tp.reparam is None and tp.temporal_embedding is not None
     assert tpb.reparam is not None and tpb.loss_keys == ("en",) and full.loss_keys == ("en", "zh")
     with pytest.raises(ValueError, match="temporal_prompts"):
@@ -1922,6 +1924,60 @@ def test_tpr_vit_b16_shapes_one_step():
     assert out["logits"]["en"].shape == (1, 1) and torch.isfinite(loss)
     assert model.prompts.cls_attn[0].in_proj_weight.grad is not None and model.temporal_embedding.grad is not None
     assert model.prompts.global_prompts.shape == (12, T, S, 768)
+
+
+def test_tpr_label_smoothing_by_hand():
+    eps = 0.1
+    logits = torch.tensor([[2.0, 1.0, -1.0], [0.5, 3.0, 0.0], [1.0, -2.0, 4.0]])  # (B, A)
+    # One positive per row and column: the two directions are torch's cross_entropy with label smoothing.
+    distinct = torch.tensor([0, 1, 2])
+    ref = (F.cross_entropy(logits, distinct, label_smoothing=eps) +
+           F.cross_entropy(logits.t(), distinct, label_smoothing=eps)) / 2
+    got = tb.multi_positive_contrastive_loss(logits, distinct, distinct, label_smoothing=eps)
+    assert abs(got.item() - ref.item()) < 1e-6
+    # Shared labels: targets (1 - eps) / |K| on the positives plus eps / (texts per row, videos per column).
+    labels = torch.tensor([0, 0, 1])
+    l, y, B, A = logits.tolist(), labels.tolist(), 3, 3
+    rows = 0.0
+    for i in range(B):
+        z = sum(math.exp(v) for v in l[i])
+        n = sum(y[a] == y[i] for a in range(A))
+        rows += -sum(((1 - eps) * (y[a] == y[i]) / n + eps / A) * math.log(math.exp(l[i][a]) / z)
+                     for a in range(A)) / B
+    cols = 0.0
+    for a in range(A):
+        z = sum(math.exp(l[j][a]) for j in range(B))
+        n = sum(y[i] == y[a] for i in range(B))
+        cols += -sum(((1 - eps) * (y[i] == y[a]) / n + eps / B) * math.log(math.exp(l[i][a]) / z)
+                     for i in range(B)) / A
+    got = tb.multi_positive_contrastive_loss(logits, labels, labels, label_smoothing=eps)
+    assert abs(got.item() - (rows + cols) / 2) < 1e-5
+    plain = tb.multi_positive_contrastive_loss(logits, labels, labels)
+    assert abs(tb.multi_positive_contrastive_loss(logits, labels, labels, 0.0).item() - plain.item()) < 1e-7
+    assert abs(got.item() - plain.item()) > 1e-3  # smoothing changes the loss
+    with pytest.raises(ValueError, match="label_smoothing"):
+        tb.multi_positive_contrastive_loss(logits, labels, labels, label_smoothing=1.0)
+
+
+def test_tpr_eq18_cosine_and_probability_fusion_by_hand(tiny):
+    model = tiny_tpr(tiny, lam=0.3)
+    tau = model.tau
+    cos_en, cos_zh = [[0.10, 0.30]], [[0.25, 0.20]]
+    out = {"logits": {"en": torch.tensor(cos_en) / tau, "zh": torch.tensor(cos_zh) / tau}}  # logits = cos / tau
+    # Paper: Eq. (18) on the cosines of Eq. (5).
+    want = torch.tensor([[0.3 * cos_en[0][k] + 0.7 * cos_zh[0][k] for k in range(2)]])
+    assert torch.allclose(model.scores(out, "cosine"), want, atol=1e-6)
+    e = out["logits"]["en"].softmax(-1)
+    z = out["logits"]["zh"].softmax(-1)
+    assert torch.allclose(model.scores(out, "prob"), 0.3 * e + 0.7 * z, atol=1e-6)
+    assert torch.equal(model.scores(out), model.scores(out, "prob"))  # the default
+    # The two readings rank differently here: cosines prefer class 1 (0.230 vs 0.205), probabilities class 0
+    # (the Chinese branch's small cosine gap becomes a near-certain softmax at tau = 0.01).
+    assert model.scores(out, "cosine").argmax().item() == 1 and model.scores(out, "prob").argmax().item() == 0
+    cosine_model = tiny_tpr(tiny, lam=0.3, fusion="cosine")
+    assert torch.equal(cosine_model.scores(out), model.scores(out, "cosine"))
+    with pytest.raises(ValueError, match="fusion"):
+        model.scores(out, "logit")
 
 
 # ==============================================================================================================
