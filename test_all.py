@@ -1439,6 +1439,25 @@ def test_data_long_gop_frames_exact(tmp_path):
     assert [int((c << np.arange(7)).sum()) for c in code] == want
 
 
+def test_data_test_resize_short_side_then_crops():
+    # TPR Sec. 4.1.1: short side to 256 before the 224 crop. Here short side 240 -> 64 for a 32 crop: the crop
+    # sees the central 32/64 of the short side, i.e. rows 60..179 and (centre crop) columns 100..219.
+    g = np.random.default_rng(0)
+    frames = g.integers(0, 256, (2, 240, 320, 3), dtype=np.uint8)
+    def same(a, b):  # equal inside; at the border PIL's filter also reads the pixels just outside the box
+        return torch.equal(a[..., 2:-2, 2:-2], b[..., 2:-2, 2:-2]) and (a - b).abs().max() < 0.3
+
+    got = data.test_crops(frames, size=32, crops=1, resize=64)
+    assert same(got, data.test_crops(np.ascontiguousarray(frames[:, 60:180, 100:220]), size=32, crops=1))
+    assert not same(got, data.test_crops(frames, size=32, crops=1))  # without the resize: the whole short side
+    three = data.test_crops(frames, size=32, crops=3, resize=64)  # start, centre, end of the long side
+    assert same(three[0], data.test_crops(np.ascontiguousarray(frames[:, 60:180, :120]), 32)[0])
+    assert same(three[2], data.test_crops(np.ascontiguousarray(frames[:, 60:180, 200:]), 32)[0])
+    assert torch.equal(data.test_crops(frames, 32, 1, resize=32), data.test_crops(frames, 32, 1))
+    with pytest.raises(ValueError, match="smaller than the crop"):
+        data.test_crops(frames, 32, 1, resize=16)
+
+
 # ==============================================================================================================
 # TPR (prompts.py TPR section, reparam.py, text_branches.py loss and fusion)
 # (from tpr tests)
@@ -2654,3 +2673,185 @@ def test_engine_mean_pooling_baseline_cannot_order_frames(tmp_path):
     r = train.main(["--dataset", "synthetic", "--random-init", "--workers", "0", "--synthetic-videos", "16",
                     "--epochs", "0", "--output", str(tmp_path / "m")] + CLIP_ROW)
     assert r["final"]["protocol"]["videos"] == 128 and r["final"]["top1"] <= 60, r["final"]
+
+
+# ------------------------------------------------------------------------------------------- TPR paper rows
+BASELINE = ["--no-temporal-prompts", "--beta", "none", "--no-chinese"]  # Fig. 5a / Table 7 baseline
+
+
+def test_engine_baseline_trains_temporal_embedding_and_its_loss_falls(tmp_path):
+    # One global batch = the whole training set (16 videos), 12 steps: the loss of the same set must fall.
+    out = str(tmp_path / "baseline")
+    run(["--dataset", "synthetic", "--random-init", "--synthetic-videos", "2", "--batch-size", "16", "--workers",
+         "0", "--print-every", "1", "--epochs", "12", "--eval-every", "0", "--output", out] + BASELINE)
+    assert set(trainable(out)["trainable"]) == {"temporal_embedding"}  # Eq. (1)'s e_temporal, nothing else
+    losses = [r["loss"] for r in metrics(out) if r["kind"] == "train"]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < losses[0] - 1.0, losses
+
+
+def test_engine_arch_dependent_defaults_and_chinese_width(monkeypatch):
+    def resolved(*flags):
+        return train.resolve_args(train.build_parser().parse_args(["--dataset", "hmdb51", "--root", "r", *flags]))
+    b, l14 = resolved(), resolved("--arch", "ViT-L/14")
+    assert (b.epochs, b.pretrained_chinese, b.label_smoothing) == (30, "ViT-B-16", 0.0)  # Table 2, ViT-B
+    assert (l14.epochs, l14.pretrained_chinese) == (20, "ViT-L-14")  # Table 2, ViT-L; 768-d Chinese tower
+    assert resolved("--arch", "ViT-L/14@336px").pretrained_chinese == "ViT-L-14-336"
+    assert resolved("--arch", "ViT-L/14", "--epochs", "7").epochs == 7
+    ssv1 = resolved("--dataset", "ssv1")
+    assert (ssv1.label_smoothing, ssv1.epochs, ssv1.randaugment, ssv1.random_erasing) == (0.1, 40, True, True)
+    assert resolved("--dataset", "ssv1", "--label-smoothing", "0").label_smoothing == 0.0
+    with pytest.raises(train.UsageError, match="--label-smoothing 1.5"):
+        resolved("--label-smoothing", "1.5")
+    with pytest.raises(train.UsageError, match="--test-resize 100 is smaller than the 224"):
+        resolved("--test-resize", "100")
+    # An explicit Chinese tower of the other width: one error naming both widths and the matching name.
+    import text_branches
+    monkeypatch.setattr(text_branches, "load_chinese_clip",
+                        lambda name: text_branches.build_random_chinese("tiny", embed_dim=512))
+    bad = resolved("--arch", "ViT-L/14", "--pretrained-chinese", "ViT-B-16")
+    with pytest.raises(train.UsageError, match=r"ViT-B-16 projects to 512 dimensions but CLIP ViT-L/14 to 768.*"
+                                               r"--pretrained-chinese ViT-L-14"):
+        train.build_chinese(bad, 768)
+    p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--label-smoothing", "2"], cwd=HERE,
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: --label-smoothing 2.0")
+
+
+def test_engine_evaluate_reports_both_eq18_fusions_and_test_resize(tpr_run, tmp_path):
+    res = evaluate.main(["--checkpoint", tpr_run, "--views", "1x1", "--workers", "0", "--output", str(tmp_path)])
+    (r,) = res["results"]
+    saved = json.load(open(tmp_path / "metrics.json"))["results"][0]
+    assert set(saved["top1_by_fusion"]) == {"prob", "cosine"} and saved["protocol"]["fusion"] == "prob"
+    assert r["top1"] == saved["top1_by_fusion"]["prob"]  # the default reading is the reported top-1
+    res = evaluate.main(["--checkpoint", tpr_run, "--views", "1x1", "--workers", "0", "--output", str(tmp_path),
+                         "--fusion", "cosine", "--test-resize", "48"])
+    (c,) = res["results"]
+    assert c["protocol"]["fusion"] == "cosine" and c["top1"] == c["top1_by_fusion"]["cosine"]
+    assert c["protocol"]["test_resize"] == 48 and r["protocol"]["test_resize"] is None
+
+
+def _single_patch_attention(model_clip, target):
+    """Make the last frozen block's class token attend to patch `target` (1-based token index): the blocks
+    before it become identities, patches carry only their position embedding, chosen orthogonal and of zero
+    mean (so LayerNorm keeps them orthogonal), and the last block's query is that token's key (W_q = 0,
+    q = bias, W_k = identity)."""
+    v = model_clip.visual
+    D = v.conv1.weight.shape[0]
+    with torch.no_grad():
+        for block in v.transformer.resblocks[:-1]:
+            for lin in (block.attn.out_proj, block.mlp.c_proj):
+                lin.weight.zero_()
+                lin.bias.zero_()
+        v.conv1.weight.zero_()
+        v.class_embedding.zero_()
+        pos = torch.zeros_like(v.positional_embedding)  # (1 + N, D)
+        for j in range(pos.shape[0]):  # +-1 pairs in both heads' halves: zero mean, mutually orthogonal
+            for half in (0, D // 2):
+                pos[j, half + 2 * j], pos[j, half + 2 * j + 1] = 1.0, -1.0
+        v.positional_embedding.copy_(pos)
+        last = v.transformer.resblocks[-1].attn
+        key = F.layer_norm(pos[target], (D,))
+        last.in_proj_weight.zero_()
+        last.in_proj_weight[D:2 * D] = torch.eye(D)  # W_k = identity
+        last.in_proj_bias.zero_()
+        last.in_proj_bias[:D] = 2.0 * key  # every query is 2 x the target's key
+
+
+@pytest.mark.parametrize("prompts", [False, True])
+def test_engine_attention_maps_find_the_attended_patch(prompts):
+    import prompts as prompts_module
+    import reparam
+    torch.manual_seed(0)
+    clip_model = __import__("clip").build_random("tiny")  # 32 x 32 frames, 2 x 2 patches
+    _single_patch_attention(clip_model, target=3)  # token 3 = patch row 1, column 0
+    T = 3
+    kw = dict(reparam=reparam.ReparamEncoder("r2plus1d", 128, T, 1 + 2 + T), S=2) if prompts else {}
+    model = prompts_module.TPR(clip_model, T=T, temporal_prompts=prompts, **kw)
+    video = torch.randn(2, T, 3, 32, 32)
+    maps = evaluate.attention_maps(model, video)  # (B, T, 2, 2)
+    assert maps.shape == (2, T, 2, 2)
+    assert torch.allclose(maps.sum(dim=(-1, -2)), torch.ones(2, T), atol=1e-6)  # patches only, sum to 1
+    assert (maps[:, :, 1, 0] > 0.99).all(), maps
+    attn = clip_model.visual.transformer.resblocks[-1].attn
+    assert attn.save_attention is False and attn.attention is None  # switched off again, nothing kept
+    # BiEfficient: its own frozen backbone's attention, same reading (the prompts' keys above only take a share
+    # that the renormalisation over the patches removes).
+    bief = prompts_module.BiEfficient(clip_model, T=T)
+    assert torch.allclose(evaluate.attention_maps(bief, video), maps, atol=1e-5)
+
+
+def test_engine_attention_png_one_row_per_checkpoint(tpr_run, tmp_path, capsys):
+    import data
+    from PIL import Image
+    g = __import__("numpy").random.default_rng(0)
+    video = str(tmp_path / "mine.avi")
+    data.write_video(video, data.render_synthetic(0, [i / 47 for i in range(48)], data.g_state(g), 48, 64))
+    base = str(tmp_path / "base")
+    run(SMALL + BASELINE + ["--epochs", "1", "--eval-every", "0", "--output", base])
+    png = str(tmp_path / "fig7.png")
+    maps = evaluate.main(["--checkpoint", base, tpr_run, "--video", video, "--attention", png, "--workers", "0"])
+    assert len(maps) == 2 and all(m.shape == (8, 2, 2) for m in maps)  # T = 8 frames of 2 x 2 patches
+    assert all(torch.allclose(m.sum(dim=(-1, -2)), torch.ones(8), atol=1e-5) for m in maps)
+    w, h = Image.open(png).size
+    assert w >= 8 * 160 and h >= 2 * 160  # 8 frames per row, one row per checkpoint
+    assert "2 row(s)" in capsys.readouterr().out
+    with pytest.raises(train.UsageError, match="--video"):
+        evaluate.main(["--checkpoint", base, "--attention", png])
+
+
+def _readme_tpr_rows():
+    """The README's TPR table: (paper row, [train.py flag sets], [evaluate.py commands])."""
+    import re
+    import shlex
+    lines = open(os.path.join(HERE, "README.md"), encoding="utf-8").read().splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith("| paper | `train.py --method tpr"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        paper, flags, then, _ = [c.strip() for c in line.strip().strip("|").split("|")]
+        variants = [shlex.split(f) for f in re.findall(r"`([^`]*)`", flags)]
+        evals = [shlex.split(e)[1:] for e in re.findall(r"`([^`]*)`", then) if e.startswith("evaluate.py")]
+        rows.append((paper, variants, evals))
+    return rows
+
+
+README_TPR_ROWS = _readme_tpr_rows()
+
+
+@pytest.mark.parametrize("paper,variants,evals", README_TPR_ROWS, ids=[r[0] for r in README_TPR_ROWS])
+def test_engine_readme_tpr_commands_run_one_step(paper, variants, evals, tmp_path):
+    assert variants and all(v[0].startswith("--") for v in variants), (paper, variants)
+    parser = train.build_parser()
+    runs = []
+    for i, flags in enumerate(variants):
+        flags = list(flags)
+        extra = []
+        if "--dataset" in flags:  # the real dataset is replaced by the synthetic one; keep what it changes
+            j = flags.index("--dataset")
+            if flags[j + 1] == "ssv1":
+                extra = ["--label-smoothing", "0.1"]
+            del flags[j:j + 2]
+        shots = int(flags[flags.index("--shots") + 1]) if "--shots" in flags else 1
+        out = str(tmp_path / f"run{i}")
+        # Test flags first, the README's after them (argparse keeps the last): one step over 8 x shots videos.
+        base = ["--dataset", "synthetic", "--random-init", "--workers", "0", "--eval-every", "0", "--epochs", "1",
+                "--synthetic-videos", str(shots), "--batch-size", str(8 * shots), "--output", out]
+        r = train.main(base + extra + flags)
+        assert r["final"] is not None, (paper, flags)
+        steps = [m for m in metrics(out) if m["kind"] == "train"]
+        assert len(steps) == (0 if "--epochs" in flags and flags[flags.index("--epochs") + 1] == "0" else 1)
+        # Every README flag reached the run's arguments.
+        given = parser.parse_args(flags)
+        saved = json.load(open(os.path.join(out, "args.json")))
+        for action in parser._actions:
+            if any(o in flags for o in action.option_strings):
+                want = getattr(given, action.dest)
+                assert saved[action.dest] == (list(want) if isinstance(want, tuple) else want), action.dest
+        runs.append(out)
+    for argv in evals:
+        argv = [a for a in argv if a != "RUN"]
+        k = argv.index("--checkpoint") + 1
+        res = evaluate.main(argv[:k] + runs + argv[k:] + ["--workers", "0", "--output", str(tmp_path / "eval")])
+        views = argv[argv.index("--views") + 1] if "--views" in argv else None
+        assert len(res["results"]) == len(runs) and all(x["protocol"]["views"] == views for x in res["results"])
