@@ -376,11 +376,11 @@ class TPR(nn.Module):
 
 # ==== BiEfficient ====
 # He, Liu, Xing: "BiEfficient: Bidirectionally Prompting Vision-Language Models for Parameter-Efficient Video
-# Recognition" (ACCV 2024), Sec. 3, Eq. (5)-(10). The paper is the default; `code_compat=True` reproduces what
-# the authors' code (WbLiuBJTULab/BiEfficient, utils/modules/) does, every difference marked `# Paper:`.
+# Recognition" (ACCV 2024), Sec. 3, BiEfficient Eq. (1)-(10). The paper is the default; `code_compat=True`
+# reproduces what the authors' code (WbLiuBJTULab/BiEfficient, utils/modules/) does, every difference marked `# Paper:`.
 # Shapes: B videos, T frames, N patch tokens, D vision width, E joint embed dim, W text width, M context
 # tokens, P prompt tokens between SOS and the class name, U unique candidate classes, A candidates, L text
-# positions (the class name's words are Eq. 8's N words; called L here to keep N for patches).
+# positions (the class name's words are BiEfficient Eq. (8)'s N words; called L here to keep N for patches).
 
 import math  # noqa: E402  (section imports: this section can be copied out alone)
 
@@ -405,16 +405,17 @@ BIEFFICIENT_DEFAULTS = {
     "post_layers":      (1,       2),            # Post-Prompt blocks (Table 4: +3M, one block; code 2 = 6.3M)
     "post_heads":       (None,    8),            # Post-Prompt heads (None = E // 64; code fixed 8)
     "patch_proj_init":  ("clip",  "normal"),     # patch projection init (CLIP's visual.proj; code N(0, 1))
-    "words":            ("name",  "all"),        # Eq. 8 words: class-name tokens only, or all 77 positions (code)
+    # BiEfficient Eq. (8)'s words: the class-name tokens only, or all 77 positions (code)
+    "words":            ("name",  "all"),
     "wgvp_layernorm":   (False,   True),         # LayerNorm on words and class embeddings before WGVP (code)
-    # Paper: Eq. (8)-(9) write the softmax over frames with no temperature, but Sec. 4.1 sets "the temperature
-    # parameter" to 0.01 and at temperature 1 a softmax over cosines (all within [-1, 1]) is nearly uniform,
+    # Paper: BiEfficient Eq. (8)-(9) write the softmax over frames with no temperature, but Sec. 4.1 sets "the
+    # temperature parameter" to 0.01 and at temperature 1 a softmax over cosines (all within [-1, 1]) is nearly uniform,
     # which would reduce WGVP to mean pooling. Both modes use 0.01 (the code's value); wgvp_tau=1.0 gives the
     # literal reading.
     "wgvp_tau":         (0.01,    0.01),         # temperature of the softmax over frames
-    "beta_init":        (0.1,     0.01),         # initial beta of Eq. 9 (Table 10: 0.1; code 0.01)
+    "beta_init":        (0.1,     0.01),         # initial beta of BiEfficient Eq. (9) (Table 10: 0.1; code 0.01)
     "learn_logit_scale": (False,  True),         # fixed tau = 0.01 (Sec. 4.1) or CLIP's logit_scale, trainable
-    "normalize_video":  (True,    False),        # Eq. 10 cosine: L2-normalise v-hat (code: not re-normalised)
+    "normalize_video":  (True,    False),        # BiEfficient Eq. (10)'s cosine: L2-normalise v-hat (code: not)
     "weight_decay":     (0.2,     0.05),         # AdamW weight decay (Sec. 4.1: 0.2; code 0.05)
     "decay_all":        (False,   True),         # weight decay on every parameter (code) or on weight matrices only
 }
@@ -424,8 +425,9 @@ BIEFFICIENT_DESIGNS = ("metanet", "A1", "A2", "A3", "context")  # Table 6 (A1-A3
 class BiEfficientCrossBlock(nn.Module):
     """Pre-LN cross-attention block: x = x + MHA(LN1(x), LN2(mem)); x = x + FFN(LN3(x)).
 
-    The "Attention block" of Meta-Net (Eq. 6) and the Post-Prompt block (Eq. 7): queries x (B, Q, W), keys and
-    values the patch memory mem (B, N, E) ("standard multi-head self-attention and feed-forward network [47]").
+    The "Attention block" of Meta-Net (BiEfficient Eq. (6)) and the Post-Prompt block (BiEfficient Eq. (7)):
+    queries x (B, Q, W), keys and values the patch memory mem (B, N, E) ("standard multi-head self-attention and
+    feed-forward network [47]").
     """
 
     def __init__(self, width: int, mem_width: int, heads: int, qkv_bias: bool = True, out_proj: bool = True,
@@ -461,7 +463,7 @@ class BiEfficientCrossBlock(nn.Module):
 
 
 class BiEfficientAdapter(nn.Module):
-    """Meta-Net's Adapter (Eq. 6): Linear-GELU-Linear bottleneck, hidden 0.25x.
+    """Meta-Net's Adapter (BiEfficient Eq. (6)): Linear-GELU-Linear bottleneck, hidden 0.25x.
 
     Choice: a residual around it with the second Linear zero-initialised (identity at the start), as the
     authors' code; the paper names only the three layers.
@@ -482,7 +484,8 @@ class BiEfficientAdapter(nn.Module):
 
 
 class BiEfficientPrePrompt(nn.Module):
-    """Pre-Prompt (Eq. 5-6): M context tokens c_1..c_M and the Meta-Net token c_v = Adapter(Attention(v, c_init)).
+    """Pre-Prompt (BiEfficient Eq. (5)-(6)): M context tokens c_1..c_M and the Meta-Net token
+    c_v = Adapter(Attention(v, c_init)).
 
     forward(mem (B, N, E), video (B, E)) -> prompt tokens (B, P, W) placed between SOS and the class name:
     t_i = {c_1..c_M, c_v, c-bar_i}. Designs of Table 6: "A1" [c_1..c_M, visual encoder output] (needs W == E),
@@ -519,14 +522,14 @@ class BiEfficientPrePrompt(nn.Module):
             return torch.cat([ctx, video[:, None].to(ctx.dtype)], dim=1)  # (B, M + 1, W)
         if self.design == "A2":
             return self.attn(ctx, mem)  # (B, M, W)
-        c_v = self.attn(self.meta_token.to(mem.dtype).expand(B, 1, -1), mem)  # Eq. (6) Attention: (B, 1, W)
+        c_v = self.attn(self.meta_token.to(mem.dtype).expand(B, 1, -1), mem)  # BiEfficient Eq. (6) Attention: (B, 1, W)
         if self.design == "metanet":
-            c_v = self.adapter(c_v)  # Eq. (6) Adapter
+            c_v = self.adapter(c_v)  # BiEfficient Eq. (6) Adapter
         return torch.cat([ctx, c_v.to(ctx.dtype)], dim=1)  # (B, M + 1, W)
 
 
 class BiEfficientPostPrompt(nn.Module):
-    """Post-Prompt (Eq. 7): c-hat = c + alpha * FFN(MHSA(query c, key/value v)).
+    """Post-Prompt (BiEfficient Eq. (7)): c-hat = c + alpha * FFN(MHSA(query c, key/value v)).
 
     Choice: the block keeps its internal residuals and alpha is a per-channel vector, as X-CLIP's prompt
     generator and the authors' code (the paper writes only the outer combination).
@@ -543,7 +546,7 @@ class BiEfficientPostPrompt(nn.Module):
         x = c  # (B, A, E)
         for block in self.resblocks:
             x = block(x, mem)
-        return c + self.alpha * x  # Eq. (7)
+        return c + self.alpha * x  # BiEfficient Eq. (7)
 
 
 class BiEfficientTemporalHead(nn.Module):
@@ -565,7 +568,7 @@ class BiEfficientTemporalHead(nn.Module):
 
 
 class WordGuidedVisualPrompt(nn.Module):
-    """Word-Guided Visual Prompt (Eq. 8-9).
+    """Word-Guided Visual Prompt (BiEfficient Eq. (8)-(9)).
 
     forward(frames (B, T, E), classes (B, U, E), words (B, U, L, E), word_mask (U, L)) ->
     (v-hat (B, E), S (B, T), top-1 index into U (B,)).
@@ -587,7 +590,7 @@ class WordGuidedVisualPrompt(nn.Module):
 
     def forward(self, frames, classes, words, word_mask):
         B = frames.shape[0]
-        v = F.normalize(frames, dim=-1)  # (B, T, E); Choice: unit frames as the code (Eq. 8 is a cosine anyway)
+        v = F.normalize(frames, dim=-1)  # (B, T, E); Choice: unit frames, as the code (BiEfficient Eq. (8): cosines)
         v_bar = v.mean(dim=1)  # (B, E) mean pooling
         # Paper (Sec. 3.3, Table 8): the top-1 among the candidates (in training the batch's labels) by the model's
         # own similarity, never the ground-truth label; the code does the same.
@@ -602,18 +605,19 @@ class WordGuidedVisualPrompt(nn.Module):
         rows = torch.arange(B, device=frames.device)
         w = F.normalize(self.ln_word(words[rows, top1]), dim=-1)  # (B, L, E) the top-1 class's words w-hat
         mask = word_mask[top1].to(w.dtype)  # (B, L)
-        s = torch.einsum("ble,bte->blt", w, v.to(w.dtype))  # Eq. (8): cosine of every word and frame (B, L, T)
+        s = torch.einsum("ble,bte->blt", w, v.to(w.dtype))  # BiEfficient Eq. (8): word-frame cosines (B, L, T)
         # Paper: a plain softmax over frames (tau = 1); the code divides by 0.01.
         s = torch.softmax(s / self.tau, dim=-1)  # (B, L, T)
         S = (s * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # mean over words: (B, T)
         vts = torch.einsum("bt,bte->be", S, v.to(S.dtype))  # v^T S (B, E)
-        v_hat = v_bar + self.beta * vts if self.mean_pooling else vts  # Eq. (9); Table 7 "w/o meanpooling"
+        v_hat = v_bar + self.beta * vts if self.mean_pooling else vts  # BiEfficient Eq. (9); Table 7 "w/o meanpooling"
         return v_hat, S, top1
 
 
 class BiEfficient(nn.Module):
-    """BiEfficient (ACCV 2024): frozen CLIP, temporal head, Pre-Prompt (Eq. 5-6), Post-Prompt (Eq. 7),
-    Word-Guided Visual Prompt (Eq. 8-9); logits of the contrastive loss of Eq. (10) (divided by tau).
+    """BiEfficient (ACCV 2024): frozen CLIP, temporal head, Pre-Prompt (BiEfficient Eq. (5)-(6)), Post-Prompt
+    (BiEfficient Eq. (7)), Word-Guided Visual Prompt (BiEfficient Eq. (8)-(9)); logits of the contrastive loss of
+    BiEfficient Eq. (10) (divided by tau).
 
     clip_model: a `clip.CLIP`, frozen here. T: frames per clip. M: context tokens.
     pre_prompt / post_prompt / wgvp: the components of Table 4 (all False = the baseline).
@@ -694,7 +698,7 @@ class BiEfficient(nn.Module):
         return self
 
     def set_classes(self, names_en, names_zh=None):
-        """Tokenise the class names once: rows [SOS, name tokens, EOT, 0...] of length 77 - P (Eq. 5).
+        """Tokenise the class names once: rows [SOS, name tokens, EOT, 0...] of length 77 - P (BiEfficient Eq. (5)).
         names_zh is ignored (BiEfficient has no Chinese branch)."""
         names = list(names_en)
         if not names:
@@ -709,12 +713,12 @@ class BiEfficient(nn.Module):
         self.class_names = names
 
     def _text(self, prompts, uniq):
-        """Eq. (5): t_i = [SOS, prompts, class-name tokens, EOT] for every (video, class) through the frozen text
-        tower. prompts (B', P, W) with B' = B, or None (P = 0, no Pre-Prompt, B' = 1).
+        """BiEfficient Eq. (5): t_i = [SOS, prompts, class-name tokens, EOT] for every (video, class) through the
+        frozen text tower. prompts (B', P, W) with B' = B, or None (P = 0, no Pre-Prompt, B' = 1).
         Returns class embeddings (B', U, E), word embeddings (B', U, L, E) and the word mask (U, L)."""
         ids = self.name_ids[uniq]  # (U, 77 - P)
         U, P = ids.shape[0], self.n_prompt
-        emb = self.clip_model.token_embedding(ids)  # Eq. (5): (U, 77 - P, W)
+        emb = self.clip_model.token_embedding(ids)  # BiEfficient Eq. (5): (U, 77 - P, W)
         eot = ids.argmax(dim=-1) + P  # (U,) EOT position in the prompted sequence
         full = self.words == "all" or not self.text_truncate
         # Paper: words = the class name's tokens; the code takes all 77 positions, so those must be computed.
@@ -753,7 +757,7 @@ class BiEfficient(nn.Module):
 
         visual = self.clip_model.visual
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.visual_no_grad):
-            cls, patches = visual(video.flatten(0, 1), return_tokens=True)  # Eq. (1): (B T, E), (B T, N, D)
+            cls, patches = visual(video.flatten(0, 1), return_tokens=True)  # BiEfficient Eq. (1): (B T, E), (B T, N, D)
         dt = self.head.frame_position_embeddings.dtype  # our modules' dtype (autocast still picks the op dtype)
         frames_clip = cls.view(B, T, -1).to(dt)  # (B, T, E)
         frames = self.head(frames_clip)  # (B, T, E)
@@ -763,19 +767,21 @@ class BiEfficient(nn.Module):
             p = self.patch_ln(patches.to(dt)).view(B, T, *patches.shape[1:]).mean(dim=1)  # (B, N, D)
             # The code projects then averages over frames; projecting the average is the same (linear) and T x cheaper.
             mem = p @ self.patch_proj.to(p.dtype)  # (B, N, E)
-        prompts = self.pre(mem, frames_clip.mean(dim=1)) if self.pre is not None else None  # Eq. (6): (B, P, W)
-        c, words, mask = self._text(prompts, uniq)  # (B or 1, U, E), (B or 1, U, L, E), (U, L)
+        # BiEfficient Eq. (2): p = f(v | phi_pre), the Pre-Prompt of BiEfficient Eq. (6); (B, P, W)
+        prompts = self.pre(mem, frames_clip.mean(dim=1)) if self.pre is not None else None
+        c, words, mask = self._text(prompts, uniq)  # BiEfficient Eq. (3) c; (B or 1, U, E), (B or 1, U, L, E), (U, L)
         c = c.to(dt).expand(B, -1, -1)  # (B, U, E)
         if self.post is not None:
-            c = self.post(c, mem)  # Eq. (7)
+            c = self.post(c, mem)  # BiEfficient Eq. (3) c-hat, by BiEfficient Eq. (7)
         out = {}
         if self.wgvp is not None:
             words = words.to(dt).expand(B, -1, -1, -1)  # (B, U, L, E)
-            v_hat, S, top1 = self.wgvp(frames, c, words, mask)  # Eq. (8)-(9)
+            v_hat, S, top1 = self.wgvp(frames, c, words, mask)  # BiEfficient Eq. (4), by BiEfficient Eq. (8)-(9)
             out["frame_weights"], out["top1"] = S, uniq[top1]
         else:
             v_hat = F.normalize(frames, dim=-1).mean(dim=1)  # mean pooling (B, E)
-        if self.normalize_video:  # Paper: Eq. (10)'s s(., .) is a cosine; the code does not re-normalise v-hat
+        # Paper: BiEfficient Eq. (10)'s s(., .) is a cosine; the code does not re-normalise v-hat
+        if self.normalize_video:
             v_hat = F.normalize(v_hat, dim=-1)
         logits = self.logit_scale.exp() * torch.einsum("be,bue->bu", v_hat, F.normalize(c, dim=-1))  # (B, U)
         out["logits"] = {"en": logits[:, inverse]}  # (B, A): duplicates expanded from the unique classes
