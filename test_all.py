@@ -2834,9 +2834,10 @@ def test_engine_readme_tpr_commands_run_one_step(paper, variants, evals, tmp_pat
             del flags[j:j + 2]
         shots = int(flags[flags.index("--shots") + 1]) if "--shots" in flags else 1
         out = str(tmp_path / f"run{i}")
-        # Test flags first, the README's after them (argparse keeps the last): one step over 8 x shots videos.
+        # Test flags first, the README's after them (argparse keeps the last): one step over 8 x shots videos,
+        # T = 2 frames unless the row sets --frames (5x faster than the synthetic default of 8).
         base = ["--dataset", "synthetic", "--random-init", "--workers", "0", "--eval-every", "0", "--epochs", "1",
-                "--synthetic-videos", str(shots), "--batch-size", str(8 * shots), "--output", out]
+                "--synthetic-videos", str(shots), "--batch-size", str(8 * shots), "--frames", "2", "--output", out]
         r = train.main(base + extra + flags)
         assert r["final"] is not None, (paper, flags)
         steps = [m for m in metrics(out) if m["kind"] == "train"]
