@@ -15,6 +15,11 @@ neutral for the official models:
   * `CLIP.encode_text_embeddings`: the text tower on token embeddings that learned prompt vectors may
     replace (BiEfficient Eq. 5-6), returning the EOT feature and every position's output after `ln_final` @
     `text_projection` (the "word embeddings" of TPR Eq. 6 and BiEfficient Eq. 8).
+- `load` never runs code from a weights file: the official TorchScript archives are read as data (their
+  `data.pkl` through a restricted unpickler) instead of by `torch.jit.load`, which would run the archive's
+  code. It also takes Hugging Face CLIPModel checkpoints (`model.safetensors`, read in plain Python + torch,
+  `pytorch_model.bin`, or their folder), renamed onto OpenAI's parameters. `read_weights` is the one reader
+  of weights files from outside for this file and text_branches.py.
 ResNet CLIP models are not supported (neither paper uses them).
 
 `python clip.py --bench` times `encode_image` against OpenAI's clip/model.py on the same random weights.
@@ -22,7 +27,9 @@ ResNet CLIP models are not supported (neither paper uses them).
 import gzip
 import hashlib
 import html
+import json
 import os
+import pickle
 import sys
 import urllib.request
 import warnings
@@ -423,26 +430,384 @@ def _download(url: str, root: str) -> str:
     return target
 
 
-def _read_state_dict(path: str) -> dict:
-    """The state dict of an official TorchScript archive, a plain state dict, or {"state_dict": ...};
-    `module.` prefixes (DDP) removed."""
-    if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
-        state_dict = torch.jit.load(path, map_location="cpu").state_dict()  # only the weights are read
-    else:
+# ----------------------------------------------------------------------------------------------------------
+# Reading a weights file from outside: tensors only, no code in the file ever runs
+# ----------------------------------------------------------------------------------------------------------
+# Every file from outside (here and in text_branches.py) goes through `read_weights`, which reads
+#   - safetensors (Hugging Face's `model.safetensors`): a JSON header and raw buffers, no pickle at all;
+#   - TorchScript archives (OpenAI's official files): the pickled module tree `data.pkl` and its tensor
+#     storages, through an unpickler that knows a handful of names and builds every TorchScript class as an
+#     inert stand-in, so neither the archive's code (`code/`) nor its `__setstate__` methods run;
+#   - other torch pickles (`torch.save` state dicts, `pytorch_model.bin`, Chinese-CLIP's `.pt`) with
+#     `torch.load(weights_only=True)`, PyTorch's own unpickler restricted to tensors and builtins.
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+SAFETENSORS_MAX_HEADER = 100_000_000  # bytes; the limit of the safetensors library itself
+HF_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")  # in Hugging Face's order of preference
+
+
+def _one_line(error) -> str:
+    """An exception's message on one line; of torch.load's weights-only refusals, which run over many lines
+    of advice, only the reason."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation of torch.load")[0]
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
+
+
+def read_safetensors(path: str) -> dict:
+    """A `.safetensors` file -> {name: tensor}: an 8-byte little-endian header length N, N bytes of JSON
+    ({name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}), then the raw
+    little-endian buffers, which must tile the rest of the file exactly. Any header that does not describe
+    the file is refused with one line."""
+    if sys.byteorder != "little":
+        raise ValueError(f"{path}: safetensors buffers are little-endian; this {sys.byteorder}-endian machine "
+                         f"cannot use them as they are")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
+        n = int.from_bytes(head, "little")
+        if not 2 <= n <= min(SAFETENSORS_MAX_HEADER, size - 8):
+            raise ValueError(f"{path}: safetensors header length {n} does not fit a {size}-byte file (truncated, "
+                             f"or not a safetensors file)")
         try:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{path} is neither a TorchScript archive nor a tensors-only checkpoint: {e}") from e
-        if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
-            state_dict = state_dict["state_dict"]
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: safetensors header is not JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: safetensors header is a JSON {type(header).__name__}, not an object")
+        header.pop("__metadata__", None)
+        entries = []
+        for name, info in header.items():
+            ok = (isinstance(info, dict) and info.get("dtype") in SAFETENSORS_DTYPES
+                  and isinstance(info.get("shape"), list) and isinstance(info.get("data_offsets"), list)
+                  and len(info["data_offsets"]) == 2
+                  and all(isinstance(d, int) and d >= 0 for d in info["shape"] + info["data_offsets"]))
+            if not ok:
+                raise ValueError(f"{path}: safetensors header entry {name!r} is not {{dtype in "
+                                 f"{'/'.join(SAFETENSORS_DTYPES)}, shape, data_offsets}}: {str(info)[:200]}")
+            entries.append((info["data_offsets"][0], info["data_offsets"][1], name, info))
+        data_size = size - 8 - n
+        position = 0
+        for begin, end, name, info in sorted(entries):
+            numel = int(np.prod(info["shape"], dtype=np.int64))
+            nbytes = numel * SAFETENSORS_DTYPES[info["dtype"]].itemsize
+            if begin != position or end - begin != nbytes:
+                raise ValueError(f"{path}: safetensors header lies about {name!r}: bytes [{begin}, {end}) for "
+                                 f"{info['dtype']} {info['shape']} ({nbytes} bytes), expected to start at {position}")
+            position = end
+        if position != data_size:
+            raise ValueError(f"{path}: safetensors header describes {position} bytes of tensors but the file holds "
+                             f"{data_size} (truncated or padded)")
+        buffer = bytearray(data_size)
+        if f.readinto(buffer) != data_size:
+            raise ValueError(f"{path}: file ended while reading its tensors (truncated)")
+    tensors = {}
+    for begin, end, name, info in entries:
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        if begin == end:
+            tensors[name] = torch.empty(info["shape"], dtype=dtype)
+        elif begin % dtype.itemsize:  # an odd offset (after an odd-length int8/fp16 tensor): copy to align
+            tensors[name] = torch.frombuffer(bytearray(buffer[begin:end]), dtype=dtype).reshape(info["shape"])
+        else:  # a view of the one buffer, no copy
+            tensors[name] = torch.frombuffer(buffer, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                             offset=begin).reshape(info["shape"])
+    return tensors
+
+
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+                   "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                   "BoolStorage": torch.bool}
+
+
+class _ScriptObject:
+    """Stands in for every TorchScript class (`__torch__.*`) of an archive: it keeps the state the archive
+    pickled and has none of the archive's methods, so nothing of the archive can run."""
+    type_name = "?"
+
+    def __setstate__(self, state):  # what pickle's BUILD calls: keep the data, run nothing
+        self.state = state
+
+
+def _same(value, *_):
+    return value
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    """Unpickles a TorchScript archive's `data.pkl`. Allowed: TorchScript classes (as `_ScriptObject`),
+    tensors rebuilt from the archive's storages, OrderedDict, the typed-container tags of `torch.jit._pickle`.
+    Any other global (os.system, builtins.eval, ...) is refused, so the pickle cannot call anything else."""
+
+    def __init__(self, file, archive, prefix, source):
+        super().__init__(file)
+        self.archive, self.prefix, self.source = archive, prefix, source
+        self.storages, self.classes = {}, {}
+
+    def find_class(self, module, name):
+        if module == "__torch__" or module.startswith("__torch__."):
+            qualified = f"{module}.{name}"
+            if qualified not in self.classes:
+                self.classes[qualified] = type(name, (_ScriptObject,), {"type_name": qualified})
+            return self.classes[qualified]
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        allowed = {("torch._utils", "_rebuild_tensor_v2"): self._rebuild_tensor,
+                   ("torch._utils", "_rebuild_parameter"): _same,
+                   ("collections", "OrderedDict"): OrderedDict,
+                   ("torch.jit._pickle", "restore_type_tag"): _same}
+        allowed.update({("torch.jit._pickle", f"build_{kind}list"): _same
+                        for kind in ("int", "double", "bool", "tensor")})
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"refusing '{module}.{name}': only tensors, containers and TorchScript "
+                                         f"module state are read from a weights file")
+        return allowed[module, name]
+
+    def persistent_load(self, pid):
+        """('storage', dtype, key, location, numel) -> the storage `data/<key>` as a flat tensor."""
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)
+                and isinstance(pid[2], str) and isinstance(pid[4], int)):
+            raise pickle.UnpicklingError(f"unknown persistent id {str(pid)[:100]}")
+        _, dtype, key, _, numel = pid
+        if key not in self.storages:
+            try:
+                info = self.archive.getinfo(f"{self.prefix}data/{key}")
+            except KeyError:
+                raise pickle.UnpicklingError(f"storage data/{key} is missing from the archive") from None
+            if info.file_size != numel * dtype.itemsize:
+                raise pickle.UnpicklingError(f"storage data/{key} holds {info.file_size} bytes, not the "
+                                             f"{numel} x {dtype} its tensors need")
+            buffer = bytearray(info.file_size)
+            with self.archive.open(info) as f:
+                view, done = memoryview(buffer), 0
+                while done < len(buffer) and (got := f.readinto(view[done:])):
+                    done += got
+            self.storages[key] = torch.frombuffer(buffer, dtype=dtype) if numel else torch.empty(0, dtype=dtype)
+        return self.storages[key]
+
+    @staticmethod
+    def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
+                        metadata=None):
+        if not (isinstance(storage, torch.Tensor) and isinstance(storage_offset, int)
+                and isinstance(size, tuple) and isinstance(stride, tuple)):
+            raise pickle.UnpicklingError("malformed tensor record")
+        return storage.as_strided(size, stride, storage_offset)  # a view; as_strided checks the bounds
+
+
+def _holds_tensor(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_tensor(v) for v in value.values())
+    return isinstance(value, _ScriptObject) and _holds_tensor(getattr(value, "state", None))
+
+
+def _module_tensors(obj, prefix, out, source):
+    """The tensors of a TorchScript module tree, named as its `state_dict()` names them."""
+    state = getattr(obj, "state", None)
+    if not isinstance(state, dict):
+        # Choice: an object whose state is what its own `__getstate__` returned (custom TorchScript
+        # serialisation) can only be understood by running its `__setstate__`. Without tensors it is
+        # skipped; with tensors it is refused rather than guessed.
+        if _holds_tensor(state):
+            raise ValueError(f"{source}: {prefix.rstrip('.') or 'the root module'} ({obj.type_name}) stores its "
+                             f"tensors through its own __setstate__ code, which is never run here; save its "
+                             f"state_dict() with torch.save instead")
+        return
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor):
+            out[prefix + name] = value
+        elif isinstance(value, _ScriptObject):
+            _module_tensors(value, f"{prefix}{name}.", out, source)
+
+
+def _torchscript_prefix(archive) -> str | None:
+    """The folder of a TorchScript archive inside its zip ('ViT-B-32/', 'archive/'), None for other zips."""
+    names = set(archive.namelist())
+    for name in names:
+        folder = name[: -len("data.pkl")]
+        if name.endswith("data.pkl") and folder.count("/") == 1 and folder + "constants.pkl" in names:
+            return folder
+    return None
+
+
+def read_torchscript(path: str) -> dict:
+    """The parameters and buffers of a TorchScript archive ({name: tensor}, the names of its state_dict()),
+    read from `data.pkl` and `data/<key>` without `torch.jit.load`: no code of the archive runs."""
+    with zipfile.ZipFile(path) as archive:
+        prefix = _torchscript_prefix(archive)
+        if prefix is None:
+            raise ValueError(f"{path} is a zip file but not a TorchScript archive (no data.pkl beside constants.pkl)")
+        order = prefix + "byteorder"
+        if order in archive.namelist() and archive.read(order).decode().strip() != sys.byteorder:
+            raise ValueError(f"{path} was written on a {archive.read(order).decode().strip()}-endian machine; "
+                             f"this one is {sys.byteorder}-endian")
+        try:
+            with archive.open(prefix + "data.pkl") as f:
+                root = _ArchiveUnpickler(f, archive, prefix, path).load()
+        except (pickle.UnpicklingError, RuntimeError, EOFError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: unreadable TorchScript archive: {_one_line(e)}") from None
+    if not isinstance(root, _ScriptObject):
+        raise ValueError(f"{path}: the archive's data.pkl holds a {type(root).__name__}, not a module")
+    tensors = {}
+    _module_tensors(root, "", tensors, path)
+    return tensors
+
+
+def hf_config(path: str) -> dict | None:
+    """The Hugging Face `config.json` of a folder, or of the folder holding a weights file; None if absent."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    config = os.path.join(folder, "config.json")
+    if not os.path.isfile(config):
+        return None
+    try:
+        with open(config, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config}: unreadable ({_one_line(e)})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{config}: a JSON {type(value).__name__}, not a model configuration")
+    # Choice: beside a single file, only a configuration that describes a (Chinese-)CLIP counts; any other
+    # config.json next to it (of a run folder, another model) is not this file's.
+    if not os.path.isdir(path) and value.get("model_type") not in ("clip", "chinese_clip"):
+        return None
+    return value
+
+
+def read_weights(path: str):
+    """Everything a weights file (or Hugging Face model folder) holds, and its config.json if any:
+    returns (checkpoint, config). `checkpoint` is a {name: tensor} dict for safetensors and TorchScript
+    archives, and what `torch.load(weights_only=True)` gives for other pickles ({"state_dict": ...} forms
+    included). The format is read from the file's first bytes, not its name (Hugging Face cache blobs have
+    none). No code in the file runs in any case."""
+    path = os.path.expanduser(str(path))
+    config = hf_config(path)
+    if os.path.isdir(path):
+        found = [os.path.join(path, name) for name in HF_WEIGHTS_FILES if os.path.isfile(os.path.join(path, name))]
+        if not found:
+            sharded = [n for n in os.listdir(path) if n.endswith(".index.json")]
+            detail = f"; sharded checkpoints ({', '.join(sharded)}) are not read" if sharded else ""
+            raise FileNotFoundError(f"folder {path} holds none of {', '.join(HF_WEIGHTS_FILES)}{detail}")
+        path = found[0]
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            is_torchscript = _torchscript_prefix(archive) is not None
+        if is_torchscript:
+            return read_torchscript(path), config
+    elif path.endswith(".safetensors") or head[8:9] == b"{":  # an 8-byte length, then the JSON header
+        return read_safetensors(path), config
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), config
+    except Exception as e:  # torch raises many types for a file that is not its format
+        raise ValueError(f"{path} is neither a safetensors file, a TorchScript archive nor a tensors-only torch "
+                         f"checkpoint: {_one_line(e)}") from None
+
+
+# Hugging Face CLIPModel names -> OpenAI's. Per block: q/k/v projections are merged into in_proj (below).
+_HF_CLIP_NAMES = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+    "vision_model.embeddings.class_embedding": "visual.class_embedding",
+    "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+    "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+    "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",  # sic: Hugging Face's spelling
+    "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+    "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+    "vision_model.post_layernorm.bias": "visual.ln_post.bias",
+    "logit_scale": "logit_scale",
+}
+_HF_BLOCK_NAMES = {"self_attn.out_proj.": "attn.out_proj.", "layer_norm1.": "ln_1.", "layer_norm2.": "ln_2.",
+                   "mlp.fc1.": "mlp.c_fc.", "mlp.fc2.": "mlp.c_proj."}
+
+
+def from_hugging_face(state_dict: dict) -> dict:
+    """A Hugging Face CLIPModel state dict in OpenAI's names. The projections are nn.Linear weights (E, D)
+    there and (D, E) matrices here, so they are transposed; `position_ids` (an index buffer) is dropped. A
+    key of neither form keeps its name, so that strict loading reports it."""
+    out, qkv = {}, {}
+    for key, value in state_dict.items():
+        block = re.fullmatch(r"(text|vision)_model\.encoder\.layers\.(\d+)\.(.+)", key)
+        if key.endswith("embeddings.position_ids"):
+            continue
+        elif key in _HF_CLIP_NAMES:
+            out[_HF_CLIP_NAMES[key]] = value
+        elif key in ("text_projection.weight", "visual_projection.weight"):
+            out["text_projection" if key[0] == "t" else "visual.proj"] = value.t().contiguous()  # (E, D) -> (D, E)
+        elif block:
+            tower, index, rest = block.groups()
+            prefix = f"{'visual.' if tower == 'vision' else ''}transformer.resblocks.{index}."
+            projection = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
+            mapped = [ours + rest[len(hf):] for hf, ours in _HF_BLOCK_NAMES.items() if rest.startswith(hf)]
+            if projection:
+                qkv.setdefault(f"{prefix}attn.in_proj_{projection[2]}", {})[projection[1]] = (key, value)
+            elif mapped:
+                out[prefix + mapped[0]] = value
+            else:
+                out[key] = value
+        else:
+            out[key] = value
+    for name, parts in qkv.items():
+        missing = [m for m in "qkv" if m not in parts]
+        if missing:
+            present, (key, _) = next(iter(parts.items()))  # e.g. text_model.encoder.layers.3.self_attn.q_proj.bias
+            raise ValueError(f"Hugging Face CLIP checkpoint is missing key "
+                             f"{key.replace(f'.{present}_proj.', f'.{missing[0]}_proj.')}")
+        # MultiheadAttention's packed layout: rows [q; k; v]. (3D, D) weights, (3D,) biases.
+        out[name] = torch.cat([parts[p][1] for p in "qkv"])
+    return out
+
+
+def _check_hf_clip_config(config: dict, source: str):
+    """Refuse a Hugging Face CLIP whose configuration computes something this file's CLIP does not."""
+    if config.get("model_type") not in (None, "clip"):
+        hint = "; it is Chinese-CLIP: pass it as the Chinese text tower" if config["model_type"] == "chinese_clip" else ""
+        raise ValueError(f"{source}: config.json says model_type {config['model_type']!r}, not 'clip'{hint}")
+    for tower in ("text_config", "vision_config"):
+        c = config.get(tower) or {}
+        if c.get("hidden_act", "quick_gelu") != "quick_gelu":  # transformers' default for CLIP is quick_gelu
+            raise ValueError(f"{source}: {tower}.hidden_act is {c['hidden_act']!r}; clip.py implements OpenAI's "
+                             f"'quick_gelu' only, so this model's outputs would differ")
+        if c.get("layer_norm_eps", 1e-5) != 1e-5:
+            raise ValueError(f"{source}: {tower}.layer_norm_eps is {c['layer_norm_eps']}; clip.py uses OpenAI's 1e-5")
+        width, heads = c.get("hidden_size"), c.get("num_attention_heads")
+        if width and heads and width != 64 * heads:
+            raise ValueError(f"{source}: {tower} has {heads} heads of width {width // heads}; clip.py builds "
+                             f"OpenAI's 64-wide heads (width / 64 = {width // 64})")
+
+
+def _read_state_dict(path: str) -> dict:
+    """The state dict, in OpenAI's names, of any accepted form: official TorchScript archive, plain state
+    dict, {"state_dict": ...}, `module.` prefixes (DDP), Hugging Face CLIPModel (.safetensors, .bin, folder)."""
+    state_dict, config = read_weights(path)
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
+        state_dict = state_dict["state_dict"]
     if not isinstance(state_dict, dict):
         raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
-    return {k.removeprefix("module."): v for k, v in state_dict.items()}
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    if any(k.startswith(("text_model.", "vision_model.")) for k in state_dict):
+        # Choice: without a config.json the architecture comes from the shapes and the activation is assumed
+        # to be OpenAI's QuickGELU, as for every OpenAI model on the hub.
+        if config is not None:
+            _check_hf_clip_config(config, path)
+        state_dict = from_hugging_face(state_dict)
+    return state_dict
 
 
 def load(name_or_path: str, device=None, download_root: str = "~/.cache/clip", dtype=None):
     """Load a CLIP ViT: an official name (downloaded once into `download_root`, SHA256-checked) or a local
-    file (official TorchScript archive, state dict, {"state_dict": ...}, `module.` prefixes).
+    file or folder: official TorchScript archive, state dict, {"state_dict": ...}, `module.` prefixes, or a
+    Hugging Face CLIPModel (`model.safetensors`, `pytorch_model.bin`, or the folder holding it and its
+    config.json). See `read_weights`: no code in the file runs.
 
     Returns (model in eval mode, preprocess). `dtype` None keeps the file's precision on CUDA and uses fp32
     on CPU (as OpenAI's `load`); pass torch.float32 to train with autocast on fp32 master weights.
@@ -452,14 +817,14 @@ def load(name_or_path: str, device=None, download_root: str = "~/.cache/clip", d
         path = _download(_MODELS[name_or_path], os.path.expanduser(download_root))
     elif name_or_path in _RESNET_MODELS:
         raise ValueError(f"ResNet CLIP {name_or_path!r} is not supported; supported: {', '.join(_MODELS)}")
-    elif os.path.isfile(os.path.expanduser(name_or_path)):
+    elif os.path.exists(os.path.expanduser(name_or_path)):
         path = os.path.expanduser(name_or_path)
-    elif os.sep in name_or_path or name_or_path.endswith((".pt", ".pth", ".bin")):
+    elif os.sep in name_or_path or name_or_path.endswith((".pt", ".pth", ".bin", ".safetensors")):
         raise FileNotFoundError(f"CLIP checkpoint {name_or_path!r} does not exist (nor is it a model name; valid "
                                 f"names: {', '.join(_MODELS)})")
     else:
         raise ValueError(f"unknown CLIP model {name_or_path!r}; valid names: {', '.join(_MODELS)}, or the path to "
-                         f"a checkpoint file")
+                         f"a checkpoint file or Hugging Face model folder")
     state_dict = _read_state_dict(path)
     file_dtype = state_dict["visual.proj"].dtype if "visual.proj" in state_dict else torch.float32
     model = build_model(state_dict, copy=False)

@@ -14,7 +14,9 @@
   (`top1_by_fusion`); `top1` is the model's own (`protocol.fusion`).
 
 Counting follows pytorch/examples `imagenet/main.py`: each rank scores videos rank, rank + W, ... without
-padding, and the correct counts (not accuracies) are all-reduced, so every video counts exactly once.
+padding, and the correct counts (not accuracies) are all-reduced, so every video counts exactly once. Only
+real videos are scored: an unreadable test video is skipped (never replaced by another), and every line and
+record gives the videos scored and skipped; --stop-on-bad-video stops at the first one instead.
 
     python evaluate.py --checkpoint runs/x/best.pt                              # 1x1 and 4x3 on its test split
     torchrun --nproc_per_node=4 evaluate.py --checkpoint runs/k400/best.pt --dataset hmdb51 --root DIR --zero-shot splits
@@ -30,7 +32,6 @@ import types
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import clip
 import data
@@ -78,7 +79,34 @@ def build_parser():
                    help="short side before the test crops (TPR Sec. 4.1.1: 256; default: the training run's)")
     p.add_argument("--fusion", default=None, choices=("prob", "cosine"),
                    help="TPR: which reading of Eq. (18) gives `top1` (both are reported; default: the training run's)")
+    p.add_argument("--stop-on-bad-video", action="store_true",
+                   help="stop at the first unreadable test video instead of skipping it (skipped videos are "
+                        "counted in every metrics line and never replaced by another)")
+    p.add_argument("--debug", action="store_true", help=f"show the traceback of an error (also: {train.DEBUG_ENV}=1)")
     return p
+
+
+def validate(cli):
+    """Flag values checked before any model is loaded: one line naming the value and what is valid."""
+    for v in cli.views:
+        try:
+            data._parse_views(v)
+        except ValueError as e:
+            raise train.UsageError(f"--views: {e}") from None
+    for key, low in (("batch_size", 1), ("workers", 0), ("halves", 1)):
+        if getattr(cli, key) < low:
+            raise train.UsageError(f"--{key.replace('_', '-')} {getattr(cli, key)}: must be >= {low}")
+    if cli.lam is not None and not 0 <= cli.lam <= 1:
+        raise train.UsageError(f"--lam {cli.lam}: lambda of Eq. (18) must be in [0, 1]")
+    if cli.root is not None and not os.path.isdir(cli.root):
+        raise train.UsageError(f"--root {cli.root} is not a folder; pass the dataset folder in its authors' layout")
+    if cli.output is not None and os.path.exists(cli.output) and not os.path.isdir(cli.output):
+        raise train.UsageError(f"--output {cli.output} is an existing file; pass a folder for metrics.json")
+    for path in cli.checkpoint:
+        if not os.path.exists(path):
+            raise train.UsageError(f"--checkpoint {path} does not exist (give a checkpoint file or a run folder)")
+    if cli.video is not None and not os.path.isfile(cli.video):
+        raise train.UsageError(f"--video {cli.video} is not a file")
 
 
 def load_run(path, cli):
@@ -133,7 +161,7 @@ def evaluate_run(path, cli, device, amp_dtype, log):
             try:
                 evals = data.zero_shot_protocol(name, args.root, cli.zero_shot, halves=cli.halves, seed=args.seed,
                                                 views=view, **kw)
-            except (ValueError, FileNotFoundError) as e:
+            except (ValueError, OSError) as e:
                 raise train.UsageError(f"zero-shot on {name}: {e}") from None
             for ev in evals:
                 ds = ev["dataset"]
@@ -141,16 +169,20 @@ def evaluate_run(path, cli, device, amp_dtype, log):
                     texts, zh = train.class_names(args, ds, name)
                     model = restore(ckpt, args, texts, zh, device, path)
                 set_classes(model, args, ds, name)
-                r = train.evaluate(model, ds, device, amp_dtype, cli.batch_size, cli.workers)
+                r = train.evaluate(model, ds, device, amp_dtype, cli.batch_size, cli.workers,
+                                   stop_on_bad=cli.stop_on_bad_video)
                 proto = dict(train.protocol(args, ds, view, dataset_name=name), zero_shot=cli.zero_shot,
                              part=ev["name"], trained_on=args.dataset)
                 log(f"zero-shot {ev['name']} (trained on {args.dataset}): {train.describe(r, proto, args.random_init)}")
                 records.append(dict(checkpoint=path, protocol=proto, top1=r["top1"], top5=r["top5"],
+                                    scored=r["videos"], skipped=r["skipped"], skipped_files=r["skipped_files"],
                                     random_init=bool(args.random_init), **fusion_fields(r)))
-            m1, s1 = mean_std([r["top1"] for r in records if r["protocol"]["views"] == view])
-            m5, s5 = mean_std([r["top5"] for r in records if r["protocol"]["views"] == view])
+            these = [r for r in records if r["protocol"]["views"] == view]
+            m1, s1 = mean_std([r["top1"] for r in these])
+            m5, s5 = mean_std([r["top5"] for r in these])
             log(f"zero-shot {name} ({cli.zero_shot}, {len(evals)} parts, {view} views): top1 {m1:.2f} +- {s1:.2f}%, "
-                f"top5 {m5:.2f} +- {s5:.2f}%{tag}")
+                f"top5 {m5:.2f} +- {s5:.2f}%, {sum(r['scored'] for r in these)} videos scored, "
+                f"{sum(r['skipped'] for r in these)} skipped{tag}")
         return records
     splits = cli.split or [args.split]
     model = None
@@ -158,18 +190,20 @@ def evaluate_run(path, cli, device, amp_dtype, log):
         for view in cli.views:
             try:
                 ds = train.build_dataset(args, "test", views=view, split=split, dataset=name)
-            except (ValueError, FileNotFoundError) as e:
+            except (ValueError, OSError) as e:
                 raise train.UsageError(f"{name} split {split}: {e}") from None
             if model is None:
                 texts, zh = train.class_names(args, ds, name)
                 model = restore(ckpt, args, texts, zh, device, path)
             set_classes(model, args, ds, name)
-            r = train.evaluate(model, ds, device, amp_dtype, cli.batch_size, cli.workers)
+            r = train.evaluate(model, ds, device, amp_dtype, cli.batch_size, cli.workers,
+                               stop_on_bad=cli.stop_on_bad_video)
             proto = train.protocol(args, ds, view, split=split, dataset_name=name)
             if name != args.dataset:
                 proto.update(zero_shot="classes of another dataset", trained_on=args.dataset)
             log(f"{path}: {train.describe(r, proto, args.random_init)}")
             records.append(dict(checkpoint=path, protocol=proto, top1=r["top1"], top5=r["top5"],
+                                scored=r["videos"], skipped=r["skipped"], skipped_files=r["skipped_files"],
                                 random_init=bool(args.random_init), **fusion_fields(r)))
     return records
 
@@ -193,9 +227,11 @@ def summarise(records, log):
         m1, s1 = mean_std([r["top1"] for r in rs])
         m5, s5 = mean_std([r["top5"] for r in rs])
         out.append(dict(dataset=dataset, split=split, views=views, frames=frames, runs=len(rs), top1_mean=m1,
-                        top1_std=s1, top5_mean=m5, top5_std=s5, random_init=any(r["random_init"] for r in rs)))
+                        top1_std=s1, top5_mean=m5, top5_std=s5, scored=sum(r["scored"] for r in rs),
+                        skipped=sum(r["skipped"] for r in rs), random_init=any(r["random_init"] for r in rs)))
         log(f"mean over {len(rs)}: {dataset} {split} {views} views {frames} frames: top1 {m1:.2f} +- {s1:.2f}% "
-            f"top5 {m5:.2f} +- {s5:.2f}%{' RANDOM-INIT' if out[-1]['random_init'] else ''}")
+            f"top5 {m5:.2f} +- {s5:.2f}%, {out[-1]['scored']} videos scored, {out[-1]['skipped']} skipped"
+            f"{' RANDOM-INIT' if out[-1]['random_init'] else ''}")
     return out
 
 
@@ -223,7 +259,10 @@ def predict_video(cli, device, amp_dtype):
             if cli.chinese_labels is None:
                 raise train.UsageError("this TPR model has a Chinese branch: give --chinese-labels FILE with a "
                                        "Chinese label for each of --labels")
-            zh = data.chinese_labels("custom", texts, cli.chinese_labels)
+            try:
+                zh = data.chinese_labels("custom", texts, cli.chinese_labels)
+            except (ValueError, KeyError, OSError) as e:
+                raise train.UsageError(f"--chinese-labels: {e.args[0] if isinstance(e, KeyError) else e}") from None
         else:
             zh = None
     else:
@@ -391,8 +430,7 @@ def attention_figure(cli, device, amp_dtype):
 
 def main(argv=None):
     cli = build_parser().parse_args(argv)
-    for v in cli.views:
-        data._parse_views(v)  # a clear error for a malformed view now, not after loading the model
+    validate(cli)  # clear errors for malformed values now, not after loading the model
     rank, world, device = train.setup_distributed()
     log = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
     amp_dtype, _ = train.amp_settings(cli.precision, device)
@@ -410,19 +448,17 @@ def main(argv=None):
         os.makedirs(out, exist_ok=True)
         result = dict(results=records, summary=summary)
         tmp = os.path.join(out, "metrics.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, os.path.join(out, "metrics.json"))
+        try:
+            with open(tmp, "w") as f:
+                json.dump(result, f, indent=1)
+            os.replace(tmp, os.path.join(out, "metrics.json"))
+        except OSError as e:  # e.g. a full disk: the .tmp goes, the results were printed above
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise train.UsageError(f"cannot write {os.path.join(out, 'metrics.json')}: {e.strerror or e}") from None
         log(f"wrote {os.path.join(out, 'metrics.json')}")
     return dict(results=records, summary=summary)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except train.UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    sys.exit(train.cli_main(main))

@@ -145,16 +145,22 @@ def test_labels_ssv1_keeps_placeholders_and_directions():
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
+import pickle
 import re
 import sys
 import types
 import urllib.request
+import warnings
+import zipfile
 from pathlib import Path
+from typing import Tuple
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 import clip
 
@@ -304,7 +310,7 @@ def test_clip_load_official_formats_parity(clip_official, form, monkeypatch):
     real_jit_load = torch.jit.load
     monkeypatch.setattr(torch.jit, "load", lambda *a, **k: jit_loads.append(a) or real_jit_load(*a, **k))
     model, preprocess = clip.load(str(clip_official.files[form]), device="cpu")
-    assert len(jit_loads) == (form == "torchscript"), "a TorchScript archive is read as one, the others not"
+    assert jit_loads == [], "no archive is loaded by torch.jit.load, which would run its code"
     if form == "torchscript":
         assert set(CLIP_TS_ATTRIBUTES) <= set(real_jit_load(str(clip_official.files[form])).state_dict())
     assert preprocess.n_px == model.visual.input_resolution == clip.ARCHS[clip_official.arch]["image_resolution"]
@@ -638,6 +644,282 @@ def test_clip_bench_runs_on_tiny(capsys):
     assert "images/s" in capsys.readouterr().out
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face CLIPModel forms (transformers, test-only) of the same perturbed full-size weights
+# ---------------------------------------------------------------------------------------------------------
+CLIP_HF_BLOCK = {"attn.out_proj.": "self_attn.out_proj.", "ln_1.": "layer_norm1.", "ln_2.": "layer_norm2.",
+                 "mlp.c_fc.": "mlp.fc1.", "mlp.c_proj.": "mlp.fc2."}
+CLIP_HF_TOP = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+               "positional_embedding": "text_model.embeddings.position_embedding.weight",
+               "ln_final.weight": "text_model.final_layer_norm.weight", "ln_final.bias": "text_model.final_layer_norm.bias",
+               "visual.class_embedding": "vision_model.embeddings.class_embedding",
+               "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+               "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+               "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight", "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+               "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+               "visual.ln_post.bias": "vision_model.post_layernorm.bias", "logit_scale": "logit_scale"}
+
+
+def clip_to_hf(state_dict):
+    """OpenAI names -> transformers' CLIPModel names (the test's own map; transformers checks it on load)."""
+    out = {}
+    for k, v in state_dict.items():
+        m = re.fullmatch(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)", k)
+        if k in CLIP_TS_ATTRIBUTES:
+            continue
+        elif k in CLIP_HF_TOP:
+            out[CLIP_HF_TOP[k]] = v
+        elif k in ("text_projection", "visual.proj"):
+            out["text_projection.weight" if k == "text_projection" else "visual_projection.weight"] = v.t().contiguous()
+        elif m and m[3].startswith("attn.in_proj_"):
+            prefix = f"{'vision' if m[1] else 'text'}_model.encoder.layers.{m[2]}.self_attn."
+            for name, part in zip("qkv", v.chunk(3)):
+                out[f"{prefix}{name}_proj.{m[3].split('_')[-1]}"] = part.contiguous()
+        else:
+            (ours, theirs), = [(a, b) for a, b in CLIP_HF_BLOCK.items() if m[3].startswith(a)]
+            out[f"{'vision' if m[1] else 'text'}_model.encoder.layers.{m[2]}.{theirs}{m[3][len(ours):]}"] = v
+    return out
+
+
+def clip_hf_features(output):
+    """transformers 4 returns the features, 5 a model output holding them as pooler_output."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+@pytest.fixture(scope="module")
+def clip_hf(clip_official, tmp_path_factory):
+    """The perturbed reference weights as a transformers CLIPModel (loaded by transformers itself, every key
+    used), written by save_pretrained (model.safetensors + config.json) and as pytorch_model.bin, with
+    transformers' own features of the fixed inputs."""
+    transformers = importlib.import_module("transformers")  # test-only; a missing install fails
+    safetensors_torch = importlib.import_module("safetensors.torch")  # test-only; a missing install fails
+    a = clip.ARCHS[clip_official.arch]
+    config = transformers.CLIPConfig(
+        text_config=dict(hidden_size=a["transformer_width"], intermediate_size=4 * a["transformer_width"],
+                         num_hidden_layers=a["transformer_layers"], num_attention_heads=a["transformer_heads"],
+                         max_position_embeddings=a["context_length"], vocab_size=a["vocab_size"],
+                         hidden_act="quick_gelu"),
+        vision_config=dict(hidden_size=a["vision_width"], intermediate_size=4 * a["vision_width"],
+                           num_hidden_layers=a["vision_layers"], num_attention_heads=a["vision_width"] // 64,
+                           image_size=a["image_resolution"], patch_size=a["vision_patch_size"], hidden_act="quick_gelu"),
+        projection_dim=a["embed_dim"])
+    d = tmp_path_factory.mktemp("hf-" + clip_official.arch.replace("/", "-"))
+    (d / "in").mkdir()
+    config.save_pretrained(d / "in")
+    safetensors_torch.save_file(clip_to_hf(clip_official.state_dict), d / "in" / "model.safetensors")
+    model, info = transformers.CLIPModel.from_pretrained(d / "in", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    model.eval().float()
+    model.save_pretrained(d / "folder")  # model.safetensors + config.json
+    (d / "bin").mkdir()
+    # transformers 5 writes safetensors only; transformers 4's save_pretrained(safe_serialization=False)
+    # wrote this: the model's state dict, pickled by torch.save.
+    torch.save(model.state_dict(), d / "bin" / "pytorch_model.bin")
+    with torch.no_grad():
+        expected = {"image": clip_hf_features(model.get_image_features(pixel_values=clip_official.images)),
+                    "text": clip_hf_features(model.get_text_features(input_ids=clip_official.texts))}
+    yield types.SimpleNamespace(files={"folder": d / "folder", "bin": d / "bin" / "pytorch_model.bin"},
+                                expected=expected)
+    for f in d.rglob("*"):
+        if f.is_file():
+            f.unlink()
+
+
+@pytest.mark.parametrize("form", ["folder", "bin"])
+def test_clip_load_hugging_face_forms_parity(clip_hf, clip_official, form, monkeypatch):
+    if form == "folder":  # model.safetensors: read without any pickle
+        monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called on safetensors"))
+    model, preprocess = clip.load(str(clip_hf.files[form]), device="cpu")
+    # the same weights as the OpenAI-form files, bit for bit, under OpenAI's names
+    ours = model.state_dict()
+    reference = {k: v for k, v in clip_official.state_dict.items() if k not in CLIP_TS_ATTRIBUTES}
+    assert set(ours) == set(reference) and preprocess.n_px == clip.ARCHS[clip_official.arch]["image_resolution"]
+    for k, v in reference.items():
+        assert ours[k].dtype == torch.float32 and torch.equal(ours[k], v), k
+    with torch.no_grad():
+        image = model.encode_image(clip_official.images)
+        text = model.encode_text(clip_official.texts)
+    # transformers' get_image_features / get_text_features, and OpenAI's encode_image / encode_text
+    assert clip_rel_err(image, clip_hf.expected["image"]) < 1e-5 and clip_rel_err(text, clip_hf.expected["text"]) < 1e-5
+    assert clip_rel_err(image, clip_official.expected["image"]) < 1e-5
+    assert clip_rel_err(text, clip_official.expected["text"]) < 1e-5
+
+
+class ClipArchiveHook(nn.Module):
+    """A TorchScript module whose __setstate__ (run by torch.jit.load) loops and prints."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 3
+
+    @torch.jit.export
+    def __getstate__(self):
+        return (self.n, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[int, bool]):
+        for i in range(state[0]):
+            print("ARCHIVE CODE RAN", i)
+        self.n = state[0]
+        self.training = state[1]
+
+    def forward(self, x):
+        return x
+
+
+class ClipArchiveTensorState(ClipArchiveHook):
+    """Weights that only its own __setstate__ code could put back."""
+
+    def __init__(self):
+        super().__init__()
+        self.secret = nn.Parameter(torch.ones(2))
+
+    @torch.jit.export
+    def __getstate__(self):
+        return (self.n, self.training, self.secret)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[int, bool, torch.Tensor]):
+        print("ARCHIVE CODE RAN")
+        self.n = state[0]
+        self.training = state[1]
+        self.secret = state[2]
+
+
+def clip_traced_archive(path, hook):
+    model = clip.build_random("tiny")
+    clip_perturb(model, seed=9)
+    model.hook = torch.jit.script(hook)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings about the truncated text length
+        archive = torch.jit.trace(model, (torch.randn(1, 3, 32, 32), clip.tokenize(["a b"])), check_trace=False)
+    torch.jit.save(archive, path)
+    return model
+
+
+def test_clip_torchscript_archive_code_never_runs(tmp_path, capfd, monkeypatch):
+    path = tmp_path / "hooked.pt"
+    model = clip_traced_archive(path, ClipArchiveHook())
+    capfd.readouterr()
+    torch.jit.load(str(path))
+    assert capfd.readouterr().out.count("ARCHIVE CODE RAN") == 3, "the archive really carries code that runs"
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load runs the archive's code"))
+    loaded, _ = clip.load(str(path), device="cpu")
+    assert "ARCHIVE CODE RAN" not in capfd.readouterr().out
+    expected = model.state_dict()
+    assert set(loaded.state_dict()) == set(expected)
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+    # tensors that only the archive's own code could restore are refused, not guessed
+    clip_traced_archive(tmp_path / "state.pt", ClipArchiveTensorState())
+    with pytest.raises(ValueError, match=r"hook \(.*ClipArchiveTensorState\).*__setstate__"):
+        clip.load(str(tmp_path / "state.pt"), device="cpu")
+    assert "ARCHIVE CODE RAN" not in capfd.readouterr().out
+
+
+class ClipEvilPickle:
+    def __reduce__(self):
+        return (print, ("PICKLE CODE RAN",))
+
+
+def test_clip_torchscript_foreign_global_is_refused(tmp_path, capfd):
+    path = tmp_path / "hooked.pt"
+    clip_traced_archive(path, ClipArchiveHook())
+    evil = tmp_path / "evil.pt"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(evil, "w") as out:
+        for info in src.infolist():  # the same archive with a data.pkl that calls print when unpickled
+            data = src.read(info)
+            out.writestr(info, pickle.dumps(ClipEvilPickle(), protocol=2) if info.filename.endswith("/data.pkl")
+                         else data)
+    capfd.readouterr()
+    with pytest.raises(ValueError, match=r"refusing '(__builtin__|builtins)\.print'") as e:
+        clip.load(str(evil), device="cpu")
+    assert "\n" not in str(e.value) and str(evil) in str(e.value)
+    assert "PICKLE CODE RAN" not in capfd.readouterr().out
+
+
+CLIP_ST_TENSORS = {"f32": torch.randn(3, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 3, 4).bfloat16(),
+                   "odd": torch.randn(3).half(), "after_odd": torch.randn(4, 2), "ids": torch.arange(77)[None],
+                   "empty": torch.zeros(0, 4), "scalar": torch.tensor(4.6052)}
+
+
+def test_clip_safetensors_reader_equals_library(tmp_path):
+    safetensors_torch = importlib.import_module("safetensors.torch")  # test-only; a missing install fails
+    path = tmp_path / "blob"  # no suffix, as Hugging Face's cache blobs: the format is read from the bytes
+    safetensors_torch.save_file(CLIP_ST_TENSORS, path, metadata={"format": "pt"})
+    theirs = safetensors_torch.load_file(path)
+    for ours in (clip.read_safetensors(str(path)), clip.read_weights(str(path))[0]):
+        assert set(ours) == set(theirs) == set(CLIP_ST_TENSORS)
+        for k, v in theirs.items():
+            assert ours[k].dtype == v.dtype and ours[k].shape == v.shape and torch.equal(ours[k], v), k
+    assert {str(v.dtype) for v in theirs.values()} >= {"torch.float32", "torch.float16", "torch.bfloat16"}
+
+
+def clip_safetensors_bytes(header, data):
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+@pytest.mark.parametrize("case,match", [
+    ("truncated", "truncated"), ("short", "shorter than the 8-byte"), ("length", "header length"),
+    ("json", "not JSON"), ("shape", "lies about 'w'"), ("overlap", "lies about"), ("dtype", "'w' is not"),
+    ("padded", "truncated or padded")])
+def test_clip_safetensors_bad_header_is_one_line(tmp_path, case, match):
+    safetensors_torch = importlib.import_module("safetensors.torch")  # test-only; a missing install fails
+    good = tmp_path / "good.safetensors"
+    safetensors_torch.save_file({"w": torch.randn(4, 4), "b": torch.randn(4)}, good)
+    raw = good.read_bytes()
+    w, b = torch.zeros(16).numpy().tobytes(), torch.zeros(4).numpy().tobytes()
+    files = {
+        "truncated": raw[:-10],
+        "short": raw[:5],
+        "length": (10 ** 6).to_bytes(8, "little") + raw[8:],
+        "json": (5).to_bytes(8, "little") + b"{nope" + w,
+        "shape": clip_safetensors_bytes({"w": {"dtype": "F32", "shape": [5, 4], "data_offsets": [0, 64]}}, w),
+        "overlap": clip_safetensors_bytes({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]},
+                                           "b": {"dtype": "F32", "shape": [4], "data_offsets": [48, 64]}}, w),
+        "dtype": clip_safetensors_bytes({"w": {"dtype": "F8_E9", "shape": [4, 4], "data_offsets": [0, 64]}}, w),
+        "padded": clip_safetensors_bytes({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}}, w + b),
+    }
+    bad = tmp_path / f"{case}.safetensors"
+    bad.write_bytes(files[case])
+    with pytest.raises(ValueError, match=match) as e:
+        clip.load(str(bad), device="cpu")
+    assert "\n" not in str(e.value) and str(bad) in str(e.value)
+
+
+def test_clip_hugging_face_config_and_key_errors(tmp_path, clip_tiny_file):
+    safetensors_torch = importlib.import_module("safetensors.torch")  # test-only; a missing install fails
+    hf = clip_to_hf(torch.load(clip_tiny_file, weights_only=True))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    safetensors_torch.save_file(hf, folder / "model.safetensors")
+    config = {"model_type": "clip", "text_config": {"hidden_size": 128, "num_attention_heads": 2},
+              "vision_config": {"hidden_size": 128, "num_attention_heads": 2}}
+    (folder / "config.json").write_text(json.dumps(config))
+    model, _ = clip.load(str(folder), device="cpu")  # no config check fails, every key maps back
+    clip_assert_same_weights(model, clip_tiny_file)
+    for change, match in ((("vision_config", "hidden_act", "gelu"), "hidden_act is 'gelu'.*quick_gelu"),
+                          (("text_config", "num_attention_heads", 4), "4 heads of width 32"),
+                          ((None, "model_type", "chinese_clip"), "Chinese text tower")):
+        bad = json.loads(json.dumps(config))
+        (bad[change[0]] if change[0] else bad)[change[1]] = change[2]
+        (folder / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match):
+            clip.load(str(folder / "model.safetensors"), device="cpu")  # the config beside a file counts too
+    (folder / "config.json").write_text(json.dumps(config))
+    key = "text_model.encoder.layers.1.self_attn.k_proj.bias"
+    safetensors_torch.save_file({k: v for k, v in hf.items() if k != key}, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=re.escape(key)):
+        clip.load(str(folder), device="cpu")
+    safetensors_torch.save_file({**hf, "text_model.extra.weight": torch.zeros(2)}, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"unexpected keys \['text_model\.extra\.weight'\]"):
+        clip.load(str(folder), device="cpu")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors, pytorch_model.bin"):
+        clip.load(str(folder), device="cpu")
+
+
 # ==============================================================================================================
 # text_branches.py: Chinese-CLIP text tower and WordPiece tokenizer, parity with cn_clip
 # (from chinese tests)
@@ -645,6 +927,7 @@ def test_clip_bench_runs_on_tiny(capsys):
 # (installed test-only with --no-deps) on checkpoints built in both official forms, and the loader's errors.
 # ==============================================================================================================
 import importlib
+import json
 import logging
 import sys
 import types
@@ -908,6 +1191,117 @@ def test_chinese_padding_mask_and_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model.encode_text(ids)
     assert low.dtype == torch.bfloat16 and _rel_error(low.float(), padded) < 5e-2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face ChineseCLIPModel forms (transformers, test-only) of the reference's text weights
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chinese_hf(reference, parity_batch, tmp_path_factory):
+    """The reference's text tower inside a transformers ChineseCLIPModel (loaded by transformers itself; its
+    tiny vision tower moved off its init too), written by save_pretrained and as pytorch_model.bin, with
+    transformers' get_text_features of the parity batch."""
+    transformers = importlib.import_module("transformers")  # test-only; a missing install fails
+    safetensors_torch = importlib.import_module("safetensors.torch")  # test-only; a missing install fails
+    config = transformers.ChineseCLIPConfig(
+        text_config=dict(vocab_size=21128, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                         intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2,
+                         hidden_act="gelu", layer_norm_eps=1e-12),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=16),
+        projection_dim=512)
+    root = tmp_path_factory.mktemp("chinese_hf")
+    (root / "in").mkdir()
+    config.save_pretrained(root / "in")
+    text = {k: v.contiguous() for k, v in _hf_form(reference).items()
+            if k.startswith("text_") and not k.endswith("position_ids") and ".pooler." not in k}
+    safetensors_torch.save_file(text, root / "in" / "model.safetensors")
+    model, info = transformers.ChineseCLIPModel.from_pretrained(root / "in", output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert all(k.startswith(("vision_model.", "visual_projection.", "logit_scale")) for k in info["missing_keys"])
+    model.eval().float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith("text_"):
+                p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(root / "folder")  # model.safetensors + config.json
+    (root / "bin").mkdir()
+    torch.save(model.state_dict(), root / "bin" / "pytorch_model.bin")  # transformers 4's pickled form
+    ids, _ = parity_batch
+    with torch.no_grad():  # cn_clip's mask (ids != [PAD]); transformers' default would attend to padding
+        out = model.get_text_features(input_ids=ids, attention_mask=ids.ne(0))
+    weights = {"bert." + k[len("text_model."):]: v for k, v in model.state_dict().items() if k.startswith("text_model.")}
+    weights["text_projection"] = model.state_dict()["text_projection.weight"].t()
+    return types.SimpleNamespace(files={"folder": root / "folder", "bin": root / "bin" / "pytorch_model.bin"},
+                                 expected=out if isinstance(out, torch.Tensor) else out.pooler_output,
+                                 weights=weights)
+
+
+@pytest.mark.parametrize("form", ["folder", "bin"])
+def test_chinese_hugging_face_forms_parity(form, chinese_hf, reference, parity_batch, monkeypatch):
+    if form == "folder":  # model.safetensors: read without any pickle
+        monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called on safetensors"))
+    model = tb.load_chinese_clip(str(chinese_hf.files[form]))
+    ours, reference_weights = model.state_dict(), reference.state_dict()
+    assert set(ours) <= set(chinese_hf.weights)
+    for k, v in ours.items():  # the file's text weights, bit for bit: the reference's, but for the [PAD] row,
+        assert torch.equal(v, chinese_hf.weights[k]), k  # which transformers zeroes (padding_idx)
+        assert torch.equal(v, reference_weights[k]) or k == "bert.embeddings.word_embeddings.weight", k
+    ids, theirs = parity_batch
+    with torch.no_grad():
+        ours = model(ids)
+    for a, b, c in zip(ours, chinese_hf.expected, theirs):  # transformers and cn_clip, every text
+        assert _rel_error(a, b) <= 1e-5 and _rel_error(a, c) <= 1e-5
+
+
+def test_chinese_cache_survives_failed_redownload(tmp_path, monkeypatch):
+    _, ckpt = _small_official_checkpoint()
+    served = tmp_path / "served" / "clip_cn_vit-b-16.pt"  # absent until the network is "back"
+    url = served.as_uri()
+    monkeypatch.setitem(tb._MODELS, "ViT-B-16", ("RoBERTa-wwm-ext-base-chinese", url))
+    # offline without a cache: one line naming the file and the URL it would come from, once
+    with pytest.raises(tb.DownloadError) as e:
+        tb.load_chinese_clip("ViT-B-16", download_root=str(tmp_path / "empty"))
+    assert "clip_cn_vit-b-16.pt from " + url in str(e.value) and str(e.value).count(url) == 1
+    assert "\n" not in str(e.value) and list((tmp_path / "empty").iterdir()) == []
+    # a cached file that fails to load survives a re-download that fails (offline)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    broken = {"state_dict": {k: v for k, v in ckpt["state_dict"].items() if not k.endswith("layer.1.attention.self.key.bias")}}
+    torch.save(broken, cache / served.name)
+    before = (cache / served.name).read_bytes()
+    with pytest.raises(RuntimeError) as e:
+        tb.load_chinese_clip("ViT-B-16", download_root=str(cache))
+    assert "kept as it was" in str(e.value) and str(e.value).count(url) == 1 and "\n" not in str(e.value)
+    assert [p.name for p in cache.iterdir()] == [served.name] and (cache / served.name).read_bytes() == before
+    # once the download works, the fresh copy replaces it and nothing is left aside
+    served.parent.mkdir()
+    torch.save(ckpt, served)
+    assert len(tb.load_chinese_clip("ViT-B-16", download_root=str(cache)).bert.encoder.layer) == 2
+    assert [p.name for p in cache.iterdir()] == [served.name] and (cache / served.name).read_bytes() == served.read_bytes()
+
+
+def test_chinese_safetensors_file_and_config_checks(tmp_path, monkeypatch):
+    safetensors_torch = importlib.import_module("safetensors.torch")  # test-only; a missing install fails
+    model, ckpt = _small_official_checkpoint()
+    hf = {"text_model." + k[len("module.bert."):]: v for k, v in ckpt["state_dict"].items()
+          if k.startswith("module.bert.")}
+    hf["text_projection.weight"] = ckpt["state_dict"]["module.text_projection"].t().contiguous()
+    hf["logit_scale"] = torch.tensor(4.6)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    safetensors_torch.save_file(hf, folder / "model.safetensors")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called on safetensors"))
+    ids = torch.tensor([[11, 7, 8, 12, 0, 0]])
+    expected = model.eval().encode_text(ids)
+    assert torch.equal(tb.load_chinese_clip(str(folder / "model.safetensors")).encode_text(ids), expected)
+    config = {"model_type": "chinese_clip", "text_config": {"num_attention_heads": 4, "hidden_act": "gelu"}}
+    (folder / "config.json").write_text(json.dumps(config))  # the config's head count is used: 4, not 12
+    assert tb.load_chinese_clip(str(folder)).bert.encoder.layer[0].attention.self.heads == 4
+    config["text_config"]["hidden_act"] = "relu"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="hidden_act is 'relu'"):
+        tb.load_chinese_clip(str(folder))
 
 
 # ==============================================================================================================
@@ -1194,7 +1588,8 @@ def test_data_train_augmentation_is_shared_by_frames_and_seeded():
 
 # --------------------------------------------------------------------------------------- bad files, --check
 def test_data_bad_files_replaced_logged_once_and_counted(layouts, caplog):
-    ds = data.build_dataset("hmdb51", layouts["hmdb_bad"], mode="train", frames=4, input_size=32)
+    # T = 16: the truncated v3 (9 of 20 frames decode) is refused; with T <= 9 it would be used
+    ds = data.build_dataset("hmdb51", layouts["hmdb_bad"], mode="train", frames=16, input_size=32)
     order = [os.path.basename(p) for p, _ in ds.samples]
     bad_zero = order.index("brush_hair_v2.avi")
     with caplog.at_level(logging.WARNING, logger="data"):
@@ -1217,7 +1612,8 @@ def test_data_bad_files_replaced_logged_once_and_counted(layouts, caplog):
 
 
 def test_data_check_reports_bad_files(layouts, capsys):
-    assert data.main(["--dataset", "hmdb51", "--root", layouts["hmdb_bad"], "--check", "--workers", "2"]) == 1
+    assert data.main(["--dataset", "hmdb51", "--root", layouts["hmdb_bad"], "--check", "--workers", "2",
+                      "--frames", "16"]) == 1
     out = capsys.readouterr().out
     for name in ("brush_hair_v2.avi: zero-byte", "brush_hair_v3.avi: truncated", "catch_v2.avi: cannot open"):
         assert name in out, out
@@ -1242,23 +1638,13 @@ def test_data_decodes_only_needed_gops(layouts, monkeypatch):
     meta = data.probe_video(path)
     assert meta.num_frames == N_FRAMES and list(meta.key_idx) == [0, 12]  # mpeg4 GOP 12
     decoded = []
-    real_open = data.av.open
+    real_frames = data._frames
 
-    class Counting:  # the container, with decode() recording each decoded frame's number
-        def __init__(self, c):
-            self.c = c
-
-        def __getattr__(self, name):
-            return getattr(self.c, name)
-
-        def decode(self, *a, **k):
-            for f in self.c.decode(*a, **k):
-                decoded.append(meta.index(f.pts))
-                yield f
-
-    def counting_open(*a, **k):
-        return Counting(real_open(*a, **k))
-    monkeypatch.setattr(data.av, "open", counting_open)
+    def counting_frames(container, stream, needed=None):  # the decoder's frames, each frame's number recorded
+        for f in real_frames(container, stream, needed):
+            decoded.append(meta.index(f.pts))
+            yield f
+    monkeypatch.setattr(data, "_frames", counting_frames)
     frames = data.decode_frames(path, [5, 14, 16], meta)
     assert read_index(data._normalise(torch.from_numpy(frames).permute(0, 3, 1, 2).float())) == [5, 14, 16]
     assert decoded == [0, 1, 2, 3, 4, 5, 12, 13, 14, 15, 16]  # 6..11 skipped by seeking to keyframe 12
@@ -1437,6 +1823,366 @@ def test_data_long_gop_frames_exact(tmp_path):
     got = data.decode_frames(path, want, meta)
     code = (got[:, 4::8, 32, 0] > 128).astype(int)  # (len(want), 7): centre row of each stripe
     assert [int((c << np.arange(7)).sum()) for c in code] == want
+
+
+# ------------------------------------------------------------------------ real-world files: exact frame indices
+# Each file kind users bring, built with PyAV alone; the truth is what a plain full decode yields.
+CODE_BITS = 9  # frame numbers up to 511 written as stripes
+
+
+def coded_frames(n, H=64, W=96, seed=0):
+    """(n, H, W, 3) uint8: frame i holds the bits of i as black/white stripes over moving noise (real motion
+    for the encoder, so P- and B-frames differ from keyframes)."""
+    g = np.random.default_rng(seed)
+    noise = g.integers(0, 256, (H // 4, W // 4 + n, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1)
+    out = np.stack([noise[:, 4 * i:4 * i + W] for i in range(n)])
+    for b in range(CODE_BITS):
+        out[:, 4 * b:4 * b + 4, :W // 2] = (((np.arange(n) >> b) & 1) * 255)[:, None, None, None]
+    return out
+
+
+def frame_code(frames):
+    """The frame numbers written by coded_frames, read back from (..., H, W, 3) frames."""
+    bits = frames[..., 2:4 * CODE_BITS:4, 4:40, :].mean(axis=(-1, -2)) > 128  # (..., CODE_BITS)
+    return (bits * (1 << np.arange(CODE_BITS))).sum(-1).tolist()
+
+
+def encode(path, frames, codec="libx264", rate=30, pts=None, time_base=None, options=None, tag=None,
+           bframes=None, container_options=None):
+    import av
+    with av.open(path, "w", options=container_options or {}) as c:
+        s = c.add_stream(codec, rate=rate)
+        s.height, s.width = frames.shape[1:3]
+        s.pix_fmt = "yuv420p"
+        if time_base is not None:
+            s.codec_context.time_base = time_base
+        if tag:
+            s.codec_tag = tag
+        if bframes:
+            s.codec_context.max_b_frames = bframes
+        if codec == "mpeg4":
+            s.gop_size = 12
+            s.options = {"qscale": "3", "sc_threshold": "1000000000"}
+        else:
+            s.options = options or {}
+        for i, f in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
+            if pts is not None:
+                vf.pts, vf.time_base = pts[i], time_base
+            for p in s.encode(vf):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def remux(src, dst, first_packet, shift_frames=0):
+    """Stream-copy src's video packets from `first_packet` (decode order) on, timestamps moved back by
+    `shift_frames` frame durations (what `ffmpeg -ss T -c copy` makes)."""
+    import av
+    with av.open(src) as i, av.open(dst, "w") as o:
+        s = i.streams.video[0]
+        out = o.add_stream_from_template(s)
+        packets = [p for p in i.demux(s) if p.size]
+        shift = shift_frames * packets[1].duration if shift_frames else 0
+        start = min(p.pts for p in packets[first_packet:first_packet + 8])
+        for p in packets[first_packet:]:
+            p.pts, p.dts = p.pts - start - shift, p.dts - start - shift
+            p.stream = out
+            o.mux(p)
+
+
+def plain_decode(path):
+    """Every frame a plain full decode yields, rgb24, a packet the decoder rejects skipped (as `ffmpeg -i`)."""
+    import av
+    out = []
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        for packet in c.demux(s):
+            try:
+                out += [f.to_ndarray(format="rgb24") for f in packet.decode()]
+            except av.InvalidDataError:
+                pass
+    return np.stack(out)
+
+
+def _x264(keyint, bframes=2):
+    return {"x264-params": f"keyint={keyint}:min-keyint={keyint}:scenecut=0:bframes={bframes}:crf=20"}
+
+
+@pytest.fixture(scope="session")
+def real_world(tmp_path_factory):
+    """{kind: path} of the file kinds of issue 10, with what each is known to hold."""
+    from fractions import Fraction
+    root = tmp_path_factory.mktemp("real_world")
+    f = coded_frames(300)
+    out = {}
+    # variable frame rate: 20 fps for 5 s, then 40 fps with 22-28 ms jitter; millisecond time base
+    ms = [50 * i for i in range(100)] + [5000 + 25 * i + (3 if i % 3 == 1 else -3 if i % 3 == 2 else 0)
+                                          for i in range(200)]
+    out["vfr"] = str(root / "vfr.mp4")
+    encode(out["vfr"], f, pts=ms, time_base=Fraction(1, 1000), options=_x264(24),
+           container_options={"video_track_timescale": "1000"})
+    src = str(root / "src.mp4")
+    encode(src, f, options=_x264(24))
+    # edit list: a cut from keyframe 24 with timestamps shifted so the first 5 frames are negative (pre-roll)
+    out["editlist"] = str(root / "editlist.mp4")
+    remux(src, out["editlist"], 24, shift_frames=5)
+    # a careless cut: starts with 5 non-key packets the decoder cannot use
+    out["nonkey"] = str(root / "nonkey.mp4")
+    remux(src, out["nonkey"], 19)
+    # mpeg4 .avi cut at a non-key packet: FFmpeg's mpeg4 decoder shows those frames (from a grey reference)
+    m4 = str(root / "m4.avi")
+    encode(m4, f[:120], codec="mpeg4")
+    out["nonkey_avi"] = str(root / "nonkey.avi")
+    remux(m4, out["nonkey_avi"], 5)
+    # xvid-tagged .avi with B-frames (packets in decode order, timestamps starting at 1)
+    out["xvid"] = str(root / "xvid.avi")
+    encode(out["xvid"], f, codec="mpeg4", tag="XVID", bframes=2)
+    # truncated .avi: the last 45% of the bytes missing (no index, a partial last packet)
+    full = str(root / "full.avi")
+    encode(full, f, codec="mpeg4")
+    out["truncated"] = str(root / "truncated.avi")
+    with open(full, "rb") as a, open(out["truncated"], "wb") as b:
+        raw = a.read()
+        b.write(raw[: len(raw) * 55 // 100])
+    # mkv with an odd, negative start (stream copy of the cut), and webm (VP9)
+    out["mkv"] = str(root / "cut.mkv")
+    remux(src, out["mkv"], 48, shift_frames=3)
+    out["webm"] = str(root / "clip.webm")
+    encode(out["webm"], f[:150], codec="libvpx-vp9", options={"g": "30", "deadline": "realtime", "cpu-used": "8"})
+    return out
+
+
+REAL_WORLD = ("vfr", "editlist", "nonkey", "nonkey_avi", "xvid", "truncated", "mkv", "webm")
+
+
+def index_sets(n, seed=0):
+    """The index lists a user's run asks for: TSN test clips for T = 8, 16, 32 and 4 clips, training draws,
+    unsorted indices with repeats, every frame."""
+    rng = random.Random(seed)
+    sets = {f"test T={T} clip {c}": data.sample_indices(n, T, "test", clips=4, clip=c)
+            for T in (8, 16, 32) for c in range(4)}
+    sets.update({f"train T={T} draw {d}": data.sample_indices(n, T, "train", rng) for T in (8, 16) for d in range(3)})
+    sets["unsorted, repeats"] = [n - 1, 3, 3, n // 2, 0, n // 2, 1, n - 1, 2 * n // 3]
+    sets["all"] = list(range(n))
+    return sets
+
+
+@pytest.mark.parametrize("kind", REAL_WORLD)
+def test_data_real_world_exact_at_every_index(real_world, kind):
+    path = real_world[kind]
+    truth = plain_decode(path)
+    meta = data.probe_video(path)
+    assert meta.num_frames == len(truth), (kind, meta.num_frames, len(truth))
+    for name, idx in index_sets(len(truth)).items():
+        for threads in (None, "NONE"):  # one process (parallel stretches, frame threads) and a loader worker
+            got = data.decode_frames(path, idx, meta, threads)
+            assert got.shape == (len(idx),) + truth.shape[1:] and got.dtype == np.uint8
+            wrong = [i for k, i in enumerate(idx) if not np.array_equal(got[k], truth[i])]
+            assert not wrong, f"{kind}, {name}, threads {threads}: indices {wrong[:8]} differ from the plain decode"
+    assert np.array_equal(data.decode_frames(path, [0, len(truth) - 1]), truth[[0, -1]])  # meta probed inside
+
+
+def test_data_real_world_counts_and_identities(real_world):
+    """What each file holds, by the frame numbers in its pixels: VFR keeps all 300 frames in order (an average
+    rate would return [12, 38, ...] for TSN indices), the edit list and the careless cut drop their first 5
+    frames, the truncated .avi keeps the frames before the cut and says so."""
+    n = {k: data.probe_video(p).num_frames for k, p in real_world.items()}
+    code = {k: frame_code(data.decode_frames(p, range(n[k]))) for k, p in real_world.items()}
+    assert n["vfr"] == 300 and code["vfr"] == list(range(300))
+    tsn = data.sample_indices(300, 8, "test")
+    assert frame_code(data.decode_frames(real_world["vfr"], tsn)) == tsn == [18, 56, 93, 131, 168, 206, 243, 281]
+    assert n["editlist"] == 271 and code["editlist"] == list(range(29, 300))  # keyframe 24 + 5 pre-roll frames
+    assert n["nonkey"] == 276 and code["nonkey"] == list(range(24, 300))  # packets 19..23 undecodable
+    assert n["xvid"] == 300 and code["xvid"] == list(range(300))
+    assert n["mkv"] == 252 and code["mkv"] == list(range(48, 300))
+    assert n["webm"] == 150 and code["webm"] == list(range(150))
+    meta = data.probe_video(real_world["truncated"])
+    assert meta.damage == f"truncated: container says 300 frames, {meta.num_frames} decode" and meta.exact
+    last = meta.num_frames - 1  # the last frame decodes from a partial packet: its bottom is concealed
+    assert 100 < meta.num_frames < 300 and code["truncated"][:last] == list(range(last))
+    for kind in ("vfr", "editlist", "nonkey", "xvid", "mkv", "webm"):  # from the packets, no full decode
+        assert not data.probe_video(real_world[kind]).exact, kind
+    assert data.probe_video(real_world["nonkey_avi"]).exact  # the decoder shows frames before the first keyframe
+
+
+def test_data_real_world_check_and_training_agree(real_world, tmp_path, capsys):
+    """--check and a training epoch take the same decision on every file: used (damage reported by both) or
+    refused (reported by both), by the same rule with the same T."""
+    import shutil
+    files = dict(real_world)
+    short = str(tmp_path / "short_cut.avi")  # a truncated file of which fewer than T frames decode
+    encode(short, coded_frames(30), codec="mpeg4")
+    raw = open(short, "rb").read()
+    with open(short, "wb") as f:
+        f.write(raw[: len(raw) * 4 // 10])
+    files["short_cut"] = short
+    classes = tmp_path / "classes.txt"
+    classes.write_text("a\nb\n")
+    lst = tmp_path / "train.txt"
+    good = str(tmp_path / "good.avi")
+    shutil.copy(real_world["xvid"], good)  # every class keeps a readable video to replace the refused ones
+    lst.write_text("".join(f"{p} {k % 2}\n" for k, p in enumerate(list(files.values()) + [good, good])))
+    T = 16
+    assert data.probe_video(short).num_frames < T <= data.probe_video(real_world["truncated"]).num_frames
+    code = data.main(["--dataset", "list", "--list-file", str(lst), "--class-file", str(classes), "--check",
+                      "--workers", "2", "--frames", str(T)])
+    out = capsys.readouterr().out
+    check_bad = {line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith("  BAD ")}
+    check_damaged = {line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith("  DAMAGED ")}
+    assert code == 1 and check_bad == {short} and check_damaged == {real_world["truncated"]}, out
+    ds = data.build_dataset("list", None, list_file=str(lst), class_file=str(classes), frames=T, input_size=32)
+    for batch in torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2):
+        assert batch["video"].shape[1:] == (T, 3, 32, 32)
+    assert set(ds.bad_files()) == check_bad and set(ds.damaged_files()) == check_damaged
+    assert ds.bad_files()[short] in out and ds.damaged_files()[real_world["truncated"]] in out
+
+
+def test_data_decoder_disagreeing_with_packets_switches_to_exact_count(real_world, caplog):
+    """A packet-based count that the decoder contradicts (here: a fake extra frame) is replaced by one full
+    decode, the sample is drawn again from the exact count, and training goes on with the same file."""
+    path = real_world["vfr"]
+    ds = data.VideoDataset("t", ["a"], [(path, 0)], mode="test", frames=8, input_size=32)
+    meta = data.probe_video(path)
+    fake = 169  # a TSN test index of 301 frames: a frame between real frames 168 and 169 that nothing shows
+    lying = data.VideoMeta(np.insert(meta.pts, fake, meta.pts[fake - 1] + 1), meta.num_frames + 1, meta.key_pts,
+                           meta.header, "", False, meta.width, meta.height)
+    with pytest.raises(data.MetaMismatch, match=f"frame {fake} of 301 .* is never shown"):
+        data.decode_frames(path, [fake], lying)
+    with pytest.raises(data.MetaMismatch, match="frame 301 of 302 not decodable"):
+        data.decode_frames(path, [301], data.VideoMeta(np.append(lying.pts, lying.pts[-1] + 1), 302, meta.key_pts,
+                                                     meta.header, "", False, meta.width, meta.height))
+    ds._meta[path] = lying
+    item = ds[0]
+    assert item["replaced"] == 0 and ds._meta[path].exact and ds._meta[path].num_frames == 300
+    ds2 = data.VideoDataset("t", ["a"], [(path, 0)], mode="test", frames=8, input_size=32)
+    assert torch.equal(item["video"], ds2[0]["video"]) and not ds.bad_files()
+
+
+def test_data_crop_resize_equals_pil_box_resize():
+    """The transforms' crop + resize (torch, uint8, whole clip at once) is PIL's per-frame BILINEAR box resize
+    inside the box; only the border may differ (PIL samples beyond the box)."""
+    from PIL import Image
+    yy, xx = np.mgrid[0:120, 0:160]
+    frame = np.stack([(xx * 1.7) % 256, (yy * 2 + xx) % 256, (xx + yy) * 0.6], -1).astype(np.uint8)
+    frames = np.stack([frame, 255 - frame])
+    for box, size in (((10, 20, 85, 90), 64), ((0, 20, 120, 120), 112), ((5, 7, 60, 40), 80)):
+        y0, x0, h, w = box
+        got = data._crop_resize(frames, box, size)  # (2, 3, size, size)
+        want = np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BILINEAR,
+                                                               box=(x0, y0, x0 + w, y0 + h))) for f in frames])
+        diff = (got.permute(0, 2, 3, 1) - torch.from_numpy(want).float()).abs()[:, 2:-2, 2:-2]
+        assert diff.max() <= 1, (box, size, diff.max())
+    assert torch.equal(data._crop_resize(frames, (3, 4, 50, 50), 50),
+                       torch.from_numpy(frames[:, 3:53, 4:54]).permute(0, 3, 1, 2).float())  # a crop is a copy
+
+
+# ------------------------------------------------------------------------------------ split and list files (faults)
+def _hmdb_root(tmp_path, lines_by_class, videos=()):
+    """An hmdb51 root: split-1 files with the given raw text per class, and the named videos on disk."""
+    root = tmp_path / "hm"
+    (root / "testTrainMulti_7030_splits").mkdir(parents=True)
+    for cls, text in lines_by_class.items():
+        (root / cls).mkdir(exist_ok=True)
+        (root / "testTrainMulti_7030_splits" / f"{cls}_test_split1.txt").write_bytes(text.encode())
+    for rel in videos:
+        (root / rel).parent.mkdir(exist_ok=True)
+        data.write_video(str(root / rel), gray_video(4))
+    return root
+
+
+def test_data_split_files_names_with_spaces_crlf_comments(tmp_path):
+    text = "# HMDB51 split 1\r\n\r\nmy first clip.avi 1 \r\nclip2.avi 2\r\n   \r\n"
+    root = _hmdb_root(tmp_path, {"jump": text}, ["jump/my first clip.avi", "jump/clip2.avi"])
+    train = data.build_dataset("hmdb51", str(root), mode="train", frames=2, input_size=32)
+    test = data.build_dataset("hmdb51", str(root), mode="test", frames=2, input_size=32)
+    assert names(train) == ["my first clip.avi"] and names(test) == ["clip2.avi"]
+    lst = tmp_path / "list.txt"
+    lst.write_bytes(b"# path label\r\n\r\njump/my first clip.avi 0\r\n")
+    (tmp_path / "classes.txt").write_bytes(b"jump\r\n")
+    ds = data.build_dataset("list", str(root), list_file=str(lst), class_file=str(tmp_path / "classes.txt"))
+    assert names(ds) == ["my first clip.avi"] and ds.classes == ["jump"]
+
+
+def test_data_split_line_errors_name_file_and_line(tmp_path):
+    root = _hmdb_root(tmp_path, {"jump": "a.avi 1\n\nlonely_token.avi\n"}, ["jump/a.avi"])
+    with pytest.raises(ValueError, match=r"jump_test_split1.txt:3: expected `<video> <id>`.*'lonely_token.avi'"):
+        data.build_dataset("hmdb51", str(root))
+    (root / "testTrainMulti_7030_splits" / "jump_test_split1.txt").write_text("a.avi 7\n")
+    with pytest.raises(ValueError, match=r"split1.txt:1: .*id 0 \(unused\), 1 \(train\) or 2"):
+        data.build_dataset("hmdb51", str(root))
+    ssv1 = tmp_path / "ss"
+    ssv1.mkdir()
+    (ssv1 / "something-something-v1-labels.csv").write_text("Pushing\n")
+    (ssv1 / "something-something-v1-train.csv").write_text("# id;label\n1 Pushing\n")
+    with pytest.raises(ValueError, match=r"train.csv:2: expected `<id>;<label>`"):
+        data.build_dataset("ssv1", str(ssv1))
+    lst, cls = tmp_path / "l.txt", tmp_path / "c.txt"
+    cls.write_text("a\n")
+    lst.write_text("\n\nx.mp4 zero\n")  # the blank lines count: line 3
+    with pytest.raises(ValueError, match=r"l.txt:3: expected `path label`"):
+        data.build_dataset("list", str(tmp_path), list_file=str(lst), class_file=str(cls))
+    ucf = tmp_path / "ucf"
+    (ucf / "ucfTrainTestlist").mkdir(parents=True)
+    (ucf / "ucfTrainTestlist" / "classInd.txt").write_text("1 Jump\nRun\n")
+    with pytest.raises(ValueError, match=r"classInd.txt:2: expected `<id> <ClassName>`"):
+        data.build_dataset("ucf101", str(ucf))
+
+
+def test_data_missing_video_is_named_with_its_line(tmp_path):
+    root = _hmdb_root(tmp_path, {"jump": "a.avi 1\nghost.avi 1\n"}, ["jump/a.avi"])
+    with pytest.raises(FileNotFoundError, match=r"jump_test_split1.txt:2: video \S*ghost.avi is not on disk"):
+        data.build_dataset("hmdb51", str(root))
+
+
+def test_data_empty_split_says_so(tmp_path):
+    root = _hmdb_root(tmp_path, {"jump": "a.avi 0\n", "run": "# nothing\n"}, ["jump/a.avi"])
+    with pytest.raises(ValueError, match="hmdb51 split 1 train: the split files list no videos"):
+        data.build_dataset("hmdb51", str(root))
+
+
+def test_data_class_without_readable_training_video_is_one_line(tmp_path):
+    root = _hmdb_root(tmp_path, {"jump": "a.avi 1\nb.avi 1\n", "run": "c.avi 1\n"}, ["run/c.avi"])
+    (root / "jump" / "a.avi").write_bytes(b"")
+    (root / "jump" / "b.avi").write_bytes(np.random.default_rng(0).bytes(3000))
+    ds = data.build_dataset("hmdb51", str(root), frames=2, input_size=32)
+    with pytest.raises(data.UnreadableClass) as e:  # raised in a worker process, one line in the main one
+        list(torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("every training video of class 'jump' is unreadable (2 videos")
+    assert "--check" in msg
+
+
+def test_data_test_videos_are_skipped_never_replaced(tmp_path, caplog):
+    root = _hmdb_root(tmp_path, {"jump": "a.avi 2\nb.avi 2\n"}, ["jump/a.avi"])
+    (root / "jump" / "b.avi").write_bytes(b"garbage")
+    ds = data.build_dataset("hmdb51", str(root), mode="test", frames=2, input_size=32, views="4x3")
+    order = names(ds)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        items = [ds[i] for i in range(len(ds))]
+    good, bad = (items[[os.path.basename(p) for p, _ in ds.samples].index(n)] for n in order)
+    assert (good["skipped"], good["replaced"]) == (0, 0) and good["video"].abs().sum() > 0
+    assert (bad["skipped"], bad["replaced"]) == (1, 0) and bad["video"].shape == good["video"].shape
+    assert not bad["video"].any()  # a placeholder, not another video's frames
+    assert "b.avi" in caplog.text and "skipped: not scored" in caplog.text
+
+
+def test_data_check_reports_unlisted_videos_once(tmp_path, capsys):
+    root = _hmdb_root(tmp_path, {"jump": "a.avi 1\nb.avi 2\n"},
+                      ["jump/a.avi", "jump/b.avi", "jump/forgotten.avi", "newclass/x.avi"])
+    assert data.main(["--dataset", "hmdb51", "--root", str(root), "--check", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("2 videos in class folders are in no split file") == 1
+    assert out.count("forgotten.avi") == 1 and out.count(os.path.join("newclass", "x.avi")) == 1
+
+
+def test_data_chinese_labels_malformed_json_reports_the_json_error(tmp_path):
+    path = tmp_path / "zh.json"
+    path.write_text('{"jump": "跳",\n "run": }\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"zh.json:2:9: malformed JSON: Expecting value"):
+        data.chinese_labels("custom", ["jump", "run"], str(path))
+    path.write_text("jump\t跳\nrun\t跑\n", encoding="utf-8")  # the tab format still reads
+    assert data.chinese_labels("custom", ["jump", "run"], str(path)) == ["跳", "跑"]
 
 
 def test_data_test_resize_short_side_then_crops():
@@ -2675,6 +3421,255 @@ def test_engine_mean_pooling_baseline_cannot_order_frames(tmp_path):
     assert r["final"]["protocol"]["videos"] == 128 and r["final"]["top1"] <= 60, r["final"]
 
 
+# ------------------------------------------------------------------------------------ faults and bad input
+def cli(capsys, main, argv):
+    """A script's command-line entry (train.cli_main) in this process: (exit code, stderr)."""
+    capsys.readouterr()
+    code = train.cli_main(main, argv)
+    return code, capsys.readouterr().err
+
+
+def assert_one_line(code, err, *words):
+    """Exit code 2, the error on one line (after any warnings, e.g. RANDOM-INIT's), no traceback."""
+    lines = err.strip().splitlines()
+    assert code == 2 and lines and lines[-1].startswith("error: "), (code, err)
+    assert sum(l.startswith("error: ") for l in lines) == 1 and "Traceback" not in err, err
+    assert all(w in lines[-1] for w in words), err
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--frames", "0"], ["--frames 0", ">= 1"]), (["--frames", "-3"], ["--frames -3"]),
+    (["--batch-size", "0"], ["--batch-size 0", ">= 1"]), (["--lr", "-1"], ["--lr -1.0", "> 0"]),
+    (["--lr", "0"], ["--lr 0.0"]), (["--epochs", "-1"], ["--epochs -1"]), (["--workers", "-2"], ["--workers -2"]),
+    (["--print-every", "0"], ["--print-every 0"]), (["--lam", "1.5"], ["--lam 1.5", "[0, 1]"]),
+    (["--prefix", "a video"], ["--prefix 'a video'", "{}"])])
+def test_engine_bad_values_are_one_line_before_any_folder(argv, words, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = cli(capsys, train.main, SMALL + argv + ["--output", str(out)])
+    assert_one_line(code, err, *words)
+    assert not out.exists()
+
+
+def test_engine_bad_paths_are_one_line(tmp_path, capsys):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    assert_one_line(*cli(capsys, train.main, ["--dataset", "hmdb51", "--root", str(a_file)]), str(a_file), "is a file")
+    assert_one_line(*cli(capsys, train.main, SMALL + ["--output", str(a_file)]), "--output", "existing file")
+    assert_one_line(*cli(capsys, train.main, ["--resume", str(tmp_path / "nowhere")]), "nowhere")
+    assert_one_line(*cli(capsys, evaluate.main, ["--checkpoint", str(a_file), "--views", "5x5"]), "5x5", "1 or 3")
+    assert_one_line(*cli(capsys, evaluate.main, ["--checkpoint", str(tmp_path / "none.pt")]), "none.pt")
+
+
+def test_engine_bad_split_files_are_one_line(tmp_path, capsys):
+    root = tmp_path / "hm"
+    (root / "testTrainMulti_7030_splits").mkdir(parents=True)
+    (root / "jump").mkdir()
+    split = root / "testTrainMulti_7030_splits" / "jump_test_split1.txt"
+    base = ["--dataset", "hmdb51", "--root", str(root), "--arch", "tiny", "--random-init", "--no-chinese",
+            "--workers", "0", "--output", str(tmp_path / "run")]
+    for text, words in (("ghost.avi 1\n", ["split1.txt:1", "ghost.avi", "not on disk"]),
+                        ("onetoken.avi\n", ["split1.txt:1", "onetoken.avi"]),
+                        ("a.avi 0\n", ["split files list no videos"])):
+        split.write_text(text)
+        assert_one_line(*cli(capsys, train.main, base), *words)
+    # a class whose every training video is unreadable: one line, from inside the training loop
+    (root / "jump" / "a.avi").write_bytes(b"")
+    split.write_text("a.avi 1\n")
+    assert_one_line(*cli(capsys, train.main, base + ["--batch-size", "1", "--epochs", "1"]),
+                    "every training video of class 'jump' is unreadable")
+
+
+def test_engine_bad_checkpoints_are_one_line(tpr_run, tmp_path, capsys):
+    good = open(os.path.join(tpr_run, "last.pt"), "rb").read()
+    for name, content in (("truncated", good[: len(good) // 2]), ("garbage", os.urandom(4096)), ("empty", b"")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "last.pt").write_bytes(content)
+        assert_one_line(*cli(capsys, train.main, ["--resume", str(folder)]), "not a readable checkpoint")
+        assert_one_line(*cli(capsys, evaluate.main, ["--checkpoint", str(folder)]), "not a readable checkpoint")
+
+
+def test_engine_entry_point_prints_one_line_and_exit_2(tmp_path):
+    p = run(SMALL + ["--frames", "0", "--output", str(tmp_path / "r")], check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == ["error: --frames 0: must be >= 1"], p.stderr
+    p = run(SMALL + ["--frames", "0", "--debug"], check=False)  # --debug: the traceback
+    assert p.returncode == 1 and "Traceback" in p.stderr and "UsageError: --frames 0" in p.stderr
+
+
+def test_engine_resume_extends_epochs_and_takes_new_lr(tmp_path):
+    import argparse
+    out = str(tmp_path / "r")
+    train.main(SMALL + ["--epochs", "1", "--eval-every", "0", "--output", out])
+    r = train.main(["--resume", out, "--epochs", "2", "--lr", "1e-3", "--workers", "0", "--print-every", "2"])
+    ck = trainable(out)
+    assert (ck["epoch"], ck["step"]) == (2, 8) and ck["args"]["epochs"] == 2 and ck["args"]["lr"] == 1e-3
+    args = argparse.Namespace(**ck["args"])
+    logged = {m["step"]: m["lr"] for m in metrics(out) if m["kind"] == "train" and m["step"] > 4}
+    assert sorted(logged) == [6, 8]  # --print-every 2 taken too
+    for step, lr in logged.items():  # the cosine of a run launched with --epochs 2 --lr 1e-3
+        assert lr == pytest.approx(train.lr_at(step - 1, args, 4), rel=1e-12)
+    assert r["final"] is not None
+    # at an epoch's start any batch size maps: epoch 3 in 2 steps of 8, global step 2 x 2 + 2 of the new schedule
+    train.main(["--resume", out, "--epochs", "3", "--batch-size", "8", "--workers", "0"])
+    ck = trainable(out)
+    assert (ck["epoch"], ck["step"], ck["args"]["batch_size"]) == (3, 6, 8)
+
+
+def test_engine_ctrl_c_outside_training_is_one_line(capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    assert train.cli_main(interrupted, []) == 130
+    assert capsys.readouterr().err == "interrupted (Ctrl-C) outside a training step: nothing new was saved\n"
+
+
+def test_engine_evaluate_metrics_give_scored_and_skipped(tpr_run):
+    res = evaluate.main(["--checkpoint", tpr_run, tpr_run, "--views", "1x1", "--workers", "0",
+                         "--output", os.path.join(tpr_run, "eval2")])
+    assert [(r["scored"], r["skipped"], r["skipped_files"]) for r in res["results"]] == [(16, 0, [])] * 2
+    assert (res["summary"][0]["scored"], res["summary"][0]["skipped"]) == (32, 0)
+    evals = [m for m in metrics(tpr_run) if m["kind"] == "eval"]
+    assert evals and all((m["scored"], m["skipped"]) == (16, 0) for m in evals)
+
+
+def test_engine_resume_refuses_model_and_data_flags_by_name(tpr_run, tmp_path):
+    with pytest.raises(train.UsageError) as e:
+        train.main(["--resume", tpr_run, "--frames", "16", "--arch", "ViT-B/32", "--epochs", "4"])
+    msg = str(e.value)
+    assert "--frames 8 -> 16" in msg and "--arch tiny -> ViT-B/32" in msg and "--epochs" not in msg
+    ck = trainable(tpr_run)  # stopped 3 steps of batch 4 = 12 videos into an epoch: batch 8 cannot continue it
+    ck["epoch_step"], ck["epoch"], ck["step"] = 3, 1, 7
+    (tmp_path / "mid").mkdir()
+    torch.save(ck, tmp_path / "mid" / "last.pt")
+    with pytest.raises(train.UsageError, match="--batch-size 8: the run stopped 12 videos into epoch 2"):
+        train.main(["--resume", str(tmp_path / "mid"), "--batch-size", "8"])
+
+
+def test_engine_sigterm_saves_exits_requeue_and_resume_is_exact(tpr_run, tmp_path):
+    out = str(tmp_path / "term")
+    p = run(SMALL + ["--method", "tpr", "--epochs", "3", "--eval-every", "0", "--kill-at-step", "6",
+                     "--kill-signal", "SIGTERM", "--output", out], check=False)
+    assert p.returncode == train.REQUEUE_EXIT, (p.returncode, p.stderr[-2000:])
+    last = p.stderr.strip().splitlines()[-1]  # after the RANDOM-INIT warnings
+    assert last.startswith("stopped: SIGTERM after step 2/4 of epoch 2") and "Traceback" not in p.stderr, p.stderr
+    ck = trainable(out)
+    assert (ck["epoch"], ck["epoch_step"], ck["step"]) == (1, 2, 6)  # the step in progress finished and was saved
+    run(["--resume", out, "--workers", "0"])
+    a, b = trainable(tpr_run)["trainable"], trainable(out)["trainable"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_engine_sigint_saves_and_exits_requeue(tmp_path):
+    out = str(tmp_path / "int")
+    p = run(SMALL + ["--epochs", "1", "--eval-every", "0", "--kill-at-step", "3", "--kill-signal", "SIGINT",
+                     "--output", out], check=False)
+    assert p.returncode == train.REQUEUE_EXIT and "stopped: SIGINT after step 3/4" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and trainable(out)["step"] == 3
+
+
+def test_engine_kill_between_checkpoint_writes_keeps_best_consistent(tmp_path, monkeypatch):
+    out = str(tmp_path / "r")
+    real = os.replace
+    writes = []
+
+    def replace(src, dst):  # the run dies right after the first checkpoint write of the improving epoch end
+        real(src, dst)
+        if str(dst).endswith(".pt"):
+            writes.append(os.path.basename(dst))
+            raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(SMALL + ["--epochs", "1", "--output", out])
+    monkeypatch.setattr(os, "replace", real)
+    evals = [m["top1"] for m in metrics(out) if m["kind"] == "eval"]
+    assert writes == ["best.pt"] and len(evals) == 1  # the log claims a best: best.pt holds it
+    assert trainable(out, "best.pt")["best_top1"] == evals[0]
+
+
+def test_engine_resume_repairs_a_stale_best(tpr_run, tmp_path):
+    import shutil
+    out = str(tmp_path / "r")
+    shutil.copytree(tpr_run, out)
+    stale = trainable(out, "best.pt")
+    stale["best_top1"], stale["last_eval"]["top1"] = -1.0, -1.0  # what an older best would hold
+    torch.save(stale, os.path.join(out, "best.pt"))
+    train.main(["--resume", out, "--workers", "0"])  # nothing left to train: only the repair
+    best, last = trainable(out, "best.pt"), trainable(out)
+    assert best["best_top1"] == last["best_top1"] >= 0
+    assert all(torch.equal(best["trainable"][k], last["trainable"][k]) for k in last["trainable"])
+
+
+def test_engine_full_disk_is_one_line_and_leaves_no_tmp(tmp_path, monkeypatch):
+    import errno
+    out = tmp_path / "r"
+    real = torch.save
+
+    def full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(train.UsageError, match=r"cannot write checkpoint \S*\.pt: the disk is full.*removed"):
+        train.main(SMALL + ["--epochs", "1", "--eval-every", "0", "--output", str(out)])
+    monkeypatch.setattr(torch, "save", real)
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_engine_nan_stop_is_true_and_one_line(tmp_path, monkeypatch, capsys):
+    real = train.train_step
+    calls = []
+
+    def nan_at_3(*a, **k):
+        calls.append(1)
+        loss = real(*a, **k)
+        return loss * float("nan") if len(calls) == 3 else loss
+    monkeypatch.setattr(train, "train_step", nan_at_3)
+    code, err = cli(capsys, train.main, SMALL + ["--epochs", "1", "--output", str(tmp_path / "a")])
+    assert_one_line(code, err, "non-finite loss", "epoch 1, step 3", "no checkpoint was saved yet")
+    calls.clear()
+    out = str(tmp_path / "b")
+    code, err = cli(capsys, train.main, SMALL + ["--epochs", "1", "--save-every", "1", "--output", out])
+    assert_one_line(code, err, f"{out}/last.pt (epoch 1, step 2) is intact", f"--resume {out} --lr")
+    monkeypatch.setattr(train, "train_step", real)
+    train.main(["--resume", out, "--lr", "1e-3", "--workers", "0"])  # the advice can be followed
+    assert trainable(out)["step"] == 4
+
+
+def test_engine_folder_killed_before_first_checkpoint_can_restart(tmp_path):
+    for how in ("resume", "again"):
+        out = str(tmp_path / how)
+        p = run(SMALL + ["--epochs", "1", "--eval-every", "0", "--kill-at-step", "1", "--output", out], check=False)
+        assert p.returncode == -9 and not os.path.exists(os.path.join(out, "last.pt"))
+        argv = ["--resume", out, "--workers", "0"] if how == "resume" else SMALL + ["--epochs", "1", "--output", out]
+        train.main(argv)
+        assert trainable(out)["step"] == 4
+        assert [m["step"] for m in metrics(out) if m["kind"] == "train"] == [1, 2, 3, 4]  # the old log started over
+
+
+def test_engine_evaluation_scores_only_real_videos(tmp_path):
+    """3 test videos, one unreadable: 2 scored, 1 skipped and named; with stop_on_bad, the evaluation stops."""
+    import numpy as np
+    import data
+    g = np.random.default_rng(0)
+    (tmp_path / "classes.txt").write_text("moving left\nmoving right\n")
+    lines = []
+    for i, label in enumerate((0, 1, 0)):
+        path = tmp_path / f"v{i}.avi"
+        data.write_video(str(path), data.render_synthetic(label, [t / 15 for t in range(16)], data.g_state(g), 32, 32))
+        lines.append(f"{path} {label}")
+    (tmp_path / "v1.avi").write_bytes(b"not a video")
+    (tmp_path / "test.txt").write_text("\n".join(lines) + "\n")
+    ds = data.build_dataset("list", None, mode="test", frames=8, input_size=32, list_file=str(tmp_path / "test.txt"),
+                            class_file=str(tmp_path / "classes.txt"))
+    args = train.resolve_args(train.build_parser().parse_args(["--random-init", "--no-chinese"]))
+    model = train.build_model(args, list(ds.class_texts))
+    r = train.evaluate(model, ds, torch.device("cpu"), batch_size=3, return_indices=True)
+    assert (r["videos"], r["skipped"], r["skipped_files"]) == (2, 1, [str(tmp_path / "v1.avi")])
+    assert sorted(r["indices"]) == [0, 2] and r["top1"] in (0.0, 50.0, 100.0)
+    line = train.describe(r, train.protocol(args, ds, "1x1"), False)
+    assert "2 videos scored, 1 skipped as unreadable" in line and "v1.avi" in line
+    with pytest.raises(train.UsageError, match=r"unreadable test video \S*v1.avi"):
+        train.evaluate(model, ds, torch.device("cpu"), batch_size=1, stop_on_bad=True)
+
+
 # ------------------------------------------------------------------------------------------- TPR paper rows
 BASELINE = ["--no-temporal-prompts", "--beta", "none", "--no-chinese"]  # Fig. 5a / Table 7 baseline
 
@@ -2689,9 +3684,10 @@ def test_engine_baseline_trains_temporal_embedding_and_its_loss_falls(tmp_path):
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < losses[0] - 1.0, losses
 
 
-def test_engine_arch_dependent_defaults_and_chinese_width(monkeypatch):
+def test_engine_arch_dependent_defaults_and_chinese_width(monkeypatch, tmp_path):
     def resolved(*flags):
-        return train.resolve_args(train.build_parser().parse_args(["--dataset", "hmdb51", "--root", "r", *flags]))
+        argv = ["--dataset", "hmdb51", "--root", str(tmp_path), *flags]
+        return train.resolve_args(train.build_parser().parse_args(argv))
     b, l14 = resolved(), resolved("--arch", "ViT-L/14")
     assert (b.epochs, b.pretrained_chinese, b.label_smoothing) == (30, "ViT-B-16", 0.0)  # Table 2, ViT-B
     assert (l14.epochs, l14.pretrained_chinese) == (20, "ViT-L-14")  # Table 2, ViT-L; 768-d Chinese tower
@@ -2702,7 +3698,7 @@ def test_engine_arch_dependent_defaults_and_chinese_width(monkeypatch):
     assert resolved("--dataset", "ssv1", "--label-smoothing", "0").label_smoothing == 0.0
     with pytest.raises(train.UsageError, match="--label-smoothing 1.5"):
         resolved("--label-smoothing", "1.5")
-    with pytest.raises(train.UsageError, match="--test-resize 100 is smaller than the 224"):
+    with pytest.raises(train.UsageError, match="--test-resize 100: smaller than the 224"):
         resolved("--test-resize", "100")
     # An explicit Chinese tower of the other width: one error naming both widths and the matching name.
     import text_branches

@@ -17,6 +17,8 @@ TPR Eq. (16) contrasts with the video embeddings. This part mirrors the official
 Public API:
     ChineseCLIPText(embed_dim, width, layers, heads, ...)   .encode_text(ids (A, N)) -> (A, E), = forward
     load_chinese_clip(name_or_path, device=None, download_root="~/.cache/chinese-clip") -> ChineseCLIPText
+        (an official name, an official checkpoint, or a Hugging Face ChineseCLIPModel `model.safetensors`,
+        `pytorch_model.bin` or its folder)
     available_models() -> list[str]
     ChineseTokenizer(vocab_file=assets/vocab.txt)           .tokenize(text) -> list[str], .encode(text)
     tokenize_chinese(texts, context_length=52) -> LongTensor (A, context_length)
@@ -33,6 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import clip  # clip.read_weights: the one reader of weights files from outside (no code in them runs)
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +223,8 @@ class ChineseCLIPText(nn.Module):
 # HTTPS downloads at these "resolve" URLs.
 # Paper: Chinese-CLIP publishes no SHA256 for its checkpoints, so there is no hash to check. A downloaded
 # file is verified by loading it strictly (every text key present, none left over, every shape right); a
-# cached file that fails that is downloaded again once, then refused.
+# cached file that fails that is set aside and downloaded again once; it is deleted only when the new copy
+# loads, and put back otherwise (an offline retry must not cost the user the file they had).
 _HF_URL = "https://huggingface.co/OFA-Sys/{repo}/resolve/main/{file}"
 _MODELS = {
     "ViT-B-16": ("RoBERTa-wwm-ext-base-chinese", _HF_URL.format(
@@ -232,12 +237,16 @@ _MODELS = {
         repo="chinese-clip-vit-huge-patch14", file="clip_cn_vit-h-14.pt")),
     "RN50": ("RBT3-chinese", _HF_URL.format(repo="chinese-clip-rn50", file="clip_cn_rn50.pt")),
 }
-_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 
 def available_models():
     """Names of the official Chinese-CLIP checkpoints (the text tower of each is what gets loaded)."""
     return list(_MODELS)
+
+
+class DownloadError(RuntimeError):
+    """An official file could not be fetched (offline, server error); the message names the file and URL."""
 
 
 def _download(url, root):
@@ -248,13 +257,19 @@ def _download(url, root):
     if os.path.isfile(target):
         return target
     part = target + ".part"
-    with urllib.request.urlopen(url) as source, open(part, "wb") as out:
-        total, done = int(source.headers.get("Content-Length") or 0), 0
-        while chunk := source.read(1 << 20):
-            out.write(chunk)
-            done += len(chunk)
-            of_total = f" / {total / 2**20:.0f} MiB" if total else ""
-            print(f"\rdownloading {url}: {done / 2**20:.0f} MiB{of_total}", end="", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url) as source, open(part, "wb") as out:
+            total, done = int(source.headers.get("Content-Length") or 0), 0
+            while chunk := source.read(1 << 20):
+                out.write(chunk)
+                done += len(chunk)
+                of_total = f" / {total / 2**20:.0f} MiB" if total else ""
+                print(f"\rdownloading {url}: {done / 2**20:.0f} MiB{of_total}", end="", file=sys.stderr)
+    except OSError as error:
+        if os.path.exists(part):
+            os.remove(part)
+        raise DownloadError(f"cannot download {os.path.basename(target)} from {url} ({clip._one_line(error)}); "
+                            f"download it elsewhere and pass its path, or place it at {target}") from None
     print(file=sys.stderr)
     os.replace(part, target)
     return target
@@ -339,15 +354,30 @@ def _build_and_load(sd, source, heads=None):
     return model.eval()
 
 
+def _check_hf_config(config, source):
+    """Refuse a Hugging Face Chinese-CLIP whose text configuration computes something this tower does not;
+    returns its head count (not readable from shapes) or None."""
+    if config.get("model_type") not in (None, "chinese_clip"):
+        raise ValueError(f"{source}: config.json says model_type {config['model_type']!r}, not 'chinese_clip'")
+    text = config.get("text_config") or {}
+    if text.get("hidden_act", "gelu") != "gelu":  # exact erf GELU, as cn_clip's BERT
+        raise ValueError(f"{source}: text_config.hidden_act is {text['hidden_act']!r}; this tower is "
+                         f"cn_clip's BERT with the exact 'gelu'")
+    if text.get("layer_norm_eps", LAYER_NORM_EPS) != LAYER_NORM_EPS:
+        raise ValueError(f"{source}: text_config.layer_norm_eps is {text['layer_norm_eps']}, not cn_clip's "
+                         f"{LAYER_NORM_EPS}")
+    return text.get("num_attention_heads")
+
+
 def _load_file(path, heads=None):
-    if str(path).endswith(".safetensors"):
-        raise ValueError(f"{path}: .safetensors files are not read here (the runtime has no safetensors "
-                         f"package); use the pytorch_model.bin of the same Hugging Face repository")
+    """A local file or Hugging Face folder -> the text tower, read by clip.read_weights (safetensors without
+    pickle; pickles with torch.load(weights_only=True); no code in the file runs)."""
     try:
-        # weights_only: a checkpoint is plain tensors and builtins, nothing in it gets executed.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise RuntimeError(f"{path}: not a readable torch checkpoint: {error}") from error
+        checkpoint, config = clip.read_weights(path)
+    except (OSError, ValueError) as error:
+        raise RuntimeError(f"not a readable checkpoint: {clip._one_line(error)}") from None
+    if config is not None:
+        heads = heads or _check_hf_config(config, path)
     sd, form, skipped = _text_state_dict(checkpoint, path)
     model = _build_and_load(sd, path, heads)
     logger.info(f"loaded Chinese-CLIP text tower from {path} ({form} form): {len(sd)} text tensors, "
@@ -359,7 +389,8 @@ def load_chinese_clip(name_or_path, device=None, download_root="~/.cache/chinese
     """The frozen-ready (eval mode, fp32) Chinese-CLIP text tower of an official model or a local file.
 
     name_or_path: one of `available_models()` (downloaded into `download_root` once), or a path to an
-        official Chinese-CLIP checkpoint or a Hugging Face ChineseCLIPModel state dict.
+        official Chinese-CLIP checkpoint, or to a Hugging Face ChineseCLIPModel `model.safetensors` /
+        `pytorch_model.bin` or the folder holding it (its config.json is checked and gives the head count).
     device: where to put it (default: CPU).
     heads: attention heads, only for a text width outside the official ones.
     """
@@ -370,25 +401,42 @@ def load_chinese_clip(name_or_path, device=None, download_root="~/.cache/chinese
         try:
             model = _load_file(path, heads)
         except Exception as first_error:
-            logger.warning(f"cached {path} failed to load ({first_error}); downloading it again")
-            os.remove(path)
-            path = _download(url, root)
-            try:
-                model = _load_file(path, heads)
-            except Exception as error:
-                raise RuntimeError(f"{name_or_path}: {url} failed to load twice, refusing it: {error}") from error
+            model = _download_again(url, root, path, heads, first_error)
     else:
         path = os.path.expanduser(str(name_or_path))
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             looks_like_path = (path.endswith(_CHECKPOINT_SUFFIXES) or os.sep in path
                                or (os.altsep is not None and os.altsep in path))
             if looks_like_path and str(name_or_path).replace("/", "-") not in _MODELS:
                 raise FileNotFoundError(f"no checkpoint file at {path}; or give one of the model names "
                                         f"{available_models()}")
             raise ValueError(f"unknown Chinese-CLIP model '{name_or_path}'; valid names are "
-                             f"{available_models()}, or give the path of a checkpoint file")
+                             f"{available_models()}, or give the path of a checkpoint file or Hugging Face model folder")
         model = _load_file(path, heads)
     return model.to(device) if device is not None else model
+
+
+def _download_again(url, root, path, heads, first_error):
+    """The cached `path` failed to load: set it aside, download a fresh copy, and delete the old one only
+    once the new one loads; otherwise put it back (the failed new copy removed) and refuse."""
+    aside = path + ".failed-to-load"
+    logger.warning(f"cached {path} failed to load ({clip._one_line(first_error)}); downloading it again, "
+                   f"keeping the old file as {aside} until the new one loads")
+    os.replace(path, aside)
+    try:
+        _download(url, root)
+        model = _load_file(path, heads)
+    except BaseException as error:  # whatever happened (Ctrl-C too), the old file goes back in its place
+        os.replace(aside, path)
+        if isinstance(error, DownloadError):
+            raise DownloadError(f"cached {path} failed to load ({clip._one_line(first_error)}) and {error}; the "
+                                f"cached file is kept as it was") from None
+        if isinstance(error, Exception):
+            raise RuntimeError(f"{url} failed to load twice, refusing it: {clip._one_line(error)}; the cached "
+                               f"file is kept as it was") from None
+        raise
+    os.remove(aside)
+    return model
 
 
 # Sizes for building a tower without weights (`build_random_chinese`): "base" is RoBERTa-wwm-ext-base-chinese

@@ -17,13 +17,19 @@ Sec. 4.1).
 
 The run folder (--output) receives args.json, metrics.jsonl (one JSON object per line: training progress and
 every evaluation with its protocol), last.pt and best.pt (trainable parameters only, never the frozen towers).
+
+Exit codes: 0 done; 2 a user-facing failure, printed as one line (bad flag value or path, split file,
+checkpoint, full disk, non-finite loss; --debug or DEBUG=1 shows the traceback); 75 stopped by SIGTERM or
+Ctrl-C after finishing the step and saving last.pt (requeue, then --resume); 130 Ctrl-C before training.
 """
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import resource
 import shutil
@@ -45,13 +51,55 @@ import text_branches
 
 METHODS = ("tpr", "biefficient")
 CHECKPOINT_FORMAT = 1
-# Flags a resumed run may change; every other setting comes from the run's own checkpoint so that the
-# continuation is exact.
-RESUME_MAY_CHANGE = ("workers", "print_every", "save_every", "kill_at_step", "eval_batch_size")
+# Flags a resumed run may change (they change neither the model nor the data); every other setting comes from
+# the run's own checkpoint, and another value given for one is refused by name.
+# --epochs continues the cosine as if the run had been launched with the new length (lr_at depends only on the
+# step and these arguments); --batch-size only where the epoch's sampler position maps (see resolve_run_args).
+RESUME_MAY_CHANGE = ("epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "betas", "grad_clip", "precision",
+                     "batch_size", "micro_batch", "workers", "print_every", "save_every", "eval_every",
+                     "eval_batch_size", "kill_at_step", "kill_signal", "dry_run", "debug",
+                     # where the same data and weights are found now (the fingerprint check guards the weights)
+                     "root", "pretrained", "pretrained_chinese")
+# Choice: a run stopped by SIGTERM / SIGINT after saving exits with EX_TEMPFAIL (sysexits.h: "temporary failure,
+# retry later"), the code SLURM --requeue wrappers and Kubernetes restart policies take as "run me again".
+REQUEUE_EXIT = 75
+DEBUG_ENV = "DEBUG"  # DEBUG=1 shows the traceback of a user-facing error, like --debug
 
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line by the command-line entry point."""
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGINT during training: the step finished and last.pt was saved; the message says where."""
+
+
+def cli_main(main, argv=None):
+    """Run a script's main(argv) as a command: a user-facing failure (UsageError, a data set's unreadable
+    class) is one line on stderr and exit code 2, Ctrl-C outside training one line and 130, a preempted run
+    one line and REQUEUE_EXIT; --debug or DEBUG=1 shows the traceback. Internal bugs still raise."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV) == "1"
+    code = 0
+    try:
+        main(argv)
+    except (UsageError, data.UnreadableClass) as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        code = REQUEUE_EXIT
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted (Ctrl-C) outside a training step: nothing new was saved", file=sys.stderr)
+        code = 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return code
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -236,7 +284,10 @@ def add_run_flags(p):
     g.add_argument("--eval-every", type=int, default=1, help="evaluate (1 view) every N epochs; 0: at the end")
     g.add_argument("--eval-batch-size", type=int, default=None, help="videos per rank per evaluation forward")
     g.add_argument("--dry-run", action="store_true", help="build the model, print its trainable parameters, exit")
+    g.add_argument("--debug", action="store_true", help=f"show the traceback of an error (also: {DEBUG_ENV}=1)")
     g.add_argument("--kill-at-step", type=int, default=0, help=argparse.SUPPRESS)  # testing: SIGKILL self
+    g.add_argument("--kill-signal", default="SIGKILL", choices=("SIGKILL", "SIGTERM", "SIGINT"),
+                   help=argparse.SUPPRESS)  # testing: the signal --kill-at-step sends
 
 
 def resolve_args(args):
@@ -246,12 +297,6 @@ def resolve_args(args):
             setattr(args, k, v)
     if args.pretrained_chinese is None:
         args.pretrained_chinese = CHINESE_FOR_ARCH.get(args.arch, "ViT-B-16")
-    if not 0.0 <= args.label_smoothing < 1.0:
-        raise UsageError(f"--label-smoothing {args.label_smoothing} must lie in [0, 1)")
-    input_size = clip.ARCHS[args.arch]["image_resolution"]
-    if args.test_resize is not None and args.test_resize < input_size:
-        raise UsageError(f"--test-resize {args.test_resize} is smaller than the {input_size}-pixel crop of "
-                         f"{args.arch}; give a short side >= {input_size}")
     if args.prefix is None:
         args.prefix = "This is a video about {}."  # TPR Sec. 3.4
     if args.randaugment is None:
@@ -272,7 +317,48 @@ def resolve_args(args):
             raise UsageError(f"--{flag.replace('_', '-')} must be a JSON object, got {getattr(args, flag)!r}")
     if args.eval_batch_size is None:
         args.eval_batch_size = max(1, args.batch_size // 4)
+    validate_args(args)
     return args
+
+
+# (flag, smallest valid value, strict): checked before any folder is created
+RANGES = (("frames", 1, False), ("batch_size", 1, False), ("micro_batch", 1, False), ("epochs", 0, False),
+          ("lr", 0, True), ("min_lr", 0, False), ("warmup_epochs", 0, False), ("weight_decay", 0, False),
+          ("grad_clip", 0, False), ("tau", 0, True), ("S", 0, False), ("M", 1, False), ("synthetic_videos", 1, False),
+          ("workers", 0, False), ("print_every", 1, False), ("save_every", 0, False), ("eval_every", 0, False),
+          ("eval_batch_size", 1, False))
+
+
+def validate_args(args):
+    """Ranges and paths of the arguments, each failure one line naming the flag, its value and what is valid."""
+    for key, low, strict in RANGES:
+        value = getattr(args, key, None)
+        if value is not None and (value <= low if strict else value < low):
+            raise UsageError(f"--{key.replace('_', '-')} {value}: must be {'>' if strict else '>='} {low}")
+    smoothing = getattr(args, "label_smoothing", 0.0)  # absent from checkpoints of before the flag
+    if smoothing is not None and not 0.0 <= smoothing < 1.0:
+        raise UsageError(f"--label-smoothing {smoothing}: must lie in [0, 1)")
+    size = clip.ARCHS[args.arch]["image_resolution"] if args.arch in clip.ARCHS else 0
+    if getattr(args, "test_resize", None) is not None and args.test_resize < size:
+        raise UsageError(f"--test-resize {args.test_resize}: smaller than the {size}-pixel crop of {args.arch}; "
+                         f"give a short side >= {size}")
+    if args.lam is not None and not 0 <= args.lam <= 1:
+        raise UsageError(f"--lam {args.lam}: lambda of Eq. (18) weighs two probabilities, must be in [0, 1]")
+    if args.prefix is not None and args.prefix.count("{}") != 1:
+        raise UsageError(f"--prefix {args.prefix!r}: needs exactly one {{}} where the class name goes")
+    if args.root is not None and not os.path.isdir(args.root):
+        what = "is a file" if os.path.exists(args.root) else "does not exist"
+        raise UsageError(f"--root {args.root} {what}; pass the dataset folder ({data.LAYOUTS.get(args.dataset, '')})"
+                         if args.dataset != "synthetic" else f"--root {args.root} {what}; pass a folder")
+    for key in ("class_file", "chinese_labels"):
+        path = getattr(args, key, None)
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"--{key.replace('_', '-')} {path} is not a file")
+    for path in args.list_file or ():
+        if not os.path.isfile(path):
+            raise UsageError(f"--list-file {path} is not a file (give the TRAIN and TEST list files)")
+    if getattr(args, "output", None) is not None and os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise UsageError(f"--output {args.output} is an existing file; pass a folder (new, or a run's to resume)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -326,13 +412,16 @@ def build_dataset(args, mode, views="1x1", split=None, dataset=None, shots_dir=N
     list_file = None
     if args.list_file is not None:
         list_file = args.list_file[0 if mode == "train" else 1]
-    ds = data.build_dataset(
-        name, root=args.root, split=split or args.split, mode=mode, frames=args.frames,
-        input_size=clip.ARCHS[args.arch]["image_resolution"], views=views, sampling=args.sampling,
-        shots=args.shots if (mode == "train" and args.shots) else None, seed=args.seed, shots_dir=shots_dir,
-        flip=not args.no_flip, randaugment=args.randaugment, random_erasing=args.random_erasing,
-        list_file=list_file, class_file=args.class_file, filename_tmpl=args.filename_tmpl,
-        videos_per_class=args.synthetic_videos)
+    try:
+        ds = data.build_dataset(
+            name, root=args.root, split=split or args.split, mode=mode, frames=args.frames,
+            input_size=clip.ARCHS[args.arch]["image_resolution"], views=views, sampling=args.sampling,
+            shots=args.shots if (mode == "train" and args.shots) else None, seed=args.seed, shots_dir=shots_dir,
+            flip=not args.no_flip, randaugment=args.randaugment, random_erasing=args.random_erasing,
+            list_file=list_file, class_file=args.class_file, filename_tmpl=args.filename_tmpl,
+            videos_per_class=args.synthetic_videos)
+    except (OSError, ValueError, KeyError) as e:  # layout, split and list files: data.py names file:line
+        raise UsageError(e.args[0] if isinstance(e, KeyError) else str(e)) from None
     # Paper: TPR Sec. 4.1.1 scales the short side to 256 before the 224 crops; by default (None) the short side
     # is resized to the crop (X-CLIP's test pipeline). A checkpoint from before the flag has no test_resize.
     ds.test_resize = getattr(args, "test_resize", None)
@@ -363,10 +452,17 @@ class BatchSampler:
             yield rows[self.rank * self.b:(self.rank + 1) * self.b]
 
 
+def _ignore_sigint(worker_id):
+    # Ctrl-C reaches the whole process group: the workers keep serving batches while the main process
+    # finishes its step and saves (catch_stop_signals).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def loader(dataset, batch_sampler=None, batch_size=None, workers=0, indices=None):
     if indices is not None:
         dataset = torch.utils.data.Subset(dataset, indices)
-    kw = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    kw = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=False,
+              worker_init_fn=_ignore_sigint if workers > 0 else None)
     if workers > 0:
         kw["prefetch_factor"] = 2
     if batch_sampler is not None:
@@ -646,25 +742,41 @@ def accumulate(ddp_model, model, video, labels, candidates, micro, world, autoca
 # ----------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, return_indices=False):
+def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, return_indices=False,
+             stop_on_bad=False):
     """Top-1 / top-5 over a test dataset whose items hold all views of one video, (V, T, 3, H, W).
 
     Each rank takes videos rank, rank + W, ... (no padding: each video is scored exactly once, as
     pytorch/examples imagenet does for its validation set); correct counts are all-reduced, never per-rank
-    accuracies. Returns dict(top1, top5 in %, videos, correct1, correct5[, indices]); for TPR also
-    top1_by_fusion {"prob": %, "cosine": %}, top-1 under both readings of Eq. (18)."""
+    accuracies. Only real videos are scored: an unreadable one (item "skipped") is counted as skipped and
+    named in `skipped_files`, or, with stop_on_bad, stops the evaluation. Returns dict(top1, top5 in % of the
+    scored videos, videos (scored), skipped, skipped_files, correct1, correct5[, indices]); for TPR also
+    top1_by_fusion {"cosine": %, "prob": %}, top-1 under both readings of Eq. (18)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     indices = list(range(rank, len(dataset), world))
     was_training = model.training
     model.eval()
-    counts = torch.zeros(3, dtype=torch.float64)
+    counts = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, scored, skipped
     # TPR: top-1 under both readings of Eq. (18) (the model's own is the one in `top1`)
     variant_counts = dict.fromkeys(prompts.TPR_FUSIONS if isinstance(model, prompts.TPR) else (), 0)
-    seen = []
+    seen, skipped = [], []
     K = len(dataset.classes)
     candidates = torch.arange(K, device=device)
     for batch in loader(dataset, batch_size=batch_size, workers=workers, indices=indices):
+        real = batch["skipped"] == 0 if "skipped" in batch else torch.ones(len(batch["label"]), dtype=torch.bool)
+        if not real.all():
+            bad = [int(i) for i in batch["index"][~real]]
+            if stop_on_bad:
+                reasons = dataset.bad_files()
+                path = dataset.samples[bad[0]][0]
+                raise UsageError(f"unreadable test video {path} ({reasons.get(path, 'unreadable')}); the evaluation "
+                                 f"stops here (without the stop flag it is skipped and counted as skipped)")
+            skipped += bad
+            counts[3] += len(bad)
+            batch = {k: v[real] for k, v in batch.items()}
+            if not real.any():
+                continue
         video, labels = batch["video"].to(device, non_blocking=True), batch["label"].to(device)
         if video.dim() == 5:
             video = video[:, None]  # (B, 1, T, 3, H, W): one view
@@ -690,6 +802,9 @@ def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, re
             vc = torch.tensor(list(variant_counts.values()), dtype=torch.float64, device=device)
             dist.all_reduce(vc)
             variant_counts = dict(zip(variant_counts, vc.cpu().tolist()))
+        everyone = [None] * world
+        dist.all_gather_object(everyone, skipped)
+        skipped = [i for part in everyone for i in part]
         if return_indices:
             everyone = [None] * world
             dist.all_gather_object(everyone, seen)
@@ -697,6 +812,7 @@ def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, re
     model.train(was_training)
     n = int(counts[2])
     result = dict(top1=100 * counts[0].item() / max(n, 1), top5=100 * counts[1].item() / max(n, 1), videos=n,
+                  skipped=int(counts[3]), skipped_files=sorted(dataset.samples[i][0] for i in skipped),
                   correct1=int(counts[0]), correct5=int(counts[1]))
     if variant_counts:
         result["top1_by_fusion"] = {k: 100 * c / max(n, 1) for k, c in sorted(variant_counts.items())}
@@ -718,13 +834,16 @@ def protocol(args, dataset, views, split=None, dataset_name=None):
 
 def describe(result, proto, random_init):
     tag = " RANDOM-INIT (random towers: meaningless beyond smoke tests)" if random_init else ""
+    skipped = result.get("skipped", 0)
+    names = f" ({', '.join(result['skipped_files'][:3])}{', ...' if skipped > 3 else ''})" if skipped else ""
     fusion = ""
     if "fusion" in proto and "top1_by_fusion" in result:
         fusion = f", Eq. (18) fusion {proto['fusion']} (" + ", ".join(
             f"{k} {v:.2f}%" for k, v in result["top1_by_fusion"].items()) + ")"
     resize = f", short side {proto['test_resize']}" if proto.get("test_resize") else ""
     return (f"top1 {result['top1']:.2f}% top5 {result['top5']:.2f}% on {proto['dataset']} split {proto['split']}"
-            f" test, {proto['views']} views, {proto['frames']} frames{resize}, {result['videos']} videos{fusion}{tag}")
+            f" test, {proto['views']} views, {proto['frames']} frames{resize}, {result['videos']} videos scored, "
+            f"{skipped} skipped as unreadable{names}{fusion}{tag}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -754,13 +873,25 @@ def set_rng_state(state):
 
 
 def atomic_save(obj, path):
-    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file intact."""
+    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file intact. A failed
+    write removes the temporary file (a full disk stays no fuller) and is one line naming the file."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "write" in str(e)):  # torch wraps some
+            full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
+            why = "the disk is full" if full else (getattr(e, "strerror", None) or str(e).splitlines()[0])
+            raise UsageError(f"cannot write checkpoint {path}: {why}; any earlier {os.path.basename(path)} is "
+                             f"intact and {tmp} was removed. Free space in {os.path.dirname(path) or '.'} (or fix "
+                             f"it), then continue with --resume {os.path.dirname(path) or '.'}") from None
+        raise
 
 
 def load_checkpoint(path, method=None):
@@ -769,7 +900,16 @@ def load_checkpoint(path, method=None):
         path = os.path.join(path, "last.pt")
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, empty, garbage, or a pickle that weights_only refuses: never run it
+        if isinstance(e, pickle.UnpicklingError):  # torch's text would advise weights_only=False: not here
+            why = "not a torch file of plain tensors and builtins"
+        else:
+            text = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]
+            why = f"{type(e).__name__}: {text}" if text else f"{type(e).__name__}: empty or cut short"
+        raise UsageError(f"{path} is not a readable checkpoint ({os.path.getsize(path)} bytes; {why}); use another "
+                         f"checkpoint of the run (best.pt) or start again") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "trainable" not in ckpt:
         raise UsageError(f"{path} is not a checkpoint of this train.py (format {CHECKPOINT_FORMAT})")
     if method is not None and ckpt["method"] != method:
@@ -804,18 +944,68 @@ class Run:
         self.t_start, self.clips_done = time.time(), 0
 
 
+def explicit_flags(argv):
+    """{dest: value} of the flags given on the command line (the parser's defaults left out)."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return vars(p.parse_args(argv))
+
+
+def resume_args(cli, argv, saved):
+    """The arguments of a resumed run: the saved ones, with the flags of RESUME_MAY_CHANGE given now; any other
+    flag given with a different value is refused, each named with both values."""
+    args = argparse.Namespace(**saved)
+    given = explicit_flags(argv)
+    given.pop("resume", None)
+    if "output" in given and os.path.abspath(given.pop("output")) != os.path.abspath(cli.resume):
+        raise UsageError(f"--resume {cli.resume} continues the run in that folder; --output cannot move it")
+    changed = []
+    for key, value in given.items():
+        value = list(value) if isinstance(value, tuple) else value  # saved arguments hold lists (_plain)
+        old = saved.get(key, getattr(cli, key))
+        if key in RESUME_MAY_CHANGE:
+            setattr(args, key, value)
+        elif key != "method" and value != old:  # --method: load_checkpoint refuses the other method's run
+            changed.append(f"--{key.replace('_', '-')} {old} -> {value}")
+    if changed:
+        raise UsageError(f"--resume {cli.resume}: these flags change the model or the data, so the run cannot "
+                         f"continue with them: {'; '.join(changed)} (the run's value -> yours); start a new run "
+                         f"with --output instead")
+    for key in ("dry_run", "debug", "kill_at_step", "kill_signal"):
+        setattr(args, key, getattr(cli, key))
+    args.resume, args.output = cli.resume, cli.resume
+    return args, given
+
+
 def resolve_run_args(cli, argv, world):
     """The run's arguments: the checkpoint's when resuming (a few flags may change), else the command line's
     with the papers' defaults filled in; then the per-rank and micro-batch sizes."""
     ckpt = None
     if cli.resume:
-        ckpt, _ = load_checkpoint(cli.resume, cli.method if _explicit(argv, "--method") else None)
-        args = argparse.Namespace(**ckpt["args"])
-        for key in RESUME_MAY_CHANGE:
-            if getattr(cli, key) is not None:
-                setattr(args, key, getattr(cli, key))
-        args.resume, args.output = cli.resume, cli.resume
-        args.dry_run = cli.dry_run
+        if not os.path.isdir(cli.resume) and not os.path.isfile(cli.resume):
+            raise UsageError(f"--resume {cli.resume}: no such run folder")
+        folder = cli.resume if os.path.isdir(cli.resume) else os.path.dirname(cli.resume)
+        if os.path.isdir(cli.resume) and not os.path.exists(os.path.join(folder, "last.pt")) and \
+                os.path.isfile(os.path.join(folder, "args.json")):
+            # Killed before its first checkpoint: nothing to continue, so it starts again from its args.json.
+            with open(os.path.join(folder, "args.json")) as f:
+                saved = json.load(f)
+            args, _ = resume_args(cli, argv, saved)
+            args.restart = True
+        else:
+            ckpt, _ = load_checkpoint(cli.resume, cli.method if _explicit(argv, "--method") else None)
+            args, given = resume_args(cli, argv, ckpt["args"])
+            args.resume_given = given
+            old_b, consumed = ckpt["args"]["batch_size"], ckpt["epoch_step"] * ckpt["args"]["batch_size"]
+            if args.batch_size != old_b and consumed % args.batch_size:
+                raise UsageError(f"--batch-size {args.batch_size}: the run stopped {consumed} videos into epoch "
+                                 f"{ckpt['epoch'] + 1} (step {ckpt['epoch_step']} of batch {old_b}), not a whole "
+                                 f"number of batches of {args.batch_size}; resume with --batch-size {old_b}, or "
+                                 f"with a batch size that divides {consumed}, or change it at an epoch's start")
+        if os.path.isfile(cli.resume):
+            args.resume = args.output = folder
+        validate_args(args)
     else:
         args = resolve_args(cli)
     if args.batch_size % world:
@@ -834,7 +1024,9 @@ def choose_output(args, rank):
     out = args.output or os.path.join("runs", f"{args.method}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     out = broadcast_object(out)
     held = broadcast_object(_run_signature(out) if rank == 0 and os.path.isdir(out) else [])
-    if held:
+    if held and not {"last.pt", "best.pt"} & set(held):
+        args.fresh_start = True  # a run killed before its first checkpoint: nothing to lose, start it again
+    elif held:
         raise UsageError(f"output folder {out} holds another run ({', '.join(held)}); pass --resume {out} "
                          f"to continue it, or choose another --output")
     return out
@@ -853,6 +1045,17 @@ def setup(argv=None):
     if not cli.resume and not args.dry_run:
         args.output = choose_output(args, rank)
     run.out = args.output
+    restart = getattr(args, "restart", False) or getattr(args, "fresh_start", False)
+    for key in ("restart", "fresh_start", "resume_given"):
+        if hasattr(args, key):
+            setattr(run, key, getattr(args, key))
+            delattr(args, key)
+    if restart and rank == 0:
+        run.log(f"{run.out} holds a run stopped before its first checkpoint: starting it again from step 0")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(run.out, "metrics.jsonl"))  # its partial log would interleave with the new one
+    if restart:
+        ckpt = None
 
     run.train_set = build_dataset(args, "train", shots_dir=None if args.dry_run else args.output)
     texts, zh = class_names(args, run.train_set)
@@ -861,7 +1064,7 @@ def setup(argv=None):
         print_parameter_table(model, run.log)
         return None, None
     torch.manual_seed(args.seed + rank)  # after the (identical) model init, each rank its own stream
-    if rank == 0 and not cli.resume:  # written once the model is built, so a failed start leaves no "run"
+    if rank == 0 and (not cli.resume or restart):  # written once the model is built: a failed start leaves no "run"
         os.makedirs(run.out, exist_ok=True)
         with open(os.path.join(run.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
@@ -901,8 +1104,30 @@ def resume(run, ckpt):
                          f"(fingerprint {run.fingerprint} vs {ckpt['frozen_fingerprint']}); pass the same weights")
     load_trainable_state(run.model, ckpt["trainable"], where)
     run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.scaler.load_state_dict(ckpt["scaler"])
+    args, saved = run.args, ckpt["args"]
+    for group in run.optimizer.param_groups:  # the saved groups carry the old hyper-parameters
+        group["betas"] = tuple(args.betas)
+        if group["weight_decay"] > 0:
+            group["weight_decay"] = args.weight_decay
+    if ckpt["scaler"] or not run.scaler.is_enabled():  # an fp32 / bf16 run saved no scaler state
+        run.scaler.load_state_dict(ckpt["scaler"])
     run.epoch, run.epoch_step, run.step, run.best = ckpt["epoch"], ckpt["epoch_step"], ckpt["step"], ckpt["best_top1"]
+    if args.batch_size != saved["batch_size"]:  # the same videos of this epoch's order are left (see resolve_run_args)
+        run.epoch_step = run.epoch_step * saved["batch_size"] // args.batch_size
+        run.step = run.epoch * run.steps_per_epoch + run.epoch_step
+        run.log(f"batch size {saved['batch_size']} -> {args.batch_size}: continuing at step {run.epoch_step} of "
+                f"epoch {run.epoch + 1}, global step {run.step} of the new schedule")
+    if args.epochs < run.epoch + (run.epoch_step > 0):
+        raise UsageError(f"--epochs {args.epochs}: the run is already {run.epoch} epochs and {run.epoch_step} steps "
+                         f"in; pass --epochs {run.epoch + (run.epoch_step > 0)} or more")
+    if args.epochs != saved["epochs"]:
+        run.log(f"epochs {saved['epochs']} -> {args.epochs}: the warm-up and cosine run over {run.total_steps} "
+                f"steps from now on, as if the run had been launched with --epochs {args.epochs}")
+    changed = [k for k in sorted(getattr(run, "resume_given", {})) if k not in ("epochs", "batch_size")
+               and saved.get(k) != getattr(args, k)]
+    if changed:
+        run.log("resumed with " + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}"
+                                           for k in changed))
     if len(ckpt["rng"]) == run.world:
         set_rng_state(ckpt["rng"][run.rank])
     else:
@@ -910,10 +1135,38 @@ def resume(run, ckpt):
                 f"(data order and augmentation stay exact: they depend on the seed, epoch and index only)")
     run.log(f"resumed {where} at epoch {run.epoch + 1}, step {run.epoch_step}/{run.steps_per_epoch} "
             f"(global step {run.step})")
+    if run.rank == 0:
+        repair_best(run, ckpt)
 
 
-def save(run, name, last_eval=None):
-    """Write the run's trainable state to `name` in the run folder (rank 0; every rank's RNG state)."""
+def repair_best(run, ckpt):
+    """best.pt must hold the model of the best evaluation that last.pt claims (best_top1); a run killed by an
+    older version between its two writes may have left it behind, or missing."""
+    if ckpt["best_top1"] < 0:
+        return  # nothing evaluated yet
+    path = os.path.join(run.out, "best.pt")
+    held = None
+    if os.path.isfile(path):
+        try:
+            best = torch.load(path, map_location="cpu", weights_only=True)
+            held = (best.get("last_eval") or {}).get("top1", best.get("best_top1"))
+        except Exception:  # unreadable: as good as missing
+            held = None
+    if held is not None and held >= ckpt["best_top1"]:
+        return
+    if (ckpt.get("last_eval") or {}).get("top1") == ckpt["best_top1"]:
+        shutil.copyfile(os.path.join(run.out, "last.pt"), path + ".tmp")
+        os.replace(path + ".tmp", path)
+        run.log(f"repaired {path}: it held top1 {held}, last.pt's evaluation (top1 {ckpt['best_top1']:.2f}%) is "
+                f"the run's best, copied there")
+    else:
+        run.log(f"WARNING: {path} holds top1 {held} but the run's best was {ckpt['best_top1']:.2f}%, whose weights "
+                f"are no longer saved; best.pt is left as it is and the next better evaluation replaces it")
+
+
+def save(run, names, last_eval=None):
+    """Write the run's trainable state to each file of `names` in the run folder, in that order (rank 0;
+    every rank's RNG state)."""
     states = [None] * run.world
     if dist.is_initialized():
         dist.all_gather_object(states, rng_state())
@@ -928,7 +1181,8 @@ def save(run, name, last_eval=None):
                                                                step=run.step, total_steps=run.total_steps),
                  epoch=run.epoch, epoch_step=run.epoch_step, step=run.step, best_top1=run.best, rng=states,
                  frozen_fingerprint=run.fingerprint, classes=list(run.train_set.classes), last_eval=last_eval)
-    atomic_save(state, os.path.join(run.out, name))
+    for name in (names,) if isinstance(names, str) else names:
+        atomic_save(state, os.path.join(run.out, name))
 
 
 def write_metrics(run, record):
@@ -946,7 +1200,8 @@ def run_eval(run):
     proto = protocol(args, run.test_set, "1x1")
     run.log(f"eval epoch {run.epoch + 1}: {describe(result, proto, args.random_init)}")
     write_metrics(run, dict(kind="eval", epoch=run.epoch + 1, step=run.step, protocol=proto, top1=result["top1"],
-                            top5=result["top5"], random_init=bool(args.random_init),
+                            top5=result["top5"], scored=result["videos"], skipped=result["skipped"],
+                            skipped_files=result["skipped_files"], random_init=bool(args.random_init),
                             **({"top1_by_fusion": result["top1_by_fusion"]} if "top1_by_fusion" in result else {}),
                             **({"note": "RANDOM-INIT"} if args.random_init else {})))
     return result
@@ -961,10 +1216,16 @@ def optimizer_step(run, batch):
     loss = train_step(run.ddp_model, run.model, batch["video"], batch["label"], args, run.world, run.amp_dtype,
                       run.scaler, run.device)
     if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"non-finite loss ({loss.item()}) at epoch {run.epoch + 1}, step {run.epoch_step + 1}: stopping. The "
-            f"last good checkpoint {os.path.join(run.out, 'last.pt')} is intact; resume it with a lower --lr "
-            f"or --precision fp32.")
+        last = os.path.join(run.out, "last.pt")
+        if os.path.isfile(last):
+            saved = torch.load(last, map_location="cpu", weights_only=True)
+            advice = (f"the last good checkpoint {last} (epoch {saved['epoch'] + 1}, step {saved['epoch_step']}) is "
+                      f"intact: continue it with --resume {run.out} --lr {args.lr / 10:g} (or --precision fp32)")
+        else:
+            advice = (f"no checkpoint was saved yet; start again with a lower --lr (e.g. {args.lr / 10:g}) or "
+                      f"--precision fp32")
+        raise UsageError(f"non-finite loss ({loss.item()}) at epoch {run.epoch + 1}, step {run.epoch_step + 1}: "
+                         f"stopping; {advice}")
     if args.grad_clip > 0:
         run.scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
@@ -994,7 +1255,35 @@ def train_epoch(run):
         if args.save_every and run.epoch_step % args.save_every == 0 and run.epoch_step < spe:
             save(run, "last.pt")
         if args.kill_at_step and run.step == args.kill_at_step:
-            os.kill(os.getpid(), signal.SIGKILL)  # testing only: die like a preempted job
+            os.kill(os.getpid(), getattr(signal, args.kill_signal))  # testing only: a preempted job
+        if stop_requested(run):
+            save(run, "last.pt")
+            raise Preempted(f"{run.stop_signal} after step {run.epoch_step}/{spe} of epoch {run.epoch + 1} (global "
+                            f"step {run.step}); saved {os.path.join(run.out, 'last.pt')}; continue with --resume "
+                            f"{run.out} (exit code {REQUEUE_EXIT}: requeue)")
+
+
+def catch_stop_signals(run):
+    """SIGTERM (what SLURM and Kubernetes send before preemption) and SIGINT (Ctrl-C) only ask the training
+    loop to stop after the step in progress; returns the previous handlers."""
+    run.stop_signal = None
+
+    def handler(signum, frame):
+        if run.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
+        run.stop_signal = signal.Signals(signum).name
+    return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
+def stop_requested(run):
+    """Whether any rank was asked to stop (all ranks agree, so they save and stop at the same step)."""
+    flag = run.stop_signal is not None
+    if dist.is_initialized():
+        t = torch.tensor([float(flag)], device=run.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+        flag = bool(t.item())
+        run.stop_signal = (run.stop_signal or "a signal on another rank") if flag else None
+    return flag
 
 
 def end_epoch(run):
@@ -1010,19 +1299,18 @@ def end_epoch(run):
     improved = result is not None and result["top1"] > run.best
     if improved:
         run.best = result["top1"]
-    save(run, "last.pt", None if result is None else {k: result[k] for k in ("top1", "top5", "videos")})
-    if improved and run.rank == 0:
-        shutil.copyfile(os.path.join(run.out, "last.pt"), os.path.join(run.out, "best.pt.tmp"))
-        os.replace(os.path.join(run.out, "best.pt.tmp"), os.path.join(run.out, "best.pt"))
+    last_eval = None if result is None else {k: result[k] for k in ("top1", "top5", "videos", "skipped")}
+    # best.pt first: a kill between the two writes leaves best.pt newer than last.pt, never older than what
+    # last.pt and the log claim (the resumed run redoes the epoch and writes both again).
+    names = ("best.pt", "last.pt") if improved else ("last.pt",)
+    save(run, names, last_eval)
 
 
 def evaluate_only(run):
     """--epochs 0: evaluate the untrained configuration (e.g. frozen CLIP with mean pooling) and save it."""
     result = run_eval(run)
     run.best = result["top1"]
-    save(run, "last.pt", {k: result[k] for k in ("top1", "top5", "videos")})
-    if run.rank == 0:
-        shutil.copyfile(os.path.join(run.out, "last.pt"), os.path.join(run.out, "best.pt"))
+    save(run, ("best.pt", "last.pt"), {k: result[k] for k in ("top1", "top5", "videos", "skipped")})
 
 
 def finish(run):
@@ -1034,7 +1322,8 @@ def finish(run):
     if final is not None:
         out = run.out
         run.log(f"done: best top1 {run.best:.2f}%; last: top1 {final['top1']:.2f}% top5 {final['top5']:.2f}% "
-                f"({final['protocol']['dataset']} test, 1x1 view, {final['protocol']['videos']} videos)"
+                f"({final['protocol']['dataset']} test, 1x1 view, {final.get('scored', final['protocol']['videos'])} "
+                f"videos scored, {final.get('skipped', 0)} skipped)"
                 f"{' RANDOM-INIT' if run.args.random_init else ''}. Checkpoints: {out}/last.pt, {out}/best.pt")
     return final
 
@@ -1046,6 +1335,7 @@ def main(argv=None):
     if ckpt is not None:
         resume(run, ckpt)
     run.metrics = open(os.path.join(run.out, "metrics.jsonl"), "a") if run.rank == 0 else None
+    previous = catch_stop_signals(run)
     try:
         while run.epoch < run.args.epochs:
             train_epoch(run)
@@ -1054,6 +1344,8 @@ def main(argv=None):
             evaluate_only(run)
         final = finish(run)
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if run.metrics is not None:
             run.metrics.close()
     return dict(output=run.out, best_top1=run.best, final=final, model=run.model)
@@ -1075,11 +1367,4 @@ def _hms(seconds):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    sys.exit(cli_main(main))
