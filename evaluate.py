@@ -107,6 +107,10 @@ def validate(cli):
             raise train.UsageError(f"--checkpoint {path} does not exist (give a checkpoint file or a run folder)")
     if cli.video is not None and not os.path.isfile(cli.video):
         raise train.UsageError(f"--video {cli.video} is not a file")
+    if cli.attention is not None and cli.video is None:
+        raise train.UsageError(f"--attention {cli.attention} draws the attention maps of one video: give --video FILE")
+    if cli.test_resize is not None and cli.test_resize < 1:
+        raise train.UsageError(f"--test-resize {cli.test_resize}: must be >= the model's crop size (224 for ViT-B)")
 
 
 def load_run(path, cli):
@@ -118,6 +122,10 @@ def load_run(path, cli):
         if value is not None:
             setattr(args, key, value)
     args.workers = cli.workers
+    size = clip.ARCHS[args.arch]["image_resolution"]
+    if getattr(args, "test_resize", None) is not None and args.test_resize < size:
+        raise train.UsageError(f"--test-resize {args.test_resize}: smaller than the {size}-pixel crop of {path} "
+                               f"({args.arch}); give a short side >= {size}")
     return ckpt, args, path
 
 
@@ -239,15 +247,16 @@ def summarise(records, log):
 # One video
 # ----------------------------------------------------------------------------------------------------------
 
-def load_video(path, T, size):
-    """One test clip of a video file: (1, T, 3, size, size) normalised, and the uint8 frames (T, H, W, 3)."""
+def load_video(path, T, size, resize=None):
+    """One test clip of a video file: (1, T, 3, size, size) normalised (short side `resize` first, None = size),
+    and the uint8 frames (T, H, W, 3)."""
     try:
         meta = data.probe_video(path)
         idx = data.sample_indices(meta.num_frames, T, "test")
         frames = data.decode_frames(path, idx, meta)
     except data.BadVideo as e:
         raise train.UsageError(f"cannot read {path}: {e}") from None
-    return data.test_crops(frames, size, 1), frames  # (1, T, 3, S, S)
+    return data.test_crops(frames, size, 1, resize), frames  # (1, T, 3, S, S)
 
 
 @torch.no_grad()
@@ -277,7 +286,8 @@ def predict_video(cli, device, amp_dtype):
     model = restore(ckpt, args, texts, zh, device, path)
     if not os.path.isfile(cli.video):
         raise train.UsageError(f"--video {cli.video} does not exist")
-    video, frames = load_video(cli.video, args.frames, clip.ARCHS[args.arch]["image_resolution"])
+    video, frames = load_video(cli.video, args.frames, clip.ARCHS[args.arch]["image_resolution"],
+                               getattr(args, "test_resize", None))
     K = len(texts)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         out = model(video.to(device), None, torch.arange(K, device=device))
@@ -405,8 +415,7 @@ def attention_figure(cli, device, amp_dtype):
         texts, zh = train.class_names(args, ds, args.dataset)
         model = restore(ckpt, args, texts, zh, device, path)
         size = clip.ARCHS[args.arch]["image_resolution"]
-        _, frames = load_video(cli.video, args.frames, size)
-        video = data.test_crops(frames, size, 1, getattr(args, "test_resize", None))  # (1, T, 3, S, S)
+        video, _ = load_video(cli.video, args.frames, size, getattr(args, "test_resize", None))  # (1, T, 3, S, S)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             maps = attention_maps(model, video.to(device))[0].float().cpu()  # (T, h, w)
         mean = torch.tensor(data.CLIP_MEAN).view(3, 1, 1) * 255

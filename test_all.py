@@ -3724,6 +3724,8 @@ def test_engine_evaluate_reports_both_eq18_fusions_and_test_resize(tpr_run, tmp_
     (c,) = res["results"]
     assert c["protocol"]["fusion"] == "cosine" and c["top1"] == c["top1_by_fusion"]["cosine"]
     assert c["protocol"]["test_resize"] == 48 and r["protocol"]["test_resize"] is None
+    with pytest.raises(train.UsageError, match="--test-resize 16: smaller than the 32-pixel crop"):
+        evaluate.main(["--checkpoint", tpr_run, "--workers", "0", "--test-resize", "16"])
 
 
 def _single_patch_attention(model_clip, target):
