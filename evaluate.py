@@ -10,8 +10,12 @@
 - A user's own video: the top-5 labels with probabilities (of the dataset's classes or of --labels; a TPR
   model with a Chinese branch takes their Chinese labels from a dictionary here, or scores with its English
   branch alone and says so); --visualize draws a titled PNG of the frames as the model saw them (its centre
-  crop) with their word-guided weights (TPR Eq. 6-7, BiEfficient Eq. 8) and the top-k bars, k = min(5, labels).
+  crop) with their word-guided weights (TPR Eq. 6-7, BiEfficient Eq. 8) and the top-k bars, k = min(5, labels);
+  --attention draws TPR's Fig. 7, the last frozen layer's class-token attention over each frame's patches, one
+  row per checkpoint.
 - Progress: a line every --print-every batches (videos done / total, ETA).
+- TPR: top-1 under both readings of Eq. (18) (softmax probabilities and the paper's cosines) in metrics.json
+  (`top1_by_fusion`); `top1` is the model's own (`protocol.fusion`).
 
 Counting follows pytorch/examples `imagenet/main.py`: each rank scores videos rank, rank + W, ... without
 padding, and the correct counts (not accuracies) are all-reduced, so every video counts exactly once. Only
@@ -21,6 +25,7 @@ record gives the videos scored and skipped; --stop-on-bad-video stops at the fir
     python evaluate.py --checkpoint runs/x/best.pt                              # 1x1 and 4x3 on its test split
     torchrun --nproc_per_node=4 evaluate.py --checkpoint runs/k400/best.pt --dataset hmdb51 --root DIR --zero-shot splits
     python evaluate.py --checkpoint runs/x/best.pt --video clip.mp4 --labels 'run,jump,swim' --visualize out.png
+    python evaluate.py --checkpoint runs/baseline/best.pt runs/full/best.pt --video clip.mp4 --attention fig7.png
 """
 import argparse
 import json
@@ -41,7 +46,7 @@ import train
 ZERO_SHOT = ("splits", "half")
 # Settings of the training run that evaluation may change; the model itself always comes from the checkpoint.
 OVERRIDABLE = ("root", "pretrained", "pretrained_chinese", "lam", "test_words", "chinese_labels", "list_file",
-               "class_file", "filename_tmpl")
+               "class_file", "filename_tmpl", "test_resize", "fusion")
 
 
 def build_parser():
@@ -78,6 +83,13 @@ def build_parser():
                    "(default: the classes of --dataset)")
     p.add_argument("--visualize", default=None, metavar="PNG", help="with --video: draw the frames the model "
                    "saw, their word-guided weights and the top-k")
+    p.add_argument("--attention", default=None, metavar="PNG",
+                   help="with --video: TPR Fig. 7, each checkpoint's last-layer class-token attention over the "
+                        "patches of every sampled frame, one row per checkpoint (e.g. the baseline and the full model)")
+    p.add_argument("--test-resize", type=int, default=None, metavar="PIXELS",
+                   help="short side before the test crops (TPR Sec. 4.1.1: 256; default: the training run's)")
+    p.add_argument("--fusion", default=None, choices=("prob", "cosine"),
+                   help="TPR: which reading of Eq. (18) gives `top1` (both are reported; default: the training run's)")
     p.add_argument("--stop-on-bad-video", action="store_true",
                    help="stop at the first unreadable test video instead of skipping it (skipped videos are "
                         "counted in every metrics line and never replaced by another)")
@@ -106,6 +118,10 @@ def validate(cli):
             raise train.UsageError(f"--checkpoint {path} does not exist (give a checkpoint file or a run folder)")
     if cli.video is not None and not os.path.isfile(cli.video):
         raise train.UsageError(f"--video {cli.video} is not a file")
+    if cli.attention is not None and cli.video is None:
+        raise train.UsageError(f"--attention {cli.attention} draws the attention maps of one video: give --video FILE")
+    if cli.test_resize is not None and cli.test_resize < 1:
+        raise train.UsageError(f"--test-resize {cli.test_resize}: must be >= the model's crop size (224 for ViT-B)")
 
 
 def load_run(path, cli):
@@ -117,6 +133,10 @@ def load_run(path, cli):
         if value is not None:
             setattr(args, key, value)
     args.workers = cli.workers
+    size = clip.ARCHS[args.arch]["image_resolution"]
+    if getattr(args, "test_resize", None) is not None and args.test_resize < size:
+        raise train.UsageError(f"--test-resize {args.test_resize}: smaller than the {size}-pixel crop of {path} "
+                               f"({args.arch}); give a short side >= {size}")
     return ckpt, args, path
 
 
@@ -202,7 +222,7 @@ def evaluate_run(path, cli, device, amp_dtype, log):
                 log(f"zero-shot {ev['name']} (trained on {args.dataset}): {train.describe(r, proto, args.random_init)}")
                 records.append(dict(checkpoint=path, protocol=proto, top1=r["top1"], top5=r["top5"],
                                     scored=r["videos"], skipped=r["skipped"], skipped_files=r["skipped_files"],
-                                    random_init=bool(args.random_init)))
+                                    random_init=bool(args.random_init), **fusion_fields(r)))
             these = [r for r in records if r["protocol"]["views"] == view]
             m1, s1 = mean_std([r["top1"] for r in these])
             m5, s5 = mean_std([r["top5"] for r in these])
@@ -229,8 +249,13 @@ def evaluate_run(path, cli, device, amp_dtype, log):
             log(f"{path}: {train.describe(r, proto, args.random_init)}")
             records.append(dict(checkpoint=path, protocol=proto, top1=r["top1"], top5=r["top5"],
                                 scored=r["videos"], skipped=r["skipped"], skipped_files=r["skipped_files"],
-                                random_init=bool(args.random_init)))
+                                random_init=bool(args.random_init), **fusion_fields(r)))
     return records
+
+
+def fusion_fields(result):
+    """TPR: the top-1 of both readings of Eq. (18), {"top1_by_fusion": {"cosine": %, "prob": %}}; else {}."""
+    return {"top1_by_fusion": result["top1_by_fusion"]} if "top1_by_fusion" in result else {}
 
 
 def summarise(records, log):
@@ -259,15 +284,16 @@ def summarise(records, log):
 # One video
 # ----------------------------------------------------------------------------------------------------------
 
-def load_video(path, T, size):
-    """One test clip of a video file: (1, T, 3, size, size) normalised, and the uint8 frames (T, H, W, 3)."""
+def load_video(path, T, size, resize=None):
+    """One test clip of a video file: (1, T, 3, size, size) normalised (short side `resize` first, None = size),
+    and the uint8 frames (T, H, W, 3)."""
     try:
         meta = data.probe_video(path)
         idx = data.sample_indices(meta.num_frames, T, "test")
         frames = data.decode_frames(path, idx, meta)
     except data.BadVideo as e:
         raise train.UsageError(f"cannot read {path}: {e}") from None
-    return data.test_crops(frames, size, 1), frames  # (1, T, 3, S, S)
+    return data.test_crops(frames, size, 1, resize), frames  # (1, T, 3, S, S)
 
 
 def crop_pixels(video):
@@ -355,7 +381,10 @@ def predict_video(cli, device, amp_dtype):
             ds = train.build_dataset(args, "test", dataset=name)
         texts, zh = train.class_names(args, ds, name)
         model = restore(ckpt, args, texts, zh, device, path)
-    video, _ = load_video(cli.video, args.frames, clip.ARCHS[args.arch]["image_resolution"])  # (1, T, 3, S, S)
+    if not os.path.isfile(cli.video):
+        raise train.UsageError(f"--video {cli.video} does not exist")
+    video, frames = load_video(cli.video, args.frames, clip.ARCHS[args.arch]["image_resolution"],
+                               getattr(args, "test_resize", None))  # (1, T, 3, S, S)
     K = len(texts)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         out = model(video.to(device), None, torch.arange(K, device=device))
@@ -440,6 +469,104 @@ def draw(frames, weights, ranked, path, title, caption):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# TPR Fig. 7: attention maps of the frozen backbone on one video
+# ----------------------------------------------------------------------------------------------------------
+
+def attention_maps(model, video):
+    """The last frozen block's class-token attention over the patches, per frame: (B, T, h, w), each map summing
+    to 1. video (B, T, 3, S, S). TPR: the full video encoder (its temporal prompts are keys of that attention);
+    BiEfficient: its frozen CLIP visual tower (its prompts are on the text side).
+
+    Choice: the last layer's class-token row averaged over the heads (what Fig. 7 calls the attention map; the
+    paper does not say how it is drawn), not attention rollout: the prompt tokens are re-made in every layer, so
+    the product of the layers' attentions has no path through them. The prompts' keys take part in the softmax;
+    the map keeps the patch columns and renormalises them to sum 1.
+    """
+    visual = model.clip.visual if hasattr(model, "clip") else model.clip_model.visual
+    attn = visual.transformer.resblocks[-1].attn
+    B, T = video.shape[:2]
+    attn.save_attention = True
+    try:
+        with torch.no_grad():
+            if hasattr(model, "encode_frames"):
+                model.encode_frames(video)  # TPR Eq. (1)-(3), (8)-(14)
+            else:
+                visual(video.flatten(0, 1))  # BiEfficient Eq. (1)
+        weights = attn.attention  # (B * T, H, 1 + N, 1 + N + P)
+    finally:
+        attn.save_attention, attn.attention = False, None
+    grid = visual.input_resolution // visual.conv1.kernel_size[0]  # patches per side
+    n = grid * grid
+    cls_row = weights[:, :, 0, 1:1 + n].mean(dim=1)  # heads averaged, patch columns only; (B * T, N)
+    cls_row = cls_row / cls_row.sum(dim=-1, keepdim=True)
+    return cls_row.view(B, T, grid, grid)  # (B, T, h, w)
+
+
+def _heat_colours(m):
+    """Map values in [0, 1] (h, w) to a blue-cyan-yellow-red colour scale, uint8 (h, w, 3)."""
+    stops = np.array([[0, 0, 128], [0, 160, 255], [255, 230, 0], [220, 0, 0]], dtype=np.float64)
+    x = np.clip(m, 0, 1) * (len(stops) - 1)
+    i = np.minimum(x.astype(int), len(stops) - 2)
+    f = (x - i)[..., None]
+    return (stops[i] * (1 - f) + stops[i + 1] * f).astype(np.uint8)
+
+
+def draw_attention(rows, path, cell=160):
+    """rows: list of (title, crops uint8 (T, S, S, 3), maps (T, h, w)); one row of frames per entry, each frame
+    overlaid with its heat map (scaled to the row's largest patch weight). Written as a PNG with pillow."""
+    from PIL import Image, ImageDraw
+    pad, head = 6, 18
+    T = max(len(crops) for _, crops, _ in rows)
+    img = Image.new("RGB", (pad + T * (cell + pad), 22 + len(rows) * (head + cell + pad)), "white")
+    d = ImageDraw.Draw(img)
+    d.text((pad, 4), "last-layer class-token attention over the patches, heads averaged (TPR Fig. 7)", fill="black")
+    for r, (title, crops, maps) in enumerate(rows):
+        y = 22 + r * (head + cell + pad)
+        d.text((pad, y + 2), title, fill="black")
+        top = float(maps.max()) or 1.0
+        for t in range(len(crops)):
+            frame = Image.fromarray(crops[t]).resize((cell, cell), Image.BILINEAR)
+            heat = Image.fromarray(_heat_colours(maps[t] / top)).resize((cell, cell), Image.BILINEAR)
+            img.paste(Image.blend(frame, heat, 0.45), (pad + t * (cell + pad), y + head))
+    img.save(path)
+
+
+def attention_figure(cli, device, amp_dtype):
+    """--attention: the maps of every --checkpoint on --video, drawn row above row. Returns the maps."""
+    if not cli.video:
+        raise train.UsageError("--attention PNG draws the attention maps of one video: give --video FILE too")
+    if not os.path.isfile(cli.video):
+        raise train.UsageError(f"--video {cli.video} does not exist")
+    rows, maps_out = [], []
+    for source in cli.checkpoint:
+        ckpt, args, path = load_run(source, cli)
+        # The visual attention does not depend on the label set: the run's own classes build the model.
+        classes = list(ckpt["classes"])
+        ds = types.SimpleNamespace(classes=classes, class_texts=[data.class_text(c) for c in classes])
+        texts, zh = train.class_names(args, ds, args.dataset)
+        model = restore(ckpt, args, texts, zh, device, path)
+        size = clip.ARCHS[args.arch]["image_resolution"]
+        video, _ = load_video(cli.video, args.frames, size, getattr(args, "test_resize", None))  # (1, T, 3, S, S)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            maps = attention_maps(model, video.to(device))[0].float().cpu()  # (T, h, w)
+        mean = torch.tensor(data.CLIP_MEAN).view(3, 1, 1) * 255
+        std = torch.tensor(data.CLIP_STD).view(3, 1, 1) * 255
+        crops = (video[0] * std + mean).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()  # what the model saw
+        what = "TPR" if args.method == "tpr" else "BiEfficient"
+        if args.method == "tpr":
+            parts = [("no temporal prompts" if args.no_temporal_prompts else "temporal prompts"),
+                     f"beta {args.beta}" if not args.no_temporal_prompts else None,
+                     None if args.no_chinese else "Chinese branch"]
+            what += " (" + ", ".join(p for p in parts if p) + ")"
+        tag = " RANDOM-INIT" if args.random_init else ""
+        rows.append((f"{what}, T={args.frames}: {path}{tag}", crops, maps.numpy()))
+        maps_out.append(maps)
+    draw_attention(rows, cli.attention)
+    print(f"wrote {cli.attention} ({len(rows)} row(s): {', '.join(r[0] for r in rows)})")
+    return maps_out
+
+
+# ----------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     cli = build_parser().parse_args(argv)
@@ -447,6 +574,8 @@ def main(argv=None):
     rank, world, device = train.setup_distributed()
     log = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
     amp_dtype, _ = train.amp_settings(cli.precision, device)
+    if cli.attention:
+        return attention_figure(cli, device, amp_dtype)
     if cli.video:
         return predict_video(cli, device, amp_dtype)
     records = []

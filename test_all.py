@@ -2188,6 +2188,25 @@ def test_data_chinese_labels_malformed_json_reports_the_json_error(tmp_path):
     assert data.chinese_labels("custom", ["jump", "run"], str(path)) == ["跳", "跑"]
 
 
+def test_data_test_resize_short_side_then_crops():
+    # TPR Sec. 4.1.1: short side to 256 before the 224 crop. Here short side 240 -> 64 for a 32 crop: the crop
+    # sees the central 32/64 of the short side, i.e. rows 60..179 and (centre crop) columns 100..219.
+    g = np.random.default_rng(0)
+    frames = g.integers(0, 256, (2, 240, 320, 3), dtype=np.uint8)
+    def same(a, b):  # equal inside; at the border PIL's filter also reads the pixels just outside the box
+        return torch.equal(a[..., 2:-2, 2:-2], b[..., 2:-2, 2:-2]) and (a - b).abs().max() < 0.3
+
+    got = data.test_crops(frames, size=32, crops=1, resize=64)
+    assert same(got, data.test_crops(np.ascontiguousarray(frames[:, 60:180, 100:220]), size=32, crops=1))
+    assert not same(got, data.test_crops(frames, size=32, crops=1))  # without the resize: the whole short side
+    three = data.test_crops(frames, size=32, crops=3, resize=64)  # start, centre, end of the long side
+    assert same(three[0], data.test_crops(np.ascontiguousarray(frames[:, 60:180, :120]), 32)[0])
+    assert same(three[2], data.test_crops(np.ascontiguousarray(frames[:, 60:180, 200:]), 32)[0])
+    assert torch.equal(data.test_crops(frames, 32, 1, resize=32), data.test_crops(frames, 32, 1))
+    with pytest.raises(ValueError, match="smaller than the crop"):
+        data.test_crops(frames, 32, 1, resize=16)
+
+
 # ==============================================================================================================
 # TPR (prompts.py TPR section, reparam.py, text_branches.py loss and fusion)
 # (from tpr tests)
@@ -2409,8 +2428,8 @@ def _receptive_field(beta, T, P, t0, p0):
         return [[t == t0 and p == p0 for p in range(P)] for t in range(T)]
     if beta in ("r2plus1d", "c3d"):  # (1, 3) + (3, 1) convs, or one 3 x 3 conv, over (T, P)
         return [[near_t[t] and near_p[p] for p in range(P)] for t in range(T)]
-    if beta == "tada":  # alpha_t from two kernel-3 temporal convs of the frames' means scales whole frames
-        return [[abs(t - t0) <= 2 for p in range(P)] for t in range(T)]
+    if beta == "tada":  # alpha_t from the frames' means and the video's mean (global context) scales all frames
+        return [[True] * P for _ in range(T)]
     if beta == "lstm":  # one bidirectional sequence over T per prompt position
         return [[p == p0 for p in range(P)] for t in range(T)]
     return [[True] * P for _ in range(T)]  # transformer: all T * P tokens
@@ -2591,7 +2610,9 @@ def test_tpr_ablation_switches(tiny):
     tpb = TPR(tiny, T=2, S=2, reparam=ReparamEncoder("r2plus1d", 128, 2, 5))
     full = TPR(tiny, T=2, S=2, reparam=ReparamEncoder("r2plus1d", 128, 2, 5), chinese_text=tiny_chinese(),
                chinese_tokenize=tb.tokenize_chinese)
-    assert base.prompts is None and base.temporal_embedding is None and base.loss_keys == ("en",)
+    # Paper: the baseline (no temporal prompts, word pooling) trains Eq. (1)'s e_temporal; frame-wise CLIP has none.
+    assert base.prompts is None and base.temporal_embedding.requires_grad and base.loss_keys == ("en",)
+    assert TPR(tiny, T=2, temporal_prompts=False, pooling="mean").temporal_embedding is None
     assert tp.prompts is not None and tp.reparam is None and tp.temporal_embedding is not None
     assert tpb.reparam is not None and tpb.loss_keys == ("en",) and full.loss_keys == ("en", "zh")
     with pytest.raises(ValueError, match="temporal_prompts"):
@@ -2671,6 +2692,60 @@ def test_tpr_vit_b16_shapes_one_step():
     assert out["logits"]["en"].shape == (1, 1) and torch.isfinite(loss)
     assert model.prompts.cls_attn[0].in_proj_weight.grad is not None and model.temporal_embedding.grad is not None
     assert model.prompts.global_prompts.shape == (12, T, S, 768)
+
+
+def test_tpr_label_smoothing_by_hand():
+    eps = 0.1
+    logits = torch.tensor([[2.0, 1.0, -1.0], [0.5, 3.0, 0.0], [1.0, -2.0, 4.0]])  # (B, A)
+    # One positive per row and column: the two directions are torch's cross_entropy with label smoothing.
+    distinct = torch.tensor([0, 1, 2])
+    ref = (F.cross_entropy(logits, distinct, label_smoothing=eps) +
+           F.cross_entropy(logits.t(), distinct, label_smoothing=eps)) / 2
+    got = tb.multi_positive_contrastive_loss(logits, distinct, distinct, label_smoothing=eps)
+    assert abs(got.item() - ref.item()) < 1e-6
+    # Shared labels: targets (1 - eps) / |K| on the positives plus eps / (texts per row, videos per column).
+    labels = torch.tensor([0, 0, 1])
+    l, y, B, A = logits.tolist(), labels.tolist(), 3, 3
+    rows = 0.0
+    for i in range(B):
+        z = sum(math.exp(v) for v in l[i])
+        n = sum(y[a] == y[i] for a in range(A))
+        rows += -sum(((1 - eps) * (y[a] == y[i]) / n + eps / A) * math.log(math.exp(l[i][a]) / z)
+                     for a in range(A)) / B
+    cols = 0.0
+    for a in range(A):
+        z = sum(math.exp(l[j][a]) for j in range(B))
+        n = sum(y[i] == y[a] for i in range(B))
+        cols += -sum(((1 - eps) * (y[i] == y[a]) / n + eps / B) * math.log(math.exp(l[i][a]) / z)
+                     for i in range(B)) / A
+    got = tb.multi_positive_contrastive_loss(logits, labels, labels, label_smoothing=eps)
+    assert abs(got.item() - (rows + cols) / 2) < 1e-5
+    plain = tb.multi_positive_contrastive_loss(logits, labels, labels)
+    assert abs(tb.multi_positive_contrastive_loss(logits, labels, labels, 0.0).item() - plain.item()) < 1e-7
+    assert abs(got.item() - plain.item()) > 1e-3  # smoothing changes the loss
+    with pytest.raises(ValueError, match="label_smoothing"):
+        tb.multi_positive_contrastive_loss(logits, labels, labels, label_smoothing=1.0)
+
+
+def test_tpr_eq18_cosine_and_probability_fusion_by_hand(tiny):
+    model = tiny_tpr(tiny, lam=0.3)
+    tau = model.tau
+    cos_en, cos_zh = [[0.10, 0.30]], [[0.25, 0.20]]
+    out = {"logits": {"en": torch.tensor(cos_en) / tau, "zh": torch.tensor(cos_zh) / tau}}  # logits = cos / tau
+    # Paper: Eq. (18) on the cosines of Eq. (5).
+    want = torch.tensor([[0.3 * cos_en[0][k] + 0.7 * cos_zh[0][k] for k in range(2)]])
+    assert torch.allclose(model.scores(out, "cosine"), want, atol=1e-6)
+    e = out["logits"]["en"].softmax(-1)
+    z = out["logits"]["zh"].softmax(-1)
+    assert torch.allclose(model.scores(out, "prob"), 0.3 * e + 0.7 * z, atol=1e-6)
+    assert torch.equal(model.scores(out), model.scores(out, "prob"))  # the default
+    # The two readings rank differently here: cosines prefer class 1 (0.230 vs 0.205), probabilities class 0
+    # (the Chinese branch's small cosine gap becomes a near-certain softmax at tau = 0.01).
+    assert model.scores(out, "cosine").argmax().item() == 1 and model.scores(out, "prob").argmax().item() == 0
+    cosine_model = tiny_tpr(tiny, lam=0.3, fusion="cosine")
+    assert torch.equal(cosine_model.scores(out), model.scores(out, "cosine"))
+    with pytest.raises(ValueError, match="fusion"):
+        model.scores(out, "logit")
 
 
 # ==============================================================================================================
@@ -3803,3 +3878,189 @@ def test_engine_readme_counts_match_the_code():
         T = train.paper_defaults("biefficient", "k400", 0)["frames"]
         n = sum(c for _, c in prompts.BiEfficient(big, T=T).parameter_table())
         assert re.search(rf"\| BiEfficient, T = {T}\b[^|]*\| {n:,} ", readme), n
+
+
+# ------------------------------------------------------------------------------------------- TPR paper rows
+BASELINE = ["--no-temporal-prompts", "--beta", "none", "--no-chinese"]  # Fig. 5a / Table 7 baseline
+
+
+def test_engine_baseline_trains_temporal_embedding_and_its_loss_falls(tmp_path):
+    # One global batch = the whole training set (16 videos), 12 steps: the loss of the same set must fall.
+    out = str(tmp_path / "baseline")
+    run(["--dataset", "synthetic", "--random-init", "--synthetic-videos", "2", "--batch-size", "16", "--workers",
+         "0", "--print-every", "1", "--epochs", "12", "--eval-every", "0", "--output", out] + BASELINE)
+    assert set(trainable(out)["trainable"]) == {"temporal_embedding"}  # Eq. (1)'s e_temporal, nothing else
+    losses = [r["loss"] for r in metrics(out) if r["kind"] == "train"]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < losses[0] - 1.0, losses
+
+
+def test_engine_arch_dependent_defaults_and_chinese_width(monkeypatch, tmp_path):
+    def resolved(*flags):
+        argv = ["--dataset", "hmdb51", "--root", str(tmp_path), *flags]
+        return train.resolve_args(train.build_parser().parse_args(argv))
+    b, l14 = resolved(), resolved("--arch", "ViT-L/14")
+    assert (b.epochs, b.pretrained_chinese, b.label_smoothing) == (30, "ViT-B-16", 0.0)  # Table 2, ViT-B
+    assert (l14.epochs, l14.pretrained_chinese) == (20, "ViT-L-14")  # Table 2, ViT-L; 768-d Chinese tower
+    assert resolved("--arch", "ViT-L/14@336px").pretrained_chinese == "ViT-L-14-336"
+    assert resolved("--arch", "ViT-L/14", "--epochs", "7").epochs == 7
+    ssv1 = resolved("--dataset", "ssv1")
+    assert (ssv1.label_smoothing, ssv1.epochs, ssv1.randaugment, ssv1.random_erasing) == (0.1, 40, True, True)
+    assert resolved("--dataset", "ssv1", "--label-smoothing", "0").label_smoothing == 0.0
+    with pytest.raises(train.UsageError, match="--label-smoothing 1.5"):
+        resolved("--label-smoothing", "1.5")
+    with pytest.raises(train.UsageError, match="--test-resize 100: smaller than the 224"):
+        resolved("--test-resize", "100")
+    # An explicit Chinese tower of the other width: one error naming both widths and the matching name.
+    import text_branches
+    monkeypatch.setattr(text_branches, "load_chinese_clip",
+                        lambda name: text_branches.build_random_chinese("tiny", embed_dim=512))
+    bad = resolved("--arch", "ViT-L/14", "--pretrained-chinese", "ViT-B-16")
+    with pytest.raises(train.UsageError, match=r"ViT-B-16 projects to 512 dimensions but CLIP ViT-L/14 to 768.*"
+                                               r"--pretrained-chinese ViT-L-14"):
+        train.build_chinese(bad, 768)
+    p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--label-smoothing", "2"], cwd=HERE,
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: --label-smoothing 2.0")
+
+
+def test_engine_evaluate_reports_both_eq18_fusions_and_test_resize(tpr_run, tmp_path):
+    res = evaluate.main(["--checkpoint", tpr_run, "--views", "1x1", "--workers", "0", "--output", str(tmp_path)])
+    (r,) = res["results"]
+    saved = json.load(open(tmp_path / "metrics.json"))["results"][0]
+    assert set(saved["top1_by_fusion"]) == {"prob", "cosine"} and saved["protocol"]["fusion"] == "prob"
+    assert r["top1"] == saved["top1_by_fusion"]["prob"]  # the default reading is the reported top-1
+    res = evaluate.main(["--checkpoint", tpr_run, "--views", "1x1", "--workers", "0", "--output", str(tmp_path),
+                         "--fusion", "cosine", "--test-resize", "48"])
+    (c,) = res["results"]
+    assert c["protocol"]["fusion"] == "cosine" and c["top1"] == c["top1_by_fusion"]["cosine"]
+    assert c["protocol"]["test_resize"] == 48 and r["protocol"]["test_resize"] is None
+    with pytest.raises(train.UsageError, match="--test-resize 16: smaller than the 32-pixel crop"):
+        evaluate.main(["--checkpoint", tpr_run, "--workers", "0", "--test-resize", "16"])
+
+
+def _single_patch_attention(model_clip, target):
+    """Make the last frozen block's class token attend to patch `target` (1-based token index): the blocks
+    before it become identities, patches carry only their position embedding, chosen orthogonal and of zero
+    mean (so LayerNorm keeps them orthogonal), and the last block's query is that token's key (W_q = 0,
+    q = bias, W_k = identity)."""
+    v = model_clip.visual
+    D = v.conv1.weight.shape[0]
+    with torch.no_grad():
+        for block in v.transformer.resblocks[:-1]:
+            for lin in (block.attn.out_proj, block.mlp.c_proj):
+                lin.weight.zero_()
+                lin.bias.zero_()
+        v.conv1.weight.zero_()
+        v.class_embedding.zero_()
+        pos = torch.zeros_like(v.positional_embedding)  # (1 + N, D)
+        for j in range(pos.shape[0]):  # +-1 pairs in both heads' halves: zero mean, mutually orthogonal
+            for half in (0, D // 2):
+                pos[j, half + 2 * j], pos[j, half + 2 * j + 1] = 1.0, -1.0
+        v.positional_embedding.copy_(pos)
+        last = v.transformer.resblocks[-1].attn
+        key = F.layer_norm(pos[target], (D,))
+        last.in_proj_weight.zero_()
+        last.in_proj_weight[D:2 * D] = torch.eye(D)  # W_k = identity
+        last.in_proj_bias.zero_()
+        last.in_proj_bias[:D] = 2.0 * key  # every query is 2 x the target's key
+
+
+@pytest.mark.parametrize("prompts", [False, True])
+def test_engine_attention_maps_find_the_attended_patch(prompts):
+    import prompts as prompts_module
+    import reparam
+    torch.manual_seed(0)
+    clip_model = __import__("clip").build_random("tiny")  # 32 x 32 frames, 2 x 2 patches
+    _single_patch_attention(clip_model, target=3)  # token 3 = patch row 1, column 0
+    T = 3
+    kw = dict(reparam=reparam.ReparamEncoder("r2plus1d", 128, T, 1 + 2 + T), S=2) if prompts else {}
+    model = prompts_module.TPR(clip_model, T=T, temporal_prompts=prompts, **kw)
+    video = torch.randn(2, T, 3, 32, 32)
+    maps = evaluate.attention_maps(model, video)  # (B, T, 2, 2)
+    assert maps.shape == (2, T, 2, 2)
+    assert torch.allclose(maps.sum(dim=(-1, -2)), torch.ones(2, T), atol=1e-6)  # patches only, sum to 1
+    assert (maps[:, :, 1, 0] > 0.99).all(), maps
+    attn = clip_model.visual.transformer.resblocks[-1].attn
+    assert attn.save_attention is False and attn.attention is None  # switched off again, nothing kept
+    # BiEfficient: its own frozen backbone's attention, same reading (the prompts' keys above only take a share
+    # that the renormalisation over the patches removes).
+    bief = prompts_module.BiEfficient(clip_model, T=T)
+    assert torch.allclose(evaluate.attention_maps(bief, video), maps, atol=1e-5)
+
+
+def test_engine_attention_png_one_row_per_checkpoint(tpr_run, tmp_path, capsys):
+    import data
+    from PIL import Image
+    g = __import__("numpy").random.default_rng(0)
+    video = str(tmp_path / "mine.avi")
+    data.write_video(video, data.render_synthetic(0, [i / 47 for i in range(48)], data.g_state(g), 48, 64))
+    base = str(tmp_path / "base")
+    run(SMALL + BASELINE + ["--epochs", "1", "--eval-every", "0", "--output", base])
+    png = str(tmp_path / "fig7.png")
+    maps = evaluate.main(["--checkpoint", base, tpr_run, "--video", video, "--attention", png, "--workers", "0"])
+    assert len(maps) == 2 and all(m.shape == (8, 2, 2) for m in maps)  # T = 8 frames of 2 x 2 patches
+    assert all(torch.allclose(m.sum(dim=(-1, -2)), torch.ones(8), atol=1e-5) for m in maps)
+    w, h = Image.open(png).size
+    assert w >= 8 * 160 and h >= 2 * 160  # 8 frames per row, one row per checkpoint
+    assert "2 row(s)" in capsys.readouterr().out
+    with pytest.raises(train.UsageError, match="--video"):
+        evaluate.main(["--checkpoint", base, "--attention", png])
+
+
+def _readme_tpr_rows():
+    """The README's TPR table: (paper row, [train.py flag sets], [evaluate.py commands])."""
+    import re
+    import shlex
+    lines = open(os.path.join(HERE, "README.md"), encoding="utf-8").read().splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith("| paper | `train.py --method tpr"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        paper, flags, then, _ = [c.strip() for c in line.strip().strip("|").split("|")]
+        variants = [shlex.split(f) for f in re.findall(r"`([^`]*)`", flags)]
+        evals = [shlex.split(e)[1:] for e in re.findall(r"`([^`]*)`", then) if e.startswith("evaluate.py")]
+        rows.append((paper, variants, evals))
+    return rows
+
+
+README_TPR_ROWS = _readme_tpr_rows()
+
+
+@pytest.mark.parametrize("paper,variants,evals", README_TPR_ROWS, ids=[r[0] for r in README_TPR_ROWS])
+def test_engine_readme_tpr_commands_run_one_step(paper, variants, evals, tmp_path):
+    assert variants and all(v[0].startswith("--") for v in variants), (paper, variants)
+    parser = train.build_parser()
+    runs = []
+    for i, flags in enumerate(variants):
+        flags = list(flags)
+        extra = []
+        if "--dataset" in flags:  # the real dataset is replaced by the synthetic one; keep what it changes
+            j = flags.index("--dataset")
+            if flags[j + 1] == "ssv1":
+                extra = ["--label-smoothing", "0.1"]
+            del flags[j:j + 2]
+        shots = int(flags[flags.index("--shots") + 1]) if "--shots" in flags else 1
+        out = str(tmp_path / f"run{i}")
+        # Test flags first, the README's after them (argparse keeps the last): one step over 8 x shots videos,
+        # T = 2 frames unless the row sets --frames (5x faster than the synthetic default of 8).
+        base = ["--dataset", "synthetic", "--random-init", "--workers", "0", "--eval-every", "0", "--epochs", "1",
+                "--synthetic-videos", str(shots), "--batch-size", str(8 * shots), "--frames", "2", "--output", out]
+        r = train.main(base + extra + flags)
+        assert r["final"] is not None, (paper, flags)
+        steps = [m for m in metrics(out) if m["kind"] == "train"]
+        assert len(steps) == (0 if "--epochs" in flags and flags[flags.index("--epochs") + 1] == "0" else 1)
+        # Every README flag reached the run's arguments.
+        given = parser.parse_args(flags)
+        saved = json.load(open(os.path.join(out, "args.json")))
+        for action in parser._actions:
+            if any(o in flags for o in action.option_strings):
+                want = getattr(given, action.dest)
+                assert saved[action.dest] == (list(want) if isinstance(want, tuple) else want), action.dest
+        runs.append(out)
+    for argv in evals:
+        argv = [a for a in argv if a != "RUN"]
+        k = argv.index("--checkpoint") + 1
+        res = evaluate.main(argv[:k] + runs + argv[k:] + ["--workers", "0", "--output", str(tmp_path / "eval")])
+        views = argv[argv.index("--views") + 1] if "--views" in argv else None
+        assert len(res["results"]) == len(runs) and all(x["protocol"]["views"] == views for x in res["results"])

@@ -120,7 +120,7 @@ def cli_main(main, argv=None):
 # Paper: BiEfficient's authors' code runs 32 per GPU on 4 GPUs (global 128) with weight decay 0.05; the paper's
 # "batch size of 32" is taken as the global batch; --biefficient-code-compat switches weight decay to 0.05.
 SYNTHETIC = dict(arch="tiny", frames=8, batch_size=16, epochs=None, lr=None, warmup_epochs=1, weight_decay=0.0,
-                 prefix="{}.")
+                 prefix="{}.", label_smoothing=0.0)
 # Choice: the synthetic demo prompts TPR's English branch with the bare label "{}." (a Table 5-style prefix
 # choice): random text towers are nearly bags of words, so the five shared words of "This is a video about
 # {}." make the class texts almost collinear (mean cosine 0.955 against 0.80). Measured with the quick start:
@@ -133,18 +133,32 @@ SYNTHETIC = dict(arch="tiny", frames=8, batch_size=16, epochs=None, lr=None, war
 SYNTHETIC_BY_METHOD = {"tpr": dict(epochs=25, lr=3e-3), "biefficient": dict(epochs=35, lr=3e-3, M=2)}
 
 
-def paper_defaults(method, dataset, shots):
-    """The hyper-parameters of the chosen method and protocol (see the comments above)."""
+# TPR's Chinese branch follows --arch: the Chinese-CLIP model whose text tower (RoBERTa-wwm-ext-base-chinese, the
+# paper's Sec. 4.1.2 choice, in all three) projects to that CLIP's embedding width (512 for ViT-B, 768 for ViT-L).
+# Choice: ViT-B/32 (512-d) takes ViT-B-16's tower, Chinese-CLIP has no ViT-B/32.
+CHINESE_FOR_ARCH = {"ViT-B/16": "ViT-B-16", "ViT-B/32": "ViT-B-16", "ViT-L/14": "ViT-L-14",
+                    "ViT-L/14@336px": "ViT-L-14-336"}
+
+
+def paper_defaults(method, dataset, shots, arch=None):
+    """The hyper-parameters of the chosen method and protocol (see the comments above); `arch` is --arch when
+    given (TPR's epochs depend on it)."""
     if dataset == "synthetic":
         return {**SYNTHETIC, **SYNTHETIC_BY_METHOD[method]}
     if method == "tpr":
-        d = dict(arch="ViT-B/16", frames=16, batch_size=32, epochs=30, lr=5e-6, warmup_epochs=5, weight_decay=1e-2)
+        arch = arch or "ViT-B/16"
+        # Table 2: 30 epochs for ViT-B, 20 for ViT-L.
+        d = dict(arch="ViT-B/16", frames=16, batch_size=32, epochs=20 if arch.startswith("ViT-L") else 30, lr=5e-6,
+                 warmup_epochs=5, weight_decay=1e-2, label_smoothing=0.0)
         if dataset == "ssv1":
-            d.update(lr=5e-4, epochs=40, batch_size=16)
+            # Sec. 4.4: "RandAugment, random erasing, and label smoothing"; Choice: the usual 0.1 (the paper gives
+            # no value). Choice: 40 epochs for any arch (Sec. 4.4 gives one figure for SSv1).
+            d.update(lr=5e-4, epochs=40, batch_size=16, label_smoothing=0.1)
         if shots:
             d.update(lr=4e-6, batch_size=64)  # Sec. 4.3 / Table 2 (few-shot)
         return d
-    return dict(arch="ViT-B/16", frames=8, batch_size=32, epochs=50, lr=5e-4, warmup_epochs=5, weight_decay=0.2)
+    return dict(arch="ViT-B/16", frames=8, batch_size=32, epochs=50, lr=5e-4, warmup_epochs=5, weight_decay=0.2,
+                label_smoothing=0.0)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -193,6 +207,8 @@ def add_data_flags(p):
                    help="random erasing (TPR Sec. 4.4, SSv1; default on for ssv1)")
     g.add_argument("--synthetic-videos", type=int, default=64, help="synthetic: videos per class and split")
     g.add_argument("--no-flip", action="store_true", help="no horizontal flip (always off for ssv1 and synthetic)")
+    g.add_argument("--test-resize", type=int, default=None, metavar="PIXELS",
+                   help="short side before the test crops (TPR Sec. 4.1.1: 256); default: the crop size, as X-CLIP")
 
 
 def add_backbone_flags(p):
@@ -203,9 +219,10 @@ def add_backbone_flags(p):
     g.add_argument("--pretrained", default=None, metavar="NAME|PATH",
                    help="CLIP weights: an official name (downloaded into ~/.cache/clip) or a local file "
                         "(default: the --arch name)")
-    g.add_argument("--pretrained-chinese", default="ViT-B-16", metavar="NAME|PATH",
+    g.add_argument("--pretrained-chinese", default=None, metavar="NAME|PATH",
                    help="Chinese-CLIP weights for TPR's Chinese branch: official name (into "
-                        "~/.cache/chinese-clip) or a local file")
+                        "~/.cache/chinese-clip) or a local file; default: the one matching --arch "
+                        f"({', '.join(f'{a} -> {c}' for a, c in CHINESE_FOR_ARCH.items())})")
     g.add_argument("--random-init", action="store_true",
                    help="build RANDOMLY INITIALISED towers (smoke tests, synthetic demo); every accuracy line "
                         "then says RANDOM-INIT")
@@ -226,6 +243,9 @@ def add_tpr_flags(p):
                    "class-conditional or top-1); default: the model's")
     g.add_argument("--prefix", default=None, help="text template with one {} (Table 5); default: the paper's 'This is a video about {}.' (Sec. 3.4), '{}.' on the synthetic set")
     g.add_argument("--lam", type=float, default=None, help="lambda of Eq. (18); default: the model's")
+    g.add_argument("--fusion", default="prob", choices=prompts.TPR_FUSIONS,
+                   help="what S of TPR Eq. (18) fuses: softmax probabilities (prob) or the cosines of Eq. (5) "
+                        "(the paper's); evaluation reports top-1 for both")
     g.add_argument("--tau", type=float, default=0.01, help="temperature tau (Sec. 4.1)")
 
 
@@ -261,6 +281,8 @@ def add_optimisation_flags(p):
     g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the paper's)")
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas (TPR Table 2)")
     g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0 = off, the papers')")
+    g.add_argument("--label-smoothing", type=float, default=None, help="label smoothing of the contrastive loss "
+                   "(TPR Sec. 4.4 on SSv1; default 0.1 there, else 0)")
     g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="auto: bf16 autocast on GPUs that support it, fp16 + GradScaler on others, fp32 on CPU")
     g.add_argument("--seed", type=int, default=0, help="seed of everything (model init, data order, "
@@ -288,9 +310,11 @@ def add_run_flags(p):
 
 def resolve_args(args):
     """Fill the None defaults from the papers' values for the chosen method and protocol; validate."""
-    for k, v in paper_defaults(args.method, args.dataset, args.shots).items():
+    for k, v in paper_defaults(args.method, args.dataset, args.shots, args.arch).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.pretrained_chinese is None:
+        args.pretrained_chinese = CHINESE_FOR_ARCH.get(args.arch, "ViT-B-16")
     if args.prefix is None:
         args.prefix = "This is a video about {}."  # TPR Sec. 3.4
     if args.randaugment is None:
@@ -299,12 +323,6 @@ def resolve_args(args):
         args.random_erasing = args.dataset == "ssv1"
     if args.method == "biefficient" and args.biefficient_code_compat and args.weight_decay == 0.2:
         args.weight_decay = 0.05  # the authors' code (prompts.BIEFFICIENT_DEFAULTS["weight_decay"])
-    if args.arch == "tiny" and not args.random_init:
-        # The tiny towers exist only as random ones: say so instead of "unknown CLIP model 'tiny'".
-        what = "the synthetic demo" if args.dataset == "synthetic" else "--arch tiny"
-        raise UsageError(f"{what} needs --random-init (its tiny towers have no pretrained weights), or real "
-                         f"weights via --arch ViT-B/16 --pretrained NAME|PATH (names: "
-                         f"{', '.join(a for a in clip.ARCHS if a != 'tiny')})")
     if args.dataset not in ("synthetic",) and args.dataset != "list" and args.root is None:
         raise UsageError(f"--dataset {args.dataset} needs --root DIR (the dataset folder in its authors' layout; "
                          f"see data.py)")
@@ -317,7 +335,13 @@ def resolve_args(args):
             raise UsageError(f"--{flag.replace('_', '-')} must be a JSON object, got {getattr(args, flag)!r}")
     if args.eval_batch_size is None:
         args.eval_batch_size = max(1, args.batch_size // 4)
-    validate_args(args)
+    validate_args(args)  # value ranges first: a bad value is named even on the synthetic set
+    if args.arch == "tiny" and not args.random_init:
+        # The tiny towers exist only as random ones: say so instead of "unknown CLIP model 'tiny'".
+        what = "the synthetic demo" if args.dataset == "synthetic" else "--arch tiny"
+        raise UsageError(f"{what} needs --random-init (its tiny towers have no pretrained weights), or real "
+                         f"weights via --arch ViT-B/16 --pretrained NAME|PATH (names: "
+                         f"{', '.join(a for a in clip.ARCHS if a != 'tiny')})")
     return args
 
 
@@ -335,6 +359,13 @@ def validate_args(args):
         value = getattr(args, key, None)
         if value is not None and (value <= low if strict else value < low):
             raise UsageError(f"--{key.replace('_', '-')} {value}: must be {'>' if strict else '>='} {low}")
+    smoothing = getattr(args, "label_smoothing", 0.0)  # absent from checkpoints of before the flag
+    if smoothing is not None and not 0.0 <= smoothing < 1.0:
+        raise UsageError(f"--label-smoothing {smoothing}: must lie in [0, 1)")
+    size = clip.ARCHS[args.arch]["image_resolution"] if args.arch in clip.ARCHS else 0
+    if getattr(args, "test_resize", None) is not None and args.test_resize < size:
+        raise UsageError(f"--test-resize {args.test_resize}: smaller than the {size}-pixel crop of {args.arch}; "
+                         f"give a short side >= {size}")
     if args.lam is not None and not 0 <= args.lam <= 1:
         raise UsageError(f"--lam {args.lam}: lambda of Eq. (18) weighs two probabilities, must be in [0, 1]")
     if args.prefix is not None and args.prefix.count("{}") != 1:
@@ -406,7 +437,7 @@ def build_dataset(args, mode, views="1x1", split=None, dataset=None, shots_dir=N
     if args.list_file is not None:
         list_file = args.list_file[0 if mode == "train" else 1]
     try:
-        return data.build_dataset(
+        ds = data.build_dataset(
             name, root=args.root, split=split or args.split, mode=mode, frames=args.frames,
             input_size=clip.ARCHS[args.arch]["image_resolution"], views=views, sampling=args.sampling,
             shots=args.shots if (mode == "train" and args.shots) else None, seed=args.seed, shots_dir=shots_dir,
@@ -415,6 +446,10 @@ def build_dataset(args, mode, views="1x1", split=None, dataset=None, shots_dir=N
             videos_per_class=args.synthetic_videos)
     except (OSError, ValueError, KeyError) as e:  # layout, split and list files: data.py names file:line
         raise UsageError(e.args[0] if isinstance(e, KeyError) else str(e)) from None
+    # Paper: TPR Sec. 4.1.1 scales the short side to 256 before the 224 crops; by default (None) the short side
+    # is resized to the crop (X-CLIP's test pipeline). A checkpoint from before the flag has no test_resize.
+    ds.test_resize = getattr(args, "test_resize", None)
+    return ds
 
 
 class BatchSampler:
@@ -488,6 +523,7 @@ def build_clip(args):
 
 
 def build_chinese(args, embed_dim):
+    """TPR's frozen Chinese tower for --pretrained-chinese; its projection width must equal CLIP's."""
     if args.random_init:
         tower = text_branches.build_random_chinese("tiny" if args.arch == "tiny" else "base", embed_dim=embed_dim)
     else:
@@ -497,8 +533,10 @@ def build_chinese(args, embed_dim):
             raise _weights_error("Chinese-CLIP", args.pretrained_chinese, "~/.cache/chinese-clip",
                                  "--pretrained-chinese", e) from None
     if tower.text_projection.shape[1] != embed_dim:
-        raise UsageError(f"the Chinese tower projects to {tower.text_projection.shape[1]} dimensions but CLIP "
-                         f"{args.arch} to {embed_dim}; pass a matching --pretrained-chinese")
+        match = CHINESE_FOR_ARCH.get(args.arch)
+        raise UsageError(f"--pretrained-chinese {args.pretrained_chinese} projects to {tower.text_projection.shape[1]} "
+                         f"dimensions but CLIP {args.arch} to {embed_dim}; the two must match"
+                         + (f": pass --pretrained-chinese {match} (or leave it out)" if match else ""))
     return tower.float().eval()
 
 
@@ -529,6 +567,7 @@ def build_model(args, class_texts, classes_zh=None):
         for key in ("lam", "test_words"):
             if getattr(args, key) is not None:
                 kw[key] = getattr(args, key)
+        kw.setdefault("fusion", getattr(args, "fusion", "prob"))
         model = prompts.TPR(clip_model, T=args.frames, S=args.S, reparam=beta,
                             temporal_prompts=not args.no_temporal_prompts, pooling=args.pooling,
                             prefix=args.prefix, chinese_text=chinese,
@@ -697,8 +736,8 @@ def amp_settings(precision, device):
     return (torch.bfloat16, False) if precision == "bf16" else (torch.float16, True)
 
 
-def contrastive_loss(logits, labels, candidates):
-    return text_branches.multi_positive_contrastive_loss(logits.float(), labels, candidates)
+def contrastive_loss(logits, labels, candidates, label_smoothing=0.0):
+    return text_branches.multi_positive_contrastive_loss(logits.float(), labels, candidates, label_smoothing)
 
 
 def train_step(ddp_model, model, video, labels, args, world, amp_dtype, scaler, device):
@@ -711,18 +750,20 @@ def train_step(ddp_model, model, video, labels, args, world, amp_dtype, scaler, 
     labels = labels.to(device, non_blocking=True)
     candidates = gather_rows(labels)  # (B,) the whole global batch, duplicates kept (contract)
     micro = args.micro_batch
+    smoothing = getattr(args, "label_smoothing", 0.0)  # absent from checkpoints of before the flag
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     if micro >= labels.shape[0]:
         with autocast:
             out = ddp_model(video.to(device, non_blocking=True), labels, candidates)
-        loss = sum(contrastive_loss(gather_rows(out["logits"][k]), candidates, candidates)
+        loss = sum(contrastive_loss(gather_rows(out["logits"][k]), candidates, candidates, smoothing)
                    for k in model.loss_keys)  # Eq. (17)
         scaler.scale(loss * world).backward()
         return loss.detach()
-    return accumulate(ddp_model, model, video, labels, candidates, micro, world, autocast, scaler, device)
+    return accumulate(ddp_model, model, video, labels, candidates, micro, world, autocast, scaler, device, smoothing)
 
 
-def accumulate(ddp_model, model, video, labels, candidates, micro, world, autocast, scaler, device):
+def accumulate(ddp_model, model, video, labels, candidates, micro, world, autocast, scaler, device,
+               label_smoothing=0.0):
     """Gradient accumulation that keeps the contrastive batch = the whole global batch.
 
     Choice: accumulating per-micro-batch losses would shrink the contrastive batch (fewer negatives) and make
@@ -737,7 +778,7 @@ def accumulate(ddp_model, model, video, labels, candidates, micro, world, autoca
     with torch.no_grad(), autocast:
         rows = [model(v.to(device, non_blocking=True), l, candidates)["logits"] for v, l in chunks]
     full = {k: gather_rows(torch.cat([r[k] for r in rows]).float()).requires_grad_(True) for k in model.loss_keys}
-    loss = sum(contrastive_loss(full[k], candidates, candidates) for k in model.loss_keys)  # Eq. (17)
+    loss = sum(contrastive_loss(full[k], candidates, candidates, label_smoothing) for k in model.loss_keys)  # Eq. (17)
     grads = torch.autograd.grad(loss, [full[k] for k in model.loss_keys])
     b = labels.shape[0]
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -766,7 +807,8 @@ def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, re
     pytorch/examples imagenet does for its validation set); correct counts are all-reduced, never per-rank
     accuracies. Only real videos are scored: an unreadable one (item "skipped") is counted as skipped and
     named in `skipped_files`, or, with stop_on_bad, stops the evaluation. Returns dict(top1, top5 in % of the
-    scored videos, videos (scored), skipped, skipped_files, correct1, correct5[, indices]).
+    scored videos, videos (scored), skipped, skipped_files, correct1, correct5[, indices]); for TPR also
+    top1_by_fusion {"cosine": %, "prob": %}, top-1 under both readings of Eq. (18).
     progress(done, total), if given, is called after each batch with this rank's counts."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -774,6 +816,8 @@ def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, re
     was_training = model.training
     model.eval()
     counts = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, scored, skipped
+    # TPR: top-1 under both readings of Eq. (18) (the model's own is the one in `top1`)
+    variant_counts = dict.fromkeys(prompts.TPR_FUSIONS if isinstance(model, prompts.TPR) else (), 0)
     seen, skipped = [], []
     K = len(dataset.classes)
     candidates = torch.arange(K, device=device)
@@ -806,6 +850,9 @@ def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, re
         counts[0] += (top[:, 0] == labels).sum().item()
         counts[1] += (top == labels[:, None]).any(-1).sum().item()
         counts[2] += B
+        for name in variant_counts:
+            hit = model.scores(out, name).float().view(B, V, K).mean(1).argmax(-1) == labels  # (B,)
+            variant_counts[name] += int(hit.sum())
         seen += batch["index"].tolist()
         if progress is not None:
             progress(len(seen) + len(skipped), len(indices))  # this rank's videos done (scored or skipped)
@@ -813,6 +860,10 @@ def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, re
         counts = counts.to(device)
         dist.all_reduce(counts)
         counts = counts.cpu()
+        if variant_counts:
+            vc = torch.tensor(list(variant_counts.values()), dtype=torch.float64, device=device)
+            dist.all_reduce(vc)
+            variant_counts = dict(zip(variant_counts, vc.cpu().tolist()))
         everyone = [None] * world
         dist.all_gather_object(everyone, skipped)
         skipped = [i for part in everyone for i in part]
@@ -825,24 +876,36 @@ def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, re
     result = dict(top1=100 * counts[0].item() / max(n, 1), top5=100 * counts[1].item() / max(n, 1), videos=n,
                   skipped=int(counts[3]), skipped_files=sorted(dataset.samples[i][0] for i in skipped),
                   correct1=int(counts[0]), correct5=int(counts[1]))
+    if variant_counts:
+        result["top1_by_fusion"] = {k: 100 * c / max(n, 1) for k, c in sorted(variant_counts.items())}
     if return_indices:
         result["indices"] = seen
     return result
 
 
 def protocol(args, dataset, views, split=None, dataset_name=None):
-    """What an accuracy figure means: dataset, split, views, frames, number of videos."""
-    return dict(dataset=dataset_name or args.dataset, split=split or args.split, views=views,
-                frames=args.frames, videos=len(dataset), classes=len(dataset.classes))
+    """What an accuracy figure means: dataset, split, views, frames, number of videos, the test short side
+    (None: the crop size) and, for TPR, which reading of Eq. (18) `top1` uses."""
+    proto = dict(dataset=dataset_name or args.dataset, split=split or args.split, views=views,
+                 frames=args.frames, videos=len(dataset), classes=len(dataset.classes),
+                 test_resize=getattr(args, "test_resize", None))
+    if args.method == "tpr":
+        proto["fusion"] = getattr(args, "fusion", "prob")
+    return proto
 
 
 def describe(result, proto, random_init):
     tag = " RANDOM-INIT (random towers: meaningless beyond smoke tests)" if random_init else ""
     skipped = result.get("skipped", 0)
     names = f" ({', '.join(result['skipped_files'][:3])}{', ...' if skipped > 3 else ''})" if skipped else ""
+    fusion = ""
+    if "fusion" in proto and "top1_by_fusion" in result:
+        fusion = f", Eq. (18) fusion {proto['fusion']} (" + ", ".join(
+            f"{k} {v:.2f}%" for k, v in result["top1_by_fusion"].items()) + ")"
+    resize = f", short side {proto['test_resize']}" if proto.get("test_resize") else ""
     return (f"top1 {result['top1']:.2f}% top5 {result['top5']:.2f}% on {proto['dataset']} split {proto['split']}"
-            f" test, {proto['views']} views, {proto['frames']} frames, {result['videos']} videos scored, "
-            f"{skipped} skipped as unreadable{names}{tag}")
+            f" test, {proto['views']} views, {proto['frames']} frames{resize}, {result['videos']} videos scored, "
+            f"{skipped} skipped as unreadable{names}{fusion}{tag}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1248,6 +1311,7 @@ def run_eval(run):
     write_metrics(run, dict(kind="eval", epoch=run.epoch + 1, step=run.step, protocol=proto, top1=result["top1"],
                             top5=result["top5"], scored=result["videos"], skipped=result["skipped"],
                             skipped_files=result["skipped_files"], random_init=bool(args.random_init),
+                            **({"top1_by_fusion": result["top1_by_fusion"]} if "top1_by_fusion" in result else {}),
                             **({"note": "RANDOM-INIT"} if args.random_init else {})))
     return result
 
