@@ -44,15 +44,21 @@ Split, list and class files: LF or CRLF, blank lines and `#` comments skipped, f
 label or id is the last token), every error names file:line, a missing video is named with the line listing it.
   chinese_labels(dataset, class_names, path=None), class_text(name), few_shot(...), zero_shot_protocol(...).
 
-Decoding: PyAV with codec threading. Each video is demuxed once per process (packets only, no decoding, a few
-ms; cached) to count its frames and find its keyframes; the container's header count is only trusted as far as
-the packets back it (a file holding fewer packets than its header claims is truncated). Then for each needed
-frame the decoder seeks to the keyframe before it, unless it is already past that keyframe, and decodes forward
-to the frame; only needed frames are converted to RGB. The gain depends on the keyframe interval: large for
-mpeg4 / short GOPs (HMDB51, UCF101), small for files with one keyframe every 250 frames.
+Decoding: PyAV. A frame index is the position of a frame in the sequence a plain full decode yields (see the
+decoding section), the same in the probe, the decoder, --check and sampling. Each video is demuxed once per
+process (packets only, no decoding, a few ms; cached): the shown frames' timestamps, in presentation order, less
+an edit list's pre-roll and the undecodable packets before the first keyframe; a file whose packets cannot tell
+(cut short, damaged, no timestamps, a decoder that shows what the packets do not promise) is decoded in full
+once instead. For each needed frame the decoder seeks to the keyframe before it, unless it is already past that
+keyframe, decodes forward skipping the non-reference frames not asked for, and maps frames to indices by their
+timestamps; only needed frames are converted to RGB (full size), and the transforms crop and resize the whole
+clip at once in torch. A truncated file is used (and logged) when at least T frames decode, refused otherwise;
+--check applies the same rule.
 
-CLI: `python data.py --dataset NAME --root DIR [--split K] --check` decodes every video once and lists the bad
-ones (exit 1 if any) and the videos of hmdb51 / ucf101 class folders that no split file names; `python data.py --bench` compares this loader with a decode-everything loader.
+CLI: `python data.py --dataset NAME --root DIR [--split K] [--frames T] --check` decodes every video once and
+lists the bad ones (exit 1 if any), the damaged ones used and the videos of hmdb51 / ucf101 class folders that
+no split file names; `python data.py --bench` compares this loader with a decode-everything loader, decord and
+torchcodec (when installed).
 """
 import argparse
 import bisect
@@ -64,13 +70,16 @@ import math
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
@@ -89,10 +98,7 @@ SCALE_SIZE = 256  # training short side for a 224 crop (TSN / X-CLIP); scaled wi
 CROP_SCALES = (1.0, 0.875, 0.75, 0.66)  # mmaction2 MultiScaleCrop scales, max aspect distortion 1
 GRAYSCALE_P = 0.2  # TPR Table 2
 FLIP_P = 0.5  # TPR Table 2
-FRAME_COUNT_SLACK = 2  # frames a container header may over-count before we call the file truncated
-# Choice: non-reference frames are skipped while the decoder is more than SKIP_MARGIN frames before a needed
-# frame; the margin exceeds B-frame reordering plus frame-thread delay, so no needed frame is ever skipped.
-SKIP_MARGIN = 64
+LONG_GOP = 60  # frames per keyframe from which one process decodes with frame threads (see _thread_type)
 SYNTHETIC_CLASSES = ("moving left", "moving right", "moving up", "moving down",
                      "growing", "shrinking", "getting brighter", "getting darker")
 SYNTHETIC_STEPS = 4096  # time grid of a synthetic video
@@ -214,22 +220,50 @@ def sample_indices(num_frames, T, mode="train", rng=None, clips=1, clip=0, sampl
 
 
 # ------------------------------------------------------------------------------------------------- decoding
+# A frame index, everywhere in this file (probe, decode, --check, sampling), is the position of a frame in the
+# sequence a plain full decode yields: presentation order, after the container's edit list, after FFmpeg drops
+# what it cannot decode (a packet the decoder rejects is skipped, as ffmpeg's command line skips it). Decoded
+# frames are mapped to indices by their timestamps, never by dividing by an average frame rate, so variable
+# frame rate, B-frames and odd or negative start timestamps need no special case.
+class MetaMismatch(BadVideo):
+    """The decoder did not show the frames the packets promised; probe_video(path, exact=True) will know."""
+
+
 class VideoMeta:
-    """What one demux pass tells about a video: frame count, fps, timestamps and keyframe positions."""
+    """What the probe tells about a video.
 
-    __slots__ = ("num_frames", "start", "step", "key_idx", "key_pts")
+    pts         (num_frames,) int64 ascending, the timestamp of the frame at each index (stream time base);
+                None when the decoded frames carry no usable timestamps (frames are then counted from the start)
+    key_pts     ascending timestamps of the keyframes, the seek targets; key_idx the index of the first frame
+                shown at or after each
+    header      the frame count the container claims (0 when it claims none)
+    damage      '' for a sound file, else why fewer frames decode than the file should hold (truncated, ...)
+    exact       pts come from a full decode (True) or from the packets (False)
+    width, height  the frame size the container gives
+    """
 
-    def __init__(self, num_frames, start, step, key_idx, key_pts):
-        self.num_frames, self.start, self.step = num_frames, start, step
-        self.key_idx, self.key_pts = key_idx, key_pts
+    __slots__ = ("pts", "num_frames", "key_pts", "key_idx", "header", "damage", "exact", "width", "height",
+                 "_lookup")
+
+    def __init__(self, pts, num_frames, key_pts, header, damage, exact, width, height):
+        self.pts, self.num_frames, self.header, self.damage, self.exact = pts, num_frames, header, damage, exact
+        self.width, self.height = width, height
+        self.key_pts = np.asarray(key_pts if pts is not None else [], dtype=np.int64)
+        self.key_idx = np.searchsorted(pts, self.key_pts) if pts is not None else self.key_pts
+        self._lookup = None
+
+    def lookup(self):
+        """{pts: index} of every frame, built once."""
+        if self._lookup is None:
+            self._lookup = {int(p): i for i, p in enumerate(self.pts)} if self.pts is not None else {}
+        return self._lookup
 
     def index(self, pts):
-        # Choice: frame index from the timestamp at the average frame rate (constant frame rate, as in all
-        # the datasets here); a variable-rate file gets the frame nearest in time.
-        return int(round((pts - self.start) / self.step))
+        """Index of the frame shown at timestamp `pts`, or -1 if no frame of the video has it."""
+        return self.lookup().get(pts, -1)
 
 
-def _open(path):
+def _open(path, threads=None):
     if not os.path.exists(path):
         raise BadVideo("file not found")
     if os.path.getsize(path) == 0:
@@ -242,78 +276,228 @@ def _open(path):
         container.close()
         raise BadVideo("no video stream")
     stream = container.streams.video[0]
-    stream.thread_type = "AUTO"  # codec threading (frame and slice)
+    stream.thread_type = threads or _thread_type()  # the decoder opens at the first packet: callers may change it
     return container, stream
 
 
-def probe_video(path):
-    """Demux every packet once (no decoding) to count frames and find keyframes; BadVideo if unreadable."""
-    container, stream = _open(path)
+def _thread_type(meta=None):
+    # Choice: measured with `python data.py --bench` (README): frame threads ("AUTO") refill their pipeline after
+    # every seek and cost 20-35% more CPU time per clip; in DataLoader workers, which keep every core busy, the
+    # decoder runs one thread ("NONE"). In one process (evaluate.py --video, num_workers 0) frame threads are
+    # used on files with long GOPs (LONG_GOP frames or more per keyframe), where decoding runs long stretches
+    # without a seek; on short GOPs decode_frames runs one single-threaded decoder per core instead, each on
+    # its own stretch between seeks. Slice threads add nothing to single-slice H.264 and to mpeg4.
+    if torch.utils.data.get_worker_info() is not None or meta is None or meta.pts is None:
+        return "NONE"
+    return "AUTO" if meta.num_frames >= LONG_GOP * max(len(meta.key_pts), 1) else "NONE"
+
+
+def _frames(container, stream, needed=None):
+    """Decoded frames in presentation order; a packet the decoder rejects is skipped and a container that
+    breaks off ends the video, as in a plain `ffmpeg -i` decode. With `needed` (a set of timestamps), frames no
+    other frame refers to are not decoded at all unless their packet's timestamp is needed."""
+    ctx, skipping = stream.codec_context, False
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except (StopIteration, av.FFmpegError):  # the end, or a container that breaks off (a cut file)
+            break
+        if packet.size == 0:  # the demuxer's end marker, or an AVI's empty 'dropped frame' chunk
+            continue
+        if needed is not None and skipping != (packet.pts not in needed):
+            skipping = not skipping
+            ctx.skip_frame = "NONREF" if skipping else "DEFAULT"
+        try:
+            frames = packet.decode()
+        except av.FFmpegError:
+            continue
+        yield from frames
+    ctx.skip_frame = "DEFAULT"
     try:
-        rate = stream.average_rate or stream.guessed_rate
-        if not rate or stream.time_base is None:
-            raise BadVideo("no frame rate in the container")
-        step = float(1 / (rate * stream.time_base))  # timestamp ticks per frame
-        pts, keys = [], []
-        for packet in container.demux(stream):
-            if packet.pts is None:
-                continue  # the flush packet at the end
-            pts.append(packet.pts)
-            keys.append(packet.is_keyframe)
-    except av.FFmpegError as e:
-        raise BadVideo(f"cannot demux: {e}") from None
+        yield from ctx.decode(None)  # what the decoder still holds (B-frames, threads)
+    except av.FFmpegError:
+        return
+
+
+def _decoded_pts(path):
+    """Timestamps of every frame a plain full decode yields (None if any frame lacks one), and their count."""
+    # One pass over everything: frame threads are fastest, but not inside a worker, where the cores are taken.
+    container, stream = _open(path, "AUTO" if torch.utils.data.get_worker_info() is None else "NONE")
+    try:
+        pts = [f.pts for f in _frames(container, stream)]
     finally:
         container.close()
-    if not pts:
-        raise BadVideo("no video frames")
-    header = stream.frames
-    # The header count (AVI `strh`, MP4 `stts`) is what the file claims; a file cut short holds fewer packets.
-    if header > 0 and len(pts) + FRAME_COUNT_SLACK < header:
-        raise BadVideo(f"truncated: container says {header} frames, file holds {len(pts)}")
-    start = min(pts)
-    order = sorted(range(len(pts)), key=pts.__getitem__)
-    key_pts = [pts[i] for i in order if keys[i]] or [start]
-    meta = VideoMeta(len(pts), start, step, None, np.asarray(key_pts, dtype=np.int64))
-    meta.key_idx = np.asarray([meta.index(p) for p in key_pts], dtype=np.int64)
-    return meta
+    usable = all(p is not None for p in pts) and all(a < b for a, b in zip(pts, pts[1:]))
+    return (np.asarray(pts, dtype=np.int64) if usable else None), len(pts)
 
 
-def decode_frames(path, indices, meta):
-    """RGB frames (len(indices), H, W, 3) uint8 at `indices`, decoding only from the keyframe before each."""
-    wanted = sorted(set(indices))
-    got = {}
+def probe_video(path, exact=False):
+    """Frame timestamps and keyframes of a video, from one demux pass (no decoding) where the packets tell it
+    exactly, else (or with exact=True) from one full decode; BadVideo if nothing decodes.
+
+    The packets tell it where they hold timestamps, the container holds as many as its header claims, and the
+    first frame the decoder shows is the first the packets promise; the frames shown are then the packets' in
+    timestamp order, less those marked discard (an edit list's pre-roll) and those before the first keyframe in
+    decode order (undecodable). Anything else (a cut or damaged file, missing timestamps, a decoder that shows
+    frames before the first keyframe) costs one full decode, once: callers cache the result."""
     container, stream = _open(path)
     try:
-        frames_iter, pos, last = None, -1, None
-        pending = list(wanted)  # still to fill, ascending
-        while pending:
+        return _probe(path, container, stream, exact)
+    finally:
+        container.close()
+
+
+def _probe(path, container, stream, exact=False):
+    """probe_video on an open container (left at its end)."""
+    packets, broken, corrupt, empty = [], False, False, 0  # packets: (pts, keyframe, discard) in decode order
+    header = max(stream.frames, 0)
+    width, height = stream.codec_context.width, stream.codec_context.height
+    try:
+        for packet in container.demux(stream):
+            if packet.size:  # not the end marker nor an AVI's empty 'dropped frame' chunk
+                packets.append((packet.pts, packet.is_keyframe, packet.is_discard))
+                corrupt |= packet.is_corrupt
+            elif packet.pts is not None:
+                empty += 1
+    except av.FFmpegError:
+        broken = True  # the container breaks off: a cut file
+    first_key = next((i for i, p in enumerate(packets) if p[1]), None)
+    shown = sorted(p[0] for p in packets[first_key or 0:] if not p[2] and p[0] is not None)
+    key_pts = sorted(p[0] for p in packets if p[1] and p[0] is not None)
+    cut = broken or corrupt or len(packets) + empty < header
+    exact = (exact or cut or first_key is None or not shown or any(p[0] is None for p in packets)
+             or len(set(shown)) < len(shown))
+    if not exact and (first_key > 0 or any(p[2] for p in packets) or shown[0] < packets[first_key][0]):
+        # The head is unusual (an edit list, a cut before a keyframe): does the decoder agree?
+        head, head_stream = _open(path)
+        try:
+            first = next(_frames(head, head_stream), None)
+        finally:
+            head.close()
+        exact = first is None or first.pts != shown[0]
+    if not exact:
+        return VideoMeta(np.asarray(shown, dtype=np.int64), len(shown), key_pts, header, "", False, width, height)
+    pts, n = _decoded_pts(path)
+    if n == 0:
+        raise BadVideo("no decodable frames" + (f" ({len(packets)} packets)" if packets else ""))
+    damage = ""
+    if cut:
+        damage = (f"truncated: container says {header} frames, {n} decode" if header > n
+                  else f"truncated: {len(packets)} packets, {n} frames decode")
+    elif n < len(shown):
+        damage = f"damaged: {len(shown)} frames in the packets, {n} decode"
+    return VideoMeta(pts, n, key_pts, header, damage, True, width, height)
+
+
+def video_verdict(meta, T):
+    """The one rule training and --check share: a damaged video is used if at least T frames of it decode,
+    with its damage reported; else BadVideo. A sound video is always used (a short one repeats frames)."""
+    if meta.damage and meta.num_frames < T:
+        raise BadVideo(f"{meta.damage}, fewer than T={T}")
+    return meta.damage
+
+
+def decode_frames(path, indices, meta=None, threads=None, skip=True):
+    """uint8 RGB frames (len(indices), H, W, 3), exactly `frame.to_ndarray(format="rgb24")` of the frame at
+    each index (in any order, repeats allowed), decoding only from the keyframe before each needed frame.
+
+    meta: probe_video(path), probed here (on the same open file) when None. threads: the codec's thread_type
+    ("NONE", "SLICE", "FRAME", "AUTO"), by default chosen for the context. skip: leave undecoded the frames no
+    other frame refers to (B-frames, mostly) that are not asked for. MetaMismatch when the decoder does not show
+    a frame the (packet-based) meta promised."""
+    cores = os.cpu_count() or 1
+    if threads is None and cores > 1 and torch.utils.data.get_worker_info() is None:
+        meta = meta or probe_video(path)
+        outside = [i for i in indices if not 0 <= i < meta.num_frames]
+        if outside:
+            raise IndexError(f"frame indices {outside[:8]} outside 0..{meta.num_frames - 1} of {path}")
+        runs = _runs(meta, indices) if _thread_type(meta) == "NONE" else []
+        if len(runs) > 1:  # one process, short GOPs: the runs between seeks decode in parallel, one per core
+            chunks = [sum(runs[c::cores], []) for c in range(min(cores, len(runs)))]
+            with ThreadPoolExecutor(len(chunks)) as pool:  # PyAV releases the GIL while it decodes
+                parts = pool.map(lambda c: decode_frames(path, c, meta, "NONE", skip), chunks)
+                got = {i: f for c, part in zip(chunks, parts) for i, f in zip(c, part)}
+            return np.stack([got[i] for i in indices])
+    try:
+        return _decode(path, indices, meta, threads, skip)
+    except MetaMismatch:
+        if not skip:
+            raise
+        # Choice: a frame skipped as non-reference that the meta promised (a codec that packs two frames into
+        # one packet, as some AVI muxers do): decode every frame before giving up.
+        return _decode(path, indices, meta, threads, False)
+
+
+def _runs(meta, indices):
+    """The distinct indices grouped by the keyframe a decoder starts from: [[i, ...], ...], ascending."""
+    if meta.pts is None:
+        return [sorted(set(indices))]
+    runs, last = [], None
+    for i in sorted(set(indices)):
+        k = int(np.searchsorted(meta.key_pts, meta.pts[i], "right"))  # keyframes at or before frame i
+        if k != last:
+            runs.append([])
+            last = k
+        runs[-1].append(i)
+    return runs
+
+
+def _decode(path, indices, meta, threads, skip):
+    pending = sorted(set(indices))  # still to fill, ascending
+    got = {}
+    container, stream = _open(path, threads)
+    try:
+        opened = meta is None  # the probe has read the file to its end: the first frame needs a seek
+        meta = meta or _probe(path, container, stream)
+        n = meta.num_frames
+        outside = [i for i in pending if not 0 <= i < n]
+        if outside:
+            raise IndexError(f"frame indices {outside[:8]} outside 0..{n - 1} of {path}")
+        threads = threads or _thread_type(meta)
+        stream.thread_type = threads
+        rgb = VideoReformatter()  # one colour converter for all frames (a frame's own is set up anew each time)
+        if meta.pts is None:  # no timestamps: count frames from the start
+            if opened:
+                container.close()
+                container, stream = _open(path, threads)
+            for i, frame in enumerate(_frames(container, stream)):
+                if i == pending[0]:
+                    got[pending.pop(0)] = rgb.reformat(frame, format="rgb24").to_ndarray()
+                    if not pending:
+                        break
+        frames, pos, back = None, -1, 0  # pos: index of the frame the decoder showed last
+        where = meta.lookup()
+        needed = {int(meta.pts[i]) for i in pending} if skip and meta.pts is not None else None
+        while pending and meta.pts is not None:
             target = pending[0]
-            k = bisect.bisect_right(meta.key_idx, target) - 1
-            key = int(meta.key_idx[max(k, 0)])
-            if frames_iter is None or key > pos:  # seeking helps only if the keyframe lies ahead of the decoder
-                container.seek(int(meta.key_pts[max(k, 0)]), stream=stream, backward=True)
-                frames_iter = container.decode(stream)
-                pos = key
-            # Far from the target (long GOPs), frames no other frame refers to need not be decoded at all.
-            stream.codec_context.skip_frame = "NONREF" if target - pos > SKIP_MARGIN else "DEFAULT"
-            for frame in frames_iter:
-                if frame.pts is None:
-                    continue
-                pos = meta.index(frame.pts)
-                if pos < target:
-                    if target - pos <= SKIP_MARGIN:
-                        stream.codec_context.skip_frame = "DEFAULT"
-                    continue
-                last = frame.to_ndarray(format="rgb24")
-                while pending and pending[0] <= pos:  # a dropped frame takes the next one shown
-                    got[pending.pop(0)] = last
-                break
+            k = int(np.searchsorted(meta.key_pts, meta.pts[target], "right")) - 1 - back  # keyframe before it
+            key = int(meta.key_idx[k]) if k >= 0 else 0
+            if frames is None or key > pos + 1:  # seeking helps only if the keyframe lies ahead of the decoder
+                if k >= 0 and (key > 0 or opened):
+                    container.seek(int(meta.key_pts[k]), stream=stream, backward=True)
+                elif opened:  # from the very start: reopen (a seek may land on a later keyframe)
+                    container.close()
+                    container, stream = _open(path, threads)
+                frames, opened, pos, fresh = _frames(container, stream, needed), True, key - 1, True
+            for frame in frames:
+                i = where.get(frame.pts, -1)
+                if i < 0:
+                    raise MetaMismatch(f"the decoder shows a frame at pts {frame.pts}, which the packets lack")
+                if i > target and fresh and k >= 0:  # the seek landed after the target: one keyframe earlier
+                    back += 1
+                    frames = None
+                    break
+                if i > target:
+                    raise MetaMismatch(f"frame {target} of {n} (pts {meta.pts[target]}) is never shown")
+                pos, fresh, back = i, False, 0
+                if i == target:
+                    got[pending.pop(0)] = rgb.reformat(frame, format="rgb24").to_ndarray()
+                    break
             else:  # end of stream before `target`
-                if last is None or len(pending) > FRAME_COUNT_SLACK:
-                    raise BadVideo(f"truncated: frame {target} of {meta.num_frames} not decodable")
-                for i in pending:
-                    got[i] = last
-                pending = []
+                raise MetaMismatch(f"frame {target} of {n} not decodable")
+        if pending:
+            raise MetaMismatch(f"frame {pending[0]} of {n} not decodable")
     except av.FFmpegError as e:
         raise BadVideo(f"decode error: {e}") from None
     finally:
@@ -359,11 +543,15 @@ def _normalise(x):
 def _crop_resize(frames, box, size):
     """Crop box (y0, x0, h, w) of uint8 frames (T, H, W, 3) and resize it to (T, 3, size, size) float."""
     y0, x0, h, w = box
-    # PIL's resize with a box crops and resamples in one uint8 pass (antialiased when shrinking), several
-    # times faster than a float interpolate of the whole clip.
-    out = np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h)))
-                    for f in frames])  # (T, size, size, 3)
-    return torch.from_numpy(out).permute(0, 3, 1, 2).float()  # (T, 3, size, size)
+    crop = frames[:, y0:y0 + h, x0:x0 + w]
+    crop = crop if crop.flags.writeable else crop.copy()  # torch wants writable memory (a broadcast view is not)
+    x = torch.from_numpy(crop).permute(0, 3, 1, 2)  # (T, 3, h, w) uint8, channels-last memory
+    if (h, w) != (size, size):
+        # Choice: bilinear with antialiasing on uint8 (torch's path built to match PIL's BILINEAR resize; equal to
+        # PIL's box resize but at the box edges, which PIL samples from outside the box), for the whole clip at
+        # once: several times faster than a per-frame PIL round trip or a float interpolate.
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    return x.float()  # (T, 3, size, size)
 
 
 def _multiscale_box(H, W, size, rng):
@@ -456,18 +644,25 @@ def train_transform(frames, rng, size=224, flip=True, randaugment=False, random_
     return x.contiguous()
 
 
-def test_crops(frames, size=224, crops=1):
+def test_crops(frames, size=224, crops=1, resize=None):
     """uint8 (T, H, W, 3) -> (crops, T, 3, size, size) normalised.
 
-    Choice: the short side is resized to `size` (mmaction2 Resize(-1, size), as X-CLIP tests) and 1 centre
-    crop or 3 crops (start, centre, end of the long side) are taken."""
+    Choice: by default (resize None) the short side is resized to `size` (mmaction2 Resize(-1, size), as X-CLIP
+    tests) and 1 centre crop or 3 crops (start, centre, end of the long side) are taken. resize=R >= size
+    resizes the short side to R first (TPR Sec. 4.1.1: "scale the short side ... to 256"), so the crops see the
+    centre size/R of the short side; done as one crop-and-resize of the matching box of the original frame
+    (rounded to whole pixels)."""
     if crops not in (1, 3):
         raise ValueError(f"spatial crops {crops} not in (1, 3)")
+    resize = size if resize is None else resize
+    if resize < size:
+        raise ValueError(f"test resize {resize} is smaller than the crop size {size}")
     H, W = frames.shape[1:3]
-    c = min(H, W)
+    c = round(min(H, W) * size / resize)  # the crop's side in original pixels
+    short_offset = (min(H, W) - c) // 2
     long_side = max(H, W)
     offsets = [(long_side - c) // 2] if crops == 1 else [0, (long_side - c) // 2, long_side - c]
-    boxes = [(o, 0, c, c) if H > W else (0, o, c, c) for o in offsets]
+    boxes = [(o, short_offset, c, c) if H > W else (short_offset, o, c, c) for o in offsets]
     return torch.stack([_normalise(_crop_resize(frames, b, size)) for b in boxes])  # (crops, T, 3, size, size)
 
 
@@ -489,6 +684,8 @@ def _remove_dir(path, owner_pid):
 
 class _Base(torch.utils.data.Dataset):
     """Shared parts: options, epoch seeding, views, bad-file bookkeeping across worker processes."""
+
+    test_resize = None  # short side before the test crops (test_crops' resize); None = the crop size
 
     def _setup(self, name, classes, samples, mode, frames, input_size, views, sampling, seed, flip, randaugment,
                random_erasing, interval):
@@ -520,8 +717,8 @@ class _Base(torch.utils.data.Dataset):
     def _rng(self, index):
         return random.Random(f"{self.seed}:{self.epoch}:{index}")
 
-    def _marker(self, path):
-        return os.path.join(self._bad_dir, hashlib.sha1(path.encode()).hexdigest())
+    def _marker(self, path, kind=""):
+        return os.path.join(self._bad_dir, kind + hashlib.sha1(path.encode()).hexdigest())
 
     def _is_bad(self, path):
         return path in self._bad_local or os.path.exists(self._marker(path))
@@ -539,8 +736,13 @@ class _Base(torch.utils.data.Dataset):
 
     def bad_files(self):
         """{path: reason} for every unreadable video met so far in this process or its workers."""
+        return self._read_markers("")
+
+    def _read_markers(self, kind):
         out = {}
         for name in os.listdir(self._bad_dir):
+            if kind != name[:-40]:  # "" (bad) or "damaged-" before the 40-digit hash
+                continue
             with open(os.path.join(self._bad_dir, name), encoding="utf-8") as f:
                 text = f.read()
             if "\t" in text:  # a marker still being written by a worker is counted next time
@@ -620,7 +822,8 @@ class _Base(torch.utils.data.Dataset):
         if self.mode == "train":
             return train_transform(frames_per_clip[0], rng, self.input_size, self.flip, self.randaugment,
                                    self.random_erasing)
-        views = [test_crops(f, self.input_size, self.crops) for f in frames_per_clip]  # C x (crops, T, 3, S, S)
+        views = [test_crops(f, self.input_size, self.crops, self.test_resize)
+                 for f in frames_per_clip]  # C x (crops, T, 3, S, S)
         return torch.cat(views)  # (V, T, 3, S, S), V = clips * crops, clip-major
 
 
@@ -635,29 +838,60 @@ class VideoDataset(_Base):
         self.frame_dirs, self.filename_tmpl, self.start_index = frame_dirs, filename_tmpl, start_index
         self._num_frames = dict(num_frames or {})  # path -> count given by a list file
         self._meta = {}  # path -> VideoMeta, filled on first read (per process)
+        self._damaged_local = set()
 
-    def probe(self, path):
-        """Frame count (and keyframes, for videos) of one sample; counted once per process and cached."""
+    def probe(self, path, exact=False):
+        """Frame count (and timestamps, keyframes, for videos) of one sample; counted once per process and
+        cached (exact: from a full decode, see probe_video)."""
         if self.frame_dirs:
             if path not in self._num_frames:
                 self._num_frames[path] = count_frame_dir(path, self.filename_tmpl, self.start_index)
             return self._num_frames[path]
-        if path not in self._meta:
-            self._meta[path] = probe_video(path)
+        if path not in self._meta or (exact and not self._meta[path].exact):
+            self._meta[path] = probe_video(path, exact)
         return self._meta[path]
 
     def _load(self, j, rng):
         path = self.samples[j][0]
-        info = self.probe(path)
-        n = info if self.frame_dirs else info.num_frames
-        clips = self._clip_indices(n, rng)
-        flat = sorted({i for c in clips for i in c})
         if self.frame_dirs:
+            clips = self._clip_indices(self.probe(path), rng)
+            flat = sorted({i for c in clips for i in c})
             arr = read_frame_dir(path, flat, self.filename_tmpl, self.start_index)
-        else:
-            arr = decode_frames(path, flat, info)
+            pos = {i: k for k, i in enumerate(flat)}
+            return self._views([arr[[pos[i] for i in c]] for c in clips], rng)
+        state = rng.getstate()
+        try:
+            return self._load_video(path, self.probe(path), rng)
+        except MetaMismatch:  # the decoder disagrees with the packets: one full decode settles it for good
+            rng.setstate(state)
+            return self._load_video(path, self.probe(path, exact=True), rng)
+
+    def _load_video(self, path, meta, rng):
+        damage = video_verdict(meta, self.T)  # BadVideo if too little of it decodes, as --check says
+        if damage:
+            self._note_damaged(path, damage)
+        clips = self._clip_indices(meta.num_frames, rng)
+        flat = sorted({i for c in clips for i in c})
+        arr = decode_frames(path, flat, meta)
         pos = {i: k for k, i in enumerate(flat)}
         return self._views([arr[[pos[i] for i in c]] for c in clips], rng)
+
+    def _note_damaged(self, path, damage):
+        """Log once (over all worker processes) that a damaged video is used, and remember it."""
+        if path in self._damaged_local:
+            return
+        self._damaged_local.add(path)
+        try:
+            fd = os.open(self._marker(path, "damaged-"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f"{path}\t{damage}")
+        log.warning("damaged video %s (%s): using the frames that decode", path, damage)
+
+    def damaged_files(self):
+        """{path: damage} of every damaged video used so far (in this process or its workers)."""
+        return self._read_markers("damaged-")
 
 
 class SyntheticVideos(_Base):
@@ -691,7 +925,7 @@ class SyntheticVideos(_Base):
         out = [render_synthetic(label, [i / SYNTHETIC_STEPS for i in c], state, S, width) for c in clips]
         if self.mode == "train":
             return _normalise(torch.from_numpy(out[0]).permute(0, 3, 1, 2).float())  # (T, 3, S, S)
-        return torch.cat([test_crops(o, S, self.crops) for o in out])
+        return torch.cat([test_crops(o, S, self.crops, self.test_resize) for o in out])
 
 
 def g_state(g):
@@ -1086,7 +1320,7 @@ def zero_shot_protocol(name, root, protocol="splits", halves=10, seed=0, **kw):
 
 # ------------------------------------------------------------------------------------------------------ check
 class _CheckAll(torch.utils.data.Dataset):
-    """Decodes every frame of every sample once: (index, frames, reason or '')."""
+    """Decodes every frame of every sample once: (index, frames, damage note, reason it is refused or '')."""
 
     def __init__(self, ds):
         self.ds = ds
@@ -1100,20 +1334,15 @@ class _CheckAll(torch.utils.data.Dataset):
             if self.ds.frame_dirs:
                 n = self.ds.probe(path)
                 read_frame_dir(path, range(n), self.ds.filename_tmpl, self.ds.start_index)
-                return i, n, ""
+                return i, n, "", ""
             meta = probe_video(path)
-            container, stream = _open(path)
-            try:
-                decoded = sum(1 for _ in container.decode(stream))
-            except av.FFmpegError as e:
-                raise BadVideo(f"decode error: {e}") from None
-            finally:
-                container.close()
-            if decoded + FRAME_COUNT_SLACK < meta.num_frames:
-                raise BadVideo(f"truncated: {meta.num_frames} frames in the container, {decoded} decodable")
-            return i, meta.num_frames, ""
+            if not meta.exact:  # the probe trusted the packets: does the full decode show exactly those frames?
+                pts, n = _decoded_pts(path)
+                if pts is None or not np.array_equal(pts, meta.pts):
+                    meta = probe_video(path, exact=True)  # what training switches to when it meets the difference
+            return i, meta.num_frames, video_verdict(meta, self.ds.T), ""  # the rule training applies
         except BadVideo as e:
-            return i, 0, str(e)
+            return i, 0, "", str(e)
 
 
 def unlisted_videos(name, root):
@@ -1147,31 +1376,38 @@ def unlisted_videos(name, root):
 
 
 def check(name, root, split=1, workers=None, list_file=None, class_file=None, filename_tmpl="img_{:05d}.jpg",
-          out=None):
-    """Print each split's size and frame counts, decode every video once; return the number of bad files."""
+          out=None, frames=8):
+    """Print each split's size and frame counts, decode every video once; return the number of bad files.
+    A damaged video is listed as used or bad by the rule training applies with T = `frames`."""
     out = out or sys.stdout
     workers = os.cpu_count() if workers is None else workers
-    parts = [("train", list_file), ("test", None)] if name != "list" else [("train", list_file)]
+    # list_file: (TRAIN, TEST) list files of dataset 'list', as train.py --list-file
+    parts = list(zip(("train", "test"), (list_file or (None, None)) if name == "list" else (None, None)))
     bad = 0
     for mode, lf in parts:
         ds = build_dataset(name, root, split=split, mode=mode, list_file=lf, class_file=class_file,
-                           filename_tmpl=filename_tmpl)
+                           filename_tmpl=filename_tmpl, frames=frames)
         print(f"{name} split {split} {mode}: {len(ds)} videos, {len(ds.classes)} classes", file=out)
         if name == "synthetic":
             continue
         loader = torch.utils.data.DataLoader(_CheckAll(ds), batch_size=None, num_workers=workers)
-        counts, bad_here = [], []
-        for i, n, reason in loader:
+        counts, bad_here, damaged = [], [], []
+        for i, n, damage, reason in loader:
             if reason:
                 bad_here.append((ds.samples[i][0], reason))
             else:
                 counts.append(n)
+            if damage:
+                damaged.append((ds.samples[i][0], damage))
         if counts:
             print(f"  frames per video: min {min(counts)}, mean {sum(counts) / len(counts):.1f}, "
                   f"max {max(counts)}", file=out)
+        for path, damage in damaged:
+            print(f"  DAMAGED {path}: {damage}; used (at least T={frames} frames decode)", file=out)
         for path, reason in bad_here:
             print(f"  BAD {path}: {reason}", file=out)
-        print(f"  {len(bad_here)} bad of {len(ds)}", file=out)
+        print(f"  {len(bad_here)} bad of {len(ds)}" + (f", {len(damaged)} damaged but used" if damaged else ""),
+              file=out)
         bad += len(bad_here)
     unlisted = unlisted_videos(name, root) if name in ("hmdb51", "ucf101") else []
     if unlisted:
@@ -1182,16 +1418,22 @@ def check(name, root, split=1, workers=None, list_file=None, class_file=None, fi
 
 
 # ------------------------------------------------------------------------------------------------------ bench
-def write_video(path, frames, fps=30, codec="mpeg4"):
-    """Encode uint8 frames (T, H, W, 3) with PyAV (used by the tests and the benchmark)."""
+def write_video(path, frames, fps=30, codec="mpeg4", gop=12, tag=None, bframes=0):
+    """Encode uint8 frames (T, H, W, 3) with PyAV (used by the tests and the benchmark); libx264 uses
+    `gop` with its other defaults (3 B-frames), mpeg4 `gop` and `bframes`, `tag` a FourCC such as 'XVID'."""
     with av.open(path, "w") as c:
         s = c.add_stream(codec, rate=fps)
         s.height, s.width = frames.shape[1:3]
         s.pix_fmt = "yuv420p"
+        if tag:
+            s.codec_tag = tag
         if codec == "mpeg4":
-            s.gop_size = 12
-            # high quality, keyframes every 12 frames only (no extra ones at scene cuts): known GOPs for tests
+            s.gop_size = gop
+            s.codec_context.max_b_frames = bframes
+            # high quality, keyframes every `gop` frames only (no extra ones at scene cuts): known GOPs for tests
             s.options = {"qscale": "2", "sc_threshold": "1000000000"}
+        elif codec == "libx264":
+            s.options = {"x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0", "preset": "veryfast"}
         for f in frames:
             for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
                 c.mux(p)
@@ -1199,57 +1441,238 @@ def write_video(path, frames, fps=30, codec="mpeg4"):
             c.mux(p)
 
 
-def naive_clip(path, T, rng, size=224):
-    """What most peer loaders do: decode every frame to RGB, then sample T of them."""
+def _decode_everything(path):
     with av.open(path) as c:
         s = c.streams.video[0]
         s.thread_type = "AUTO"
-        frames = [f.to_ndarray(format="rgb24") for f in c.decode(s)]
-    idx = sample_indices(len(frames), T, "train", rng)
-    return train_transform(np.stack([frames[i] for i in idx]), rng, size)
+        return [f.to_ndarray(format="rgb24") for f in c.decode(s)]
 
 
-def bench(videos=12, T=8, size=224, seconds=10, fps=30, width=320, height=240, repeats=3, out=None):
-    """Clips per second of this loader and of the decode-everything loader on the same freshly made videos."""
+def naive_frames(path, indices):
+    """What most peer loaders do: decode every frame to RGB, then pick the ones asked for."""
+    frames = _decode_everything(path)
+    return np.stack([frames[i] for i in indices])
+
+
+def naive_clip(path, T, rng, size=224):
+    """The decode-everything loader with the training transform."""
+    frames = _decode_everything(path)
+    return train_transform(np.stack([frames[i] for i in sample_indices(len(frames), T, "train", rng)]), rng, size)
+
+
+# (what, codec, extension, width, height, GOP, FourCC, mpeg4 B-frames): the forms users' files come in
+BENCH_KINDS = (("mpeg4 .avi 320x240 GOP 12 (HMDB51/UCF101)", "mpeg4", "avi", 320, 240, 12, None, 0),
+               ("xvid .avi 320x240 GOP 12, B-frames", "mpeg4", "avi", 320, 240, 12, "XVID", 2),
+               ("x264 .mp4 340x256 GOP 12", "libx264", "mp4", 340, 256, 12, None, 0),
+               ("x264 .mp4 340x256 GOP 250", "libx264", "mp4", 340, 256, 250, None, 0),
+               ("x264 .mp4 640x360 GOP 12", "libx264", "mp4", 640, 360, 12, None, 0),
+               ("x264 .mp4 640x360 GOP 250 (K400)", "libx264", "mp4", 640, 360, 250, None, 0))
+
+
+def _bench_video(path, kind, seed, n):
+    _, codec, _, W, H, gop, tag, bframes = kind
+    g = np.random.default_rng(seed)
+    # a texture drifting right and down with a bright square crossing it: real motion for the encoder
+    base = g.integers(0, 256, (H // 8 + 16, W // 8 + n, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+    frames = np.stack([base[i % 64:i % 64 + H, 3 * i:3 * i + W] for i in range(n)])
+    for i in range(n):
+        y, x = (7 * i) % (H - 40), (11 * i) % (W - 40)
+        frames[i, y:y + 40, x:x + 40] = 255
+    write_video(path, frames, 30, codec, gop, tag, bframes)
+
+
+def _reference_loaders():
+    """decord and torchcodec when importable (benchmark only, never a requirement), else why not."""
+    loaders, missing = {}, []
+    try:
+        import decord
+        loaders["decord"] = lambda p, idx: decord.VideoReader(p, ctx=decord.cpu(0)).get_batch(idx).asnumpy()
+    except Exception as e:  # ImportError, or a build that cannot load its libraries
+        missing.append(f"decord ({type(e).__name__}: {e})")
+    try:
+        from torchcodec.decoders import VideoDecoder
+
+        def torchcodec_frames(p, idx):
+            return VideoDecoder(p, seek_mode="exact").get_frames_at(list(idx)).data.permute(0, 2, 3, 1).numpy()
+        loaders["torchcodec"] = torchcodec_frames
+    except Exception as e:
+        missing.append(f"torchcodec ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    return loaders, missing
+
+
+def _compare(name, got, truth, idx, out):
+    """Print where a loader's frames differ from the plain decode's frames at the same indices."""
+    if got.shape != (len(idx),) + truth.shape[1:]:
+        print(f"    {name}: shape {got.shape}, expected {(len(idx),) + truth.shape[1:]}", file=out)
+        return
+    small = truth[:, ::8, ::8].astype(np.int16)  # (n, H/8, W/8, 3) to find which frame a returned one is
+    wrong, worst = [], 0
+    for k, i in enumerate(idx):
+        worst = max(worst, int(np.abs(got[k].astype(np.int16) - truth[i]).max()))
+        seen = int(np.abs(small - got[k, ::8, ::8]).mean(axis=(1, 2, 3)).argmin())
+        if seen != i:
+            wrong.append((i, seen))
+    if wrong:
+        print(f"    {name}: WRONG FRAMES (index, frame returned): {wrong[:8]}", file=out)
+    elif worst:
+        print(f"    {name}: same frames, pixels differ by up to {worst} levels (colour conversion)", file=out)
+
+
+def _timed(fn, reps, cpu=False):
+    """Median seconds of fn() over reps runs: wall-clock, or with cpu=True (wall, CPU time of all this
+    process's threads)."""
+    times = []
+    for _ in range(reps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        times.append((time.perf_counter() - t0, time.process_time() - c0))
+    wall, used = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+    return (wall, used) if cpu else wall
+
+
+class _ThreadProbe(torch.utils.data.Dataset):
+    """One test clip per item, decoded with a given codec threading (the worker-side threading figure)."""
+
+    def __init__(self, paths, T, threads):
+        self.paths, self.T, self.threads = paths, T, threads
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        meta = probe_video(self.paths[i])
+        return decode_frames(self.paths[i], sample_indices(meta.num_frames, self.T, "test"), meta,
+                             threads=self.threads).shape[0]
+
+
+def bench(videos=3, Ts=(8, 16), seconds=10, repeats=5, workers=2, kinds=BENCH_KINDS, out=None):
+    """Clips per second for one test clip (TSN centres) of T full-size RGB frames, the file opened each time,
+    of this loader, the decode-everything loader, decord and torchcodec, measured interleaved (A B A B ...),
+    medians of `repeats`; after a check that all return the same frames. Then the codec threading and the
+    dataset's items (decode + transform)."""
     out = out or sys.stdout
     tmp = tempfile.mkdtemp(prefix="data_bench_")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker, where torch runs one thread
+    n = seconds * 30
+    refs, missing = _reference_loaders()
+    print(f"data.py --bench: {videos} videos of {seconds} s at 30 fps per kind, medians of {repeats} interleaved "
+          f"rounds, {os.cpu_count()} CPU cores, 1 torch thread; one test clip (TSN centres) per video, full-size "
+          "RGB, the file opened each time. clips/s: one process; clips per CPU-second (all threads counted): the "
+          "rate DataLoader workers reach when they keep every core busy", file=out)
+    for m in missing:
+        print(f"  not measured: {m}", file=out)
     try:
-        g = np.random.default_rng(0)
-        n = seconds * fps
-        for codec, ext, note in (("mpeg4", "avi", "HMDB/UCF style, GOP 12"),
-                                 ("libx264", "mp4", "K400 style, x264 default GOP 250")):
-            paths = []
-            for v in range(videos):
-                base = g.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
-                frames = np.stack([np.roll(base, 3 * i, axis=1) for i in range(n)])
-                paths.append(os.path.join(tmp, f"{codec}_{v}.{ext}"))
-                write_video(paths[-1], frames, fps, codec)
-            best = {"naive": 1e9, "cold": 1e9, "warm": 1e9}
-            for rep in range(repeats):  # best of `repeats`: the figures of a loaded machine are noisy
-                rng = random.Random(rep)
-                t0 = time.perf_counter()
-                for p in paths:
-                    naive_clip(p, T, rng, size)
-                best["naive"] = min(best["naive"], time.perf_counter() - t0)
-                ds = VideoDataset("bench", ["x"], [(p, 0) for p in paths], mode="train", frames=T, input_size=size,
-                                  seed=rep)
-                for key in ("cold", "warm"):  # cold: first epoch, includes the one demux pass per video
-                    t0 = time.perf_counter()
-                    for i in range(len(ds)):
-                        ds[i]
-                    best[key] = min(best[key], time.perf_counter() - t0)
-                    ds.set_epoch(1)
-            print(f"{codec} .{ext} ({note}), {videos} videos of {seconds} s, {fps} fps, {width}x{height}, "
-                  f"T={T}, crop {size}, 1 process, best of {repeats}:", file=out)
-            print(f"  naive decode-all loader : {videos / best['naive']:7.1f} clips/s", file=out)
-            for key, what in (("cold", "first epoch"), ("warm", "later epoch")):
-                print(f"  this loader, {what}: {videos / best[key]:7.1f} clips/s  "
-                      f"({best['naive'] / best[key]:.1f}x)", file=out)
+        for kind in kinds:
+            paths = [os.path.join(tmp, f"{kinds.index(kind)}_{v}.{kind[2]}") for v in range(videos)]
+            for v, p in enumerate(paths):
+                _bench_video(p, kind, v, n)
+            metas = {p: probe_video(p) for p in paths}
+            loaders = {"this loader": lambda p, idx: decode_frames(p, idx),
+                       # as inside a DataLoader worker after the first epoch: probe cached, one decoder thread
+                       "this loader, worker": lambda p, idx: decode_frames(p, idx, metas[p], threads="NONE"),
+                       "decode-everything": naive_frames, **refs}
+            print(f"{kind[0]}:", file=out)
+            truth = naive_frames(paths[0], range(metas[paths[0]].num_frames))
+            check_idx = sample_indices(len(truth), 16, "test") + [len(truth) - 1, 5, 5, 0]
+            for name, load in list(loaders.items()):  # the same frames at the same indices, first
+                try:
+                    _compare(name, load(paths[0], check_idx), truth, check_idx, out)
+                except Exception as e:  # a reference loader that fails on this kind is left out of its figures
+                    print(f"    {name}: FAILS ({type(e).__name__}: {str(e).splitlines()[0][:100]}), not timed",
+                          file=out)
+                    del loaders[name]
+            for T in Ts:
+                idx = {p: sample_indices(metas[p].num_frames, T, "test") for p in paths}
+                times = {name: [] for name in loaders}
+                for rep in range(repeats):  # interleaved, the order rotated each round
+                    names = list(loaders)
+                    for name in names[rep % len(names):] + names[:rep % len(names)]:
+                        times[name].append(_timed(lambda: [loaders[name](p, idx[p]) for p in paths], 1, cpu=True))
+                for col, what, ours in ((0, "clips/s", "this loader"),
+                                        (1, "clips per CPU-second", "this loader, worker")):
+                    rate = {k: len(paths) / statistics.median(t[col] for t in ts) for k, ts in times.items()}
+                    vs = ", ".join(f"{rate[ours] / rate[k]:.2f}x {k}" for k in rate if not k.startswith("this"))
+                    print(f"  T={T:2d} {what}: " + "  ".join(f"{k} {r:.1f}" for k, r in rate.items()), file=out)
+                    print(f"        {ours} is {vs}", file=out)
+        _bench_threads(tmp, Ts[-1], repeats, workers, out)
+        _bench_items(tmp, Ts, repeats, out)
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _bench_threads(tmp, T, repeats, workers, out):
+    """Codec threading of this loader, in one process and inside `workers` DataLoader workers: clips/s and the
+    CPU time a clip costs (all threads; the workers' from their resource usage once they have exited)."""
+    import resource
+    print(f"codec threading, T={T} test clips: clips/s and CPU ms per clip, one process | {workers} DataLoader "
+          "workers (4 passes over the files, worker start included):", file=out)
+    for k, kind in enumerate(BENCH_KINDS):
+        paths = sorted(os.path.join(tmp, f) for f in os.listdir(tmp) if f.startswith(f"{k}_"))
+        if not paths:
+            continue
+        metas = {p: probe_video(p) for p in paths}
+        idx = {p: sample_indices(metas[p].num_frames, T, "test") for p in paths}
+        one, many = {}, {}
+        for rep in range(repeats):
+            for thr in ("NONE", "SLICE", "AUTO"):
+                one.setdefault(thr, []).append(_timed(
+                    lambda: [decode_frames(p, idx[p], metas[p], threads=thr) for p in paths], 1, cpu=True))
+        for thr in ("NONE", "SLICE", "AUTO"):  # a fresh pool each time
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            probe = _ThreadProbe(paths * 4, T, thr)
+            # an exhausted loader joins its workers, whose CPU time then counts as the children's
+            wall = _timed(lambda: list(torch.utils.data.DataLoader(probe, batch_size=None, num_workers=workers)), 1)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            many[thr] = wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        n = len(paths)
+        print(f"  {kind[0]:42s} " + "  ".join(
+            f"{thr} {n / statistics.median(w for w, _ in t):5.1f} {1e3 * statistics.median(c for _, c in t) / n:4.0f}"
+            for thr, t in one.items()) + "  |  " + "  ".join(
+            f"{thr} {4 * n / w:5.1f} {1e3 * c / (4 * n):4.0f}" for thr, (w, c) in many.items()), file=out)
+    print(f"  (the loader uses NONE in workers; in one process AUTO from {LONG_GOP} frames per keyframe, else one "
+          "NONE decoder per core)", file=out)
+
+
+def _pil_crop_resize(frames, box, size):
+    """The per-frame PIL round trip the transforms used before (the reference of the transform figures)."""
+    y0, x0, h, w = box
+    return torch.from_numpy(np.stack([np.asarray(Image.fromarray(f).resize(
+        (size, size), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))) for f in frames])).permute(0, 3, 1, 2).float()
+
+
+def _bench_items(tmp, Ts, repeats, out, size=224):
+    """Dataset items per second (decode + transform, 1 process) against the decode-everything loader, and the
+    transforms alone: the whole clip in torch against a per-frame PIL round trip."""
+    print(f"dataset items (decode + transform to {size}), items/s, 1 process | transform alone, ms per clip:",
+          file=out)
+    for k in (0, 5):  # HMDB51-like and K400-like
+        paths = sorted(os.path.join(tmp, f) for f in os.listdir(tmp) if f.startswith(f"{k}_"))
+        if not paths:
+            continue
+        for mode, T in (("train", Ts[0]), ("test", Ts[-1])):
+            ds = VideoDataset("bench", ["x"], [(p, 0) for p in paths], mode=mode, frames=T, input_size=size)
+            for p in paths:
+                ds.probe(p)
+            ways = {"this loader": lambda: [ds[i] for i in range(len(paths))]}
+            if mode == "train":
+                ways["decode-everything"] = lambda: [naive_clip(p, T, random.Random(0), size) for p in paths]
+            clip = decode_frames(paths[0], sample_indices(ds.probe(paths[0]).num_frames, T, "test"))
+            H, W = clip.shape[1:3]
+            box = _multiscale_box(H, W, size, random.Random(0))
+            c = min(H, W)
+            centre = (0, (W - c) // 2, c, c) if W >= H else ((H - c) // 2, 0, c, c)
+            crop = box if mode == "train" else centre
+            ways["torch crop+resize"] = lambda: _crop_resize(clip, crop, size)
+            ways["PIL per frame"] = lambda: _pil_crop_resize(clip, crop, size)
+            times = {w: [] for w in ways}
+            for rep in range(repeats):
+                for w in ways:
+                    times[w].append(_timed(ways[w], 1))
+            items = "  ".join(f"{w} {len(paths) / statistics.median(times[w]):6.1f}" for w in list(ways)[:-2])
+            transform = "  ".join(f"{w} {1e3 * statistics.median(times[w]):5.1f}" for w in list(ways)[-2:])
+            print(f"  {BENCH_KINDS[k][0]}, {mode} T={T}: {items}  |  {transform}", file=out)
 
 
 # ------------------------------------------------------------------------------------------------------- main
@@ -1258,24 +1681,31 @@ def main(argv=None):
     p.add_argument("--dataset", choices=DATASETS, help="dataset name")
     p.add_argument("--root", help="dataset folder in its authors' layout")
     p.add_argument("--split", type=int, default=1, choices=(1, 2, 3), help="official split (hmdb51, ucf101)")
-    p.add_argument("--list-file", help="list file for --dataset list")
-    p.add_argument("--class-file", help="class-name file for --dataset list")
+    p.add_argument("--list-file", nargs=2, metavar=("TRAIN", "TEST"),
+                   help="dataset 'list': mmaction2 list files for training and testing (as train.py's)")
+    p.add_argument("--class-file", help="dataset 'list': class names, one per line or id,name CSV")
     p.add_argument("--filename-tmpl", default="img_{:05d}.jpg", help="frame file names for frame-folder lists")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes for --check")
+    p.add_argument("--frames", type=int, default=8,
+                   help="T you train with (TPR 16, BiEfficient 8): a damaged video is used if T frames decode")
     p.add_argument("--check", action="store_true", help="decode every video once, list bad files, exit 1 if any")
-    p.add_argument("--bench", action="store_true", help="clips/s of this loader vs a decode-everything loader")
-    p.add_argument("--bench-videos", type=int, default=12, help="videos per codec in --bench")
+    p.add_argument("--bench", action="store_true",
+                   help="clips/s of this loader vs a decode-everything loader, decord and torchcodec")
+    p.add_argument("--bench-videos", type=int, default=3, help="videos per file kind in --bench")
+    p.add_argument("--bench-repeats", type=int, default=5, help="interleaved rounds per figure in --bench")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (also: DEBUG=1)")
     args = p.parse_args(argv)
     if args.bench:
-        bench(videos=args.bench_videos)
+        bench(videos=args.bench_videos, repeats=args.bench_repeats)
         return 0
     if not args.check or args.dataset is None:
         p.error("give --bench, or --dataset NAME --root DIR --check")
+    if args.frames < 1:
+        p.error(f"--frames {args.frames}: T must be a positive number of frames (TPR 16, BiEfficient 8)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         bad = check(args.dataset, args.root, args.split, args.workers, args.list_file, args.class_file,
-                    args.filename_tmpl)
+                    args.filename_tmpl, frames=args.frames)
     except (OSError, ValueError, KeyError) as e:  # layout errors: one clear line, no traceback
         if args.debug or os.environ.get("DEBUG") == "1":
             raise

@@ -1588,7 +1588,8 @@ def test_data_train_augmentation_is_shared_by_frames_and_seeded():
 
 # --------------------------------------------------------------------------------------- bad files, --check
 def test_data_bad_files_replaced_logged_once_and_counted(layouts, caplog):
-    ds = data.build_dataset("hmdb51", layouts["hmdb_bad"], mode="train", frames=4, input_size=32)
+    # T = 16: the truncated v3 (9 of 20 frames decode) is refused; with T <= 9 it would be used
+    ds = data.build_dataset("hmdb51", layouts["hmdb_bad"], mode="train", frames=16, input_size=32)
     order = [os.path.basename(p) for p, _ in ds.samples]
     bad_zero = order.index("brush_hair_v2.avi")
     with caplog.at_level(logging.WARNING, logger="data"):
@@ -1611,7 +1612,8 @@ def test_data_bad_files_replaced_logged_once_and_counted(layouts, caplog):
 
 
 def test_data_check_reports_bad_files(layouts, capsys):
-    assert data.main(["--dataset", "hmdb51", "--root", layouts["hmdb_bad"], "--check", "--workers", "2"]) == 1
+    assert data.main(["--dataset", "hmdb51", "--root", layouts["hmdb_bad"], "--check", "--workers", "2",
+                      "--frames", "16"]) == 1
     out = capsys.readouterr().out
     for name in ("brush_hair_v2.avi: zero-byte", "brush_hair_v3.avi: truncated", "catch_v2.avi: cannot open"):
         assert name in out, out
@@ -1624,9 +1626,12 @@ def test_data_check_reports_bad_files(layouts, capsys):
     assert data.main(["--dataset", "ssv1", "--root", layouts["ssv1"], "--check", "--workers", "0"]) == 0
     assert "ssv1 split 1 test: 2 videos, 2 classes" in capsys.readouterr().out
     lists = layouts["lists"]
-    assert data.main(["--dataset", "list", "--list-file", os.path.join(lists, "frames.txt"), "--class-file",
-                      os.path.join(lists, "classes.txt"), "--root", lists, "--check", "--workers", "0"]) == 0
-    assert "0 bad of 2" in capsys.readouterr().out
+    # --list-file TRAIN TEST, as train.py's: both lists are checked.
+    assert data.main(["--dataset", "list", "--list-file", os.path.join(lists, "frames.txt"),
+                      os.path.join(lists, "videos.txt"), "--class-file", os.path.join(lists, "classes.txt"),
+                      "--root", lists, "--check", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "list split 1 train: 2 videos" in out and "list split 1 test: " in out and out.count("0 bad of") == 2
     assert data.main(["--dataset", "k400", "--root", os.path.join(lists, "nowhere"), "--check"]) == 2
     assert "nowhere" in capsys.readouterr().err
 
@@ -1636,23 +1641,13 @@ def test_data_decodes_only_needed_gops(layouts, monkeypatch):
     meta = data.probe_video(path)
     assert meta.num_frames == N_FRAMES and list(meta.key_idx) == [0, 12]  # mpeg4 GOP 12
     decoded = []
-    real_open = data.av.open
+    real_frames = data._frames
 
-    class Counting:  # the container, with decode() recording each decoded frame's number
-        def __init__(self, c):
-            self.c = c
-
-        def __getattr__(self, name):
-            return getattr(self.c, name)
-
-        def decode(self, *a, **k):
-            for f in self.c.decode(*a, **k):
-                decoded.append(meta.index(f.pts))
-                yield f
-
-    def counting_open(*a, **k):
-        return Counting(real_open(*a, **k))
-    monkeypatch.setattr(data.av, "open", counting_open)
+    def counting_frames(container, stream, needed=None):  # the decoder's frames, each frame's number recorded
+        for f in real_frames(container, stream, needed):
+            decoded.append(meta.index(f.pts))
+            yield f
+    monkeypatch.setattr(data, "_frames", counting_frames)
     frames = data.decode_frames(path, [5, 14, 16], meta)
     assert read_index(data._normalise(torch.from_numpy(frames).permute(0, 3, 1, 2).float())) == [5, 14, 16]
     assert decoded == [0, 1, 2, 3, 4, 5, 12, 13, 14, 15, 16]  # 6..11 skipped by seeking to keyframe 12
@@ -1833,6 +1828,258 @@ def test_data_long_gop_frames_exact(tmp_path):
     assert [int((c << np.arange(7)).sum()) for c in code] == want
 
 
+# ------------------------------------------------------------------------ real-world files: exact frame indices
+# Each file kind users bring, built with PyAV alone; the truth is what a plain full decode yields.
+CODE_BITS = 9  # frame numbers up to 511 written as stripes
+
+
+def coded_frames(n, H=64, W=96, seed=0):
+    """(n, H, W, 3) uint8: frame i holds the bits of i as black/white stripes over moving noise (real motion
+    for the encoder, so P- and B-frames differ from keyframes)."""
+    g = np.random.default_rng(seed)
+    noise = g.integers(0, 256, (H // 4, W // 4 + n, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1)
+    out = np.stack([noise[:, 4 * i:4 * i + W] for i in range(n)])
+    for b in range(CODE_BITS):
+        out[:, 4 * b:4 * b + 4, :W // 2] = (((np.arange(n) >> b) & 1) * 255)[:, None, None, None]
+    return out
+
+
+def frame_code(frames):
+    """The frame numbers written by coded_frames, read back from (..., H, W, 3) frames."""
+    bits = frames[..., 2:4 * CODE_BITS:4, 4:40, :].mean(axis=(-1, -2)) > 128  # (..., CODE_BITS)
+    return (bits * (1 << np.arange(CODE_BITS))).sum(-1).tolist()
+
+
+def encode(path, frames, codec="libx264", rate=30, pts=None, time_base=None, options=None, tag=None,
+           bframes=None, container_options=None):
+    import av
+    with av.open(path, "w", options=container_options or {}) as c:
+        s = c.add_stream(codec, rate=rate)
+        s.height, s.width = frames.shape[1:3]
+        s.pix_fmt = "yuv420p"
+        if time_base is not None:
+            s.codec_context.time_base = time_base
+        if tag:
+            s.codec_tag = tag
+        if bframes:
+            s.codec_context.max_b_frames = bframes
+        if codec == "mpeg4":
+            s.gop_size = 12
+            s.options = {"qscale": "3", "sc_threshold": "1000000000"}
+        else:
+            s.options = options or {}
+        for i, f in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
+            if pts is not None:
+                vf.pts, vf.time_base = pts[i], time_base
+            for p in s.encode(vf):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def remux(src, dst, first_packet, shift_frames=0):
+    """Stream-copy src's video packets from `first_packet` (decode order) on, timestamps moved back by
+    `shift_frames` frame durations (what `ffmpeg -ss T -c copy` makes)."""
+    import av
+    with av.open(src) as i, av.open(dst, "w") as o:
+        s = i.streams.video[0]
+        out = o.add_stream_from_template(s)
+        packets = [p for p in i.demux(s) if p.size]
+        shift = shift_frames * packets[1].duration if shift_frames else 0
+        start = min(p.pts for p in packets[first_packet:first_packet + 8])
+        for p in packets[first_packet:]:
+            p.pts, p.dts = p.pts - start - shift, p.dts - start - shift
+            p.stream = out
+            o.mux(p)
+
+
+def plain_decode(path):
+    """Every frame a plain full decode yields, rgb24, a packet the decoder rejects skipped (as `ffmpeg -i`)."""
+    import av
+    out = []
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        for packet in c.demux(s):
+            try:
+                out += [f.to_ndarray(format="rgb24") for f in packet.decode()]
+            except av.InvalidDataError:
+                pass
+    return np.stack(out)
+
+
+def _x264(keyint, bframes=2):
+    return {"x264-params": f"keyint={keyint}:min-keyint={keyint}:scenecut=0:bframes={bframes}:crf=20"}
+
+
+@pytest.fixture(scope="session")
+def real_world(tmp_path_factory):
+    """{kind: path} of the file kinds of issue 10, with what each is known to hold."""
+    from fractions import Fraction
+    root = tmp_path_factory.mktemp("real_world")
+    f = coded_frames(300)
+    out = {}
+    # variable frame rate: 20 fps for 5 s, then 40 fps with 22-28 ms jitter; millisecond time base
+    ms = [50 * i for i in range(100)] + [5000 + 25 * i + (3 if i % 3 == 1 else -3 if i % 3 == 2 else 0)
+                                          for i in range(200)]
+    out["vfr"] = str(root / "vfr.mp4")
+    encode(out["vfr"], f, pts=ms, time_base=Fraction(1, 1000), options=_x264(24),
+           container_options={"video_track_timescale": "1000"})
+    src = str(root / "src.mp4")
+    encode(src, f, options=_x264(24))
+    # edit list: a cut from keyframe 24 with timestamps shifted so the first 5 frames are negative (pre-roll)
+    out["editlist"] = str(root / "editlist.mp4")
+    remux(src, out["editlist"], 24, shift_frames=5)
+    # a careless cut: starts with 5 non-key packets the decoder cannot use
+    out["nonkey"] = str(root / "nonkey.mp4")
+    remux(src, out["nonkey"], 19)
+    # mpeg4 .avi cut at a non-key packet: FFmpeg's mpeg4 decoder shows those frames (from a grey reference)
+    m4 = str(root / "m4.avi")
+    encode(m4, f[:120], codec="mpeg4")
+    out["nonkey_avi"] = str(root / "nonkey.avi")
+    remux(m4, out["nonkey_avi"], 5)
+    # xvid-tagged .avi with B-frames (packets in decode order, timestamps starting at 1)
+    out["xvid"] = str(root / "xvid.avi")
+    encode(out["xvid"], f, codec="mpeg4", tag="XVID", bframes=2)
+    # truncated .avi: the last 45% of the bytes missing (no index, a partial last packet)
+    full = str(root / "full.avi")
+    encode(full, f, codec="mpeg4")
+    out["truncated"] = str(root / "truncated.avi")
+    with open(full, "rb") as a, open(out["truncated"], "wb") as b:
+        raw = a.read()
+        b.write(raw[: len(raw) * 55 // 100])
+    # mkv with an odd, negative start (stream copy of the cut), and webm (VP9)
+    out["mkv"] = str(root / "cut.mkv")
+    remux(src, out["mkv"], 48, shift_frames=3)
+    out["webm"] = str(root / "clip.webm")
+    encode(out["webm"], f[:150], codec="libvpx-vp9", options={"g": "30", "deadline": "realtime", "cpu-used": "8"})
+    return out
+
+
+REAL_WORLD = ("vfr", "editlist", "nonkey", "nonkey_avi", "xvid", "truncated", "mkv", "webm")
+
+
+def index_sets(n, seed=0):
+    """The index lists a user's run asks for: TSN test clips for T = 8, 16, 32 and 4 clips, training draws,
+    unsorted indices with repeats, every frame."""
+    rng = random.Random(seed)
+    sets = {f"test T={T} clip {c}": data.sample_indices(n, T, "test", clips=4, clip=c)
+            for T in (8, 16, 32) for c in range(4)}
+    sets.update({f"train T={T} draw {d}": data.sample_indices(n, T, "train", rng) for T in (8, 16) for d in range(3)})
+    sets["unsorted, repeats"] = [n - 1, 3, 3, n // 2, 0, n // 2, 1, n - 1, 2 * n // 3]
+    sets["all"] = list(range(n))
+    return sets
+
+
+@pytest.mark.parametrize("kind", REAL_WORLD)
+def test_data_real_world_exact_at_every_index(real_world, kind):
+    path = real_world[kind]
+    truth = plain_decode(path)
+    meta = data.probe_video(path)
+    assert meta.num_frames == len(truth), (kind, meta.num_frames, len(truth))
+    for name, idx in index_sets(len(truth)).items():
+        for threads in (None, "NONE"):  # one process (parallel stretches, frame threads) and a loader worker
+            got = data.decode_frames(path, idx, meta, threads)
+            assert got.shape == (len(idx),) + truth.shape[1:] and got.dtype == np.uint8
+            wrong = [i for k, i in enumerate(idx) if not np.array_equal(got[k], truth[i])]
+            assert not wrong, f"{kind}, {name}, threads {threads}: indices {wrong[:8]} differ from the plain decode"
+    assert np.array_equal(data.decode_frames(path, [0, len(truth) - 1]), truth[[0, -1]])  # meta probed inside
+
+
+def test_data_real_world_counts_and_identities(real_world):
+    """What each file holds, by the frame numbers in its pixels: VFR keeps all 300 frames in order (an average
+    rate would return [12, 38, ...] for TSN indices), the edit list and the careless cut drop their first 5
+    frames, the truncated .avi keeps the frames before the cut and says so."""
+    n = {k: data.probe_video(p).num_frames for k, p in real_world.items()}
+    code = {k: frame_code(data.decode_frames(p, range(n[k]))) for k, p in real_world.items()}
+    assert n["vfr"] == 300 and code["vfr"] == list(range(300))
+    tsn = data.sample_indices(300, 8, "test")
+    assert frame_code(data.decode_frames(real_world["vfr"], tsn)) == tsn == [18, 56, 93, 131, 168, 206, 243, 281]
+    assert n["editlist"] == 271 and code["editlist"] == list(range(29, 300))  # keyframe 24 + 5 pre-roll frames
+    assert n["nonkey"] == 276 and code["nonkey"] == list(range(24, 300))  # packets 19..23 undecodable
+    assert n["xvid"] == 300 and code["xvid"] == list(range(300))
+    assert n["mkv"] == 252 and code["mkv"] == list(range(48, 300))
+    assert n["webm"] == 150 and code["webm"] == list(range(150))
+    meta = data.probe_video(real_world["truncated"])
+    assert meta.damage == f"truncated: container says 300 frames, {meta.num_frames} decode" and meta.exact
+    last = meta.num_frames - 1  # the last frame decodes from a partial packet: its bottom is concealed
+    assert 100 < meta.num_frames < 300 and code["truncated"][:last] == list(range(last))
+    for kind in ("vfr", "editlist", "nonkey", "xvid", "mkv", "webm"):  # from the packets, no full decode
+        assert not data.probe_video(real_world[kind]).exact, kind
+    assert data.probe_video(real_world["nonkey_avi"]).exact  # the decoder shows frames before the first keyframe
+
+
+def test_data_real_world_check_and_training_agree(real_world, tmp_path, capsys):
+    """--check and a training epoch take the same decision on every file: used (damage reported by both) or
+    refused (reported by both), by the same rule with the same T."""
+    import shutil
+    files = dict(real_world)
+    short = str(tmp_path / "short_cut.avi")  # a truncated file of which fewer than T frames decode
+    encode(short, coded_frames(30), codec="mpeg4")
+    raw = open(short, "rb").read()
+    with open(short, "wb") as f:
+        f.write(raw[: len(raw) * 4 // 10])
+    files["short_cut"] = short
+    classes = tmp_path / "classes.txt"
+    classes.write_text("a\nb\n")
+    lst = tmp_path / "train.txt"
+    good = str(tmp_path / "good.avi")
+    shutil.copy(real_world["xvid"], good)  # every class keeps a readable video to replace the refused ones
+    lst.write_text("".join(f"{p} {k % 2}\n" for k, p in enumerate(list(files.values()) + [good, good])))
+    T = 16
+    assert data.probe_video(short).num_frames < T <= data.probe_video(real_world["truncated"]).num_frames
+    code = data.main(["--dataset", "list", "--list-file", str(lst), "--class-file", str(classes), "--check",
+                      "--workers", "2", "--frames", str(T)])
+    out = capsys.readouterr().out
+    check_bad = {line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith("  BAD ")}
+    check_damaged = {line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith("  DAMAGED ")}
+    assert code == 1 and check_bad == {short} and check_damaged == {real_world["truncated"]}, out
+    ds = data.build_dataset("list", None, list_file=str(lst), class_file=str(classes), frames=T, input_size=32)
+    for batch in torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2):
+        assert batch["video"].shape[1:] == (T, 3, 32, 32)
+    assert set(ds.bad_files()) == check_bad and set(ds.damaged_files()) == check_damaged
+    assert ds.bad_files()[short] in out and ds.damaged_files()[real_world["truncated"]] in out
+
+
+def test_data_decoder_disagreeing_with_packets_switches_to_exact_count(real_world, caplog):
+    """A packet-based count that the decoder contradicts (here: a fake extra frame) is replaced by one full
+    decode, the sample is drawn again from the exact count, and training goes on with the same file."""
+    path = real_world["vfr"]
+    ds = data.VideoDataset("t", ["a"], [(path, 0)], mode="test", frames=8, input_size=32)
+    meta = data.probe_video(path)
+    fake = 169  # a TSN test index of 301 frames: a frame between real frames 168 and 169 that nothing shows
+    lying = data.VideoMeta(np.insert(meta.pts, fake, meta.pts[fake - 1] + 1), meta.num_frames + 1, meta.key_pts,
+                           meta.header, "", False, meta.width, meta.height)
+    with pytest.raises(data.MetaMismatch, match=f"frame {fake} of 301 .* is never shown"):
+        data.decode_frames(path, [fake], lying)
+    with pytest.raises(data.MetaMismatch, match="frame 301 of 302 not decodable"):
+        data.decode_frames(path, [301], data.VideoMeta(np.append(lying.pts, lying.pts[-1] + 1), 302, meta.key_pts,
+                                                     meta.header, "", False, meta.width, meta.height))
+    ds._meta[path] = lying
+    item = ds[0]
+    assert item["replaced"] == 0 and ds._meta[path].exact and ds._meta[path].num_frames == 300
+    ds2 = data.VideoDataset("t", ["a"], [(path, 0)], mode="test", frames=8, input_size=32)
+    assert torch.equal(item["video"], ds2[0]["video"]) and not ds.bad_files()
+
+
+def test_data_crop_resize_equals_pil_box_resize():
+    """The transforms' crop + resize (torch, uint8, whole clip at once) is PIL's per-frame BILINEAR box resize
+    inside the box; only the border may differ (PIL samples beyond the box)."""
+    from PIL import Image
+    yy, xx = np.mgrid[0:120, 0:160]
+    frame = np.stack([(xx * 1.7) % 256, (yy * 2 + xx) % 256, (xx + yy) * 0.6], -1).astype(np.uint8)
+    frames = np.stack([frame, 255 - frame])
+    for box, size in (((10, 20, 85, 90), 64), ((0, 20, 120, 120), 112), ((5, 7, 60, 40), 80)):
+        y0, x0, h, w = box
+        got = data._crop_resize(frames, box, size)  # (2, 3, size, size)
+        want = np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BILINEAR,
+                                                               box=(x0, y0, x0 + w, y0 + h))) for f in frames])
+        diff = (got.permute(0, 2, 3, 1) - torch.from_numpy(want).float()).abs()[:, 2:-2, 2:-2]
+        assert diff.max() <= 1, (box, size, diff.max())
+    assert torch.equal(data._crop_resize(frames, (3, 4, 50, 50), 50),
+                       torch.from_numpy(frames[:, 3:53, 4:54]).permute(0, 3, 1, 2).float())  # a crop is a copy
+
+
 # ------------------------------------------------------------------------------------ split and list files (faults)
 def _hmdb_root(tmp_path, lines_by_class, videos=()):
     """An hmdb51 root: split-1 files with the given raw text per class, and the named videos on disk."""
@@ -1939,6 +2186,25 @@ def test_data_chinese_labels_malformed_json_reports_the_json_error(tmp_path):
         data.chinese_labels("custom", ["jump", "run"], str(path))
     path.write_text("jump\t跳\nrun\t跑\n", encoding="utf-8")  # the tab format still reads
     assert data.chinese_labels("custom", ["jump", "run"], str(path)) == ["跳", "跑"]
+
+
+def test_data_test_resize_short_side_then_crops():
+    # TPR Sec. 4.1.1: short side to 256 before the 224 crop. Here short side 240 -> 64 for a 32 crop: the crop
+    # sees the central 32/64 of the short side, i.e. rows 60..179 and (centre crop) columns 100..219.
+    g = np.random.default_rng(0)
+    frames = g.integers(0, 256, (2, 240, 320, 3), dtype=np.uint8)
+    def same(a, b):  # equal inside; at the border PIL's filter also reads the pixels just outside the box
+        return torch.equal(a[..., 2:-2, 2:-2], b[..., 2:-2, 2:-2]) and (a - b).abs().max() < 0.3
+
+    got = data.test_crops(frames, size=32, crops=1, resize=64)
+    assert same(got, data.test_crops(np.ascontiguousarray(frames[:, 60:180, 100:220]), size=32, crops=1))
+    assert not same(got, data.test_crops(frames, size=32, crops=1))  # without the resize: the whole short side
+    three = data.test_crops(frames, size=32, crops=3, resize=64)  # start, centre, end of the long side
+    assert same(three[0], data.test_crops(np.ascontiguousarray(frames[:, 60:180, :120]), 32)[0])
+    assert same(three[2], data.test_crops(np.ascontiguousarray(frames[:, 60:180, 200:]), 32)[0])
+    assert torch.equal(data.test_crops(frames, 32, 1, resize=32), data.test_crops(frames, 32, 1))
+    with pytest.raises(ValueError, match="smaller than the crop"):
+        data.test_crops(frames, 32, 1, resize=16)
 
 
 # ==============================================================================================================
@@ -2162,8 +2428,8 @@ def _receptive_field(beta, T, P, t0, p0):
         return [[t == t0 and p == p0 for p in range(P)] for t in range(T)]
     if beta in ("r2plus1d", "c3d"):  # (1, 3) + (3, 1) convs, or one 3 x 3 conv, over (T, P)
         return [[near_t[t] and near_p[p] for p in range(P)] for t in range(T)]
-    if beta == "tada":  # alpha_t from two kernel-3 temporal convs of the frames' means scales whole frames
-        return [[abs(t - t0) <= 2 for p in range(P)] for t in range(T)]
+    if beta == "tada":  # alpha_t from the frames' means and the video's mean (global context) scales all frames
+        return [[True] * P for _ in range(T)]
     if beta == "lstm":  # one bidirectional sequence over T per prompt position
         return [[p == p0 for p in range(P)] for t in range(T)]
     return [[True] * P for _ in range(T)]  # transformer: all T * P tokens
@@ -2344,7 +2610,9 @@ def test_tpr_ablation_switches(tiny):
     tpb = TPR(tiny, T=2, S=2, reparam=ReparamEncoder("r2plus1d", 128, 2, 5))
     full = TPR(tiny, T=2, S=2, reparam=ReparamEncoder("r2plus1d", 128, 2, 5), chinese_text=tiny_chinese(),
                chinese_tokenize=tb.tokenize_chinese)
-    assert base.prompts is None and base.temporal_embedding is None and base.loss_keys == ("en",)
+    # Paper: the baseline (no temporal prompts, word pooling) trains Eq. (1)'s e_temporal; frame-wise CLIP has none.
+    assert base.prompts is None and base.temporal_embedding.requires_grad and base.loss_keys == ("en",)
+    assert TPR(tiny, T=2, temporal_prompts=False, pooling="mean").temporal_embedding is None
     assert tp.prompts is not None and tp.reparam is None and tp.temporal_embedding is not None
     assert tpb.reparam is not None and tpb.loss_keys == ("en",) and full.loss_keys == ("en", "zh")
     with pytest.raises(ValueError, match="temporal_prompts"):
@@ -2424,6 +2692,60 @@ def test_tpr_vit_b16_shapes_one_step():
     assert out["logits"]["en"].shape == (1, 1) and torch.isfinite(loss)
     assert model.prompts.cls_attn[0].in_proj_weight.grad is not None and model.temporal_embedding.grad is not None
     assert model.prompts.global_prompts.shape == (12, T, S, 768)
+
+
+def test_tpr_label_smoothing_by_hand():
+    eps = 0.1
+    logits = torch.tensor([[2.0, 1.0, -1.0], [0.5, 3.0, 0.0], [1.0, -2.0, 4.0]])  # (B, A)
+    # One positive per row and column: the two directions are torch's cross_entropy with label smoothing.
+    distinct = torch.tensor([0, 1, 2])
+    ref = (F.cross_entropy(logits, distinct, label_smoothing=eps) +
+           F.cross_entropy(logits.t(), distinct, label_smoothing=eps)) / 2
+    got = tb.multi_positive_contrastive_loss(logits, distinct, distinct, label_smoothing=eps)
+    assert abs(got.item() - ref.item()) < 1e-6
+    # Shared labels: targets (1 - eps) / |K| on the positives plus eps / (texts per row, videos per column).
+    labels = torch.tensor([0, 0, 1])
+    l, y, B, A = logits.tolist(), labels.tolist(), 3, 3
+    rows = 0.0
+    for i in range(B):
+        z = sum(math.exp(v) for v in l[i])
+        n = sum(y[a] == y[i] for a in range(A))
+        rows += -sum(((1 - eps) * (y[a] == y[i]) / n + eps / A) * math.log(math.exp(l[i][a]) / z)
+                     for a in range(A)) / B
+    cols = 0.0
+    for a in range(A):
+        z = sum(math.exp(l[j][a]) for j in range(B))
+        n = sum(y[i] == y[a] for i in range(B))
+        cols += -sum(((1 - eps) * (y[i] == y[a]) / n + eps / B) * math.log(math.exp(l[i][a]) / z)
+                     for i in range(B)) / A
+    got = tb.multi_positive_contrastive_loss(logits, labels, labels, label_smoothing=eps)
+    assert abs(got.item() - (rows + cols) / 2) < 1e-5
+    plain = tb.multi_positive_contrastive_loss(logits, labels, labels)
+    assert abs(tb.multi_positive_contrastive_loss(logits, labels, labels, 0.0).item() - plain.item()) < 1e-7
+    assert abs(got.item() - plain.item()) > 1e-3  # smoothing changes the loss
+    with pytest.raises(ValueError, match="label_smoothing"):
+        tb.multi_positive_contrastive_loss(logits, labels, labels, label_smoothing=1.0)
+
+
+def test_tpr_eq18_cosine_and_probability_fusion_by_hand(tiny):
+    model = tiny_tpr(tiny, lam=0.3)
+    tau = model.tau
+    cos_en, cos_zh = [[0.10, 0.30]], [[0.25, 0.20]]
+    out = {"logits": {"en": torch.tensor(cos_en) / tau, "zh": torch.tensor(cos_zh) / tau}}  # logits = cos / tau
+    # Paper: Eq. (18) on the cosines of Eq. (5).
+    want = torch.tensor([[0.3 * cos_en[0][k] + 0.7 * cos_zh[0][k] for k in range(2)]])
+    assert torch.allclose(model.scores(out, "cosine"), want, atol=1e-6)
+    e = out["logits"]["en"].softmax(-1)
+    z = out["logits"]["zh"].softmax(-1)
+    assert torch.allclose(model.scores(out, "prob"), 0.3 * e + 0.7 * z, atol=1e-6)
+    assert torch.equal(model.scores(out), model.scores(out, "prob"))  # the default
+    # The two readings rank differently here: cosines prefer class 1 (0.230 vs 0.205), probabilities class 0
+    # (the Chinese branch's small cosine gap becomes a near-certain softmax at tau = 0.01).
+    assert model.scores(out, "cosine").argmax().item() == 1 and model.scores(out, "prob").argmax().item() == 0
+    cosine_model = tiny_tpr(tiny, lam=0.3, fusion="cosine")
+    assert torch.equal(cosine_model.scores(out), model.scores(out, "cosine"))
+    with pytest.raises(ValueError, match="fusion"):
+        model.scores(out, "logit")
 
 
 # ==============================================================================================================
@@ -3272,14 +3594,16 @@ def test_engine_scores_a_users_own_video(tpr_run, tmp_path, capsys):
     assert all(f"{p * 100:6.2f}%  {l}" in printed for l, p in ranked)
     assert len(weights) == 8 and abs(sum(weights) - 1) < 1e-4  # word-guided weights of the 8 sampled frames
     assert Image.open(png).size[0] >= 8 * 128  # one thumbnail per sampled frame
-    # Custom labels: the model has a Chinese branch, so it asks for their Chinese labels, then scores them.
-    with pytest.raises(train.UsageError, match="--chinese-labels"):
-        evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "moving left,growing"])
+    # Custom labels on a model with a Chinese branch: labels of a dataset take their Chinese labels from its
+    # dictionary, exactly as from a file holding the same entries.
+    from_dictionary, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "moving left,growing"])
+    assert "note: Chinese labels from the synthetic dictionary" in capsys.readouterr().out
     zh = tmp_path / "zh.json"
     zh.write_text(_json.dumps({"moving left": "向左移动", "growing": "变大"}, ensure_ascii=False), encoding="utf-8")
     ranked, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "moving left,growing",
                                "--chinese-labels", str(zh)])
     assert sorted(l for l, _ in ranked) == ["growing", "moving left"] and abs(sum(p for _, p in ranked) - 1) < 1e-5
+    assert ranked == pytest.approx(from_dictionary)
 
 
 CLIP_ROW = ["--no-temporal-prompts", "--beta", "none", "--no-chinese", "--pooling", "mean"]  # Fig. 5a CLIP row
@@ -3571,3 +3895,394 @@ def test_engine_evaluation_scores_only_real_videos(tmp_path):
     assert "2 videos scored, 1 skipped as unreadable" in line and "v1.avi" in line
     with pytest.raises(train.UsageError, match=r"unreadable test video \S*v1.avi"):
         train.evaluate(model, ds, torch.device("cpu"), batch_size=1, stop_on_bad=True)
+
+
+# ---------------------------------------------------------------------------------------------- what users see
+# The newcomer's surface (issue 15): the README's own-video command on the quick start's checkpoint, a picture
+# that says what it shows, progress lines, --help, --dry-run, warnings once under torchrun, the README's counts.
+def _readme():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+def _banded_video(path, codec="libx264"):
+    """A 16:9 H.264 video: magenta left band, yellow right band, both outside the centre crop, moving grey
+    texture between them."""
+    import numpy as np
+    import data
+    g = np.random.default_rng(0)
+    frames = np.zeros((40, 180, 320, 3), dtype=np.uint8)
+    for t in range(40):
+        frames[t, :, 60:260] = g.integers(64, 192, (180, 200, 1), dtype=np.uint8)
+    frames[:, :, :60] = (255, 0, 255)
+    frames[:, :, 260:] = (255, 255, 0)
+    data.write_video(path, frames, codec=codec)
+    return path
+
+
+def test_engine_readme_own_video_command_runs_on_the_quick_start_checkpoint(tpr_run, tmp_path):
+    """The README's command, as printed, on a quick-start-like checkpoint (TPR with its Chinese branch): labels
+    no dictionary translates are scored by the English branch alone, said in one line."""
+    import shlex
+    line = next(l for l in _readme().splitlines() if l.startswith("python evaluate.py") and "--video" in l)
+    argv = shlex.split(line.split("#")[0])
+    assert argv[:2] == ["python", "evaluate.py"] and "--labels" in argv and "--visualize" in argv
+    argv[argv.index("--checkpoint") + 1] = os.path.join(tpr_run, "best.pt")
+    video = argv[argv.index("--video") + 1]
+    _banded_video(str(tmp_path / video))
+    labels = argv[argv.index("--labels") + 1].split(",")
+    p = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py")] + argv[2:], cwd=tmp_path, env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("English branch alone") == 1, p.stdout
+    assert f"top-{len(labels)} of {len(labels)} classes (RANDOM-INIT" in p.stdout
+    assert all(f"%  {label}" in p.stdout for label in labels)
+    assert (tmp_path / argv[argv.index("--visualize") + 1]).stat().st_size > 0
+
+
+def test_engine_visualization_says_what_it_shows(tpr_run, tmp_path):
+    """The PNG: a title (video, checkpoint, method, RANDOM-INIT), the Eq. 6 caption, one bar per label (top-k,
+    k = min(5, labels)), and frames as the model's centre crop (the bands outside it never appear)."""
+    import numpy as np
+    from PIL import Image
+    video = _banded_video(str(tmp_path / "wide.mp4"))
+    png = str(tmp_path / "vis.png")
+    ckpt = os.path.join(tpr_run, "best.pt")
+    ranked, weights = evaluate.main(["--checkpoint", ckpt, "--video", video, "--labels", "run,jump,swim",
+                                     "--visualize", png])
+    assert len(ranked) == 3 and len(weights) == 8
+    img = Image.open(png)
+    title, caption = img.text["Title"], img.text["Description"]
+    assert video in title and ckpt in title and "method: tpr" in title and "RANDOM-INIT" in title
+    assert caption.startswith("word-guided frame weights, TPR Eq. 6")
+    assert img.size[0] == 8 * (128 + 8) + 8  # one 128-pixel thumbnail per sampled frame
+    px = np.asarray(img.convert("RGB")).astype(int)
+    assert (px[:14] < 100).all(-1).sum() > 50  # the first title line is drawn
+    red = (px[..., 0] > 150) & (px[..., 1] < 20) & (px[..., 2] < 20)  # (200, 0, 0) text, not the (200, 60, 60) bars
+    assert red.sum() > 50  # the RANDOM-INIT line
+    column = (px[:, 8 + 160] == (60, 110, 200)).all(-1)  # through the first pixel column of every top-k bar
+    assert int((column[1:] & ~column[:-1]).sum()) == len(ranked)
+    magenta = (px[..., 0] > 200) & (px[..., 1] < 60) & (px[..., 2] > 200)
+    yellow = (px[..., 0] > 200) & (px[..., 1] > 200) & (px[..., 2] < 60)
+    assert magenta.sum() < 20 and yellow.sum() < 20  # squashed 16:9 frames would show 8 x 3,000 of each
+    # BiEfficient's caption names its own equation; with 7 labels the chart keeps the top 5.
+    assert evaluate.weights_caption(argparse_ns(method="biefficient"), [0.5, 0.5], "run").startswith(
+        "word-guided frame weights, BiEfficient Eq. 8")
+    ranked, _ = evaluate.main(["--checkpoint", ckpt, "--video", video, "--labels", "a,b,c,d,e,f,g"])
+    assert len(ranked) == 5
+
+
+def test_engine_own_video_labels_of_a_dataset_take_its_chinese_dictionary(tpr_run, tmp_path, capsys):
+    """HMDB51 class names typed as words on a synthetic-trained TPR: the hmdb51 dictionary gives their Chinese
+    labels, the same scores as a file holding those entries."""
+    import json as _json
+    video = _banded_video(str(tmp_path / "v.mp4"))
+    ranked, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "brush hair,cartwheel"])
+    assert "note: Chinese labels from the hmdb51 dictionary" in capsys.readouterr().out
+    zh = tmp_path / "zh.json"
+    zh.write_text(_json.dumps({"brush hair": "梳头", "cartwheel": "侧手翻"}, ensure_ascii=False), encoding="utf-8")
+    same, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "brush hair,cartwheel",
+                             "--chinese-labels", str(zh)])
+    assert ranked == pytest.approx(same)
+    english, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "brush hair,cartwheel",
+                                "--lam", "1"])
+    assert english != pytest.approx(ranked)  # the Chinese branch did contribute
+
+
+def argparse_ns(**kw):
+    import argparse
+    return argparse.Namespace(**kw)
+
+
+def test_engine_evaluate_prints_progress(tpr_run, capsys):
+    evaluate.main(["--checkpoint", tpr_run, "--views", "1x1", "--workers", "0", "--batch-size", "4",
+                   "--print-every", "2"])
+    lines = [l for l in capsys.readouterr().out.splitlines() if "videos/s, ETA" in l]
+    # 16 test videos in batches of 4: a line after batches 2 and 4 (the last one always).
+    assert [l.split(": ")[1].split(",")[0] for l in lines] == ["8/16 videos", "16/16 videos"], lines
+    assert lines[0].lstrip().startswith("synthetic split 1 1x1:") and lines[-1].endswith("ETA 0:00:00")
+
+
+def test_engine_speed_and_eta_come_from_recent_training_steps(tmp_path, monkeypatch):
+    """A fake clock: each training step takes 1 s (4 clips), each evaluation 1000 s. clips/s stays 4.0 after
+    an evaluation (a cumulative average would fall to 0.02), and the ETA is the steps left at 1 s plus the
+    evaluations left at 1000 s each."""
+    clock = [0.0]
+    monkeypatch.setattr(train, "_now", lambda: clock[0])
+    step, ev = train.optimizer_step, train.evaluate
+
+    def timed_step(*a, **k):
+        clock[0] += 1.0
+        return step(*a, **k)
+
+    def timed_eval(*a, **k):
+        clock[0] += 1000.0
+        return ev(*a, **k)
+
+    monkeypatch.setattr(train, "optimizer_step", timed_step)
+    monkeypatch.setattr(train, "evaluate", timed_eval)
+    out = str(tmp_path / "run")
+    train.main(SMALL + ["--method", "biefficient", "--epochs", "3", "--eval-every", "1", "--output", out])
+    records = [r for r in metrics(out) if r["kind"] == "train"]
+    assert len(records) == 12 and all(r["clips_per_s"] == pytest.approx(4.0) for r in records)
+    eta = {r["step"]: r["eta_s"] for r in records}
+    assert eta[1] == pytest.approx(11)  # no evaluation measured yet
+    assert eta[5] == pytest.approx(7 + 2 * 1000) and eta[9] == pytest.approx(3 + 1000)
+    assert eta[12] == pytest.approx(1000)  # the final evaluation is still to come
+
+
+def test_engine_help_has_one_default_per_flag_and_no_missing_paths(capsys):
+    import re
+    import data
+    for main in (train.main, evaluate.main, data.main):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        text = capsys.readouterr().out
+        flags = re.split(r"\n  (?=-)", text)[1:]
+        assert len(flags) > 8
+        for entry in flags:
+            assert entry.lower().count("default") <= 1 and "(default: None)" not in entry, entry
+        for path in re.findall(r"[\w.-]+(?:/[\w.-]+)*\.(?:md|py|txt|json|csv)\b", "\n".join(flags)):
+            if "/" in path or path.endswith(".py"):
+                assert os.path.exists(os.path.join(HERE, path)), f"--help names {path}, not in the repository"
+
+
+def test_engine_choices_are_shared_by_train_and_evaluate():
+    def choices(parser):
+        return {a.dest: tuple(a.choices) for a in parser._actions if a.choices}
+    mine, theirs = choices(evaluate.build_parser()), choices(train.build_parser())
+    for dest in set(mine) & set(theirs):
+        assert mine[dest] == theirs[dest], dest
+    assert mine["test_words"] == theirs["test_words"]
+
+
+def test_engine_dry_run_prints_the_resolved_setup_before_the_table(capsys):
+    train.main(SMALL + ["--method", "biefficient", "--dry-run"])
+    out = capsys.readouterr().out
+    head = out[:out.index("component")]
+    for text in ("biefficient on synthetic", "arch tiny", "T = 8", "M = 2", "M 2 (paper 16)", "lr 0.003 (paper"):
+        assert text in head, (text, head)
+    train.main(SMALL + ["--method", "tpr", "--frames", "4", "--dry-run"])
+    head = capsys.readouterr().out.split("component")[0]
+    assert "T = 4" in head and "S = 8" in head and "frames" not in head.split("instead of the paper's:")[1]
+    assert "prefix '{}.' (paper 'This is a video about {}.')" in head
+
+
+def test_engine_synthetic_without_random_init_says_what_to_pass():
+    with pytest.raises(train.UsageError, match="synthetic demo needs --random-init.*--pretrained"):
+        train.main(["--dataset", "synthetic", "--dry-run"])
+
+
+def test_engine_warnings_come_from_rank_0_only():
+    p = run(SMALL + ["--dry-run"], torchrun=True)
+    assert p.stderr.count("RANDOMLY INITIALISED CLIP") == 1, p.stderr
+    assert p.stderr.count("RANDOMLY INITIALISED Chinese-CLIP") == 1, p.stderr
+    assert p.stdout.count("setup: tpr on synthetic") == 1
+
+
+def test_engine_readme_counts_match_the_code():
+    """The README's number of code-compat differences is the number of BIEFFICIENT_DEFAULTS rows whose two
+    columns differ, and its parameter table gives the default-T counts of ViT-B/16 (built on the meta device)."""
+    import re
+    import clip
+    import prompts
+    import reparam
+    readme = _readme()
+    differ = sum(paper != code for paper, code in prompts.BIEFFICIENT_DEFAULTS.values())
+    assert re.findall(r"\((\d+) differences", readme) == [str(differ)]
+    T = train.paper_defaults("tpr", "hmdb51", 0)["frames"]
+    with torch.device("meta"):
+        big = clip.build_random("ViT-B/16")
+        for frames in (8, T):
+            beta = reparam.ReparamEncoder(beta="r2plus1d", D=768, T=frames, P=1 + 8 + frames, residual=True)
+            n = sum(c for _, c in prompts.TPR(big, T=frames, S=8, reparam=beta).parameter_table())
+            assert re.search(rf"\| TPR, T = {frames}\b[^|]*\| {n:,} ", readme), (frames, n)
+        T = train.paper_defaults("biefficient", "k400", 0)["frames"]
+        n = sum(c for _, c in prompts.BiEfficient(big, T=T).parameter_table())
+        assert re.search(rf"\| BiEfficient, T = {T}\b[^|]*\| {n:,} ", readme), n
+
+
+# ------------------------------------------------------------------------------------------- TPR paper rows
+BASELINE = ["--no-temporal-prompts", "--beta", "none", "--no-chinese"]  # Fig. 5a / Table 7 baseline
+
+
+def test_engine_baseline_trains_temporal_embedding_and_its_loss_falls(tmp_path):
+    # One global batch = the whole training set (16 videos), 12 steps: the loss of the same set must fall.
+    out = str(tmp_path / "baseline")
+    run(["--dataset", "synthetic", "--random-init", "--synthetic-videos", "2", "--batch-size", "16", "--workers",
+         "0", "--print-every", "1", "--epochs", "12", "--eval-every", "0", "--output", out] + BASELINE)
+    assert set(trainable(out)["trainable"]) == {"temporal_embedding"}  # Eq. (1)'s e_temporal, nothing else
+    losses = [r["loss"] for r in metrics(out) if r["kind"] == "train"]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < losses[0] - 1.0, losses
+
+
+def test_engine_arch_dependent_defaults_and_chinese_width(monkeypatch, tmp_path):
+    def resolved(*flags):
+        argv = ["--dataset", "hmdb51", "--root", str(tmp_path), *flags]
+        return train.resolve_args(train.build_parser().parse_args(argv))
+    b, l14 = resolved(), resolved("--arch", "ViT-L/14")
+    assert (b.epochs, b.pretrained_chinese, b.label_smoothing) == (30, "ViT-B-16", 0.0)  # Table 2, ViT-B
+    assert (l14.epochs, l14.pretrained_chinese) == (20, "ViT-L-14")  # Table 2, ViT-L; 768-d Chinese tower
+    assert resolved("--arch", "ViT-L/14@336px").pretrained_chinese == "ViT-L-14-336"
+    assert resolved("--arch", "ViT-L/14", "--epochs", "7").epochs == 7
+    ssv1 = resolved("--dataset", "ssv1")
+    assert (ssv1.label_smoothing, ssv1.epochs, ssv1.randaugment, ssv1.random_erasing) == (0.1, 40, True, True)
+    assert resolved("--dataset", "ssv1", "--label-smoothing", "0").label_smoothing == 0.0
+    with pytest.raises(train.UsageError, match="--label-smoothing 1.5"):
+        resolved("--label-smoothing", "1.5")
+    with pytest.raises(train.UsageError, match="--test-resize 100: smaller than the 224"):
+        resolved("--test-resize", "100")
+    # An explicit Chinese tower of the other width: one error naming both widths and the matching name.
+    import text_branches
+    monkeypatch.setattr(text_branches, "load_chinese_clip",
+                        lambda name: text_branches.build_random_chinese("tiny", embed_dim=512))
+    bad = resolved("--arch", "ViT-L/14", "--pretrained-chinese", "ViT-B-16")
+    with pytest.raises(train.UsageError, match=r"ViT-B-16 projects to 512 dimensions but CLIP ViT-L/14 to 768.*"
+                                               r"--pretrained-chinese ViT-L-14"):
+        train.build_chinese(bad, 768)
+    p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--label-smoothing", "2"], cwd=HERE,
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: --label-smoothing 2.0")
+
+
+def test_engine_evaluate_reports_both_eq18_fusions_and_test_resize(tpr_run, tmp_path):
+    res = evaluate.main(["--checkpoint", tpr_run, "--views", "1x1", "--workers", "0", "--output", str(tmp_path)])
+    (r,) = res["results"]
+    saved = json.load(open(tmp_path / "metrics.json"))["results"][0]
+    assert set(saved["top1_by_fusion"]) == {"prob", "cosine"} and saved["protocol"]["fusion"] == "prob"
+    assert r["top1"] == saved["top1_by_fusion"]["prob"]  # the default reading is the reported top-1
+    res = evaluate.main(["--checkpoint", tpr_run, "--views", "1x1", "--workers", "0", "--output", str(tmp_path),
+                         "--fusion", "cosine", "--test-resize", "48"])
+    (c,) = res["results"]
+    assert c["protocol"]["fusion"] == "cosine" and c["top1"] == c["top1_by_fusion"]["cosine"]
+    assert c["protocol"]["test_resize"] == 48 and r["protocol"]["test_resize"] is None
+    with pytest.raises(train.UsageError, match="--test-resize 16: smaller than the 32-pixel crop"):
+        evaluate.main(["--checkpoint", tpr_run, "--workers", "0", "--test-resize", "16"])
+
+
+def _single_patch_attention(model_clip, target):
+    """Make the last frozen block's class token attend to patch `target` (1-based token index): the blocks
+    before it become identities, patches carry only their position embedding, chosen orthogonal and of zero
+    mean (so LayerNorm keeps them orthogonal), and the last block's query is that token's key (W_q = 0,
+    q = bias, W_k = identity)."""
+    v = model_clip.visual
+    D = v.conv1.weight.shape[0]
+    with torch.no_grad():
+        for block in v.transformer.resblocks[:-1]:
+            for lin in (block.attn.out_proj, block.mlp.c_proj):
+                lin.weight.zero_()
+                lin.bias.zero_()
+        v.conv1.weight.zero_()
+        v.class_embedding.zero_()
+        pos = torch.zeros_like(v.positional_embedding)  # (1 + N, D)
+        for j in range(pos.shape[0]):  # +-1 pairs in both heads' halves: zero mean, mutually orthogonal
+            for half in (0, D // 2):
+                pos[j, half + 2 * j], pos[j, half + 2 * j + 1] = 1.0, -1.0
+        v.positional_embedding.copy_(pos)
+        last = v.transformer.resblocks[-1].attn
+        key = F.layer_norm(pos[target], (D,))
+        last.in_proj_weight.zero_()
+        last.in_proj_weight[D:2 * D] = torch.eye(D)  # W_k = identity
+        last.in_proj_bias.zero_()
+        last.in_proj_bias[:D] = 2.0 * key  # every query is 2 x the target's key
+
+
+@pytest.mark.parametrize("prompts", [False, True])
+def test_engine_attention_maps_find_the_attended_patch(prompts):
+    import prompts as prompts_module
+    import reparam
+    torch.manual_seed(0)
+    clip_model = __import__("clip").build_random("tiny")  # 32 x 32 frames, 2 x 2 patches
+    _single_patch_attention(clip_model, target=3)  # token 3 = patch row 1, column 0
+    T = 3
+    kw = dict(reparam=reparam.ReparamEncoder("r2plus1d", 128, T, 1 + 2 + T), S=2) if prompts else {}
+    model = prompts_module.TPR(clip_model, T=T, temporal_prompts=prompts, **kw)
+    video = torch.randn(2, T, 3, 32, 32)
+    maps = evaluate.attention_maps(model, video)  # (B, T, 2, 2)
+    assert maps.shape == (2, T, 2, 2)
+    assert torch.allclose(maps.sum(dim=(-1, -2)), torch.ones(2, T), atol=1e-6)  # patches only, sum to 1
+    assert (maps[:, :, 1, 0] > 0.99).all(), maps
+    attn = clip_model.visual.transformer.resblocks[-1].attn
+    assert attn.save_attention is False and attn.attention is None  # switched off again, nothing kept
+    # BiEfficient: its own frozen backbone's attention, same reading (the prompts' keys above only take a share
+    # that the renormalisation over the patches removes).
+    bief = prompts_module.BiEfficient(clip_model, T=T)
+    assert torch.allclose(evaluate.attention_maps(bief, video), maps, atol=1e-5)
+
+
+def test_engine_attention_png_one_row_per_checkpoint(tpr_run, tmp_path, capsys):
+    import data
+    from PIL import Image
+    g = __import__("numpy").random.default_rng(0)
+    video = str(tmp_path / "mine.avi")
+    data.write_video(video, data.render_synthetic(0, [i / 47 for i in range(48)], data.g_state(g), 48, 64))
+    base = str(tmp_path / "base")
+    run(SMALL + BASELINE + ["--epochs", "1", "--eval-every", "0", "--output", base])
+    png = str(tmp_path / "fig7.png")
+    maps = evaluate.main(["--checkpoint", base, tpr_run, "--video", video, "--attention", png, "--workers", "0"])
+    assert len(maps) == 2 and all(m.shape == (8, 2, 2) for m in maps)  # T = 8 frames of 2 x 2 patches
+    assert all(torch.allclose(m.sum(dim=(-1, -2)), torch.ones(8), atol=1e-5) for m in maps)
+    w, h = Image.open(png).size
+    assert w >= 8 * 160 and h >= 2 * 160  # 8 frames per row, one row per checkpoint
+    assert "2 row(s)" in capsys.readouterr().out
+    with pytest.raises(train.UsageError, match="--video"):
+        evaluate.main(["--checkpoint", base, "--attention", png])
+
+
+def _readme_tpr_rows():
+    """The README's TPR table: (paper row, [train.py flag sets], [evaluate.py commands])."""
+    import re
+    import shlex
+    lines = open(os.path.join(HERE, "README.md"), encoding="utf-8").read().splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith("| paper | `train.py --method tpr"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        paper, flags, then, _ = [c.strip() for c in line.strip().strip("|").split("|")]
+        variants = [shlex.split(f) for f in re.findall(r"`([^`]*)`", flags)]
+        evals = [shlex.split(e)[1:] for e in re.findall(r"`([^`]*)`", then) if e.startswith("evaluate.py")]
+        rows.append((paper, variants, evals))
+    return rows
+
+
+README_TPR_ROWS = _readme_tpr_rows()
+
+
+@pytest.mark.parametrize("paper,variants,evals", README_TPR_ROWS, ids=[r[0] for r in README_TPR_ROWS])
+def test_engine_readme_tpr_commands_run_one_step(paper, variants, evals, tmp_path):
+    assert variants and all(v[0].startswith("--") for v in variants), (paper, variants)
+    parser = train.build_parser()
+    runs = []
+    for i, flags in enumerate(variants):
+        flags = list(flags)
+        extra = []
+        if "--dataset" in flags:  # the real dataset is replaced by the synthetic one; keep what it changes
+            j = flags.index("--dataset")
+            if flags[j + 1] == "ssv1":
+                extra = ["--label-smoothing", "0.1"]
+            del flags[j:j + 2]
+        shots = int(flags[flags.index("--shots") + 1]) if "--shots" in flags else 1
+        out = str(tmp_path / f"run{i}")
+        # Test flags first, the README's after them (argparse keeps the last): one step over 8 x shots videos,
+        # T = 2 frames unless the row sets --frames (5x faster than the synthetic default of 8).
+        base = ["--dataset", "synthetic", "--random-init", "--workers", "0", "--eval-every", "0", "--epochs", "1",
+                "--synthetic-videos", str(shots), "--batch-size", str(8 * shots), "--frames", "2", "--output", out]
+        r = train.main(base + extra + flags)
+        assert r["final"] is not None, (paper, flags)
+        steps = [m for m in metrics(out) if m["kind"] == "train"]
+        assert len(steps) == (0 if "--epochs" in flags and flags[flags.index("--epochs") + 1] == "0" else 1)
+        # Every README flag reached the run's arguments.
+        given = parser.parse_args(flags)
+        saved = json.load(open(os.path.join(out, "args.json")))
+        for action in parser._actions:
+            if any(o in flags for o in action.option_strings):
+                want = getattr(given, action.dest)
+                assert saved[action.dest] == (list(want) if isinstance(want, tuple) else want), action.dest
+        runs.append(out)
+    for argv in evals:
+        argv = [a for a in argv if a != "RUN"]
+        k = argv.index("--checkpoint") + 1
+        res = evaluate.main(argv[:k] + runs + argv[k:] + ["--workers", "0", "--output", str(tmp_path / "eval")])
+        views = argv[argv.index("--views") + 1] if "--views" in argv else None
+        assert len(res["results"]) == len(runs) and all(x["protocol"]["views"] == views for x in res["results"])
