@@ -3313,7 +3313,7 @@ def test_bief_contrastive_batch_local_vs_global_torchrun(tmp_path):
     for micro in (4, 1):
         for name, loss, grad in (("local", local, g_local), ("global", glob, g_global)):
             r = got[f"{name}-{micro}"]
-            assert r["loss"] == pytest.approx(float(loss), rel=1e-5), (name, micro)
+            assert r["loss"] == pytest.approx(float(loss.detach()), rel=1e-5), (name, micro)
             torch.testing.assert_close(torch.tensor(r["grad"]), grad.flatten()[:64], rtol=1e-4, atol=1e-7)
 
 
