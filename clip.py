@@ -9,7 +9,7 @@ neutral for the official models:
   (`attn.in_proj_weight`, `attn.in_proj_bias`, `attn.out_proj`).
 - Hooks the two papers need, so that neither forks this file:
   * `ResidualAttentionBlock.forward(x, prompts)`: extra prompt tokens join the block's attention as keys and
-    values and are dropped before its MLP (TPR Eq. 13-14).
+    values and are dropped before its MLP (TPR Eq. (13)-(14)).
   * `VisionTransformer.embed` / `.head`: the token sequence before the blocks, and the class embedding plus
     the patch tokens after `ln_post` (BiEfficient's patch memory).
   * `CLIP.encode_text_embeddings`: the text tower on token embeddings that learned prompt vectors may
@@ -114,13 +114,18 @@ class Attention(nn.Module):
     """Multi-head attention with nn.MultiheadAttention's parameter names, computed by SDPA, batch first.
 
     `extra` tokens (B, P, D) join as keys and values only: their own outputs would be dropped anyway
-    (TPR Eq. 13-14 keep only the frame tokens), so computing queries for them is skipped.
+    (TPR Eq. (13) and TPR Eq. (14) keep only the frame tokens), so computing queries for them is skipped.
+
+    `save_attention = True` keeps the attention weights softmax(q k^T / sqrt(D/H)) of the last call in
+    `self.attention` (B, H, N, N + P) (the prompts' keys included) for visualisation (TPR Fig. 7); the output is
+    the same SDPA either way.
     """
 
     def __init__(self, d_model: int, n_head: int):
         super().__init__()
         assert d_model % n_head == 0, f"width {d_model} is not divisible by {n_head} heads"
         self.n_head = n_head
+        self.save_attention, self.attention = False, None
         self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
         self.out_proj = nn.Linear(d_model, d_model)
@@ -137,6 +142,11 @@ class Attention(nn.Module):
         q = q.view(B, N, H, D // H).transpose(1, 2)  # (B, H, N, D/H)
         k = k.view(B, k.shape[1], H, D // H).transpose(1, 2)  # (B, H, N + P, D/H)
         v = v.view(B, v.shape[1], H, D // H).transpose(1, 2)
+        if self.save_attention:  # the weights SDPA applies, spelled out: (B, H, N, N + P)
+            logits = q @ k.transpose(-2, -1) * (D // H) ** -0.5
+            if is_causal:
+                logits = logits.masked_fill(torch.ones(N, N, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+            self.attention = logits.float().softmax(dim=-1).detach()
         out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)  # (B, H, N, D/H)
         out = out.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
         return self.out_proj(out)
@@ -158,15 +168,15 @@ class ResidualAttentionBlock(nn.Module):
     def forward(self, x, prompts=None):
         """x (B, N, D); prompts (B, P, D) or None.
 
-        With prompts, TPR Eq. (13): [Z^, P_R] = MHSA(LN([Z, P_R])) + [Z, P_R], keeping the Z rows (LN acts per
-        token, so LN([Z, P_R]) = [LN(Z), LN(P_R)]); Eq. (14): Z = MLP(LN(Z^)) + Z^, the prompts dropped.
-        Without prompts this is exactly CLIP's block.
+        Without prompts this is exactly CLIP's block (TPR Eq. (2)). With prompts, TPR Eq. (13):
+        [Z^, P_R] = MHSA(LN([Z, P_R])) + [Z, P_R], keeping the Z rows (LN acts per token, so
+        LN([Z, P_R]) = [LN(Z), LN(P_R)]); TPR Eq. (14): Z = MLP(LN(Z^)) + Z^, the prompts dropped.
         """
         if prompts is not None and self.causal:
             raise ValueError("prompt tokens can only join the (non-causal) vision blocks")
         extra = None if prompts is None else self.ln_1(prompts)
-        x = x + self.attn(self.ln_1(x), extra, is_causal=self.causal)  # Eq. (13)
-        x = x + self.mlp(self.ln_2(x))  # Eq. (14)
+        x = x + self.attn(self.ln_1(x), extra, is_causal=self.causal)  # TPR Eq. (13)
+        x = x + self.mlp(self.ln_2(x))  # TPR Eq. (14)
         return x
 
 

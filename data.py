@@ -644,18 +644,25 @@ def train_transform(frames, rng, size=224, flip=True, randaugment=False, random_
     return x.contiguous()
 
 
-def test_crops(frames, size=224, crops=1):
+def test_crops(frames, size=224, crops=1, resize=None):
     """uint8 (T, H, W, 3) -> (crops, T, 3, size, size) normalised.
 
-    Choice: the short side is resized to `size` (mmaction2 Resize(-1, size), as X-CLIP tests) and 1 centre
-    crop or 3 crops (start, centre, end of the long side) are taken."""
+    Choice: by default (resize None) the short side is resized to `size` (mmaction2 Resize(-1, size), as X-CLIP
+    tests) and 1 centre crop or 3 crops (start, centre, end of the long side) are taken. resize=R >= size
+    resizes the short side to R first (TPR Sec. 4.1.1: "scale the short side ... to 256"), so the crops see the
+    centre size/R of the short side; done as one crop-and-resize of the matching box of the original frame
+    (rounded to whole pixels)."""
     if crops not in (1, 3):
         raise ValueError(f"spatial crops {crops} not in (1, 3)")
+    resize = size if resize is None else resize
+    if resize < size:
+        raise ValueError(f"test resize {resize} is smaller than the crop size {size}")
     H, W = frames.shape[1:3]
-    c = min(H, W)
+    c = round(min(H, W) * size / resize)  # the crop's side in original pixels
+    short_offset = (min(H, W) - c) // 2
     long_side = max(H, W)
     offsets = [(long_side - c) // 2] if crops == 1 else [0, (long_side - c) // 2, long_side - c]
-    boxes = [(o, 0, c, c) if H > W else (0, o, c, c) for o in offsets]
+    boxes = [(o, short_offset, c, c) if H > W else (short_offset, o, c, c) for o in offsets]
     return torch.stack([_normalise(_crop_resize(frames, b, size)) for b in boxes])  # (crops, T, 3, size, size)
 
 
@@ -677,6 +684,8 @@ def _remove_dir(path, owner_pid):
 
 class _Base(torch.utils.data.Dataset):
     """Shared parts: options, epoch seeding, views, bad-file bookkeeping across worker processes."""
+
+    test_resize = None  # short side before the test crops (test_crops' resize); None = the crop size
 
     def _setup(self, name, classes, samples, mode, frames, input_size, views, sampling, seed, flip, randaugment,
                random_erasing, interval):
@@ -813,7 +822,8 @@ class _Base(torch.utils.data.Dataset):
         if self.mode == "train":
             return train_transform(frames_per_clip[0], rng, self.input_size, self.flip, self.randaugment,
                                    self.random_erasing)
-        views = [test_crops(f, self.input_size, self.crops) for f in frames_per_clip]  # C x (crops, T, 3, S, S)
+        views = [test_crops(f, self.input_size, self.crops, self.test_resize)
+                 for f in frames_per_clip]  # C x (crops, T, 3, S, S)
         return torch.cat(views)  # (V, T, 3, S, S), V = clips * crops, clip-major
 
 
@@ -915,7 +925,7 @@ class SyntheticVideos(_Base):
         out = [render_synthetic(label, [i / SYNTHETIC_STEPS for i in c], state, S, width) for c in clips]
         if self.mode == "train":
             return _normalise(torch.from_numpy(out[0]).permute(0, 3, 1, 2).float())  # (T, 3, S, S)
-        return torch.cat([test_crops(o, S, self.crops) for o in out])
+        return torch.cat([test_crops(o, S, self.crops, self.test_resize) for o in out])
 
 
 def g_state(g):
@@ -1368,7 +1378,8 @@ def check(name, root, split=1, workers=None, list_file=None, class_file=None, fi
     A damaged video is listed as used or bad by the rule training applies with T = `frames`."""
     out = out or sys.stdout
     workers = os.cpu_count() if workers is None else workers
-    parts = [("train", list_file), ("test", None)] if name != "list" else [("train", list_file)]
+    # list_file: (TRAIN, TEST) list files of dataset 'list', as train.py --list-file
+    parts = list(zip(("train", "test"), (list_file or (None, None)) if name == "list" else (None, None)))
     bad = 0
     for mode, lf in parts:
         ds = build_dataset(name, root, split=split, mode=mode, list_file=lf, class_file=class_file,
@@ -1667,8 +1678,9 @@ def main(argv=None):
     p.add_argument("--dataset", choices=DATASETS, help="dataset name")
     p.add_argument("--root", help="dataset folder in its authors' layout")
     p.add_argument("--split", type=int, default=1, choices=(1, 2, 3), help="official split (hmdb51, ucf101)")
-    p.add_argument("--list-file", help="list file for --dataset list")
-    p.add_argument("--class-file", help="class-name file for --dataset list")
+    p.add_argument("--list-file", nargs=2, metavar=("TRAIN", "TEST"),
+                   help="dataset 'list': mmaction2 list files for training and testing (as train.py's)")
+    p.add_argument("--class-file", help="dataset 'list': class names, one per line or id,name CSV")
     p.add_argument("--filename-tmpl", default="img_{:05d}.jpg", help="frame file names for frame-folder lists")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes for --check")
     p.add_argument("--frames", type=int, default=8,

@@ -7,8 +7,15 @@
   official test splits with mean and standard deviation, or BIKE's half-classes x 10.
 - Few-shot (TPR Sec. 4.3, Table 7): K-shot runs are trained by train.py --shots K --seed s; pass all their
   checkpoints here and get the mean (and std) over runs.
-- A user's own video: the top-5 labels with probabilities; --visualize draws the sampled frames with their
-  word-guided weights (TPR Eq. 6-7, BiEfficient Eq. 8) and the top-5 bar chart.
+- A user's own video: the top-5 labels with probabilities (of the dataset's classes or of --labels; a TPR
+  model with a Chinese branch takes their Chinese labels from a dictionary here, or scores with its English
+  branch alone and says so); --visualize draws a titled PNG of the frames as the model saw them (its centre
+  crop) with their word-guided weights (TPR Eq. 6-7, BiEfficient Eq. 8) and the top-k bars, k = min(5, labels);
+  --attention draws TPR's Fig. 7, the last frozen layer's class-token attention over each frame's patches, one
+  row per checkpoint.
+- Progress: a line every --print-every batches (videos done / total, ETA).
+- TPR: top-1 under both readings of Eq. (18) (softmax probabilities and the paper's cosines) in metrics.json
+  (`top1_by_fusion`); `top1` is the model's own (`protocol.fusion`).
 
 Counting follows pytorch/examples `imagenet/main.py`: each rank scores videos rank, rank + W, ... without
 padding, and the correct counts (not accuracies) are all-reduced, so every video counts exactly once. Only
@@ -18,12 +25,14 @@ record gives the videos scored and skipped; --stop-on-bad-video stops at the fir
     python evaluate.py --checkpoint runs/x/best.pt                              # 1x1 and 4x3 on its test split
     torchrun --nproc_per_node=4 evaluate.py --checkpoint runs/k400/best.pt --dataset hmdb51 --root DIR --zero-shot splits
     python evaluate.py --checkpoint runs/x/best.pt --video clip.mp4 --labels 'run,jump,swim' --visualize out.png
+    python evaluate.py --checkpoint runs/baseline/best.pt runs/full/best.pt --video clip.mp4 --attention fig7.png
 """
 import argparse
 import json
 import math
 import os
 import sys
+import time
 import types
 
 import numpy as np
@@ -31,17 +40,18 @@ import torch
 
 import clip
 import data
+import prompts
 import train
 
 ZERO_SHOT = ("splits", "half")
 # Settings of the training run that evaluation may change; the model itself always comes from the checkpoint.
 OVERRIDABLE = ("root", "pretrained", "pretrained_chinese", "lam", "test_words", "chinese_labels", "list_file",
-               "class_file", "filename_tmpl")
+               "class_file", "filename_tmpl", "test_resize", "fusion")
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="Evaluate a TPR or BiEfficient checkpoint (one process or torchrun).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=train.HelpFormatter)
     p.add_argument("--checkpoint", nargs="+", required=True,
                    help="checkpoint file(s) or run folder(s) (their last.pt); several: mean +- std over them "
                         "(e.g. the runs of a few-shot experiment)")
@@ -57,18 +67,30 @@ def build_parser():
                         "half-classes x --halves")
     p.add_argument("--halves", type=int, default=10, help="rounds of the half-classes protocol")
     p.add_argument("--lam", type=float, default=None, help="TPR: lambda of Eq. (18) (default: the training run's)")
-    p.add_argument("--test-words", default=None, help="TPR: whose words weight the frames ('class' or 'top1')")
-    p.add_argument("--chinese-labels", default=None, help="TPR: Chinese label file for a custom class list")
+    p.add_argument("--test-words", default=None, choices=prompts.TPR_TEST_WORDS,
+                   help="TPR: whose words weight the frames (default: the training run's)")
+    p.add_argument("--chinese-labels", default=None, help="TPR: Chinese label file for a custom class list or "
+                   "for --labels (JSON {english: chinese} or english<TAB>chinese lines)")
     p.add_argument("--pretrained", default=None, help="CLIP weights, if not where the training run found them")
     p.add_argument("--pretrained-chinese", default=None, help="Chinese-CLIP weights, likewise")
     p.add_argument("--batch-size", type=int, default=4, help="videos per rank per forward (all their views)")
+    p.add_argument("--print-every", type=int, default=10, help="progress line every N batches (0: none)")
     p.add_argument("--workers", type=int, default=train.default_workers(), help="data loader processes per rank "
                    "(default: 4, or fewer if this process may use fewer cores per rank)")
     p.add_argument("--output", default=None, help="folder for metrics.json (default: the first checkpoint's)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="autocast")
     p.add_argument("--video", default=None, help="score one video file and print its top-5 labels")
-    p.add_argument("--labels", default=None, help="with --video: comma-separated class names to choose from")
-    p.add_argument("--visualize", default=None, metavar="PNG", help="with --video: draw frames, weights, top-5")
+    p.add_argument("--labels", default=None, help="with --video: comma-separated class names to choose from "
+                   "(default: the classes of --dataset)")
+    p.add_argument("--visualize", default=None, metavar="PNG", help="with --video: draw the frames the model "
+                   "saw, their word-guided weights and the top-k")
+    p.add_argument("--attention", default=None, metavar="PNG",
+                   help="with --video: TPR Fig. 7, each checkpoint's last-layer class-token attention over the "
+                        "patches of every sampled frame, one row per checkpoint (e.g. the baseline and the full model)")
+    p.add_argument("--test-resize", type=int, default=None, metavar="PIXELS",
+                   help="short side before the test crops (TPR Sec. 4.1.1: 256; default: the training run's)")
+    p.add_argument("--fusion", default=None, choices=("prob", "cosine"),
+                   help="TPR: which reading of Eq. (18) gives `top1` (both are reported; default: the training run's)")
     p.add_argument("--stop-on-bad-video", action="store_true",
                    help="stop at the first unreadable test video instead of skipping it (skipped videos are "
                         "counted in every metrics line and never replaced by another)")
@@ -97,6 +119,10 @@ def validate(cli):
             raise train.UsageError(f"--checkpoint {path} does not exist (give a checkpoint file or a run folder)")
     if cli.video is not None and not os.path.isfile(cli.video):
         raise train.UsageError(f"--video {cli.video} is not a file")
+    if cli.attention is not None and cli.video is None:
+        raise train.UsageError(f"--attention {cli.attention} draws the attention maps of one video: give --video FILE")
+    if cli.test_resize is not None and cli.test_resize < 1:
+        raise train.UsageError(f"--test-resize {cli.test_resize}: must be >= the model's crop size (224 for ViT-B)")
 
 
 def load_run(path, cli):
@@ -108,6 +134,10 @@ def load_run(path, cli):
         if value is not None:
             setattr(args, key, value)
     args.workers = cli.workers
+    size = clip.ARCHS[args.arch]["image_resolution"]
+    if getattr(args, "test_resize", None) is not None and args.test_resize < size:
+        raise train.UsageError(f"--test-resize {args.test_resize}: smaller than the {size}-pixel crop of {path} "
+                               f"({args.arch}); give a short side >= {size}")
     return ckpt, args, path
 
 
@@ -129,6 +159,34 @@ def set_classes(model, args, dataset, name):
         model.set_classes(texts, zh)
     else:
         model.set_classes(texts)
+
+
+class Progress:
+    """A progress line every `every` batches while one test set is scored: videos done / total, ETA.
+
+    Called by train.evaluate with this rank's counts; the ranks score equal shares in step, so rank 0's
+    fraction stands for all of them."""
+
+    def __init__(self, what, total, every, log):
+        self.what, self.total, self.every, self.log = what, total, every, log
+        self.batches, self.t0 = 0, time.monotonic()
+
+    def __call__(self, done, share):
+        self.batches += 1
+        if not self.every or (self.batches % self.every and done < share):
+            return
+        elapsed = time.monotonic() - self.t0
+        videos = min(self.total, round(self.total * done / max(share, 1)))
+        eta = elapsed * (share - done) / max(done, 1)
+        self.log(f"  {self.what}: {videos}/{self.total} videos, {videos / max(elapsed, 1e-9):.1f} videos/s, "
+                 f"ETA {train._hms(eta)}")
+
+
+def score(model, ds, cli, device, amp_dtype, log, what):
+    """train.evaluate with progress lines."""
+    progress = Progress(what, len(ds), cli.print_every, log)
+    return train.evaluate(model, ds, device, amp_dtype, cli.batch_size, cli.workers,
+                          stop_on_bad=cli.stop_on_bad_video, progress=progress)
 
 
 def mean_std(values):
@@ -159,14 +217,13 @@ def evaluate_run(path, cli, device, amp_dtype, log):
                     texts, zh = train.class_names(args, ds, name)
                     model = restore(ckpt, args, texts, zh, device, path)
                 set_classes(model, args, ds, name)
-                r = train.evaluate(model, ds, device, amp_dtype, cli.batch_size, cli.workers,
-                                   stop_on_bad=cli.stop_on_bad_video)
+                r = score(model, ds, cli, device, amp_dtype, log, f"zero-shot {ev['name']} {view}")
                 proto = dict(train.protocol(args, ds, view, dataset_name=name), zero_shot=cli.zero_shot,
                              part=ev["name"], trained_on=args.dataset)
                 log(f"zero-shot {ev['name']} (trained on {args.dataset}): {train.describe(r, proto, args.random_init)}")
                 records.append(dict(checkpoint=path, protocol=proto, top1=r["top1"], top5=r["top5"],
                                     scored=r["videos"], skipped=r["skipped"], skipped_files=r["skipped_files"],
-                                    random_init=bool(args.random_init)))
+                                    random_init=bool(args.random_init), **fusion_fields(r)))
             these = [r for r in records if r["protocol"]["views"] == view]
             m1, s1 = mean_std([r["top1"] for r in these])
             m5, s5 = mean_std([r["top5"] for r in these])
@@ -186,16 +243,20 @@ def evaluate_run(path, cli, device, amp_dtype, log):
                 texts, zh = train.class_names(args, ds, name)
                 model = restore(ckpt, args, texts, zh, device, path)
             set_classes(model, args, ds, name)
-            r = train.evaluate(model, ds, device, amp_dtype, cli.batch_size, cli.workers,
-                               stop_on_bad=cli.stop_on_bad_video)
+            r = score(model, ds, cli, device, amp_dtype, log, f"{name} split {split} {view}")
             proto = train.protocol(args, ds, view, split=split, dataset_name=name)
             if name != args.dataset:
                 proto.update(zero_shot="classes of another dataset", trained_on=args.dataset)
             log(f"{path}: {train.describe(r, proto, args.random_init)}")
             records.append(dict(checkpoint=path, protocol=proto, top1=r["top1"], top5=r["top5"],
                                 scored=r["videos"], skipped=r["skipped"], skipped_files=r["skipped_files"],
-                                random_init=bool(args.random_init)))
+                                random_init=bool(args.random_init), **fusion_fields(r)))
     return records
+
+
+def fusion_fields(result):
+    """TPR: the top-1 of both readings of Eq. (18), {"top1_by_fusion": {"cosine": %, "prob": %}}; else {}."""
+    return {"top1_by_fusion": result["top1_by_fusion"]} if "top1_by_fusion" in result else {}
 
 
 def summarise(records, log):
@@ -224,32 +285,93 @@ def summarise(records, log):
 # One video
 # ----------------------------------------------------------------------------------------------------------
 
-def load_video(path, T, size):
-    """One test clip of a video file: (1, T, 3, size, size) normalised, and the uint8 frames (T, H, W, 3)."""
+def load_video(path, T, size, resize=None):
+    """One test clip of a video file: (1, T, 3, size, size) normalised (short side `resize` first, None = size),
+    and the uint8 frames (T, H, W, 3)."""
     try:
         meta = data.probe_video(path)
         idx = data.sample_indices(meta.num_frames, T, "test")
         frames = data.decode_frames(path, idx, meta)
     except data.BadVideo as e:
         raise train.UsageError(f"cannot read {path}: {e}") from None
-    return data.test_crops(frames, size, 1), frames  # (1, T, 3, S, S)
+    return data.test_crops(frames, size, 1, resize), frames  # (1, T, 3, S, S)
+
+
+def crop_pixels(video):
+    """The model's input (T, 3, S, S), CLIP-normalised, back to uint8 pixels (T, S, S, 3) for drawing."""
+    mean = torch.tensor(data.CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(data.CLIP_STD).view(3, 1, 1)
+    x = (video.float().cpu() * std + mean).clamp(0, 1) * 255  # (T, 3, S, S)
+    return x.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (T, S, S, 3)
+
+
+def dictionary_chinese(ckpt, args, texts):
+    """Chinese labels for the user's --labels from a dictionary the project already has, or (None, None).
+
+    Looked up in the training run's dictionary (its dataset's, or its --chinese-labels file), then in the
+    built-in ones (synthetic, assets/chinese_labels/). A label matches a class by its name ('brush_hair') or
+    its words ('brush hair'); all labels must come from the same dictionary. Returns (labels, source)."""
+    sources = [(args.dataset, args.chinese_labels, list(ckpt.get("classes") or []))]
+    sources.append(("synthetic", None, list(data.SYNTHETIC_CLASSES)))
+    sources += [(name, None, None) for name in data.ASSET_NAMES]
+    for name, path, classes in sources:
+        try:
+            if classes is None or (not classes and name in data.ASSET_NAMES):
+                classes = data.official_classes(name)
+            by_text = {}
+            for c in classes:
+                by_text.setdefault(c, c)
+                by_text.setdefault(data.class_text(c), c)
+            if not classes or not all(t in by_text for t in texts):
+                continue
+            return data.chinese_labels(name, [by_text[t] for t in texts], path), path or f"the {name} dictionary"
+        except (KeyError, ValueError, OSError):
+            continue  # not this dictionary (or its file is gone): try the next one
+    return None, None
+
+
+def english_only(model):
+    """Drop TPR's Chinese branch of a restored model: scores are then S_VT alone (Eq. 18 with lambda = 1)."""
+    # Choice: a Chinese-branch TPR asked to score labels that no dictionary here translates (the README's
+    # 'run,jump,swim') uses its English branch alone and says so in one line, rather than refusing: the
+    # English branch is complete on its own (Fig. 5a's "+beta" row is exactly this model without Eq. 18's
+    # Chinese term), and an invented translation would be worse than none. --chinese-labels FILE gives both.
+    model.chinese_text = None
+    model.loss_keys = ("en",)
+    return model
 
 
 @torch.no_grad()
 def predict_video(cli, device, amp_dtype):
     ckpt, args, path = load_run(cli.checkpoint[0], cli)
+    if not os.path.isfile(cli.video):
+        raise train.UsageError(f"--video {cli.video} does not exist")
+    note = None
     if cli.labels:
         texts = [t.strip() for t in cli.labels.split(",") if t.strip()]
+        if not texts:
+            raise train.UsageError(f"--labels {cli.labels!r} holds no class name; give e.g. 'run,jump,swim'")
+        zh = None
         if train.uses_chinese(args):
-            if cli.chinese_labels is None:
-                raise train.UsageError("this TPR model has a Chinese branch: give --chinese-labels FILE with a "
-                                       "Chinese label for each of --labels")
-            try:
-                zh = data.chinese_labels("custom", texts, cli.chinese_labels)
-            except (ValueError, KeyError, OSError) as e:
-                raise train.UsageError(f"--chinese-labels: {e.args[0] if isinstance(e, KeyError) else e}") from None
+            if cli.chinese_labels is not None:
+                try:
+                    zh = data.chinese_labels("custom", texts, cli.chinese_labels)
+                except (ValueError, KeyError, OSError) as e:
+                    raise train.UsageError(f"--chinese-labels: {e.args[0] if isinstance(e, KeyError) else e}") from None
+                note = f"Chinese labels from {cli.chinese_labels}"
+            else:
+                zh, source = dictionary_chinese(ckpt, args, texts)
+                note = (f"Chinese labels from {source}" if zh is not None else
+                        "no Chinese labels for these --labels: scoring with the English branch alone "
+                        "(Eq. 18 with lambda = 1); pass --chinese-labels FILE to use both branches")
+        if train.uses_chinese(args) and zh is None:
+            # The model is rebuilt with its training classes (they have Chinese labels), then drops the branch.
+            classes = list(ckpt["classes"])
+            ds = types.SimpleNamespace(classes=classes, class_texts=[data.class_text(c) for c in classes])
+            model = english_only(restore(ckpt, args, *train.class_names(args, ds), device, path))
+            model.set_classes(texts)
         else:
-            zh = None
+            model = restore(ckpt, args, texts, zh, device, path)
     else:
         name = cli.dataset or args.dataset
         if name in data.ASSET_NAMES or name == "synthetic":
@@ -259,10 +381,11 @@ def predict_video(cli, device, amp_dtype):
         else:
             ds = train.build_dataset(args, "test", dataset=name)
         texts, zh = train.class_names(args, ds, name)
-    model = restore(ckpt, args, texts, zh, device, path)
+        model = restore(ckpt, args, texts, zh, device, path)
     if not os.path.isfile(cli.video):
         raise train.UsageError(f"--video {cli.video} does not exist")
-    video, frames = load_video(cli.video, args.frames, clip.ARCHS[args.arch]["image_resolution"])
+    video, frames = load_video(cli.video, args.frames, clip.ARCHS[args.arch]["image_resolution"],
+                               getattr(args, "test_resize", None))  # (1, T, 3, S, S)
     K = len(texts)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         out = model(video.to(device), None, torch.arange(K, device=device))
@@ -272,6 +395,8 @@ def predict_video(cli, device, amp_dtype):
     probs = s if (s.min() >= 0 and abs(float(s.sum()) - 1) < 1e-3) else s.softmax(-1)
     top = probs.topk(min(5, K))
     tag = " (RANDOM-INIT model: meaningless)" if args.random_init else ""
+    if note:
+        print(f"note: {note}")
     print(f"{cli.video}: top-{len(top.indices)} of {K} classes{tag}")
     ranked = [(texts[i], float(p)) for p, i in zip(top.values.tolist(), top.indices.tolist())]
     for label, p in ranked:
@@ -279,37 +404,167 @@ def predict_video(cli, device, amp_dtype):
     weights = out.get("frame_weights")
     weights = None if weights is None else weights[0].float().cpu().tolist()
     if cli.visualize:
-        draw(frames, weights, ranked, cli.visualize)
+        # Whose words weighted the frames: BiEfficient's own top-1 (Eq. 8); TPR reports the weights of the class
+        # with the best English score (prompts.TPR.head).
+        guide = out["top1"][0] if "top1" in out else out["logits"]["en"][0].argmax()
+        title = [f"video: {cli.video}", f"checkpoint: {path}",
+                 f"method: {args.method}, {args.arch}, T = {args.frames}, {K} labels"]
+        if args.random_init:
+            title.append("RANDOM-INIT model: random frozen towers, predictions are meaningless")
+        if note:
+            title.append(note)
+        draw(crop_pixels(video[0]), weights, ranked, cli.visualize, title,
+             weights_caption(args, weights, texts[int(guide)]))
         print(f"wrote {cli.visualize}")
     return ranked, weights
 
 
-def draw(frames, weights, ranked, path):
-    """The sampled frames in a row, a bar per frame for its word-guided weight, and the top-5 bar chart."""
+def weights_caption(args, weights, guide):
+    """What the per-frame bars of the picture show, with the equation that computes them."""
+    if weights is None:
+        return "no frame weights: this model pools the frames without words"
+    if args.method == "tpr":
+        if args.pooling == "mean":
+            return "mean pooling, TPR Eq. 4: every frame weighs 1/T"
+        return f"word-guided frame weights, TPR Eq. 6 (words of '{guide}')"
+    return f"word-guided frame weights, BiEfficient Eq. 8 (words of the top-1 class '{guide}')"
+
+
+def draw(frames, weights, ranked, path, title, caption):
+    """A PNG: the title lines, the frames the model saw (its centre crop) in a row, a bar per frame for its
+    weight under `caption`, and the top-k bar chart. The title is also stored as the PNG's "Title" text."""
     from PIL import Image, ImageDraw
+    from PIL.PngImagePlugin import PngInfo
     T = len(frames)
-    thumb = 128
-    bar_h, chart_h, pad = 60, 22 * len(ranked) + 20, 8
-    width = T * (thumb + pad) + pad
-    img = Image.new("RGB", (max(width, 480), thumb + bar_h + chart_h + 4 * pad), "white")
+    thumb, pad, line = 128, 8, 14
+    title_h = line * len(title) + pad
+    bar_h, chart_h = 60, 22 * len(ranked) + 20
+    width = max(T * (thumb + pad) + pad, 640)
+    img = Image.new("RGB", (width, title_h + line + thumb + bar_h + chart_h + 4 * pad), "white")
     d = ImageDraw.Draw(img)
+    for i, text in enumerate(title):
+        d.text((pad, pad + line * i), text, fill=(200, 0, 0) if text.startswith("RANDOM-INIT") else "black")
+    y_caption = title_h + pad
+    d.text((pad, y_caption), caption, fill="black")
+    y_frames = y_caption + line + pad // 2
     top = max(weights) if weights else 1.0
     for t, f in enumerate(frames):
         x = pad + t * (thumb + pad)
-        img.paste(Image.fromarray(np.asarray(f)).resize((thumb, thumb)), (x, pad))
+        img.paste(Image.fromarray(np.asarray(f)).resize((thumb, thumb), Image.BICUBIC), (x, y_frames))
         if weights:
             h = int((bar_h - 14) * weights[t] / max(top, 1e-9))
-            y0 = pad * 2 + thumb + bar_h - 14
+            y0 = y_frames + pad + thumb + bar_h - 14
             d.rectangle([x + thumb // 4, y0 - h, x + 3 * thumb // 4, y0], fill=(200, 60, 60))
             d.text((x + thumb // 4, y0 + 2), f"{weights[t]:.2f}", fill="black")
-    y = thumb + bar_h + 3 * pad
-    d.text((pad, y), "top-5" + ("" if weights else " (this model gives no frame weights)"), fill="black")
+    y = y_frames + thumb + bar_h + 2 * pad
+    d.text((pad, y), f"top-{len(ranked)}", fill="black")
     for k, (label, p) in enumerate(ranked):
         yy = y + 18 + 22 * k
         d.rectangle([pad + 160, yy, pad + 160 + int(250 * p), yy + 14], fill=(60, 110, 200))
         d.text((pad, yy), label[:24], fill="black")
         d.text((pad + 170 + int(250 * p), yy), f"{100 * p:.1f}%", fill="black")
+    info = PngInfo()
+    info.add_text("Title", " | ".join(title))
+    info.add_text("Description", caption)
+    img.save(path, pnginfo=info)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TPR Fig. 7: attention maps of the frozen backbone on one video
+# ----------------------------------------------------------------------------------------------------------
+
+def attention_maps(model, video):
+    """The last frozen block's class-token attention over the patches, per frame: (B, T, h, w), each map summing
+    to 1. video (B, T, 3, S, S). TPR: the full video encoder (its temporal prompts are keys of that attention);
+    BiEfficient: its frozen CLIP visual tower (its prompts are on the text side).
+
+    Choice: the last layer's class-token row averaged over the heads (what Fig. 7 calls the attention map; the
+    paper does not say how it is drawn), not attention rollout: the prompt tokens are re-made in every layer, so
+    the product of the layers' attentions has no path through them. The prompts' keys take part in the softmax;
+    the map keeps the patch columns and renormalises them to sum 1.
+    """
+    visual = model.clip.visual if hasattr(model, "clip") else model.clip_model.visual
+    attn = visual.transformer.resblocks[-1].attn
+    B, T = video.shape[:2]
+    attn.save_attention = True
+    try:
+        with torch.no_grad():
+            if hasattr(model, "encode_frames"):
+                model.encode_frames(video)  # TPR Eq. (1)-(3), (8)-(14)
+            else:
+                visual(video.flatten(0, 1))  # BiEfficient Eq. (1)
+        weights = attn.attention  # (B * T, H, 1 + N, 1 + N + P)
+    finally:
+        attn.save_attention, attn.attention = False, None
+    grid = visual.input_resolution // visual.conv1.kernel_size[0]  # patches per side
+    n = grid * grid
+    cls_row = weights[:, :, 0, 1:1 + n].mean(dim=1)  # heads averaged, patch columns only; (B * T, N)
+    cls_row = cls_row / cls_row.sum(dim=-1, keepdim=True)
+    return cls_row.view(B, T, grid, grid)  # (B, T, h, w)
+
+
+def _heat_colours(m):
+    """Map values in [0, 1] (h, w) to a blue-cyan-yellow-red colour scale, uint8 (h, w, 3)."""
+    stops = np.array([[0, 0, 128], [0, 160, 255], [255, 230, 0], [220, 0, 0]], dtype=np.float64)
+    x = np.clip(m, 0, 1) * (len(stops) - 1)
+    i = np.minimum(x.astype(int), len(stops) - 2)
+    f = (x - i)[..., None]
+    return (stops[i] * (1 - f) + stops[i + 1] * f).astype(np.uint8)
+
+
+def draw_attention(rows, path, cell=160):
+    """rows: list of (title, crops uint8 (T, S, S, 3), maps (T, h, w)); one row of frames per entry, each frame
+    overlaid with its heat map (scaled to the row's largest patch weight). Written as a PNG with pillow."""
+    from PIL import Image, ImageDraw
+    pad, head = 6, 18
+    T = max(len(crops) for _, crops, _ in rows)
+    img = Image.new("RGB", (pad + T * (cell + pad), 22 + len(rows) * (head + cell + pad)), "white")
+    d = ImageDraw.Draw(img)
+    d.text((pad, 4), "last-layer class-token attention over the patches, heads averaged (TPR Fig. 7)", fill="black")
+    for r, (title, crops, maps) in enumerate(rows):
+        y = 22 + r * (head + cell + pad)
+        d.text((pad, y + 2), title, fill="black")
+        top = float(maps.max()) or 1.0
+        for t in range(len(crops)):
+            frame = Image.fromarray(crops[t]).resize((cell, cell), Image.BILINEAR)
+            heat = Image.fromarray(_heat_colours(maps[t] / top)).resize((cell, cell), Image.BILINEAR)
+            img.paste(Image.blend(frame, heat, 0.45), (pad + t * (cell + pad), y + head))
     img.save(path)
+
+
+def attention_figure(cli, device, amp_dtype):
+    """--attention: the maps of every --checkpoint on --video, drawn row above row. Returns the maps."""
+    if not cli.video:
+        raise train.UsageError("--attention PNG draws the attention maps of one video: give --video FILE too")
+    if not os.path.isfile(cli.video):
+        raise train.UsageError(f"--video {cli.video} does not exist")
+    rows, maps_out = [], []
+    for source in cli.checkpoint:
+        ckpt, args, path = load_run(source, cli)
+        # The visual attention does not depend on the label set: the run's own classes build the model.
+        classes = list(ckpt["classes"])
+        ds = types.SimpleNamespace(classes=classes, class_texts=[data.class_text(c) for c in classes])
+        texts, zh = train.class_names(args, ds, args.dataset)
+        model = restore(ckpt, args, texts, zh, device, path)
+        size = clip.ARCHS[args.arch]["image_resolution"]
+        video, _ = load_video(cli.video, args.frames, size, getattr(args, "test_resize", None))  # (1, T, 3, S, S)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            maps = attention_maps(model, video.to(device))[0].float().cpu()  # (T, h, w)
+        mean = torch.tensor(data.CLIP_MEAN).view(3, 1, 1) * 255
+        std = torch.tensor(data.CLIP_STD).view(3, 1, 1) * 255
+        crops = (video[0] * std + mean).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()  # what the model saw
+        what = "TPR" if args.method == "tpr" else "BiEfficient"
+        if args.method == "tpr":
+            parts = [("no temporal prompts" if args.no_temporal_prompts else "temporal prompts"),
+                     f"beta {args.beta}" if not args.no_temporal_prompts else None,
+                     None if args.no_chinese else "Chinese branch"]
+            what += " (" + ", ".join(p for p in parts if p) + ")"
+        tag = " RANDOM-INIT" if args.random_init else ""
+        rows.append((f"{what}, T={args.frames}: {path}{tag}", crops, maps.numpy()))
+        maps_out.append(maps)
+    draw_attention(rows, cli.attention)
+    print(f"wrote {cli.attention} ({len(rows)} row(s): {', '.join(r[0] for r in rows)})")
+    return maps_out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -320,6 +575,8 @@ def main(argv=None):
     rank, world, device = train.setup_distributed()
     log = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
     amp_dtype, _ = train.amp_settings(cli.precision, device)
+    if cli.attention:
+        return attention_figure(cli, device, amp_dtype)
     if cli.video:
         return predict_video(cli, device, amp_dtype)
     records = []

@@ -16,8 +16,9 @@ The cores (beta names as accepted by `ReparamEncoder(beta=...)`):
                 (1, 3) over the prompt axis, GELU, then a 1D temporal conv with kernel (3, 1) over the frames.
   "c3d"         C3D: one full 3 x 3 space-time conv over (T, P).
   "tada"        TAdaConv: the (1, 3) conv over the prompt axis with weights calibrated per frame,
-                W_t = alpha_t * W_b, alpha_t = 1 + conv1d(GELU(conv1d(mean_P(x))))[t] over the frames
-                (calibration of the input channels, TAdaConv's default `cal_dim="cin"`).
+                W_t = alpha_t * W_b, alpha_t = 1 + conv1d(GELU(conv1d(x_t + g(x_bar))))[t] over the frames,
+                x_t = mean_P(x) the frame descriptors, x_bar their mean over the video (TAdaConv's global
+                context, through a 1x1 conv g), calibrating the input channels (TAdaConv's `cal_dim="cin"`).
   "mlp"         bottleneck MLP: down, GELU, up, per token.
   "transformer" two pre-LN Transformer encoder layers (width h) over the T * P tokens of a video.
   "lstm"        bidirectional LSTM over the T frames, one sequence per prompt-token position.
@@ -52,11 +53,16 @@ class _ConvCore(nn.Module):
 
 class _TAdaCore(nn.Module):
     """TAdaConv (Huang et al., ICLR 2022) on the prompt axis: a (1, 3) conv whose weights are calibrated per
-    frame by alpha_t (B, h, T) generated from the frames' prompt descriptors by two temporal 1D convs."""
+    frame by alpha_t (B, h, T) generated from the frames' prompt descriptors and the video's global context by
+    two temporal 1D convs (TAdaConv's RouteFuncMLP: a(x + g(globalpool(x))), then b).
+
+    Choice: GELU between the two convs instead of RouteFuncMLP's BatchNorm + ReLU (a batch of B videos of
+    prompts is small, and every beta here uses GELU)."""
 
     def __init__(self, h: int, reduction: int = 4):
         super().__init__()
         self.conv = nn.Conv2d(h, h, kernel_size=(1, 3), padding=(0, 1))  # W_b, over the prompt axis P
+        self.globe = nn.Conv1d(h, h, kernel_size=1)  # g: the global context term of TAdaConv's calibration
         self.alpha_a = nn.Conv1d(h, max(h // reduction, 1), kernel_size=3, padding=1)
         self.alpha_b = nn.Conv1d(max(h // reduction, 1), h, kernel_size=3, padding=1)
         nn.init.zeros_(self.alpha_b.weight)  # alpha_t = 1 at start, as TAdaConv initialises it
@@ -65,7 +71,8 @@ class _TAdaCore(nn.Module):
     def forward(self, x):  # (B, T, P, h)
         x = x.permute(0, 3, 1, 2)  # (B, h, T, P)
         g = x.mean(dim=3)  # frame descriptors (B, h, T)
-        alpha = 1 + self.alpha_b(F.gelu(self.alpha_a(g)))  # (B, h, T)
+        context = self.globe(g.mean(dim=2, keepdim=True))  # global context of the video (B, h, 1)
+        alpha = 1 + self.alpha_b(F.gelu(self.alpha_a(g + context)))  # (B, h, T)
         # W_t = alpha_t * W_b on the input channels equals scaling frame t's input channels by alpha_t.
         x = self.conv(x * alpha[..., None])  # (B, h, T, P)
         return x.permute(0, 2, 3, 1)  # (B, T, P, h)

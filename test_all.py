@@ -1626,9 +1626,12 @@ def test_data_check_reports_bad_files(layouts, capsys):
     assert data.main(["--dataset", "ssv1", "--root", layouts["ssv1"], "--check", "--workers", "0"]) == 0
     assert "ssv1 split 1 test: 2 videos, 2 classes" in capsys.readouterr().out
     lists = layouts["lists"]
-    assert data.main(["--dataset", "list", "--list-file", os.path.join(lists, "frames.txt"), "--class-file",
-                      os.path.join(lists, "classes.txt"), "--root", lists, "--check", "--workers", "0"]) == 0
-    assert "0 bad of 2" in capsys.readouterr().out
+    # --list-file TRAIN TEST, as train.py's: both lists are checked.
+    assert data.main(["--dataset", "list", "--list-file", os.path.join(lists, "frames.txt"),
+                      os.path.join(lists, "videos.txt"), "--class-file", os.path.join(lists, "classes.txt"),
+                      "--root", lists, "--check", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "list split 1 train: 2 videos" in out and "list split 1 test: " in out and out.count("0 bad of") == 2
     assert data.main(["--dataset", "k400", "--root", os.path.join(lists, "nowhere"), "--check"]) == 2
     assert "nowhere" in capsys.readouterr().err
 
@@ -2185,6 +2188,25 @@ def test_data_chinese_labels_malformed_json_reports_the_json_error(tmp_path):
     assert data.chinese_labels("custom", ["jump", "run"], str(path)) == ["跳", "跑"]
 
 
+def test_data_test_resize_short_side_then_crops():
+    # TPR Sec. 4.1.1: short side to 256 before the 224 crop. Here short side 240 -> 64 for a 32 crop: the crop
+    # sees the central 32/64 of the short side, i.e. rows 60..179 and (centre crop) columns 100..219.
+    g = np.random.default_rng(0)
+    frames = g.integers(0, 256, (2, 240, 320, 3), dtype=np.uint8)
+    def same(a, b):  # equal inside; at the border PIL's filter also reads the pixels just outside the box
+        return torch.equal(a[..., 2:-2, 2:-2], b[..., 2:-2, 2:-2]) and (a - b).abs().max() < 0.3
+
+    got = data.test_crops(frames, size=32, crops=1, resize=64)
+    assert same(got, data.test_crops(np.ascontiguousarray(frames[:, 60:180, 100:220]), size=32, crops=1))
+    assert not same(got, data.test_crops(frames, size=32, crops=1))  # without the resize: the whole short side
+    three = data.test_crops(frames, size=32, crops=3, resize=64)  # start, centre, end of the long side
+    assert same(three[0], data.test_crops(np.ascontiguousarray(frames[:, 60:180, :120]), 32)[0])
+    assert same(three[2], data.test_crops(np.ascontiguousarray(frames[:, 60:180, 200:]), 32)[0])
+    assert torch.equal(data.test_crops(frames, 32, 1, resize=32), data.test_crops(frames, 32, 1))
+    with pytest.raises(ValueError, match="smaller than the crop"):
+        data.test_crops(frames, 32, 1, resize=16)
+
+
 # ==============================================================================================================
 # TPR (prompts.py TPR section, reparam.py, text_branches.py loss and fusion)
 # (from tpr tests)
@@ -2406,8 +2428,8 @@ def _receptive_field(beta, T, P, t0, p0):
         return [[t == t0 and p == p0 for p in range(P)] for t in range(T)]
     if beta in ("r2plus1d", "c3d"):  # (1, 3) + (3, 1) convs, or one 3 x 3 conv, over (T, P)
         return [[near_t[t] and near_p[p] for p in range(P)] for t in range(T)]
-    if beta == "tada":  # alpha_t from two kernel-3 temporal convs of the frames' means scales whole frames
-        return [[abs(t - t0) <= 2 for p in range(P)] for t in range(T)]
+    if beta == "tada":  # alpha_t from the frames' means and the video's mean (global context) scales all frames
+        return [[True] * P for _ in range(T)]
     if beta == "lstm":  # one bidirectional sequence over T per prompt position
         return [[p == p0 for p in range(P)] for t in range(T)]
     return [[True] * P for _ in range(T)]  # transformer: all T * P tokens
@@ -2588,7 +2610,9 @@ def test_tpr_ablation_switches(tiny):
     tpb = TPR(tiny, T=2, S=2, reparam=ReparamEncoder("r2plus1d", 128, 2, 5))
     full = TPR(tiny, T=2, S=2, reparam=ReparamEncoder("r2plus1d", 128, 2, 5), chinese_text=tiny_chinese(),
                chinese_tokenize=tb.tokenize_chinese)
-    assert base.prompts is None and base.temporal_embedding is None and base.loss_keys == ("en",)
+    # Paper: the baseline (no temporal prompts, word pooling) trains Eq. (1)'s e_temporal; frame-wise CLIP has none.
+    assert base.prompts is None and base.temporal_embedding.requires_grad and base.loss_keys == ("en",)
+    assert TPR(tiny, T=2, temporal_prompts=False, pooling="mean").temporal_embedding is None
     assert tp.prompts is not None and tp.reparam is None and tp.temporal_embedding is not None
     assert tpb.reparam is not None and tpb.loss_keys == ("en",) and full.loss_keys == ("en", "zh")
     with pytest.raises(ValueError, match="temporal_prompts"):
@@ -2668,6 +2692,60 @@ def test_tpr_vit_b16_shapes_one_step():
     assert out["logits"]["en"].shape == (1, 1) and torch.isfinite(loss)
     assert model.prompts.cls_attn[0].in_proj_weight.grad is not None and model.temporal_embedding.grad is not None
     assert model.prompts.global_prompts.shape == (12, T, S, 768)
+
+
+def test_tpr_label_smoothing_by_hand():
+    eps = 0.1
+    logits = torch.tensor([[2.0, 1.0, -1.0], [0.5, 3.0, 0.0], [1.0, -2.0, 4.0]])  # (B, A)
+    # One positive per row and column: the two directions are torch's cross_entropy with label smoothing.
+    distinct = torch.tensor([0, 1, 2])
+    ref = (F.cross_entropy(logits, distinct, label_smoothing=eps) +
+           F.cross_entropy(logits.t(), distinct, label_smoothing=eps)) / 2
+    got = tb.multi_positive_contrastive_loss(logits, distinct, distinct, label_smoothing=eps)
+    assert abs(got.item() - ref.item()) < 1e-6
+    # Shared labels: targets (1 - eps) / |K| on the positives plus eps / (texts per row, videos per column).
+    labels = torch.tensor([0, 0, 1])
+    l, y, B, A = logits.tolist(), labels.tolist(), 3, 3
+    rows = 0.0
+    for i in range(B):
+        z = sum(math.exp(v) for v in l[i])
+        n = sum(y[a] == y[i] for a in range(A))
+        rows += -sum(((1 - eps) * (y[a] == y[i]) / n + eps / A) * math.log(math.exp(l[i][a]) / z)
+                     for a in range(A)) / B
+    cols = 0.0
+    for a in range(A):
+        z = sum(math.exp(l[j][a]) for j in range(B))
+        n = sum(y[i] == y[a] for i in range(B))
+        cols += -sum(((1 - eps) * (y[i] == y[a]) / n + eps / B) * math.log(math.exp(l[i][a]) / z)
+                     for i in range(B)) / A
+    got = tb.multi_positive_contrastive_loss(logits, labels, labels, label_smoothing=eps)
+    assert abs(got.item() - (rows + cols) / 2) < 1e-5
+    plain = tb.multi_positive_contrastive_loss(logits, labels, labels)
+    assert abs(tb.multi_positive_contrastive_loss(logits, labels, labels, 0.0).item() - plain.item()) < 1e-7
+    assert abs(got.item() - plain.item()) > 1e-3  # smoothing changes the loss
+    with pytest.raises(ValueError, match="label_smoothing"):
+        tb.multi_positive_contrastive_loss(logits, labels, labels, label_smoothing=1.0)
+
+
+def test_tpr_eq18_cosine_and_probability_fusion_by_hand(tiny):
+    model = tiny_tpr(tiny, lam=0.3)
+    tau = model.tau
+    cos_en, cos_zh = [[0.10, 0.30]], [[0.25, 0.20]]
+    out = {"logits": {"en": torch.tensor(cos_en) / tau, "zh": torch.tensor(cos_zh) / tau}}  # logits = cos / tau
+    # Paper: Eq. (18) on the cosines of Eq. (5).
+    want = torch.tensor([[0.3 * cos_en[0][k] + 0.7 * cos_zh[0][k] for k in range(2)]])
+    assert torch.allclose(model.scores(out, "cosine"), want, atol=1e-6)
+    e = out["logits"]["en"].softmax(-1)
+    z = out["logits"]["zh"].softmax(-1)
+    assert torch.allclose(model.scores(out, "prob"), 0.3 * e + 0.7 * z, atol=1e-6)
+    assert torch.equal(model.scores(out), model.scores(out, "prob"))  # the default
+    # The two readings rank differently here: cosines prefer class 1 (0.230 vs 0.205), probabilities class 0
+    # (the Chinese branch's small cosine gap becomes a near-certain softmax at tau = 0.01).
+    assert model.scores(out, "cosine").argmax().item() == 1 and model.scores(out, "prob").argmax().item() == 0
+    cosine_model = tiny_tpr(tiny, lam=0.3, fusion="cosine")
+    assert torch.equal(cosine_model.scores(out), model.scores(out, "cosine"))
+    with pytest.raises(ValueError, match="fusion"):
+        model.scores(out, "logit")
 
 
 # ==============================================================================================================
@@ -3046,6 +3124,228 @@ def test_bief_autocast_bf16(bief_tiny):
     assert torch.isfinite(out["logits"]["en"].float()).all() and model.post.alpha.grad is not None
 
 
+# ---- code-compat: the authors' training step (loss, contrastive batch, init, schedule, precision) ----
+def test_bief_code_compat_loss_is_the_unnormalised_multi_hot_one():
+    """The authors' nn.CrossEntropyLoss on gen_label's multi-hot targets, by hand, on a batch with a repeated
+    class: it sums the log-probabilities of a row's positives; TPR's Eq. (15) (the paper mode) averages them."""
+    import text_branches
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(4, 4, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 2])
+    rows = cols = 0.0
+    for i in range(4):  # CE(logits, y): -sum_a y[i, a] log softmax(logits[i])[a], mean over i
+        z = sum(math.exp(logits[i, a]) for a in range(4))
+        rows += -sum(math.log(math.exp(logits[i, a]) / z) for a in range(4) if labels[i] == labels[a]) / 4
+    for a in range(4):  # CE(logits.T, y): the same over the columns
+        z = sum(math.exp(logits[i, a]) for i in range(4))
+        cols += -sum(math.log(math.exp(logits[i, a]) / z) for i in range(4) if labels[i] == labels[a]) / 4
+    code = text_branches.multi_hot_contrastive_loss(logits, labels, labels)
+    assert float(code) == pytest.approx((rows + cols) / 2, rel=1e-6)
+    target = (labels[:, None] == labels[None]).float()
+    ce = torch.nn.CrossEntropyLoss()  # what their train.py calls, on the float logits
+    assert float(code) == pytest.approx(float((ce(logits.float(), target) + ce(logits.float().T, target)) / 2),
+                                        rel=1e-5)
+    paper = text_branches.multi_positive_contrastive_loss(logits, labels, labels)
+    assert float(code) > float(paper) * 1.05  # the repeated class counts twice in the code's rows and columns
+    distinct = torch.tensor([0, 1, 2, 3])  # no repeated class: both are the symmetric InfoNCE
+    assert float(text_branches.multi_hot_contrastive_loss(logits, distinct, distinct)) == pytest.approx(
+        float(text_branches.multi_positive_contrastive_loss(logits, distinct, distinct)), rel=1e-9)
+    with pytest.raises(ValueError, match="positive"):
+        text_branches.multi_hot_contrastive_loss(logits[:, :2], labels, torch.tensor([0, 1]))
+
+
+def test_bief_code_compat_runs_77_positions_only_for_the_top1_texts(bief_tiny):
+    """words == "all" (the code): only each video's top-1 text runs at all 77 positions, the others up to their
+    EOT; logits and gradients equal the computation of every text at 77 positions."""
+    model = _bief_randomize(_model(bief_tiny, code_compat=True)).train()
+    video, cands = _video(B=3), torch.tensor([0, 4, 1, 4])
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for truncate in (True, False):
+        model.text_truncate = truncate
+        logits = model(video, None, cands)["logits"]["en"]
+        results.append((logits, torch.autograd.grad(logits.square().sum(), params, allow_unused=True)))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for x, y in zip(ga, gb):
+        if y is not None:
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5 * float(y.abs().max()) + 1e-7)
+
+
+def _bief_code_linears(model):
+    """The Linears the authors initialise with trunc_normal(0.02): Meta-Net (attention, MLP), Adapter fc1,
+    Post-Prompt blocks, temporal head (attention output, MLP)."""
+    pre, post, head = model.pre, model.post, model.head
+    named = {"pre.attn." + n: m for n, m in pre.attn.named_modules() if isinstance(m, torch.nn.Linear)}
+    named["pre.adapter.fc1"] = pre.adapter.fc1
+    named.update({"post." + n: m for n, m in post.named_modules() if isinstance(m, torch.nn.Linear)})
+    named.update({"head." + n: m for n, m in head.named_modules() if isinstance(m, torch.nn.Linear)})
+    return named
+
+
+def test_bief_code_compat_init_trunc_normal_zero_biases():
+    torch.manual_seed(0)
+    big = clip.build_random("ViT-B/32")  # E = 512: 512 x 512 weights give a sharp std estimate
+    code = BiEfficient(big, T=8, code_compat=True)
+    named = _bief_code_linears(code)
+    assert len(named) == 3 + 2 + 1 + 2 * 6 + 2 * 3  # q/k/v + MLP, fc1, 2 Post-Prompt blocks, 2 head blocks
+    for name, m in named.items():
+        w = m.weight.detach()
+        assert abs(float(w.std()) - 0.02) < 0.002, (name, float(w.std()))
+        assert float(w.mean().abs()) < 0.002 and float(w.abs().max()) <= 2.0, name  # timm's bounds: +-2
+        assert m.bias is None or not m.bias.detach().any(), name
+    assert not code.pre.adapter.fc2.weight.detach().any() and not code.pre.adapter.fc2.bias.detach().any()
+    attn_in = code.head.resblocks[0].attn.in_proj_weight.detach()  # not a Linear: nn.MultiheadAttention's xavier
+    assert abs(float(attn_in.std()) - math.sqrt(2 / (512 + 3 * 512))) < 0.002
+    torch.manual_seed(0)
+    paper = BiEfficient(big, T=8)  # PyTorch's default Linear init: Kaiming-uniform weights, non-zero biases
+    post_fc = paper.post.resblocks[0].mlp[0]
+    assert abs(float(post_fc.weight.detach().std()) - 1 / math.sqrt(3 * 512)) < 0.002
+    assert post_fc.bias.detach().abs().max() > 0.03
+    assert paper.config["linear_init"] == "pytorch" and code.config["linear_init"] == "trunc_normal"
+    over = BiEfficient(big, T=8, code_compat=True, linear_init="pytorch")  # each row overridable
+    assert over.post.resblocks[0].mlp[0].bias.detach().abs().max() > 0.03
+
+
+def _bief_train_args(*flags):
+    import train
+    return train.resolve_args(train.build_parser().parse_args(
+        ["--method", "biefficient", "--dataset", "synthetic", "--random-init", *flags]))
+
+
+def test_bief_code_compat_training_rows_schedule_and_precision():
+    """Code-compat picks the code column of every training-step row; each can be overridden. The authors'
+    scheduler cadence: lr 0 for the first 9 steps, then a value held for 10 steps; fp16 + GradScaler on GPUs."""
+    import train
+    import prompts
+    paper, code = _bief_train_args(), _bief_train_args("--biefficient-code-compat")
+    rows = ("loss", "contrastive_batch", "lr_schedule", "amp")
+    assert [getattr(paper, k) for k in rows] == [prompts.BIEFFICIENT_DEFAULTS[k][0] for k in rows]
+    assert [getattr(code, k) for k in rows] == ["multi_hot", "local", "every10", "fp16"]
+    for a in (paper, code):
+        a.lr, a.epochs, a.warmup_epochs, a.min_lr = 5e-4, 50, 5, 0.0
+    spe = 100
+    lrs = [train.lr_at(s, code, spe) for s in range(40)]
+    assert lrs[:9] == [0.0] * 9
+    assert lrs[9] == pytest.approx(5e-4 * (9 / spe) / 5) and len(set(lrs[9:19])) == 1 and lrs[19] > lrs[18]
+    assert train.lr_at(spe, code, spe) == pytest.approx(5e-4 / 5)  # a new epoch steps it at its iteration 0
+    assert train.lr_at(spe + 5, code, spe) == train.lr_at(spe, code, spe)
+    assert train.lr_at(0, paper, spe) > 0 and train.lr_at(1, paper, spe) > train.lr_at(0, paper, spe)
+    cuda = torch.device("cuda")  # "auto" on a GPU: no GPU call on the fp16 path, so this runs anywhere
+    assert train.amp_settings("auto", cuda, code.amp) == (torch.float16, True)
+    assert train.amp_settings("auto", torch.device("cpu"), code.amp) == (None, False)
+    assert train.amp_settings("bf16", cuda, code.amp) == (torch.bfloat16, False)  # an explicit flag wins
+    over = _bief_train_args("--biefficient-code-compat", "--contrastive-batch", "global",
+                            "--biefficient-kwargs", '{"loss": "multi_positive", "lr_schedule": "step"}')
+    assert (over.contrastive_batch, over.loss, over.lr_schedule) == ("global", "multi_positive", "step")
+    with pytest.raises(train.UsageError, match="loss='sum'.*multi_hot"):
+        _bief_train_args("--biefficient-kwargs", '{"loss": "sum"}')
+    model = train.build_model(code, ["a", "b"])
+    assert all(model.config[k] == getattr(code, k) for k in rows)  # the model states what the engine does
+
+
+_BIEF_DDP_WORKER = r"""
+import json, os, sys, argparse
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+sys.path.insert(0, os.environ["BIEF_REPO"])
+import clip, prompts, train
+rank, world, device = train.setup_distributed()
+torch.manual_seed(0)
+model = prompts.BiEfficient(clip.build_random("tiny"), T=2, M=2, code_compat=True)
+model.set_classes([f"class {i}" for i in range(6)])
+model.train()
+ddp = DDP(model, find_unused_parameters=model.has_unused_parameters)  # as train.py
+g = torch.Generator().manual_seed(10 + rank)
+video = torch.randn(4, 2, 3, 32, 32, generator=g)
+labels = torch.tensor([[0, 0, 1, 2], [3, 1, 4, 4]][rank])
+out = {}
+for batch in ("local", "global"):
+    for micro in (4, 1):
+        args = argparse.Namespace(micro_batch=micro, contrastive_batch=batch, loss="multi_hot")
+        loss = train.train_step(ddp, model, video, labels, args, world, None,
+                                torch.amp.GradScaler("cpu", enabled=False), device)
+        grad = model.post.resblocks[0].mlp[0].weight.grad
+        out[f"{batch}-{micro}"] = dict(loss=float(loss), grad=grad.flatten()[:64].tolist())
+        model.zero_grad(set_to_none=True)
+if rank == 0:
+    json.dump(out, open(sys.argv[1], "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_bief_contrastive_batch_local_vs_global_torchrun(tmp_path):
+    """Two ranks (gloo), 4 videos each. local: each rank its own 4 x 4 problem (the authors' code), the step's
+    gradient the mean of the per-rank losses' gradients; global: one 8 x 8 problem on the gathered logits.
+    Both with and without gradient accumulation (micro-batch 1), against one process computing each by hand."""
+    import subprocess
+    import sys
+    import os
+    import text_branches
+    worker, result = tmp_path / "worker.py", tmp_path / "out.json"
+    worker.write_text(_BIEF_DDP_WORKER)
+    repo = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", BIEF_REPO=repo)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(worker), str(result)], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(result.read_text())
+    torch.manual_seed(0)
+    model = BiEfficient(clip.build_random("tiny"), T=2, M=2, code_compat=True)
+    model.set_classes([f"class {i}" for i in range(6)])
+    model.train()
+    videos = [torch.randn(4, 2, 3, 32, 32, generator=torch.Generator().manual_seed(10 + r)) for r in range(2)]
+    labels = [torch.tensor([0, 0, 1, 2]), torch.tensor([3, 1, 4, 4])]
+    weight = model.post.resblocks[0].mlp[0].weight
+    loss_fn = text_branches.multi_hot_contrastive_loss
+    local_losses = []
+    for v, l in zip(videos, labels):
+        logits = model(v, l, l)["logits"]["en"]  # (4, 4): the rank's videos against its own labels
+        assert logits.shape == (4, 4)
+        local_losses.append(loss_fn(logits, l, l))
+    local = sum(local_losses) / 2
+    (g_local,) = torch.autograd.grad(local, [weight])
+    every = torch.cat(labels)
+    full = torch.cat([model(v, l, every)["logits"]["en"] for v, l in zip(videos, labels)])  # (8, 8)
+    glob = loss_fn(full, every, every)
+    (g_global,) = torch.autograd.grad(glob, [weight])
+    assert abs(float(local.detach()) - float(glob.detach())) > 0.05  # the two objectives differ on this batch
+    for micro in (4, 1):
+        for name, loss, grad in (("local", local, g_local), ("global", glob, g_global)):
+            r = got[f"{name}-{micro}"]
+            assert r["loss"] == pytest.approx(float(loss.detach()), rel=1e-5), (name, micro)
+            torch.testing.assert_close(torch.tensor(r["grad"]), grad.flatten()[:64], rtol=1e-4, atol=1e-7)
+
+
+def test_bief_readme_counts_the_code_compat_differences():
+    """The README's count of code-compat differences is the number of rows whose two columns differ."""
+    import os
+    import re
+    import prompts
+    differ = sum(p != c for p, c in prompts.BIEFFICIENT_DEFAULTS.values())
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    counts = [int(n) for n in re.findall(r"\((\d+) differences", readme)]
+    assert counts == [differ], (counts, differ)
+
+
+def test_bief_benchmark_checks_and_prints_both_rows(capsys):
+    """--bench-biefficient (tiny shapes): the authors' re-statement matches our logits, loss and gradients,
+    and both rows are timed in their own processes and printed with their ratios."""
+    import prompts
+    prompts.main(["--bench-biefficient", "--arch", "tiny", "--device", "cpu", "--batch-size", "3",
+                  "--frames", "2", "--candidates", "4", "--steps", "1"])
+    out = capsys.readouterr().out
+    check = re.search(r"logits ([0-9.e+-]+), loss ([0-9.e+-]+) .*gradients ([0-9.e+-]+)", out)
+    assert check and max(float(x) for x in check.groups()) < 1e-4, out
+    for row in ("ours ", "ours + --grad-checkpointing", "authors' way"):
+        assert re.search(re.escape(row) + r"\s+[0-9.]+ ms\s+[0-9.]+ MiB", out), (row, out)
+    assert out.count("vs authors' way") == 2 and "x faster" in out
+    with pytest.raises(SystemExit) as e:
+        prompts.main(["--bench-biefficient", "--arch", "tiny", "--device", "cpu", "--batch-size", "3",
+                      "--candidates", "2"])
+    assert e.value.code == 2
+
+
 # ==============================================================================================================
 # train.py and evaluate.py: the engine
 # (from engine tests)
@@ -3294,14 +3594,16 @@ def test_engine_scores_a_users_own_video(tpr_run, tmp_path, capsys):
     assert all(f"{p * 100:6.2f}%  {l}" in printed for l, p in ranked)
     assert len(weights) == 8 and abs(sum(weights) - 1) < 1e-4  # word-guided weights of the 8 sampled frames
     assert Image.open(png).size[0] >= 8 * 128  # one thumbnail per sampled frame
-    # Custom labels: the model has a Chinese branch, so it asks for their Chinese labels, then scores them.
-    with pytest.raises(train.UsageError, match="--chinese-labels"):
-        evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "moving left,growing"])
+    # Custom labels on a model with a Chinese branch: labels of a dataset take their Chinese labels from its
+    # dictionary, exactly as from a file holding the same entries.
+    from_dictionary, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "moving left,growing"])
+    assert "note: Chinese labels from the synthetic dictionary" in capsys.readouterr().out
     zh = tmp_path / "zh.json"
     zh.write_text(_json.dumps({"moving left": "向左移动", "growing": "变大"}, ensure_ascii=False), encoding="utf-8")
     ranked, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "moving left,growing",
                                "--chinese-labels", str(zh)])
     assert sorted(l for l, _ in ranked) == ["growing", "moving left"] and abs(sum(p for _, p in ranked) - 1) < 1e-5
+    assert ranked == pytest.approx(from_dictionary)
 
 
 CLIP_ROW = ["--no-temporal-prompts", "--beta", "none", "--no-chinese", "--pooling", "mean"]  # Fig. 5a CLIP row
@@ -3611,3 +3913,394 @@ def test_engine_evaluation_scores_only_real_videos(tmp_path):
     assert "2 videos scored, 1 skipped as unreadable" in line and "v1.avi" in line
     with pytest.raises(train.UsageError, match=r"unreadable test video \S*v1.avi"):
         train.evaluate(model, ds, torch.device("cpu"), batch_size=1, stop_on_bad=True)
+
+
+# ---------------------------------------------------------------------------------------------- what users see
+# The newcomer's surface (issue 15): the README's own-video command on the quick start's checkpoint, a picture
+# that says what it shows, progress lines, --help, --dry-run, warnings once under torchrun, the README's counts.
+def _readme():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+def _banded_video(path, codec="libx264"):
+    """A 16:9 H.264 video: magenta left band, yellow right band, both outside the centre crop, moving grey
+    texture between them."""
+    import numpy as np
+    import data
+    g = np.random.default_rng(0)
+    frames = np.zeros((40, 180, 320, 3), dtype=np.uint8)
+    for t in range(40):
+        frames[t, :, 60:260] = g.integers(64, 192, (180, 200, 1), dtype=np.uint8)
+    frames[:, :, :60] = (255, 0, 255)
+    frames[:, :, 260:] = (255, 255, 0)
+    data.write_video(path, frames, codec=codec)
+    return path
+
+
+def test_engine_readme_own_video_command_runs_on_the_quick_start_checkpoint(tpr_run, tmp_path):
+    """The README's command, as printed, on a quick-start-like checkpoint (TPR with its Chinese branch): labels
+    no dictionary translates are scored by the English branch alone, said in one line."""
+    import shlex
+    line = next(l for l in _readme().splitlines() if l.startswith("python evaluate.py") and "--video" in l)
+    argv = shlex.split(line.split("#")[0])
+    assert argv[:2] == ["python", "evaluate.py"] and "--labels" in argv and "--visualize" in argv
+    argv[argv.index("--checkpoint") + 1] = os.path.join(tpr_run, "best.pt")
+    video = argv[argv.index("--video") + 1]
+    _banded_video(str(tmp_path / video))
+    labels = argv[argv.index("--labels") + 1].split(",")
+    p = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py")] + argv[2:], cwd=tmp_path, env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("English branch alone") == 1, p.stdout
+    assert f"top-{len(labels)} of {len(labels)} classes (RANDOM-INIT" in p.stdout
+    assert all(f"%  {label}" in p.stdout for label in labels)
+    assert (tmp_path / argv[argv.index("--visualize") + 1]).stat().st_size > 0
+
+
+def test_engine_visualization_says_what_it_shows(tpr_run, tmp_path):
+    """The PNG: a title (video, checkpoint, method, RANDOM-INIT), the Eq. 6 caption, one bar per label (top-k,
+    k = min(5, labels)), and frames as the model's centre crop (the bands outside it never appear)."""
+    import numpy as np
+    from PIL import Image
+    video = _banded_video(str(tmp_path / "wide.mp4"))
+    png = str(tmp_path / "vis.png")
+    ckpt = os.path.join(tpr_run, "best.pt")
+    ranked, weights = evaluate.main(["--checkpoint", ckpt, "--video", video, "--labels", "run,jump,swim",
+                                     "--visualize", png])
+    assert len(ranked) == 3 and len(weights) == 8
+    img = Image.open(png)
+    title, caption = img.text["Title"], img.text["Description"]
+    assert video in title and ckpt in title and "method: tpr" in title and "RANDOM-INIT" in title
+    assert caption.startswith("word-guided frame weights, TPR Eq. 6")
+    assert img.size[0] == 8 * (128 + 8) + 8  # one 128-pixel thumbnail per sampled frame
+    px = np.asarray(img.convert("RGB")).astype(int)
+    assert (px[:14] < 100).all(-1).sum() > 50  # the first title line is drawn
+    red = (px[..., 0] > 150) & (px[..., 1] < 20) & (px[..., 2] < 20)  # (200, 0, 0) text, not the (200, 60, 60) bars
+    assert red.sum() > 50  # the RANDOM-INIT line
+    column = (px[:, 8 + 160] == (60, 110, 200)).all(-1)  # through the first pixel column of every top-k bar
+    assert int((column[1:] & ~column[:-1]).sum()) == len(ranked)
+    magenta = (px[..., 0] > 200) & (px[..., 1] < 60) & (px[..., 2] > 200)
+    yellow = (px[..., 0] > 200) & (px[..., 1] > 200) & (px[..., 2] < 60)
+    assert magenta.sum() < 20 and yellow.sum() < 20  # squashed 16:9 frames would show 8 x 3,000 of each
+    # BiEfficient's caption names its own equation; with 7 labels the chart keeps the top 5.
+    assert evaluate.weights_caption(argparse_ns(method="biefficient"), [0.5, 0.5], "run").startswith(
+        "word-guided frame weights, BiEfficient Eq. 8")
+    ranked, _ = evaluate.main(["--checkpoint", ckpt, "--video", video, "--labels", "a,b,c,d,e,f,g"])
+    assert len(ranked) == 5
+
+
+def test_engine_own_video_labels_of_a_dataset_take_its_chinese_dictionary(tpr_run, tmp_path, capsys):
+    """HMDB51 class names typed as words on a synthetic-trained TPR: the hmdb51 dictionary gives their Chinese
+    labels, the same scores as a file holding those entries."""
+    import json as _json
+    video = _banded_video(str(tmp_path / "v.mp4"))
+    ranked, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "brush hair,cartwheel"])
+    assert "note: Chinese labels from the hmdb51 dictionary" in capsys.readouterr().out
+    zh = tmp_path / "zh.json"
+    zh.write_text(_json.dumps({"brush hair": "梳头", "cartwheel": "侧手翻"}, ensure_ascii=False), encoding="utf-8")
+    same, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "brush hair,cartwheel",
+                             "--chinese-labels", str(zh)])
+    assert ranked == pytest.approx(same)
+    english, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "brush hair,cartwheel",
+                                "--lam", "1"])
+    assert english != pytest.approx(ranked)  # the Chinese branch did contribute
+
+
+def argparse_ns(**kw):
+    import argparse
+    return argparse.Namespace(**kw)
+
+
+def test_engine_evaluate_prints_progress(tpr_run, capsys):
+    evaluate.main(["--checkpoint", tpr_run, "--views", "1x1", "--workers", "0", "--batch-size", "4",
+                   "--print-every", "2"])
+    lines = [l for l in capsys.readouterr().out.splitlines() if "videos/s, ETA" in l]
+    # 16 test videos in batches of 4: a line after batches 2 and 4 (the last one always).
+    assert [l.split(": ")[1].split(",")[0] for l in lines] == ["8/16 videos", "16/16 videos"], lines
+    assert lines[0].lstrip().startswith("synthetic split 1 1x1:") and lines[-1].endswith("ETA 0:00:00")
+
+
+def test_engine_speed_and_eta_come_from_recent_training_steps(tmp_path, monkeypatch):
+    """A fake clock: each training step takes 1 s (4 clips), each evaluation 1000 s. clips/s stays 4.0 after
+    an evaluation (a cumulative average would fall to 0.02), and the ETA is the steps left at 1 s plus the
+    evaluations left at 1000 s each."""
+    clock = [0.0]
+    monkeypatch.setattr(train, "_now", lambda: clock[0])
+    step, ev = train.optimizer_step, train.evaluate
+
+    def timed_step(*a, **k):
+        clock[0] += 1.0
+        return step(*a, **k)
+
+    def timed_eval(*a, **k):
+        clock[0] += 1000.0
+        return ev(*a, **k)
+
+    monkeypatch.setattr(train, "optimizer_step", timed_step)
+    monkeypatch.setattr(train, "evaluate", timed_eval)
+    out = str(tmp_path / "run")
+    train.main(SMALL + ["--method", "biefficient", "--epochs", "3", "--eval-every", "1", "--output", out])
+    records = [r for r in metrics(out) if r["kind"] == "train"]
+    assert len(records) == 12 and all(r["clips_per_s"] == pytest.approx(4.0) for r in records)
+    eta = {r["step"]: r["eta_s"] for r in records}
+    assert eta[1] == pytest.approx(11)  # no evaluation measured yet
+    assert eta[5] == pytest.approx(7 + 2 * 1000) and eta[9] == pytest.approx(3 + 1000)
+    assert eta[12] == pytest.approx(1000)  # the final evaluation is still to come
+
+
+def test_engine_help_has_one_default_per_flag_and_no_missing_paths(capsys):
+    import re
+    import data
+    for main in (train.main, evaluate.main, data.main):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        text = capsys.readouterr().out
+        flags = re.split(r"\n  (?=-)", text)[1:]
+        assert len(flags) > 8
+        for entry in flags:
+            assert entry.lower().count("default") <= 1 and "(default: None)" not in entry, entry
+        for path in re.findall(r"[\w.-]+(?:/[\w.-]+)*\.(?:md|py|txt|json|csv)\b", "\n".join(flags)):
+            if "/" in path or path.endswith(".py"):
+                assert os.path.exists(os.path.join(HERE, path)), f"--help names {path}, not in the repository"
+
+
+def test_engine_choices_are_shared_by_train_and_evaluate():
+    def choices(parser):
+        return {a.dest: tuple(a.choices) for a in parser._actions if a.choices}
+    mine, theirs = choices(evaluate.build_parser()), choices(train.build_parser())
+    for dest in set(mine) & set(theirs):
+        assert mine[dest] == theirs[dest], dest
+    assert mine["test_words"] == theirs["test_words"]
+
+
+def test_engine_dry_run_prints_the_resolved_setup_before_the_table(capsys):
+    train.main(SMALL + ["--method", "biefficient", "--dry-run"])
+    out = capsys.readouterr().out
+    head = out[:out.index("component")]
+    for text in ("biefficient on synthetic", "arch tiny", "T = 8", "M = 2", "M 2 (paper 16)", "lr 0.003 (paper"):
+        assert text in head, (text, head)
+    train.main(SMALL + ["--method", "tpr", "--frames", "4", "--dry-run"])
+    head = capsys.readouterr().out.split("component")[0]
+    assert "T = 4" in head and "S = 8" in head and "frames" not in head.split("instead of the paper's:")[1]
+    assert "prefix '{}.' (paper 'This is a video about {}.')" in head
+
+
+def test_engine_synthetic_without_random_init_says_what_to_pass():
+    with pytest.raises(train.UsageError, match="synthetic demo needs --random-init.*--pretrained"):
+        train.main(["--dataset", "synthetic", "--dry-run"])
+
+
+def test_engine_warnings_come_from_rank_0_only():
+    p = run(SMALL + ["--dry-run"], torchrun=True)
+    assert p.stderr.count("RANDOMLY INITIALISED CLIP") == 1, p.stderr
+    assert p.stderr.count("RANDOMLY INITIALISED Chinese-CLIP") == 1, p.stderr
+    assert p.stdout.count("setup: tpr on synthetic") == 1
+
+
+def test_engine_readme_counts_match_the_code():
+    """The README's number of code-compat differences is the number of BIEFFICIENT_DEFAULTS rows whose two
+    columns differ, and its parameter table gives the default-T counts of ViT-B/16 (built on the meta device)."""
+    import re
+    import clip
+    import prompts
+    import reparam
+    readme = _readme()
+    differ = sum(paper != code for paper, code in prompts.BIEFFICIENT_DEFAULTS.values())
+    assert re.findall(r"\((\d+) differences", readme) == [str(differ)]
+    T = train.paper_defaults("tpr", "hmdb51", 0)["frames"]
+    with torch.device("meta"):
+        big = clip.build_random("ViT-B/16")
+        for frames in (8, T):
+            beta = reparam.ReparamEncoder(beta="r2plus1d", D=768, T=frames, P=1 + 8 + frames, residual=True)
+            n = sum(c for _, c in prompts.TPR(big, T=frames, S=8, reparam=beta).parameter_table())
+            assert re.search(rf"\| TPR, T = {frames}\b[^|]*\| {n:,} ", readme), (frames, n)
+        T = train.paper_defaults("biefficient", "k400", 0)["frames"]
+        n = sum(c for _, c in prompts.BiEfficient(big, T=T).parameter_table())
+        assert re.search(rf"\| BiEfficient, T = {T}\b[^|]*\| {n:,} ", readme), n
+
+
+# ------------------------------------------------------------------------------------------- TPR paper rows
+BASELINE = ["--no-temporal-prompts", "--beta", "none", "--no-chinese"]  # Fig. 5a / Table 7 baseline
+
+
+def test_engine_baseline_trains_temporal_embedding_and_its_loss_falls(tmp_path):
+    # One global batch = the whole training set (16 videos), 12 steps: the loss of the same set must fall.
+    out = str(tmp_path / "baseline")
+    run(["--dataset", "synthetic", "--random-init", "--synthetic-videos", "2", "--batch-size", "16", "--workers",
+         "0", "--print-every", "1", "--epochs", "12", "--eval-every", "0", "--output", out] + BASELINE)
+    assert set(trainable(out)["trainable"]) == {"temporal_embedding"}  # Eq. (1)'s e_temporal, nothing else
+    losses = [r["loss"] for r in metrics(out) if r["kind"] == "train"]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < losses[0] - 1.0, losses
+
+
+def test_engine_arch_dependent_defaults_and_chinese_width(monkeypatch, tmp_path):
+    def resolved(*flags):
+        argv = ["--dataset", "hmdb51", "--root", str(tmp_path), *flags]
+        return train.resolve_args(train.build_parser().parse_args(argv))
+    b, l14 = resolved(), resolved("--arch", "ViT-L/14")
+    assert (b.epochs, b.pretrained_chinese, b.label_smoothing) == (30, "ViT-B-16", 0.0)  # Table 2, ViT-B
+    assert (l14.epochs, l14.pretrained_chinese) == (20, "ViT-L-14")  # Table 2, ViT-L; 768-d Chinese tower
+    assert resolved("--arch", "ViT-L/14@336px").pretrained_chinese == "ViT-L-14-336"
+    assert resolved("--arch", "ViT-L/14", "--epochs", "7").epochs == 7
+    ssv1 = resolved("--dataset", "ssv1")
+    assert (ssv1.label_smoothing, ssv1.epochs, ssv1.randaugment, ssv1.random_erasing) == (0.1, 40, True, True)
+    assert resolved("--dataset", "ssv1", "--label-smoothing", "0").label_smoothing == 0.0
+    with pytest.raises(train.UsageError, match="--label-smoothing 1.5"):
+        resolved("--label-smoothing", "1.5")
+    with pytest.raises(train.UsageError, match="--test-resize 100: smaller than the 224"):
+        resolved("--test-resize", "100")
+    # An explicit Chinese tower of the other width: one error naming both widths and the matching name.
+    import text_branches
+    monkeypatch.setattr(text_branches, "load_chinese_clip",
+                        lambda name: text_branches.build_random_chinese("tiny", embed_dim=512))
+    bad = resolved("--arch", "ViT-L/14", "--pretrained-chinese", "ViT-B-16")
+    with pytest.raises(train.UsageError, match=r"ViT-B-16 projects to 512 dimensions but CLIP ViT-L/14 to 768.*"
+                                               r"--pretrained-chinese ViT-L-14"):
+        train.build_chinese(bad, 768)
+    p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--label-smoothing", "2"], cwd=HERE,
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: --label-smoothing 2.0")
+
+
+def test_engine_evaluate_reports_both_eq18_fusions_and_test_resize(tpr_run, tmp_path):
+    res = evaluate.main(["--checkpoint", tpr_run, "--views", "1x1", "--workers", "0", "--output", str(tmp_path)])
+    (r,) = res["results"]
+    saved = json.load(open(tmp_path / "metrics.json"))["results"][0]
+    assert set(saved["top1_by_fusion"]) == {"prob", "cosine"} and saved["protocol"]["fusion"] == "prob"
+    assert r["top1"] == saved["top1_by_fusion"]["prob"]  # the default reading is the reported top-1
+    res = evaluate.main(["--checkpoint", tpr_run, "--views", "1x1", "--workers", "0", "--output", str(tmp_path),
+                         "--fusion", "cosine", "--test-resize", "48"])
+    (c,) = res["results"]
+    assert c["protocol"]["fusion"] == "cosine" and c["top1"] == c["top1_by_fusion"]["cosine"]
+    assert c["protocol"]["test_resize"] == 48 and r["protocol"]["test_resize"] is None
+    with pytest.raises(train.UsageError, match="--test-resize 16: smaller than the 32-pixel crop"):
+        evaluate.main(["--checkpoint", tpr_run, "--workers", "0", "--test-resize", "16"])
+
+
+def _single_patch_attention(model_clip, target):
+    """Make the last frozen block's class token attend to patch `target` (1-based token index): the blocks
+    before it become identities, patches carry only their position embedding, chosen orthogonal and of zero
+    mean (so LayerNorm keeps them orthogonal), and the last block's query is that token's key (W_q = 0,
+    q = bias, W_k = identity)."""
+    v = model_clip.visual
+    D = v.conv1.weight.shape[0]
+    with torch.no_grad():
+        for block in v.transformer.resblocks[:-1]:
+            for lin in (block.attn.out_proj, block.mlp.c_proj):
+                lin.weight.zero_()
+                lin.bias.zero_()
+        v.conv1.weight.zero_()
+        v.class_embedding.zero_()
+        pos = torch.zeros_like(v.positional_embedding)  # (1 + N, D)
+        for j in range(pos.shape[0]):  # +-1 pairs in both heads' halves: zero mean, mutually orthogonal
+            for half in (0, D // 2):
+                pos[j, half + 2 * j], pos[j, half + 2 * j + 1] = 1.0, -1.0
+        v.positional_embedding.copy_(pos)
+        last = v.transformer.resblocks[-1].attn
+        key = F.layer_norm(pos[target], (D,))
+        last.in_proj_weight.zero_()
+        last.in_proj_weight[D:2 * D] = torch.eye(D)  # W_k = identity
+        last.in_proj_bias.zero_()
+        last.in_proj_bias[:D] = 2.0 * key  # every query is 2 x the target's key
+
+
+@pytest.mark.parametrize("prompts", [False, True])
+def test_engine_attention_maps_find_the_attended_patch(prompts):
+    import prompts as prompts_module
+    import reparam
+    torch.manual_seed(0)
+    clip_model = __import__("clip").build_random("tiny")  # 32 x 32 frames, 2 x 2 patches
+    _single_patch_attention(clip_model, target=3)  # token 3 = patch row 1, column 0
+    T = 3
+    kw = dict(reparam=reparam.ReparamEncoder("r2plus1d", 128, T, 1 + 2 + T), S=2) if prompts else {}
+    model = prompts_module.TPR(clip_model, T=T, temporal_prompts=prompts, **kw)
+    video = torch.randn(2, T, 3, 32, 32)
+    maps = evaluate.attention_maps(model, video)  # (B, T, 2, 2)
+    assert maps.shape == (2, T, 2, 2)
+    assert torch.allclose(maps.sum(dim=(-1, -2)), torch.ones(2, T), atol=1e-6)  # patches only, sum to 1
+    assert (maps[:, :, 1, 0] > 0.99).all(), maps
+    attn = clip_model.visual.transformer.resblocks[-1].attn
+    assert attn.save_attention is False and attn.attention is None  # switched off again, nothing kept
+    # BiEfficient: its own frozen backbone's attention, same reading (the prompts' keys above only take a share
+    # that the renormalisation over the patches removes).
+    bief = prompts_module.BiEfficient(clip_model, T=T)
+    assert torch.allclose(evaluate.attention_maps(bief, video), maps, atol=1e-5)
+
+
+def test_engine_attention_png_one_row_per_checkpoint(tpr_run, tmp_path, capsys):
+    import data
+    from PIL import Image
+    g = __import__("numpy").random.default_rng(0)
+    video = str(tmp_path / "mine.avi")
+    data.write_video(video, data.render_synthetic(0, [i / 47 for i in range(48)], data.g_state(g), 48, 64))
+    base = str(tmp_path / "base")
+    run(SMALL + BASELINE + ["--epochs", "1", "--eval-every", "0", "--output", base])
+    png = str(tmp_path / "fig7.png")
+    maps = evaluate.main(["--checkpoint", base, tpr_run, "--video", video, "--attention", png, "--workers", "0"])
+    assert len(maps) == 2 and all(m.shape == (8, 2, 2) for m in maps)  # T = 8 frames of 2 x 2 patches
+    assert all(torch.allclose(m.sum(dim=(-1, -2)), torch.ones(8), atol=1e-5) for m in maps)
+    w, h = Image.open(png).size
+    assert w >= 8 * 160 and h >= 2 * 160  # 8 frames per row, one row per checkpoint
+    assert "2 row(s)" in capsys.readouterr().out
+    with pytest.raises(train.UsageError, match="--video"):
+        evaluate.main(["--checkpoint", base, "--attention", png])
+
+
+def _readme_tpr_rows():
+    """The README's TPR table: (paper row, [train.py flag sets], [evaluate.py commands])."""
+    import re
+    import shlex
+    lines = open(os.path.join(HERE, "README.md"), encoding="utf-8").read().splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith("| paper | `train.py --method tpr"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        paper, flags, then, _ = [c.strip() for c in line.strip().strip("|").split("|")]
+        variants = [shlex.split(f) for f in re.findall(r"`([^`]*)`", flags)]
+        evals = [shlex.split(e)[1:] for e in re.findall(r"`([^`]*)`", then) if e.startswith("evaluate.py")]
+        rows.append((paper, variants, evals))
+    return rows
+
+
+README_TPR_ROWS = _readme_tpr_rows()
+
+
+@pytest.mark.parametrize("paper,variants,evals", README_TPR_ROWS, ids=[r[0] for r in README_TPR_ROWS])
+def test_engine_readme_tpr_commands_run_one_step(paper, variants, evals, tmp_path):
+    assert variants and all(v[0].startswith("--") for v in variants), (paper, variants)
+    parser = train.build_parser()
+    runs = []
+    for i, flags in enumerate(variants):
+        flags = list(flags)
+        extra = []
+        if "--dataset" in flags:  # the real dataset is replaced by the synthetic one; keep what it changes
+            j = flags.index("--dataset")
+            if flags[j + 1] == "ssv1":
+                extra = ["--label-smoothing", "0.1"]
+            del flags[j:j + 2]
+        shots = int(flags[flags.index("--shots") + 1]) if "--shots" in flags else 1
+        out = str(tmp_path / f"run{i}")
+        # Test flags first, the README's after them (argparse keeps the last): one step over 8 x shots videos,
+        # T = 2 frames unless the row sets --frames (5x faster than the synthetic default of 8).
+        base = ["--dataset", "synthetic", "--random-init", "--workers", "0", "--eval-every", "0", "--epochs", "1",
+                "--synthetic-videos", str(shots), "--batch-size", str(8 * shots), "--frames", "2", "--output", out]
+        r = train.main(base + extra + flags)
+        assert r["final"] is not None, (paper, flags)
+        steps = [m for m in metrics(out) if m["kind"] == "train"]
+        assert len(steps) == (0 if "--epochs" in flags and flags[flags.index("--epochs") + 1] == "0" else 1)
+        # Every README flag reached the run's arguments.
+        given = parser.parse_args(flags)
+        saved = json.load(open(os.path.join(out, "args.json")))
+        for action in parser._actions:
+            if any(o in flags for o in action.option_strings):
+                want = getattr(given, action.dest)
+                assert saved[action.dest] == (list(want) if isinstance(want, tuple) else want), action.dest
+        runs.append(out)
+    for argv in evals:
+        argv = [a for a in argv if a != "RUN"]
+        k = argv.index("--checkpoint") + 1
+        res = evaluate.main(argv[:k] + runs + argv[k:] + ["--workers", "0", "--output", str(tmp_path / "eval")])
+        views = argv[argv.index("--views") + 1] if "--views" in argv else None
+        assert len(res["results"]) == len(runs) and all(x["protocol"]["views"] == views for x in res["results"])

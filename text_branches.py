@@ -1,12 +1,12 @@
 """Text branches: the Chinese-CLIP BERT text tower and its WordPiece tokenizer, TPR's English and Chinese
-label branches, the multi-positive contrastive loss (Eq. 15-17) and score fusion (Eq. 18).
+label branches, the multi-positive contrastive loss (TPR Eq. (15)-(17)) and score fusion (TPR Eq. (18)).
 
 Chinese-CLIP text tower (this top part of the file)
 ---------------------------------------------------
 TPR (Sec. 3.3 and 4.1) encodes a predefined Chinese label dictionary with the frozen text encoder of
 Chinese-CLIP (Yang et al. 2022, "Chinese CLIP: Contrastive Vision-Language Pretraining in Chinese"), the
 RoBERTa-wwm-ext-base-chinese BERT of its ViT-B/16 checkpoint: the Chinese label embeddings epsilon_C that
-Eq. (16) contrasts with the video embeddings. This part mirrors the official code, OFA-Sys/Chinese-CLIP:
+TPR Eq. (16) contrasts with the video embeddings. This part mirrors the official code, OFA-Sys/Chinese-CLIP:
 - `cn_clip/clip/modeling_bert.py` (BertModel without the pooler, post-LayerNorm blocks, exact erf GELU,
   additive -10000 padding mask) and `cn_clip/clip/model.py` `CLIP.encode_text` (mask = ids != [PAD],
   the [CLS] output @ `text_projection`), with the official parameter names so the checkpoint's text keys
@@ -580,16 +580,16 @@ def tokenize_chinese(texts, context_length=CONTEXT_LENGTH, tokenizer=None):
 
 # ---- TPR text branches, loss and fusion (see the TPR issue) ----
 # TPR (Electronics 2024), Sec. 3.4-3.5. The English branch (the frozen CLIP text tower on
-# "This is a video about {label}.", Table 5's prefixes, the label's word embeddings of Eq. 6) and the Chinese
+# "This is a video about {label}.", Table 5's prefixes, the label's word embeddings of TPR Eq. (6)) and the Chinese
 # branch (the frozen ChineseCLIPText above on each class's Chinese label) are run once per label set by
 # `prompts.TPR.set_classes`, which keeps prompts.py free of imports from this file. Here: the loss
-# (Eq. 15-17) and the score fusion (Eq. 18), which the engine and the model share.
+# (TPR Eq. (15)-(17)) and the score fusion (TPR Eq. (18)), which the engine and the model share.
 
-# Choice: lambda = 0.5 by default (the paper gives no value): Eq. (17) weighs the two losses equally.
+# Choice: lambda = 0.5 by default (the paper gives no value): TPR Eq. (17) weighs the two losses equally.
 TPR_DEFAULT_LAMBDA = 0.5
 
 
-def multi_positive_contrastive_loss(logits, labels, candidates):
+def multi_positive_contrastive_loss(logits, labels, candidates, label_smoothing=0.0):
     """TPR Eq. (15)/(16): the symmetric multi-positive contrastive loss.
 
     logits (B, A): s(eps_V_i, eps_X_a) / tau for B videos and A candidate texts (already divided by tau).
@@ -600,11 +600,17 @@ def multi_positive_contrastive_loss(logits, labels, candidates):
       columns = -1/A' sum_a 1/|K(a)| sum_{i in K(a)} log softmax_over_i(logits[:, a])[i] (the paper's L_V->T)
       L = (rows + columns) / 2
 
-    Paper: Eq. (15) writes both directions over a batch of B (video, text) pairs; with candidates = the
+    Paper: TPR Eq. (15) writes both directions over a batch of B (video, text) pairs; with candidates = the
     batch's labels this is exactly it. Choice: a column whose class has no video in `labels` has no positive
-    and no term in Eq. (15); it is left out of the column average (A' = columns with a positive). Every row
-    must have a positive. Eq. (17) sums this loss over the English and Chinese logits (done by the caller).
+    and no term in TPR Eq. (15); it is left out of the column average (A' = columns with a positive). Every row
+    must have a positive. TPR Eq. (17) sums this loss over the English and Chinese logits (done by the caller).
+
+    label_smoothing eps (TPR Sec. 4.4: SSv1 uses label smoothing): each direction's target distribution, 1/|K|
+    on the positives, becomes (1 - eps) * that + eps / (number of texts in a row, of videos in a column), the
+    multi-positive form of torch's cross_entropy(label_smoothing=eps) (identical to it with one positive each).
     """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing={label_smoothing} must lie in [0, 1)")
     if logits.dim() != 2 or logits.shape != (labels.shape[0], candidates.shape[0]):
         raise ValueError(f"logits {tuple(logits.shape)} must be (B, A) = ({labels.shape[0]}, {candidates.shape[0]})")
     positive = (labels[:, None] == candidates[None, :]).to(torch.float32)  # (B, A)
@@ -616,23 +622,54 @@ def multi_positive_contrastive_loss(logits, labels, candidates):
     log_p_cols = logits.log_softmax(dim=0)  # over the B videos, per text; (B, A)
     n_row = positive.sum(dim=1)  # |K(i)|; (B,)
     n_col = positive.sum(dim=0)  # |K(a)|; (A,)
-    loss_rows = -((log_p_rows * positive).sum(dim=1) / n_row).mean()
+    B, A = positive.shape
+    eps = float(label_smoothing)
+    target_rows = (1 - eps) * positive / n_row[:, None] + eps / A  # (B, A), each row sums to 1
+    loss_rows = -(log_p_rows * target_rows).sum(dim=1).mean()
     has_pos = n_col > 0
-    loss_cols = -((log_p_cols * positive).sum(dim=0)[has_pos] / n_col[has_pos]).mean()
-    return (loss_rows + loss_cols) / 2  # Eq. (15) / (16)
+    target_cols = (1 - eps) * positive / n_col.clamp(min=1)[None, :] + eps / B  # (B, A), each column sums to 1
+    loss_cols = -(log_p_cols * target_cols).sum(dim=0)[has_pos].mean()
+    return (loss_rows + loss_cols) / 2  # TPR Eq. (15) / TPR Eq. (16)
+
+
+def multi_hot_contrastive_loss(logits, labels, candidates):
+    """The loss of the BiEfficient authors' code (WbLiuBJTULab/BiEfficient train.py): nn.CrossEntropyLoss on
+    multi-hot targets y[i, a] = 1 where labels[i] == candidates[a] (their `gen_label`), NOT row-normalised,
+    in both directions, each averaged over its rows.
+
+      rows    = -1/B sum_i sum_{a in K(i)} log softmax_over_a(logits[i])[a]
+      columns = -1/A sum_a sum_{i in K(a)} log softmax_over_i(logits[:, a])[i]
+      L = (rows + columns) / 2
+
+    Paper: BiEfficient writes a contrastive loss (Eq. 10) and does not say what a repeated class does; the
+    code sums the log-probabilities of all k positives of a row (TPR's Eq. 15, multi_positive_contrastive_loss,
+    divides by k). With no repeated class both are the symmetric InfoNCE. In the code A = B (the batch's
+    own labels); every column then has a positive. A column without one contributes 0 and still counts in
+    the 1/A average, as nn.CrossEntropyLoss on an all-zero target row does.
+    """
+    if logits.dim() != 2 or logits.shape != (labels.shape[0], candidates.shape[0]):
+        raise ValueError(f"logits {tuple(logits.shape)} must be (B, A) = ({labels.shape[0]}, {candidates.shape[0]})")
+    target = (labels[:, None] == candidates[None, :]).to(torch.float32)  # (B, A) multi-hot, gen_label
+    if not bool((target.sum(dim=1) > 0).all()):
+        missing = labels[target.sum(dim=1) == 0].tolist()
+        raise ValueError(f"labels {missing} are not among the candidates; every video needs a positive text")
+    logits = logits.float()
+    loss_rows = -(logits.log_softmax(dim=1) * target).sum(dim=1).mean()  # CE(logits, y)
+    loss_cols = -(logits.log_softmax(dim=0) * target).sum(dim=0).mean()  # CE(logits.T, y.T)
+    return (loss_rows + loss_cols) / 2
 
 
 def fuse_scores(s_en, s_zh=None, lam=TPR_DEFAULT_LAMBDA):
     """TPR Eq. (18): S = lambda * S_VT + (1 - lambda) * S_VC; s_en, s_zh (B, A). Without a Chinese branch
     (s_zh None) S = S_VT.
 
-    Choice (see prompts.TPR.scores): S are softmax probabilities over the candidates by default; any pair of
-    same-scale scores (e.g. cosines) can be fused here.
+    Paper: TPR Eq. (5) makes S a cosine; prompts.TPR.scores fuses softmax probabilities by default (a marked
+    deviation) and cosines with fusion="cosine"; any pair of same-scale scores can be fused here.
     """
     if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam={lam} must lie in [0, 1] (Eq. 18)")
+        raise ValueError(f"lam={lam} must lie in [0, 1] (TPR Eq. (18))")
     if s_zh is None:
         return s_en
     if s_en.shape != s_zh.shape:
         raise ValueError(f"score shapes differ: English {tuple(s_en.shape)}, Chinese {tuple(s_zh.shape)}")
-    return lam * s_en + (1 - lam) * s_zh  # Eq. (18)
+    return lam * s_en + (1 - lam) * s_zh  # TPR Eq. (18)

@@ -23,9 +23,11 @@ checkpoint, full disk, non-finite loss; --debug or DEBUG=1 shows the traceback);
 Ctrl-C after finishing the step and saving last.pt (requeue, then --resume); 130 Ctrl-C before training.
 """
 import argparse
+import collections
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import math
 import os
@@ -64,6 +66,7 @@ RESUME_MAY_CHANGE = ("epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", 
 # retry later"), the code SLURM --requeue wrappers and Kubernetes restart policies take as "run me again".
 REQUEUE_EXIT = 75
 DEBUG_ENV = "DEBUG"  # DEBUG=1 shows the traceback of a user-facing error, like --debug
+SPEED_WINDOW = 50  # training steps behind the clips/s and ETA of the progress line
 
 
 class UsageError(Exception):
@@ -117,7 +120,7 @@ def cli_main(main, argv=None):
 # Paper: BiEfficient's authors' code runs 32 per GPU on 4 GPUs (global 128) with weight decay 0.05; the paper's
 # "batch size of 32" is taken as the global batch; --biefficient-code-compat switches weight decay to 0.05.
 SYNTHETIC = dict(arch="tiny", frames=8, batch_size=16, epochs=None, lr=None, warmup_epochs=1, weight_decay=0.0,
-                 prefix="{}.", threads=1)
+                 prefix="{}.", label_smoothing=0.0, threads=1)
 # Choice: the synthetic demo prompts TPR's English branch with the bare label "{}." (a Table 5-style prefix
 # choice): random text towers are nearly bags of words, so the five shared words of "This is a video about
 # {}." make the class texts almost collinear (mean cosine 0.955 against 0.80). Measured, 15 epochs at lr 3e-3,
@@ -136,23 +139,49 @@ SYNTHETIC = dict(arch="tiny", frames=8, batch_size=16, epochs=None, lr=None, war
 SYNTHETIC_BY_METHOD = {"tpr": dict(epochs=15, lr=2e-3), "biefficient": dict(epochs=15, lr=3e-3, M=2)}
 
 
-def paper_defaults(method, dataset, shots):
-    """The hyper-parameters of the chosen method and protocol (see the comments above)."""
+# TPR's Chinese branch follows --arch: the Chinese-CLIP model whose text tower (RoBERTa-wwm-ext-base-chinese, the
+# paper's Sec. 4.1.2 choice, in all three) projects to that CLIP's embedding width (512 for ViT-B, 768 for ViT-L).
+# Choice: ViT-B/32 (512-d) takes ViT-B-16's tower, Chinese-CLIP has no ViT-B/32.
+CHINESE_FOR_ARCH = {"ViT-B/16": "ViT-B-16", "ViT-B/32": "ViT-B-16", "ViT-L/14": "ViT-L-14",
+                    "ViT-L/14@336px": "ViT-L-14-336"}
+
+
+def paper_defaults(method, dataset, shots, arch=None):
+    """The hyper-parameters of the chosen method and protocol (see the comments above); `arch` is --arch when
+    given (TPR's epochs depend on it)."""
     if dataset == "synthetic":
         return {**SYNTHETIC, **SYNTHETIC_BY_METHOD[method]}
     if method == "tpr":
-        d = dict(arch="ViT-B/16", frames=16, batch_size=32, epochs=30, lr=5e-6, warmup_epochs=5, weight_decay=1e-2)
+        arch = arch or "ViT-B/16"
+        # Table 2: 30 epochs for ViT-B, 20 for ViT-L.
+        d = dict(arch="ViT-B/16", frames=16, batch_size=32, epochs=20 if arch.startswith("ViT-L") else 30, lr=5e-6,
+                 warmup_epochs=5, weight_decay=1e-2, label_smoothing=0.0)
         if dataset == "ssv1":
-            d.update(lr=5e-4, epochs=40, batch_size=16)
+            # Sec. 4.4: "RandAugment, random erasing, and label smoothing"; Choice: the usual 0.1 (the paper gives
+            # no value). Choice: 40 epochs for any arch (Sec. 4.4 gives one figure for SSv1).
+            d.update(lr=5e-4, epochs=40, batch_size=16, label_smoothing=0.1)
         if shots:
             d.update(lr=4e-6, batch_size=64)  # Sec. 4.3 / Table 2 (few-shot)
         return d
-    return dict(arch="ViT-B/16", frames=8, batch_size=32, epochs=50, lr=5e-4, warmup_epochs=5, weight_decay=0.2)
+    return dict(arch="ViT-B/16", frames=8, batch_size=32, epochs=50, lr=5e-4, warmup_epochs=5, weight_decay=0.2,
+                label_smoothing=0.0)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with one default per flag: '(default: X)' is added only where the help text does not already
+    say its default, and never for None (filled in from the papers' values) or off switches."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.default is False or \
+                action.default == argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="Train TPR or BiEfficient on a video dataset (one process or torchrun).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_data_flags(p)
     add_backbone_flags(p)
     add_tpr_flags(p)
@@ -184,6 +213,8 @@ def add_data_flags(p):
                    help="random erasing (TPR Sec. 4.4, SSv1; default on for ssv1)")
     g.add_argument("--synthetic-videos", type=int, default=64, help="synthetic: videos per class and split")
     g.add_argument("--no-flip", action="store_true", help="no horizontal flip (always off for ssv1 and synthetic)")
+    g.add_argument("--test-resize", type=int, default=None, metavar="PIXELS",
+                   help="short side before the test crops (TPR Sec. 4.1.1: 256); default: the crop size, as X-CLIP")
 
 
 def add_backbone_flags(p):
@@ -192,11 +223,12 @@ def add_backbone_flags(p):
     g.add_argument("--arch", default=None, choices=tuple(clip.ARCHS), help="CLIP ViT (default: the paper's "
                    "ViT-B/16; tiny for synthetic)")
     g.add_argument("--pretrained", default=None, metavar="NAME|PATH",
-                   help="CLIP weights: an official name (downloaded into ~/.cache/clip) or a local file; "
-                        "default: the --arch name")
-    g.add_argument("--pretrained-chinese", default="ViT-B-16", metavar="NAME|PATH",
+                   help="CLIP weights: an official name (downloaded into ~/.cache/clip) or a local file "
+                        "(default: the --arch name)")
+    g.add_argument("--pretrained-chinese", default=None, metavar="NAME|PATH",
                    help="Chinese-CLIP weights for TPR's Chinese branch: official name (into "
-                        "~/.cache/chinese-clip) or a local file")
+                        "~/.cache/chinese-clip) or a local file; default: the one matching --arch "
+                        f"({', '.join(f'{a} -> {c}' for a, c in CHINESE_FOR_ARCH.items())})")
     g.add_argument("--random-init", action="store_true",
                    help="build RANDOMLY INITIALISED towers (smoke tests, synthetic demo); every accuracy line "
                         "then says RANDOM-INIT")
@@ -217,19 +249,23 @@ def add_tpr_flags(p):
                    "class-conditional or top-1); default: the model's")
     g.add_argument("--prefix", default=None, help="text template with one {} (Table 5); default: the paper's 'This is a video about {}.' (Sec. 3.4), '{}.' on the synthetic set")
     g.add_argument("--lam", type=float, default=None, help="lambda of Eq. (18); default: the model's")
+    g.add_argument("--fusion", default="prob", choices=prompts.TPR_FUSIONS,
+                   help="what S of TPR Eq. (18) fuses: softmax probabilities (prob) or the cosines of Eq. (5) "
+                        "(the paper's); evaluation reports top-1 for both")
     g.add_argument("--tau", type=float, default=0.01, help="temperature tau (Sec. 4.1)")
 
 
 def add_biefficient_flags(p):
     """BiEfficient's ablation switches (Tables 4-10)."""
     g = p.add_argument_group("BiEfficient (ablations: Tables 4-10)")
-    g.add_argument("--M", type=int, default=None, help="learned context tokens of the Pre-Prompt (paper 16; "
-                   "code-compat 12)")
+    g.add_argument("--M", type=int, default=None, help="learned context tokens of the Pre-Prompt (default: the "
+                   "paper's 16; 12 with --biefficient-code-compat; 2 on the synthetic set)")
     g.add_argument("--no-pre-prompt", action="store_true", help="without Pre-Prompt (Table 4)")
     g.add_argument("--no-post-prompt", action="store_true", help="without Post-Prompt (Table 4)")
     g.add_argument("--no-wgvp", action="store_true", help="without the Word-Guided Visual Prompt (Table 4)")
     g.add_argument("--biefficient-code-compat", action="store_true",
-                   help="reproduce the authors' code instead of the paper (notes/biefficient-official-code.md)")
+                   help="reproduce the authors' code instead of the paper (every difference: "
+                        "BIEFFICIENT_DEFAULTS in prompts.py)")
     g.add_argument("--biefficient-kwargs", default="{}", help="extra BiEfficient keyword arguments as JSON, for "
                    "the ablations of Tables 5-10, e.g. '{\"alpha_init\": 0.01}'")
     g.add_argument("--tpr-kwargs", default="{}", help="extra TPR keyword arguments as JSON")
@@ -243,15 +279,23 @@ def add_optimisation_flags(p):
     g.add_argument("--batch-size", type=int, default=None, help="GLOBAL batch (all ranks together); the "
                    "contrastive loss sees all of it (default: the paper's)")
     g.add_argument("--micro-batch", type=int, default=None, help="videos per rank per forward; smaller than "
-                   "batch-size/world-size turns on gradient accumulation (exact, see accumulate())")
+                   "batch-size/world-size turns on gradient accumulation (exact, see accumulate(); default: the "
+                   "per-rank batch, no accumulation)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the paper's)")
     g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine")
     g.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up (default: the paper's 5)")
     g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the paper's)")
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas (TPR Table 2)")
     g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0 = off, the papers')")
+    g.add_argument("--label-smoothing", type=float, default=None, help="label smoothing of the contrastive loss "
+                   "(TPR Sec. 4.4 on SSv1; default 0.1 there, else 0)")
     g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="auto: bf16 autocast on GPUs that support it, fp16 + GradScaler on others, fp32 on CPU")
+                   help="auto: bf16 autocast on GPUs that support it, fp16 + GradScaler on others, fp32 on CPU; "
+                   "with --biefficient-code-compat fp16 + GradScaler on every GPU (the authors' code)")
+    g.add_argument("--contrastive-batch", default=None, choices=("global", "local"),
+                   help="global: the loss sees the whole global batch (logits gathered from every rank); local: "
+                   "one per-rank B x B problem, no gathering (the BiEfficient authors' code). Default: global, "
+                   "local with --biefficient-code-compat")
     g.add_argument("--seed", type=int, default=0, help="seed of everything (model init, data order, "
                    "augmentation, few-shot draw)")
     g.add_argument("--threads", type=int, default=None, help="intra-op CPU threads of the main process "
@@ -269,7 +313,8 @@ def add_run_flags(p):
     g.add_argument("--print-every", type=int, default=10, help="progress line every N steps")
     g.add_argument("--save-every", type=int, default=0, help="also save last.pt every N steps (0: each epoch)")
     g.add_argument("--eval-every", type=int, default=1, help="evaluate (1 view) every N epochs; 0: at the end")
-    g.add_argument("--eval-batch-size", type=int, default=None, help="videos per rank per evaluation forward")
+    g.add_argument("--eval-batch-size", type=int, default=None, help="videos per rank per evaluation forward "
+                   "(default: a quarter of --batch-size)")
     g.add_argument("--dry-run", action="store_true", help="build the model, print its trainable parameters, exit")
     g.add_argument("--debug", action="store_true", help=f"show the traceback of an error (also: {DEBUG_ENV}=1)")
     g.add_argument("--kill-at-step", type=int, default=0, help=argparse.SUPPRESS)  # testing: SIGKILL self
@@ -287,9 +332,11 @@ def default_workers():
 
 def resolve_args(args):
     """Fill the None defaults from the papers' values for the chosen method and protocol; validate."""
-    for k, v in paper_defaults(args.method, args.dataset, args.shots).items():
+    for k, v in paper_defaults(args.method, args.dataset, args.shots, args.arch).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.pretrained_chinese is None:
+        args.pretrained_chinese = CHINESE_FOR_ARCH.get(args.arch, "ViT-B-16")
     if args.prefix is None:
         args.prefix = "This is a video about {}."  # TPR Sec. 3.4
     if args.randaugment is None:
@@ -297,7 +344,7 @@ def resolve_args(args):
     if args.random_erasing is None:
         args.random_erasing = args.dataset == "ssv1"
     if args.method == "biefficient" and args.biefficient_code_compat and args.weight_decay == 0.2:
-        args.weight_decay = 0.05  # the authors' code (notes/biefficient-official-code.md)
+        args.weight_decay = 0.05  # the authors' code (prompts.BIEFFICIENT_DEFAULTS["weight_decay"])
     if args.dataset not in ("synthetic",) and args.dataset != "list" and args.root is None:
         raise UsageError(f"--dataset {args.dataset} needs --root DIR (the dataset folder in its authors' layout; "
                          f"see data.py)")
@@ -310,7 +357,40 @@ def resolve_args(args):
             raise UsageError(f"--{flag.replace('_', '-')} must be a JSON object, got {getattr(args, flag)!r}")
     if args.eval_batch_size is None:
         args.eval_batch_size = max(1, args.batch_size // 4)
-    validate_args(args)
+    resolve_training_rows(args)
+    validate_args(args)  # value ranges first: a bad value is named even on the synthetic set
+    if args.arch == "tiny" and not args.random_init:
+        # The tiny towers exist only as random ones: say so instead of "unknown CLIP model 'tiny'".
+        what = "the synthetic demo" if args.dataset == "synthetic" else "--arch tiny"
+        raise UsageError(f"{what} needs --random-init (its tiny towers have no pretrained weights), or real "
+                         f"weights via --arch ViT-B/16 --pretrained NAME|PATH (names: "
+                         f"{', '.join(a for a in clip.ARCHS if a != 'tiny')})")
+    return args
+
+
+# The training-step rows of prompts.BIEFFICIENT_DEFAULTS; TPR (and runs saved before these existed) use the
+# paper column.
+TRAINING_ROWS = ("loss", "contrastive_batch", "lr_schedule", "amp")
+
+
+def resolve_training_rows(args):
+    """args.loss, .contrastive_batch, .lr_schedule, .amp: an explicit --contrastive-batch, else a value given in
+    --biefficient-kwargs, else BiEfficient's column for its mode (paper or code-compat); TPR: the paper's."""
+    kw = json.loads(args.biefficient_kwargs) if args.method == "biefficient" else {}
+    column = int(args.method == "biefficient" and bool(args.biefficient_code_compat))
+    flag = args.contrastive_batch
+    for key in TRAINING_ROWS:
+        valid = prompts.BIEFFICIENT_CHOICES[key]
+        value = kw.get(key, prompts.BIEFFICIENT_DEFAULTS[key][column])
+        if value not in valid:
+            raise UsageError(f"--biefficient-kwargs {key}={value!r}; valid: {', '.join(map(repr, valid))}")
+        setattr(args, key, value)
+    if flag is not None:
+        args.contrastive_batch = flag
+    if args.loss == "multi_hot" and getattr(args, "label_smoothing", 0.0):
+        raise UsageError(f"--label-smoothing {args.label_smoothing}: smooths the multi-positive loss only; the "
+                         f"authors' multi-hot loss (--biefficient-code-compat) has none: pass --biefficient-kwargs "
+                         f"'{{\"loss\": \"multi_positive\"}}' or --label-smoothing 0")
     return args
 
 
@@ -328,6 +408,13 @@ def validate_args(args):
         value = getattr(args, key, None)
         if value is not None and (value <= low if strict else value < low):
             raise UsageError(f"--{key.replace('_', '-')} {value}: must be {'>' if strict else '>='} {low}")
+    smoothing = getattr(args, "label_smoothing", 0.0)  # absent from checkpoints of before the flag
+    if smoothing is not None and not 0.0 <= smoothing < 1.0:
+        raise UsageError(f"--label-smoothing {smoothing}: must lie in [0, 1)")
+    size = clip.ARCHS[args.arch]["image_resolution"] if args.arch in clip.ARCHS else 0
+    if getattr(args, "test_resize", None) is not None and args.test_resize < size:
+        raise UsageError(f"--test-resize {args.test_resize}: smaller than the {size}-pixel crop of {args.arch}; "
+                         f"give a short side >= {size}")
     if args.lam is not None and not 0 <= args.lam <= 1:
         raise UsageError(f"--lam {args.lam}: lambda of Eq. (18) weighs two probabilities, must be in [0, 1]")
     if args.prefix is not None and args.prefix.count("{}") != 1:
@@ -399,7 +486,7 @@ def build_dataset(args, mode, views="1x1", split=None, dataset=None, shots_dir=N
     if args.list_file is not None:
         list_file = args.list_file[0 if mode == "train" else 1]
     try:
-        return data.build_dataset(
+        ds = data.build_dataset(
             name, root=args.root, split=split or args.split, mode=mode, frames=args.frames,
             input_size=clip.ARCHS[args.arch]["image_resolution"], views=views, sampling=args.sampling,
             shots=args.shots if (mode == "train" and args.shots) else None, seed=args.seed, shots_dir=shots_dir,
@@ -408,6 +495,10 @@ def build_dataset(args, mode, views="1x1", split=None, dataset=None, shots_dir=N
             videos_per_class=args.synthetic_videos)
     except (OSError, ValueError, KeyError) as e:  # layout, split and list files: data.py names file:line
         raise UsageError(e.args[0] if isinstance(e, KeyError) else str(e)) from None
+    # Paper: TPR Sec. 4.1.1 scales the short side to 256 before the 224 crops; by default (None) the short side
+    # is resized to the crop (X-CLIP's test pipeline). A checkpoint from before the flag has no test_resize.
+    ds.test_resize = getattr(args, "test_resize", None)
+    return ds
 
 
 class BatchSampler:
@@ -481,6 +572,7 @@ def build_clip(args):
 
 
 def build_chinese(args, embed_dim):
+    """TPR's frozen Chinese tower for --pretrained-chinese; its projection width must equal CLIP's."""
     if args.random_init:
         tower = text_branches.build_random_chinese("tiny" if args.arch == "tiny" else "base", embed_dim=embed_dim)
     else:
@@ -490,16 +582,26 @@ def build_chinese(args, embed_dim):
             raise _weights_error("Chinese-CLIP", args.pretrained_chinese, "~/.cache/chinese-clip",
                                  "--pretrained-chinese", e) from None
     if tower.text_projection.shape[1] != embed_dim:
-        raise UsageError(f"the Chinese tower projects to {tower.text_projection.shape[1]} dimensions but CLIP "
-                         f"{args.arch} to {embed_dim}; pass a matching --pretrained-chinese")
+        match = CHINESE_FOR_ARCH.get(args.arch)
+        raise UsageError(f"--pretrained-chinese {args.pretrained_chinese} projects to {tower.text_projection.shape[1]} "
+                         f"dimensions but CLIP {args.arch} to {embed_dim}; the two must match"
+                         + (f": pass --pretrained-chinese {match} (or leave it out)" if match else ""))
     return tower.float().eval()
+
+
+def rank0_only_warnings():
+    """A context in which only rank 0 prints warnings (e.g. the RANDOM-INIT ones of the tower builders): every
+    rank builds the same towers, so the other ranks' copies of the message would only repeat it."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return contextlib.nullcontext() if rank == 0 else contextlib.redirect_stderr(io.StringIO())
 
 
 def build_model(args, class_texts, classes_zh=None):
     """The method model of prompts.py for these arguments, its classes set. Deterministic in args.seed, so a
     random-init run can be rebuilt identically from its checkpoint's arguments."""
     torch.manual_seed(args.seed)
-    clip_model = build_clip(args)
+    with rank0_only_warnings():  # errors still raise on every rank
+        clip_model = build_clip(args)
     if args.grad_checkpointing:
         clip_model.transformer.grad_checkpointing = True
     if args.method == "tpr":
@@ -509,10 +611,12 @@ def build_model(args, class_texts, classes_zh=None):
         if not args.no_temporal_prompts and args.beta != "none":
             beta = reparam.ReparamEncoder(beta=args.beta, D=D, T=args.frames, P=1 + args.S + args.frames,
                                           residual=not args.no_residual)
-        chinese = None if args.no_chinese else build_chinese(args, clip_model.embed_dim)
+        with rank0_only_warnings():
+            chinese = None if args.no_chinese else build_chinese(args, clip_model.embed_dim)
         for key in ("lam", "test_words"):
             if getattr(args, key) is not None:
                 kw[key] = getattr(args, key)
+        kw.setdefault("fusion", getattr(args, "fusion", "prob"))
         model = prompts.TPR(clip_model, T=args.frames, S=args.S, reparam=beta,
                             temporal_prompts=not args.no_temporal_prompts, pooling=args.pooling,
                             prefix=args.prefix, chinese_text=chinese,
@@ -523,6 +627,7 @@ def build_model(args, class_texts, classes_zh=None):
         kw = json.loads(args.biefficient_kwargs)
         if args.M is not None:
             kw["M"] = args.M
+        kw.update({key: getattr(args, key) for key in TRAINING_ROWS})  # model.config states what the engine does
         model = prompts.BiEfficient(clip_model, T=args.frames, pre_prompt=not args.no_pre_prompt,
                                     post_prompt=not args.no_post_prompt, wgvp=not args.no_wgvp,
                                     code_compat=args.biefficient_code_compat, **kw)
@@ -598,6 +703,30 @@ def getattr_path(obj, path):
     return obj
 
 
+def describe_setup(args, model):
+    """Lines naming what the parameter table depends on (method, dataset, arch, T, S or M, ...) and every
+    synthetic-demo value that replaces a paper default, so that a count can be matched with the README."""
+    parts = [f"{args.method} on {args.dataset}", f"arch {args.arch}", f"T = {args.frames}"]
+    if args.method == "tpr":
+        parts += ["no temporal prompts" if args.no_temporal_prompts else f"S = {args.S}", f"beta {args.beta}",
+                  f"pooling {args.pooling}", f"Chinese branch {'off' if args.no_chinese else 'on'}"]
+        paper = dict(paper_defaults("tpr", "hmdb51", args.shots), prefix="This is a video about {}.")
+    else:
+        cfg = model.config
+        parts += [f"M = {cfg['M']}" if cfg["pre_prompt"] else "no Pre-Prompt", f"head layers {cfg['head_layers']}",
+                  f"Post-Prompt blocks {cfg['post_layers'] if cfg['post_prompt'] else 0}",
+                  f"WGVP {'on' if cfg['wgvp'] else 'off'}", "authors' code" if cfg["code_compat"] else "paper"]
+        paper = dict(paper_defaults("biefficient", "k400", args.shots),
+                     M=prompts.BIEFFICIENT_DEFAULTS["M"][int(bool(args.biefficient_code_compat))])
+    lines = ["setup: " + ", ".join(parts)]
+    if args.dataset == "synthetic":
+        demo = {**SYNTHETIC, **SYNTHETIC_BY_METHOD[args.method]}
+        changed = [f"{k} {getattr(args, k)!r} (paper {paper[k]!r})" for k, v in demo.items()
+                   if k in paper and getattr(args, k) == v != paper[k]]
+        lines.append("synthetic demo values instead of the paper's: " + ("; ".join(changed) or "none"))
+    return lines
+
+
 def print_parameter_table(model, log):
     rows = model.parameter_table()
     total = sum(c for _, c in rows)
@@ -634,7 +763,10 @@ def param_groups(model, weight_decay):
 
 
 def lr_at(step, args, steps_per_epoch):
-    """Linear warm-up from 0 to --lr, then cosine to --min-lr, per step (TPR Table 2, BiEfficient Sec. 4.1)."""
+    """Linear warm-up from 0 to --lr, then cosine to --min-lr, per step (TPR Table 2, BiEfficient Sec. 4.1).
+    With args.lr_schedule == "every10", the BiEfficient authors' cadence (code_lr_at)."""
+    if getattr(args, "lr_schedule", "step") == "every10":
+        return code_lr_at(step, args, steps_per_epoch)
     total = max(1, args.epochs * steps_per_epoch)
     warmup = min(int(args.warmup_epochs * steps_per_epoch), total - 1)
     if step < warmup:
@@ -643,11 +775,35 @@ def lr_at(step, args, steps_per_epoch):
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def amp_settings(precision, device):
-    """(autocast dtype or None, use GradScaler)."""
+# Paper: the BiEfficient authors' train.py steps its scheduler with the fractional epoch at iteration 0 of every
+# epoch and then whenever (iteration + 1) % 10 == 0, so each value holds for up to 10 steps.
+CODE_LR_EVERY = 10
+
+
+def code_lr_at(step, args, steps_per_epoch):
+    """The BiEfficient authors' learning rate at global step `step`: their train.py calls
+    `lr_scheduler.step(epoch + i / len(train_loader))` when i == 0 or (i + 1) % 10 == 0 (i the iteration within
+    the epoch), and the value holds until the next call. Their WarmupCosineAnnealingLR (solver.py; the file
+    itself, utils/lr_scheduler.py, is not in their public copy) is ActionCLIP's: lr * e / warmup for a
+    fractional epoch e < warmup, then a cosine from lr to --min-lr over the remaining epochs. Hence lr 0 for
+    the first 9 steps of a run."""
+    epoch, i = divmod(step, steps_per_epoch)
+    i_set = 0 if i + 1 < CODE_LR_EVERY else (i + 1) // CODE_LR_EVERY * CODE_LR_EVERY - 1  # last call's iteration
+    e = epoch + i_set / steps_per_epoch  # fractional epoch the scheduler was last stepped with
+    if e < args.warmup_epochs:
+        return args.lr * e / args.warmup_epochs
+    progress = (e - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-12)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def amp_settings(precision, device, auto_cuda="bf16"):
+    """(autocast dtype or None, use GradScaler). auto_cuda: what "auto" picks on a GPU ("bf16" where supported,
+    else fp16; "fp16": BiEfficient code-compat, the authors' fp16 autocast + GradScaler)."""
     if precision == "auto":
         if device.type != "cuda":
             precision = "fp32"  # bf16 matmuls are slow on CPUs; fp16 unsupported there
+        elif auto_cuda == "fp16":
+            precision = "fp16"
         else:
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if precision == "fp32":
@@ -657,32 +813,56 @@ def amp_settings(precision, device):
     return (torch.bfloat16, False) if precision == "bf16" else (torch.float16, True)
 
 
-def contrastive_loss(logits, labels, candidates):
-    return text_branches.multi_positive_contrastive_loss(logits.float(), labels, candidates)
+CONTRASTIVE_LOSSES = {"multi_positive": text_branches.multi_positive_contrastive_loss,  # TPR Eq. (15)
+                      "multi_hot": text_branches.multi_hot_contrastive_loss}  # the BiEfficient authors' code
+
+
+def contrastive_loss(logits, labels, candidates, label_smoothing=0.0, kind="multi_positive"):
+    if kind == "multi_hot":  # label smoothing is refused with it in resolve_training_rows
+        return text_branches.multi_hot_contrastive_loss(logits.float(), labels, candidates)
+    return text_branches.multi_positive_contrastive_loss(logits.float(), labels, candidates, label_smoothing)
+
+
+def _local_rows(x):
+    return x
 
 
 def train_step(ddp_model, model, video, labels, args, world, amp_dtype, scaler, device):
     """Forward and backward of one global batch; returns the loss (identical on every rank).
 
-    The loss over the global batch (TPR Eq. 17) is computed on every rank from the gathered logits; each rank
-    back-propagates only through its own rows, and DDP AVERAGES gradients over ranks, so the loss is
-    multiplied by the world size: the averaged gradient is then exactly the one-process gradient.
+    global contrastive batch: the loss over the global batch (TPR Eq. 17) is computed on every rank from the
+    gathered logits; each rank back-propagates only through its own rows, and DDP AVERAGES gradients over
+    ranks, so the loss is multiplied by the world size: the averaged gradient is then exactly the one-process
+    gradient. local (the BiEfficient authors' code): each rank's own B x B problem (its videos against its own
+    labels), nothing gathered; DDP's average of the per-rank gradients is the gradient of the mean of the
+    per-rank losses, and that mean is what is returned.
     """
     labels = labels.to(device, non_blocking=True)
-    candidates = gather_rows(labels)  # (B,) the whole global batch, duplicates kept (contract)
+    local = getattr(args, "contrastive_batch", "global") == "local"
+    gather = _local_rows if local else gather_rows
+    kind = getattr(args, "loss", "multi_positive")
+    candidates = gather(labels)  # (B,) the contrastive batch's labels, duplicates kept (contract)
     micro = args.micro_batch
+    smoothing = getattr(args, "label_smoothing", 0.0)  # absent from checkpoints of before the flag
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     if micro >= labels.shape[0]:
         with autocast:
             out = ddp_model(video.to(device, non_blocking=True), labels, candidates)
-        loss = sum(contrastive_loss(gather_rows(out["logits"][k]), candidates, candidates)
+        loss = sum(contrastive_loss(gather(out["logits"][k]), candidates, candidates, smoothing, kind)
                    for k in model.loss_keys)  # Eq. (17)
-        scaler.scale(loss * world).backward()
-        return loss.detach()
-    return accumulate(ddp_model, model, video, labels, candidates, micro, world, autocast, scaler, device)
+        scaler.scale(loss if local else loss * world).backward()
+    else:
+        loss = accumulate(ddp_model, model, video, labels, candidates, micro, world, autocast, scaler, device,
+                          smoothing, gather, kind)
+    loss = loss.detach()
+    if local and dist.is_initialized():
+        dist.all_reduce(loss)  # the mean of the per-rank losses, the same on every rank
+        loss = loss / world
+    return loss
 
 
-def accumulate(ddp_model, model, video, labels, candidates, micro, world, autocast, scaler, device):
+def accumulate(ddp_model, model, video, labels, candidates, micro, world, autocast, scaler, device,
+               label_smoothing=0.0, gather=gather_rows, kind="multi_positive"):
     """Gradient accumulation that keeps the contrastive batch = the whole global batch.
 
     Choice: accumulating per-micro-batch losses would shrink the contrastive batch (fewer negatives) and make
@@ -696,11 +876,13 @@ def accumulate(ddp_model, model, video, labels, candidates, micro, world, autoca
     chunks = list(zip(video.split(micro), labels.split(micro)))
     with torch.no_grad(), autocast:
         rows = [model(v.to(device, non_blocking=True), l, candidates)["logits"] for v, l in chunks]
-    full = {k: gather_rows(torch.cat([r[k] for r in rows]).float()).requires_grad_(True) for k in model.loss_keys}
-    loss = sum(contrastive_loss(full[k], candidates, candidates) for k in model.loss_keys)  # Eq. (17)
+    full = {k: gather(torch.cat([r[k] for r in rows]).float()).requires_grad_(True) for k in model.loss_keys}
+    loss = sum(contrastive_loss(full[k], candidates, candidates, label_smoothing, kind)
+               for k in model.loss_keys)  # Eq. (17)
     grads = torch.autograd.grad(loss, [full[k] for k in model.loss_keys])
     b = labels.shape[0]
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    per_rank = gather is _local_rows  # the per-rank problem: the rows are this rank's own, the loss not replicated
+    rank = dist.get_rank() if dist.is_initialized() and not per_rank else 0
     local = {k: g[rank * b:(rank + 1) * b].split(micro) for k, g in zip(model.loss_keys, grads)}
     for i, (v, l) in enumerate(chunks):
         sync = i == len(chunks) - 1
@@ -709,7 +891,7 @@ def accumulate(ddp_model, model, video, labels, candidates, micro, world, autoca
             with autocast:
                 out = ddp_model(v.to(device, non_blocking=True), l, candidates)
             surrogate = sum((out["logits"][k].float() * local[k][i]).sum() for k in model.loss_keys)
-            scaler.scale(surrogate * world).backward()
+            scaler.scale(surrogate if per_rank else surrogate * world).backward()
     return loss.detach()
 
 
@@ -719,20 +901,24 @@ def accumulate(ddp_model, model, video, labels, candidates, micro, world, autoca
 
 @torch.no_grad()
 def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, return_indices=False,
-             stop_on_bad=False):
+             stop_on_bad=False, progress=None):
     """Top-1 / top-5 over a test dataset whose items hold all views of one video, (V, T, 3, H, W).
 
     Each rank takes videos rank, rank + W, ... (no padding: each video is scored exactly once, as
     pytorch/examples imagenet does for its validation set); correct counts are all-reduced, never per-rank
     accuracies. Only real videos are scored: an unreadable one (item "skipped") is counted as skipped and
     named in `skipped_files`, or, with stop_on_bad, stops the evaluation. Returns dict(top1, top5 in % of the
-    scored videos, videos (scored), skipped, skipped_files, correct1, correct5[, indices])."""
+    scored videos, videos (scored), skipped, skipped_files, correct1, correct5[, indices]); for TPR also
+    top1_by_fusion {"cosine": %, "prob": %}, top-1 under both readings of Eq. (18).
+    progress(done, total), if given, is called after each batch with this rank's counts."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     indices = list(range(rank, len(dataset), world))
     was_training = model.training
     model.eval()
     counts = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, scored, skipped
+    # TPR: top-1 under both readings of Eq. (18) (the model's own is the one in `top1`)
+    variant_counts = dict.fromkeys(prompts.TPR_FUSIONS if isinstance(model, prompts.TPR) else (), 0)
     seen, skipped = [], []
     K = len(dataset.classes)
     candidates = torch.arange(K, device=device)
@@ -749,6 +935,8 @@ def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, re
             counts[3] += len(bad)
             batch = {k: v[real] for k, v in batch.items()}
             if not real.any():
+                if progress is not None:
+                    progress(len(seen) + len(skipped), len(indices))
                 continue
         video, labels = batch["video"].to(device, non_blocking=True), batch["label"].to(device)
         if video.dim() == 5:
@@ -763,11 +951,20 @@ def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, re
         counts[0] += (top[:, 0] == labels).sum().item()
         counts[1] += (top == labels[:, None]).any(-1).sum().item()
         counts[2] += B
+        for name in variant_counts:
+            hit = model.scores(out, name).float().view(B, V, K).mean(1).argmax(-1) == labels  # (B,)
+            variant_counts[name] += int(hit.sum())
         seen += batch["index"].tolist()
+        if progress is not None:
+            progress(len(seen) + len(skipped), len(indices))  # this rank's videos done (scored or skipped)
     if dist.is_initialized():
         counts = counts.to(device)
         dist.all_reduce(counts)
         counts = counts.cpu()
+        if variant_counts:
+            vc = torch.tensor(list(variant_counts.values()), dtype=torch.float64, device=device)
+            dist.all_reduce(vc)
+            variant_counts = dict(zip(variant_counts, vc.cpu().tolist()))
         everyone = [None] * world
         dist.all_gather_object(everyone, skipped)
         skipped = [i for part in everyone for i in part]
@@ -780,24 +977,36 @@ def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, re
     result = dict(top1=100 * counts[0].item() / max(n, 1), top5=100 * counts[1].item() / max(n, 1), videos=n,
                   skipped=int(counts[3]), skipped_files=sorted(dataset.samples[i][0] for i in skipped),
                   correct1=int(counts[0]), correct5=int(counts[1]))
+    if variant_counts:
+        result["top1_by_fusion"] = {k: 100 * c / max(n, 1) for k, c in sorted(variant_counts.items())}
     if return_indices:
         result["indices"] = seen
     return result
 
 
 def protocol(args, dataset, views, split=None, dataset_name=None):
-    """What an accuracy figure means: dataset, split, views, frames, number of videos."""
-    return dict(dataset=dataset_name or args.dataset, split=split or args.split, views=views,
-                frames=args.frames, videos=len(dataset), classes=len(dataset.classes))
+    """What an accuracy figure means: dataset, split, views, frames, number of videos, the test short side
+    (None: the crop size) and, for TPR, which reading of Eq. (18) `top1` uses."""
+    proto = dict(dataset=dataset_name or args.dataset, split=split or args.split, views=views,
+                 frames=args.frames, videos=len(dataset), classes=len(dataset.classes),
+                 test_resize=getattr(args, "test_resize", None))
+    if args.method == "tpr":
+        proto["fusion"] = getattr(args, "fusion", "prob")
+    return proto
 
 
 def describe(result, proto, random_init):
     tag = " RANDOM-INIT (random towers: meaningless beyond smoke tests)" if random_init else ""
     skipped = result.get("skipped", 0)
     names = f" ({', '.join(result['skipped_files'][:3])}{', ...' if skipped > 3 else ''})" if skipped else ""
+    fusion = ""
+    if "fusion" in proto and "top1_by_fusion" in result:
+        fusion = f", Eq. (18) fusion {proto['fusion']} (" + ", ".join(
+            f"{k} {v:.2f}%" for k, v in result["top1_by_fusion"].items()) + ")"
+    resize = f", short side {proto['test_resize']}" if proto.get("test_resize") else ""
     return (f"top1 {result['top1']:.2f}% top5 {result['top5']:.2f}% on {proto['dataset']} split {proto['split']}"
-            f" test, {proto['views']} views, {proto['frames']} frames, {result['videos']} videos scored, "
-            f"{skipped} skipped as unreadable{names}{tag}")
+            f" test, {proto['views']} views, {proto['frames']} frames{resize}, {result['videos']} videos scored, "
+            f"{skipped} skipped as unreadable{names}{fusion}{tag}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -886,6 +1095,45 @@ def _run_signature(folder):
     return [f for f in ("last.pt", "best.pt", "metrics.jsonl", "args.json") if os.path.exists(os.path.join(folder, f))]
 
 
+def _now():
+    return time.monotonic()
+
+
+class Throughput:
+    """clips/s and ETA of the progress line, from the last `window` training steps only.
+
+    Choice: a moving window of step durations whose clock restarts after every pause that is not a training
+    step (evaluation, writing checkpoints), so the speed is that of training now; a cumulative average would
+    mix in every evaluation and the slow start. The ETA adds the evaluations still due, each as long as the
+    last one measured."""
+
+    def __init__(self, window=SPEED_WINDOW):
+        self.steps = collections.deque(maxlen=window)  # (seconds, clips) of the recent steps
+        self.t = _now()
+        self.eval_s = 0.0  # the last evaluation's duration
+
+    def restart(self):
+        self.t = _now()
+
+    def step(self, clips):
+        now = _now()
+        self.steps.append((now - self.t, clips))
+        self.t = now
+
+    def clips_per_s(self):
+        return sum(c for _, c in self.steps) / max(sum(t for t, _ in self.steps), 1e-9)
+
+    def eta(self, steps_left, evals_left):
+        per_step = sum(t for t, _ in self.steps) / max(len(self.steps), 1)
+        return steps_left * per_step + evals_left * self.eval_s
+
+
+def evaluations_left(args, epoch):
+    """Evaluations still due from epoch index `epoch` (0-based, not yet evaluated) to the end of the run."""
+    return sum(1 for e in range(epoch + 1, args.epochs + 1)
+               if (args.eval_every and e % args.eval_every == 0) or e == args.epochs)
+
+
 class Run:
     """What one training run holds: its arguments and ranks, model, optimiser, data, and where it stands in
     the schedule (epoch, step within the epoch, global step, best top-1). The steps below read and advance it."""
@@ -896,6 +1144,7 @@ class Run:
         self.epoch, self.epoch_step, self.step, self.best = 0, 0, 0, -1.0
         self.test_set, self.metrics = None, None
         self.t_start, self.clips_done = time.time(), 0
+        self.speed = Throughput()
 
 
 def explicit_flags(argv):
@@ -910,6 +1159,9 @@ def resume_args(cli, argv, saved):
     """The arguments of a resumed run: the saved ones, with the flags of RESUME_MAY_CHANGE given now; any other
     flag given with a different value is refused, each named with both values."""
     args = argparse.Namespace(**saved)
+    for key in TRAINING_ROWS:  # runs saved before these rows existed trained with the paper column
+        if not hasattr(args, key):
+            setattr(args, key, prompts.BIEFFICIENT_DEFAULTS[key][0])
     given = explicit_flags(argv)
     given.pop("resume", None)
     if "output" in given and os.path.abspath(given.pop("output")) != os.path.abspath(cli.resume):
@@ -993,7 +1245,7 @@ def setup(argv=None):
     rank, world, device = setup_distributed()
     args, ckpt = resolve_run_args(cli, argv, world)
     run = Run(args, rank, world, device)
-    run.amp_dtype, use_scaler = amp_settings(args.precision, device)
+    run.amp_dtype, use_scaler = amp_settings(args.precision, device, getattr(args, "amp", "bf16"))
     if getattr(args, "threads", None) and device.type == "cpu":
         torch.set_num_threads(args.threads)
     random.seed(args.seed + rank)
@@ -1013,10 +1265,13 @@ def setup(argv=None):
     if restart:
         ckpt = None
 
-    run.train_set = build_dataset(args, "train", shots_dir=None if args.dry_run else args.output)
+    with rank0_only_warnings():
+        run.train_set = build_dataset(args, "train", shots_dir=None if args.dry_run else args.output)
     texts, zh = class_names(args, run.train_set)
     model = run.model = build_model(args, texts, zh).to(device)
     if args.dry_run:
+        for line in describe_setup(args, model):
+            run.log(line)
         print_parameter_table(model, run.log)
         return None, None
     torch.manual_seed(args.seed + rank)  # after the (identical) model init, each rank its own stream
@@ -1032,6 +1287,8 @@ def setup(argv=None):
             f"{args.arch}{' RANDOM-INIT' if args.random_init else ''}; {world} rank(s) on {device.type}, global "
             f"batch {args.batch_size} = {world} x {per_rank // args.micro_batch} x {args.micro_batch}, precision "
             f"{run.amp_dtype or 'fp32'}; run folder {run.out}")
+    for line in describe_setup(args, model):
+        run.log(line)
     print_parameter_table(model, run.log)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -1039,7 +1296,10 @@ def setup(argv=None):
         raise UsageError("this configuration has no trainable parameters (e.g. TPR with --no-temporal-prompts "
                          "--beta none --pooling mean: Fig. 5a's CLIP row); pass --epochs 0 to only evaluate it")
     model.train()
-    run.ddp_model = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # A model may hold trainable parameters that never get a gradient (BiEfficient code-compat: the LayerNorm
+    # used only to pick the top-1); DDP must then look for them every step.
+    run.ddp_model = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                         find_unused_parameters=getattr(model, "has_unused_parameters", False))
                      if world > 1 and trainable else model)
     run.optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas))
     run.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
@@ -1131,9 +1391,11 @@ def save(run, names, last_eval=None):
     if run.rank != 0:
         return
     args = run.args
+    cadence = ("the BiEfficient authors' cadence (every 10th step)"
+               if getattr(args, "lr_schedule", "step") == "every10" else "per step")
     state = dict(format=CHECKPOINT_FORMAT, method=args.method, args=_plain(vars(args)),
                  trainable=trainable_state(run.model), optimizer=run.optimizer.state_dict(),
-                 scaler=run.scaler.state_dict(), schedule=dict(kind="linear warm-up then cosine, per step",
+                 scaler=run.scaler.state_dict(), schedule=dict(kind=f"linear warm-up then cosine, {cadence}",
                                                                step=run.step, total_steps=run.total_steps),
                  epoch=run.epoch, epoch_step=run.epoch_step, step=run.step, best_top1=run.best, rng=states,
                  frozen_fingerprint=run.fingerprint, classes=list(run.train_set.classes), last_eval=last_eval)
@@ -1152,12 +1414,15 @@ def run_eval(run):
     args = run.args
     if run.test_set is None:
         run.test_set = build_dataset(args, "test", views="1x1")
+    t0 = _now()
     result = evaluate(run.model, run.test_set, run.device, run.amp_dtype, args.eval_batch_size, args.workers)
+    run.speed.eval_s = _now() - t0
     proto = protocol(args, run.test_set, "1x1")
     run.log(f"eval epoch {run.epoch + 1}: {describe(result, proto, args.random_init)}")
     write_metrics(run, dict(kind="eval", epoch=run.epoch + 1, step=run.step, protocol=proto, top1=result["top1"],
                             top5=result["top5"], scored=result["videos"], skipped=result["skipped"],
                             skipped_files=result["skipped_files"], random_init=bool(args.random_init),
+                            **({"top1_by_fusion": result["top1_by_fusion"]} if "top1_by_fusion" in result else {}),
                             **({"note": "RANDOM-INIT"} if args.random_init else {})))
     return result
 
@@ -1196,19 +1461,22 @@ def train_epoch(run):
     run.train_set.set_epoch(run.epoch)
     sampler = BatchSampler(len(run.train_set), args.batch_size, run.rank, run.world, args.seed, run.epoch,
                            start=run.epoch_step)
+    run.speed.restart()  # after the evaluation and saving of the previous epoch
     for batch in loader(run.train_set, batch_sampler=sampler, workers=args.workers):
         loss, lr = optimizer_step(run, batch)
+        run.speed.step(args.batch_size)
         run.step, run.epoch_step, run.clips_done = run.step + 1, run.epoch_step + 1, run.clips_done + args.batch_size
         if run.epoch_step % args.print_every == 0 or run.epoch_step == spe:
             now = time.time()
-            speed = run.clips_done / max(now - run.t_start, 1e-9)
-            eta = (run.total_steps - run.step) * args.batch_size / max(speed, 1e-9)
+            speed = run.speed.clips_per_s()
+            eta = run.speed.eta(run.total_steps - run.step, evaluations_left(args, run.epoch))
             run.log(f"epoch {run.epoch + 1}/{args.epochs} step {run.epoch_step}/{spe} loss {loss.item():.4f} "
                     f"lr {lr:.3e} {speed:.1f} clips/s ETA {_hms(eta)} peak mem {_peak_memory_mib(run.device):.0f} MiB")
             write_metrics(run, dict(kind="train", epoch=run.epoch + 1, step=run.step, epoch_step=run.epoch_step,
-                                    loss=loss.item(), lr=lr, clips_per_s=speed, time_s=now - run.t_start))
+                                    loss=loss.item(), lr=lr, clips_per_s=speed, eta_s=eta, time_s=now - run.t_start))
         if args.save_every and run.epoch_step % args.save_every == 0 and run.epoch_step < spe:
             save(run, "last.pt")
+            run.speed.restart()
         if args.kill_at_step and run.step == args.kill_at_step:
             os.kill(os.getpid(), getattr(signal, args.kill_signal))  # testing only: a preempted job
         if stop_requested(run):
