@@ -2028,8 +2028,8 @@ def test_data_real_world_check_and_training_agree(real_world, tmp_path, capsys):
     lst.write_text("".join(f"{p} {k % 2}\n" for k, p in enumerate(list(files.values()) + [good, good])))
     T = 16
     assert data.probe_video(short).num_frames < T <= data.probe_video(real_world["truncated"]).num_frames
-    code = data.main(["--dataset", "list", "--list-file", str(lst), "--class-file", str(classes), "--check",
-                      "--workers", "2", "--frames", str(T)])
+    code = data.main(["--dataset", "list", "--list-file", str(lst), str(lst), "--class-file", str(classes),
+                      "--check", "--workers", "2", "--frames", str(T)])  # TRAIN TEST: the same list twice
     out = capsys.readouterr().out
     check_bad = {line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith("  BAD ")}
     check_damaged = {line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith("  DAMAGED ")}
