@@ -3576,8 +3576,21 @@ def test_engine_refuses_bad_batch_split():
         train.main(SMALL + ["--micro-batch", "3", "--dry-run"])
 
 
-def test_engine_scores_a_users_own_video(tpr_run, tmp_path, capsys):
+def dictionary_and_file_scores(ckpt, video, zh, dictionary, tmp_path, capsys):
+    """The own-video scores of labels zh's keys: (Chinese labels from the named built-in dictionary, from a file
+    holding the entries zh)."""
     import json as _json
+    labels = ",".join(zh)
+    from_dictionary, _ = evaluate.main(["--checkpoint", ckpt, "--video", video, "--labels", labels])
+    assert f"note: Chinese labels from the {dictionary} dictionary" in capsys.readouterr().out
+    path = tmp_path / "zh.json"
+    path.write_text(_json.dumps(zh, ensure_ascii=False), encoding="utf-8")
+    from_file, _ = evaluate.main(["--checkpoint", ckpt, "--video", video, "--labels", labels,
+                                  "--chinese-labels", str(path)])
+    return from_dictionary, from_file
+
+
+def test_engine_scores_a_users_own_video(tpr_run, tmp_path, capsys):
     import data
     from PIL import Image
     g = __import__("numpy").random.default_rng(0)
@@ -3596,12 +3609,8 @@ def test_engine_scores_a_users_own_video(tpr_run, tmp_path, capsys):
     assert Image.open(png).size[0] >= 8 * 128  # one thumbnail per sampled frame
     # Custom labels on a model with a Chinese branch: labels of a dataset take their Chinese labels from its
     # dictionary, exactly as from a file holding the same entries.
-    from_dictionary, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "moving left,growing"])
-    assert "note: Chinese labels from the synthetic dictionary" in capsys.readouterr().out
-    zh = tmp_path / "zh.json"
-    zh.write_text(_json.dumps({"moving left": "向左移动", "growing": "变大"}, ensure_ascii=False), encoding="utf-8")
-    ranked, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "moving left,growing",
-                               "--chinese-labels", str(zh)])
+    from_dictionary, ranked = dictionary_and_file_scores(tpr_run, video, {"moving left": "向左移动", "growing": "变大"},
+                                                         "synthetic", tmp_path, capsys)
     assert sorted(l for l, _ in ranked) == ["growing", "moving left"] and abs(sum(p for _, p in ranked) - 1) < 1e-5
     assert ranked == pytest.approx(from_dictionary)
 
@@ -3993,14 +4002,9 @@ def test_engine_visualization_says_what_it_shows(tpr_run, tmp_path):
 def test_engine_own_video_labels_of_a_dataset_take_its_chinese_dictionary(tpr_run, tmp_path, capsys):
     """HMDB51 class names typed as words on a synthetic-trained TPR: the hmdb51 dictionary gives their Chinese
     labels, the same scores as a file holding those entries."""
-    import json as _json
     video = _banded_video(str(tmp_path / "v.mp4"))
-    ranked, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "brush hair,cartwheel"])
-    assert "note: Chinese labels from the hmdb51 dictionary" in capsys.readouterr().out
-    zh = tmp_path / "zh.json"
-    zh.write_text(_json.dumps({"brush hair": "梳头", "cartwheel": "侧手翻"}, ensure_ascii=False), encoding="utf-8")
-    same, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "brush hair,cartwheel",
-                             "--chinese-labels", str(zh)])
+    ranked, same = dictionary_and_file_scores(tpr_run, video, {"brush hair": "梳头", "cartwheel": "侧手翻"}, "hmdb51",
+                                              tmp_path, capsys)
     assert ranked == pytest.approx(same)
     english, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "brush hair,cartwheel",
                                 "--lam", "1"])
