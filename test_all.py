@@ -3464,11 +3464,14 @@ def test_engine_torchrun_two_ranks_equals_one_process(tpr_run, tmp_path):
     assert len(la) == len(lb) == 12
     # Step 1 sees the same weights and data, so only the reduction order differs; after it, parameters whose true
     # gradient is ~0 (attention key biases) get Adam steps of size ~lr from float noise, so later losses drift by
-    # about 1e-4 relative (measured up to 1.1e-4 at step 8).
+    # about 1e-4 to 1e-3 relative (measured: 1.1e-4 on the first synthetic set, 1.2e-3 at step 9 on the disc set).
     assert la[0] == pytest.approx(lb[0], rel=1e-6, abs=1e-6)
-    assert la == pytest.approx(lb, rel=1e-3, abs=1e-5)
-    # lr 3e-3, 12 steps: the attention projections may differ by a small fraction of what they could move.
-    assert_same_weights(trainable(tpr_run)["trainable"], trainable(out)["trainable"], noisy_bound=0.05 * 3e-3 * 12)
+    assert la == pytest.approx(lb, rel=3e-3, abs=1e-5)
+    # lr <= 3e-3, 12 steps: the attention projections may differ by a small fraction of what they could move.
+    # atol: small parameters with small gradients (Eq. (1)'s temporal embedding, the prompts G and I) carry the
+    # same Adam-amplified noise (measured up to 6.4e-5, against 2.4e-2 = lr x steps that Adam could move them).
+    assert_same_weights(trainable(tpr_run)["trainable"], trainable(out)["trainable"], atol=2e-4,
+                        noisy_bound=0.05 * 3e-3 * 12)
     # The final evaluation counted every test video once on 2 ranks.
     ev = [r for r in metrics(out) if r["kind"] == "eval"][-1]
     ev1 = [r for r in metrics(tpr_run) if r["kind"] == "eval"][-1]
@@ -3612,7 +3615,7 @@ def test_engine_scores_a_users_own_video(tpr_run, tmp_path, capsys):
     from_dictionary, ranked = dictionary_and_file_scores(tpr_run, video, {"moving left": "向左移动", "growing": "变大"},
                                                          "synthetic", tmp_path, capsys)
     assert sorted(l for l, _ in ranked) == ["growing", "moving left"] and abs(sum(p for _, p in ranked) - 1) < 1e-5
-    assert ranked == pytest.approx(from_dictionary)
+    assert dict(ranked) == pytest.approx(dict(from_dictionary))
 
 
 CLIP_ROW = ["--no-temporal-prompts", "--beta", "none", "--no-chinese", "--pooling", "mean"]  # Fig. 5a CLIP row
@@ -4005,10 +4008,10 @@ def test_engine_own_video_labels_of_a_dataset_take_its_chinese_dictionary(tpr_ru
     video = _banded_video(str(tmp_path / "v.mp4"))
     ranked, same = dictionary_and_file_scores(tpr_run, video, {"brush hair": "梳头", "cartwheel": "侧手翻"}, "hmdb51",
                                               tmp_path, capsys)
-    assert ranked == pytest.approx(same)
+    assert dict(ranked) == pytest.approx(dict(same))
     english, _ = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--labels", "brush hair,cartwheel",
                                 "--lam", "1"])
-    assert english != pytest.approx(ranked)  # the Chinese branch did contribute
+    assert dict(english) != pytest.approx(dict(ranked))  # the Chinese branch did contribute
 
 
 def argparse_ns(**kw):

@@ -42,7 +42,6 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import clip
@@ -1238,6 +1237,21 @@ def choose_output(args, rank):
     return out
 
 
+def take_restart(run):
+    """A run folder stopped before its first checkpoint restarts from step 0 (its partial log removed); the
+    resume bookkeeping flags move from the arguments to the run. Returns whether it restarts."""
+    restart = getattr(run.args, "restart", False) or getattr(run.args, "fresh_start", False)
+    for key in ("restart", "fresh_start", "resume_given"):
+        if hasattr(run.args, key):
+            setattr(run, key, getattr(run.args, key))
+            delattr(run.args, key)
+    if restart and run.rank == 0:
+        run.log(f"{run.out} holds a run stopped before its first checkpoint: starting it again from step 0")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(run.out, "metrics.jsonl"))  # its partial log would interleave with the new one
+    return restart
+
+
 def setup(argv=None):
     """Arguments, processes, seeds, output folder, data and model. Returns (run, checkpoint to resume or None),
     or (None, None) after printing the parameter table for --dry-run."""
@@ -1253,15 +1267,7 @@ def setup(argv=None):
     if not cli.resume and not args.dry_run:
         args.output = choose_output(args, rank)
     run.out = args.output
-    restart = getattr(args, "restart", False) or getattr(args, "fresh_start", False)
-    for key in ("restart", "fresh_start", "resume_given"):
-        if hasattr(args, key):
-            setattr(run, key, getattr(args, key))
-            delattr(args, key)
-    if restart and rank == 0:
-        run.log(f"{run.out} holds a run stopped before its first checkpoint: starting it again from step 0")
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(run.out, "metrics.jsonl"))  # its partial log would interleave with the new one
+    restart = take_restart(run)
     if restart:
         ckpt = None
 
@@ -1291,6 +1297,13 @@ def setup(argv=None):
         run.log(line)
     print_parameter_table(model, run.log)
 
+    build_training(run, use_scaler)
+    return run, ckpt
+
+
+def build_training(run, use_scaler):
+    """DDP wrapper, AdamW over the trainable parameters, GradScaler and the schedule length of a set-up run."""
+    args, model, device = run.args, run.model, run.device
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable and args.epochs:
         raise UsageError("this configuration has no trainable parameters (e.g. TPR with --no-temporal-prompts "
@@ -1300,7 +1313,7 @@ def setup(argv=None):
     # used only to pick the top-1); DDP must then look for them every step.
     run.ddp_model = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                          find_unused_parameters=getattr(model, "has_unused_parameters", False))
-                     if world > 1 and trainable else model)
+                     if run.world > 1 and trainable else model)
     run.optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas))
     run.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     run.steps_per_epoch = len(run.train_set) // args.batch_size
@@ -1309,7 +1322,6 @@ def setup(argv=None):
                          f"({len(run.train_set)} videos)")
     run.total_steps = args.epochs * run.steps_per_epoch
     run.fingerprint = frozen_fingerprint(model)
-    return run, ckpt
 
 
 def resume(run, ckpt):
