@@ -57,8 +57,15 @@ clip at once in torch. A truncated file is used (and logged) when at least T fra
 
 CLI: `python data.py --dataset NAME --root DIR [--split K] [--frames T] --check` decodes every video once and
 lists the bad ones (exit 1 if any), the damaged ones used and the videos of hmdb51 / ucf101 class folders that
-no split file names; `python data.py --bench` compares this loader with a decode-everything loader, decord and
-torchcodec (when installed).
+no split file names. The loader benchmark (against a decode-everything loader, decord and torchcodec) is
+`python bench/loader.py`.
+
+Files it needs beside it (copy them with data.py): assets/classes/{hmdb51,ucf101,kinetics400,ssv1}.txt (the
+official class lists, `official_classes`) and assets/chinese_labels/<dataset>.json (TPR's Chinese labels,
+`chinese_labels`); the synthetic set needs neither.
+
+Order of this file: TSN sampling, transforms (augmentation and test views), datasets, class names and layouts,
+few- and zero-shot, then the decoder internals (probe, seek, decode), then --check and the command line.
 """
 import argparse
 import bisect
@@ -73,7 +80,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -122,76 +128,6 @@ class UnreadableClass(Exception):
         super().__init__(message)
 
 
-# ----------------------------------------------------------------------------------------------- class names
-def class_text(name):
-    """Readable words for a class folder name: 'brush_hair' -> 'brush hair', 'ApplyEyeMakeup' -> 'apply eye
-    makeup', 'YoYo' -> 'yo yo'; names that already hold spaces (K400, SSv1 templates) are kept as they are."""
-    if " " in name:
-        return name
-    words, word = [], ""
-    for i, ch in enumerate(name.replace("_", " ")):
-        nxt = name[i + 1] if i + 1 < len(name) else ""
-        # a capital starts a word after a lower-case letter, or before one inside a run of capitals ('TVShow')
-        if ch.isupper() and word and (word[-1].islower() or (nxt.islower() and word[-1].isupper())):
-            words.append(word)
-            word = ""
-        if ch == " ":
-            words.append(word)
-            word = ""
-        else:
-            word += ch
-    words.append(word)
-    return " ".join(w.lower() for w in words if w)
-
-
-def official_classes(dataset):
-    """The official class list of a dataset from assets/classes/<name>.txt (index = label)."""
-    if dataset not in ASSET_NAMES:
-        raise ValueError(f"no official class list for dataset {dataset!r}; lists exist for {sorted(ASSET_NAMES)}")
-    path = os.path.join(ASSETS, "classes", ASSET_NAMES[dataset] + ".txt")
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
-
-
-def chinese_labels(dataset, class_names, path=None):
-    """Chinese label of every class, in the order of `class_names` (TPR Sec. 3.4's predefined dictionary).
-
-    Reads assets/chinese_labels/<dataset>.json, or the user's file `path`: a JSON object {english: chinese} or
-    `english<TAB>chinese` lines. Raises KeyError listing every class without an entry."""
-    if path is None and dataset == "synthetic":
-        table = SYNTHETIC_CHINESE
-    else:
-        if path is None:
-            if dataset not in ASSET_NAMES:
-                raise ValueError(f"dataset {dataset!r} has no built-in Chinese labels (built in: "
-                                 f"{sorted(ASSET_NAMES) + ['synthetic']}); pass --chinese-labels FILE")
-            path = os.path.join(ASSETS, "chinese_labels", ASSET_NAMES[dataset] + ".json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"Chinese label file {path} not found; expected a JSON object "
-                                    "{english: chinese} or english<TAB>chinese lines")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        try:
-            table = json.loads(text)
-        except json.JSONDecodeError as e:
-            if text.lstrip("\ufeff \t\r\n")[:1] in ("{", "["):  # meant as JSON: its error, not the tab format's
-                raise ValueError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
-            table = {}
-            for n, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                if "\t" not in line:
-                    raise ValueError(f"{path}:{n}: expected 'english<TAB>chinese', got {line!r}")
-                en, zh = line.split("\t", 1)
-                table[en.strip()] = zh.strip()
-        if not isinstance(table, dict):
-            raise ValueError(f"{path}: expected a JSON object {{english: chinese}}, got {type(table).__name__}")
-    missing = [c for c in class_names if c not in table]
-    if missing:
-        raise KeyError(f"{path or 'synthetic'}: no Chinese label for {len(missing)} classes: {missing}")
-    return [table[c] for c in class_names]
-
-
 # ------------------------------------------------------------------------------------------------- sampling
 def sample_indices(num_frames, T, mode="train", rng=None, clips=1, clip=0, sampling="sparse", interval=None):
     """Frame indices of one clip of T frames from a video of `num_frames` frames.
@@ -217,319 +153,6 @@ def sample_indices(num_frames, T, mode="train", rng=None, clips=1, clip=0, sampl
     else:
         raise ValueError(f"sampling {sampling!r} not in {SAMPLINGS}")
     return [min(i, n - 1) for i in idx]
-
-
-# ------------------------------------------------------------------------------------------------- decoding
-# A frame index, everywhere in this file (probe, decode, --check, sampling), is the position of a frame in the
-# sequence a plain full decode yields: presentation order, after the container's edit list, after FFmpeg drops
-# what it cannot decode (a packet the decoder rejects is skipped, as ffmpeg's command line skips it). Decoded
-# frames are mapped to indices by their timestamps, never by dividing by an average frame rate, so variable
-# frame rate, B-frames and odd or negative start timestamps need no special case.
-class MetaMismatch(BadVideo):
-    """The decoder did not show the frames the packets promised; probe_video(path, exact=True) will know."""
-
-
-class VideoMeta:
-    """What the probe tells about a video.
-
-    pts         (num_frames,) int64 ascending, the timestamp of the frame at each index (stream time base);
-                None when the decoded frames carry no usable timestamps (frames are then counted from the start)
-    key_pts     ascending timestamps of the keyframes, the seek targets; key_idx the index of the first frame
-                shown at or after each
-    header      the frame count the container claims (0 when it claims none)
-    damage      '' for a sound file, else why fewer frames decode than the file should hold (truncated, ...)
-    exact       pts come from a full decode (True) or from the packets (False)
-    width, height  the frame size the container gives
-    """
-
-    __slots__ = ("pts", "num_frames", "key_pts", "key_idx", "header", "damage", "exact", "width", "height",
-                 "_lookup")
-
-    def __init__(self, pts, num_frames, key_pts, header, damage, exact, width, height):
-        self.pts, self.num_frames, self.header, self.damage, self.exact = pts, num_frames, header, damage, exact
-        self.width, self.height = width, height
-        self.key_pts = np.asarray(key_pts if pts is not None else [], dtype=np.int64)
-        self.key_idx = np.searchsorted(pts, self.key_pts) if pts is not None else self.key_pts
-        self._lookup = None
-
-    def lookup(self):
-        """{pts: index} of every frame, built once."""
-        if self._lookup is None:
-            self._lookup = {int(p): i for i, p in enumerate(self.pts)} if self.pts is not None else {}
-        return self._lookup
-
-    def index(self, pts):
-        """Index of the frame shown at timestamp `pts`, or -1 if no frame of the video has it."""
-        return self.lookup().get(pts, -1)
-
-
-def _open(path, threads=None):
-    if not os.path.exists(path):
-        raise BadVideo("file not found")
-    if os.path.getsize(path) == 0:
-        raise BadVideo("zero-byte file")
-    try:
-        container = av.open(path)
-    except (av.FFmpegError, OSError, ValueError) as e:
-        raise BadVideo(f"cannot open: {e}") from None
-    if not container.streams.video:
-        container.close()
-        raise BadVideo("no video stream")
-    stream = container.streams.video[0]
-    stream.thread_type = threads or _thread_type()  # the decoder opens at the first packet: callers may change it
-    return container, stream
-
-
-def _thread_type(meta=None):
-    # Choice: measured with `python data.py --bench` (README): frame threads ("AUTO") refill their pipeline after
-    # every seek and cost 20-35% more CPU time per clip; in DataLoader workers, which keep every core busy, the
-    # decoder runs one thread ("NONE"). In one process (evaluate.py --video, num_workers 0) frame threads are
-    # used on files with long GOPs (LONG_GOP frames or more per keyframe), where decoding runs long stretches
-    # without a seek; on short GOPs decode_frames runs one single-threaded decoder per core instead, each on
-    # its own stretch between seeks. Slice threads add nothing to single-slice H.264 and to mpeg4.
-    if torch.utils.data.get_worker_info() is not None or meta is None or meta.pts is None:
-        return "NONE"
-    return "AUTO" if meta.num_frames >= LONG_GOP * max(len(meta.key_pts), 1) else "NONE"
-
-
-def _frames(container, stream, needed=None):
-    """Decoded frames in presentation order; a packet the decoder rejects is skipped and a container that
-    breaks off ends the video, as in a plain `ffmpeg -i` decode. With `needed` (a set of timestamps), frames no
-    other frame refers to are not decoded at all unless their packet's timestamp is needed."""
-    ctx, skipping = stream.codec_context, False
-    packets = container.demux(stream)
-    while True:
-        try:
-            packet = next(packets)
-        except (StopIteration, av.FFmpegError):  # the end, or a container that breaks off (a cut file)
-            break
-        if packet.size == 0:  # the demuxer's end marker, or an AVI's empty 'dropped frame' chunk
-            continue
-        if needed is not None and skipping != (packet.pts not in needed):
-            skipping = not skipping
-            ctx.skip_frame = "NONREF" if skipping else "DEFAULT"
-        try:
-            frames = packet.decode()
-        except av.FFmpegError:
-            continue
-        yield from frames
-    ctx.skip_frame = "DEFAULT"
-    try:
-        yield from ctx.decode(None)  # what the decoder still holds (B-frames, threads)
-    except av.FFmpegError:
-        return
-
-
-def _decoded_pts(path):
-    """Timestamps of every frame a plain full decode yields (None if any frame lacks one), and their count."""
-    # One pass over everything: frame threads are fastest, but not inside a worker, where the cores are taken.
-    container, stream = _open(path, "AUTO" if torch.utils.data.get_worker_info() is None else "NONE")
-    try:
-        pts = [f.pts for f in _frames(container, stream)]
-    finally:
-        container.close()
-    usable = all(p is not None for p in pts) and all(a < b for a, b in zip(pts, pts[1:]))
-    return (np.asarray(pts, dtype=np.int64) if usable else None), len(pts)
-
-
-def probe_video(path, exact=False):
-    """Frame timestamps and keyframes of a video, from one demux pass (no decoding) where the packets tell it
-    exactly, else (or with exact=True) from one full decode; BadVideo if nothing decodes.
-
-    The packets tell it where they hold timestamps, the container holds as many as its header claims, and the
-    first frame the decoder shows is the first the packets promise; the frames shown are then the packets' in
-    timestamp order, less those marked discard (an edit list's pre-roll) and those before the first keyframe in
-    decode order (undecodable). Anything else (a cut or damaged file, missing timestamps, a decoder that shows
-    frames before the first keyframe) costs one full decode, once: callers cache the result."""
-    container, stream = _open(path)
-    try:
-        return _probe(path, container, stream, exact)
-    finally:
-        container.close()
-
-
-def _probe(path, container, stream, exact=False):
-    """probe_video on an open container (left at its end)."""
-    packets, broken, corrupt, empty = [], False, False, 0  # packets: (pts, keyframe, discard) in decode order
-    header = max(stream.frames, 0)
-    width, height = stream.codec_context.width, stream.codec_context.height
-    try:
-        for packet in container.demux(stream):
-            if packet.size:  # not the end marker nor an AVI's empty 'dropped frame' chunk
-                packets.append((packet.pts, packet.is_keyframe, packet.is_discard))
-                corrupt |= packet.is_corrupt
-            elif packet.pts is not None:
-                empty += 1
-    except av.FFmpegError:
-        broken = True  # the container breaks off: a cut file
-    first_key = next((i for i, p in enumerate(packets) if p[1]), None)
-    shown = sorted(p[0] for p in packets[first_key or 0:] if not p[2] and p[0] is not None)
-    key_pts = sorted(p[0] for p in packets if p[1] and p[0] is not None)
-    cut = broken or corrupt or len(packets) + empty < header
-    exact = (exact or cut or first_key is None or not shown or any(p[0] is None for p in packets)
-             or len(set(shown)) < len(shown))
-    if not exact and (first_key > 0 or any(p[2] for p in packets) or shown[0] < packets[first_key][0]):
-        # The head is unusual (an edit list, a cut before a keyframe): does the decoder agree?
-        head, head_stream = _open(path)
-        try:
-            first = next(_frames(head, head_stream), None)
-        finally:
-            head.close()
-        exact = first is None or first.pts != shown[0]
-    if not exact:
-        return VideoMeta(np.asarray(shown, dtype=np.int64), len(shown), key_pts, header, "", False, width, height)
-    pts, n = _decoded_pts(path)
-    if n == 0:
-        raise BadVideo("no decodable frames" + (f" ({len(packets)} packets)" if packets else ""))
-    damage = ""
-    if cut:
-        damage = (f"truncated: container says {header} frames, {n} decode" if header > n
-                  else f"truncated: {len(packets)} packets, {n} frames decode")
-    elif n < len(shown):
-        damage = f"damaged: {len(shown)} frames in the packets, {n} decode"
-    return VideoMeta(pts, n, key_pts, header, damage, True, width, height)
-
-
-def video_verdict(meta, T):
-    """The one rule training and --check share: a damaged video is used if at least T frames of it decode,
-    with its damage reported; else BadVideo. A sound video is always used (a short one repeats frames)."""
-    if meta.damage and meta.num_frames < T:
-        raise BadVideo(f"{meta.damage}, fewer than T={T}")
-    return meta.damage
-
-
-def decode_frames(path, indices, meta=None, threads=None, skip=True):
-    """uint8 RGB frames (len(indices), H, W, 3), exactly `frame.to_ndarray(format="rgb24")` of the frame at
-    each index (in any order, repeats allowed), decoding only from the keyframe before each needed frame.
-
-    meta: probe_video(path), probed here (on the same open file) when None. threads: the codec's thread_type
-    ("NONE", "SLICE", "FRAME", "AUTO"), by default chosen for the context. skip: leave undecoded the frames no
-    other frame refers to (B-frames, mostly) that are not asked for. MetaMismatch when the decoder does not show
-    a frame the (packet-based) meta promised."""
-    cores = os.cpu_count() or 1
-    if threads is None and cores > 1 and torch.utils.data.get_worker_info() is None:
-        meta = meta or probe_video(path)
-        outside = [i for i in indices if not 0 <= i < meta.num_frames]
-        if outside:
-            raise IndexError(f"frame indices {outside[:8]} outside 0..{meta.num_frames - 1} of {path}")
-        runs = _runs(meta, indices) if _thread_type(meta) == "NONE" else []
-        if len(runs) > 1:  # one process, short GOPs: the runs between seeks decode in parallel, one per core
-            chunks = [sum(runs[c::cores], []) for c in range(min(cores, len(runs)))]
-            with ThreadPoolExecutor(len(chunks)) as pool:  # PyAV releases the GIL while it decodes
-                parts = pool.map(lambda c: decode_frames(path, c, meta, "NONE", skip), chunks)
-                got = {i: f for c, part in zip(chunks, parts) for i, f in zip(c, part)}
-            return np.stack([got[i] for i in indices])
-    try:
-        return _decode(path, indices, meta, threads, skip)
-    except MetaMismatch:
-        if not skip:
-            raise
-        # Choice: a frame skipped as non-reference that the meta promised (a codec that packs two frames into
-        # one packet, as some AVI muxers do): decode every frame before giving up.
-        return _decode(path, indices, meta, threads, False)
-
-
-def _runs(meta, indices):
-    """The distinct indices grouped by the keyframe a decoder starts from: [[i, ...], ...], ascending."""
-    if meta.pts is None:
-        return [sorted(set(indices))]
-    runs, last = [], None
-    for i in sorted(set(indices)):
-        k = int(np.searchsorted(meta.key_pts, meta.pts[i], "right"))  # keyframes at or before frame i
-        if k != last:
-            runs.append([])
-            last = k
-        runs[-1].append(i)
-    return runs
-
-
-def _decode(path, indices, meta, threads, skip):
-    pending = sorted(set(indices))  # still to fill, ascending
-    got = {}
-    container, stream = _open(path, threads)
-    try:
-        opened = meta is None  # the probe has read the file to its end: the first frame needs a seek
-        meta = meta or _probe(path, container, stream)
-        n = meta.num_frames
-        outside = [i for i in pending if not 0 <= i < n]
-        if outside:
-            raise IndexError(f"frame indices {outside[:8]} outside 0..{n - 1} of {path}")
-        threads = threads or _thread_type(meta)
-        stream.thread_type = threads
-        rgb = VideoReformatter()  # one colour converter for all frames (a frame's own is set up anew each time)
-        if meta.pts is None:  # no timestamps: count frames from the start
-            if opened:
-                container.close()
-                container, stream = _open(path, threads)
-            for i, frame in enumerate(_frames(container, stream)):
-                if i == pending[0]:
-                    got[pending.pop(0)] = rgb.reformat(frame, format="rgb24").to_ndarray()
-                    if not pending:
-                        break
-        frames, pos, back = None, -1, 0  # pos: index of the frame the decoder showed last
-        where = meta.lookup()
-        needed = {int(meta.pts[i]) for i in pending} if skip and meta.pts is not None else None
-        while pending and meta.pts is not None:
-            target = pending[0]
-            k = int(np.searchsorted(meta.key_pts, meta.pts[target], "right")) - 1 - back  # keyframe before it
-            key = int(meta.key_idx[k]) if k >= 0 else 0
-            if frames is None or key > pos + 1:  # seeking helps only if the keyframe lies ahead of the decoder
-                if k >= 0 and (key > 0 or opened):
-                    container.seek(int(meta.key_pts[k]), stream=stream, backward=True)
-                elif opened:  # from the very start: reopen (a seek may land on a later keyframe)
-                    container.close()
-                    container, stream = _open(path, threads)
-                frames, opened, pos, fresh = _frames(container, stream, needed), True, key - 1, True
-            for frame in frames:
-                i = where.get(frame.pts, -1)
-                if i < 0:
-                    raise MetaMismatch(f"the decoder shows a frame at pts {frame.pts}, which the packets lack")
-                if i > target and fresh and k >= 0:  # the seek landed after the target: one keyframe earlier
-                    back += 1
-                    frames = None
-                    break
-                if i > target:
-                    raise MetaMismatch(f"frame {target} of {n} (pts {meta.pts[target]}) is never shown")
-                pos, fresh, back = i, False, 0
-                if i == target:
-                    got[pending.pop(0)] = rgb.reformat(frame, format="rgb24").to_ndarray()
-                    break
-            else:  # end of stream before `target`
-                raise MetaMismatch(f"frame {target} of {n} not decodable")
-        if pending:
-            raise MetaMismatch(f"frame {pending[0]} of {n} not decodable")
-    except av.FFmpegError as e:
-        raise BadVideo(f"decode error: {e}") from None
-    finally:
-        container.close()
-    return np.stack([got[i] for i in indices])
-
-
-def read_frame_dir(path, indices, tmpl, start_index=1):
-    """RGB frames from a folder of images named tmpl.format(index + start_index)."""
-    out = []
-    for i in indices:
-        file = os.path.join(path, tmpl.format(i + start_index))
-        try:
-            with Image.open(file) as im:
-                out.append(np.asarray(im.convert("RGB")))
-        except (OSError, ValueError) as e:
-            raise BadVideo(f"frame {file}: {e}") from None
-    if len({a.shape for a in out}) > 1:
-        raise BadVideo(f"frames of different sizes: {sorted({a.shape for a in out})}")
-    return np.stack(out)
-
-
-def count_frame_dir(path, tmpl, start_index=1):
-    if not os.path.isdir(path):
-        raise BadVideo("frame folder not found")
-    names = set(os.listdir(path))
-    n = 0
-    while tmpl.format(n + start_index) in names:
-        n += 1
-    if n == 0:
-        raise BadVideo(f"no frames named like {tmpl.format(start_index)!r}")
-    return n
 
 
 # ------------------------------------------------------------------------------------------------ transforms
@@ -962,6 +585,76 @@ def render_synthetic(label, times, p, H, W):
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+# ----------------------------------------------------------------------------------------------- class names
+def class_text(name):
+    """Readable words for a class folder name: 'brush_hair' -> 'brush hair', 'ApplyEyeMakeup' -> 'apply eye
+    makeup', 'YoYo' -> 'yo yo'; names that already hold spaces (K400, SSv1 templates) are kept as they are."""
+    if " " in name:
+        return name
+    words, word = [], ""
+    for i, ch in enumerate(name.replace("_", " ")):
+        nxt = name[i + 1] if i + 1 < len(name) else ""
+        # a capital starts a word after a lower-case letter, or before one inside a run of capitals ('TVShow')
+        if ch.isupper() and word and (word[-1].islower() or (nxt.islower() and word[-1].isupper())):
+            words.append(word)
+            word = ""
+        if ch == " ":
+            words.append(word)
+            word = ""
+        else:
+            word += ch
+    words.append(word)
+    return " ".join(w.lower() for w in words if w)
+
+
+def official_classes(dataset):
+    """The official class list of a dataset from assets/classes/<name>.txt (index = label)."""
+    if dataset not in ASSET_NAMES:
+        raise ValueError(f"no official class list for dataset {dataset!r}; lists exist for {sorted(ASSET_NAMES)}")
+    path = os.path.join(ASSETS, "classes", ASSET_NAMES[dataset] + ".txt")
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def chinese_labels(dataset, class_names, path=None):
+    """Chinese label of every class, in the order of `class_names` (TPR Sec. 3.4's predefined dictionary).
+
+    Reads assets/chinese_labels/<dataset>.json, or the user's file `path`: a JSON object {english: chinese} or
+    `english<TAB>chinese` lines. Raises KeyError listing every class without an entry."""
+    if path is None and dataset == "synthetic":
+        table = SYNTHETIC_CHINESE
+    else:
+        if path is None:
+            if dataset not in ASSET_NAMES:
+                raise ValueError(f"dataset {dataset!r} has no built-in Chinese labels (built in: "
+                                 f"{sorted(ASSET_NAMES) + ['synthetic']}); pass --chinese-labels FILE")
+            path = os.path.join(ASSETS, "chinese_labels", ASSET_NAMES[dataset] + ".json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Chinese label file {path} not found; expected a JSON object "
+                                    "{english: chinese} or english<TAB>chinese lines")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            table = json.loads(text)
+        except json.JSONDecodeError as e:
+            if text.lstrip("\ufeff \t\r\n")[:1] in ("{", "["):  # meant as JSON: its error, not the tab format's
+                raise ValueError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+            table = {}
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                if "\t" not in line:
+                    raise ValueError(f"{path}:{n}: expected 'english<TAB>chinese', got {line!r}")
+                en, zh = line.split("\t", 1)
+                table[en.strip()] = zh.strip()
+        if not isinstance(table, dict):
+            raise ValueError(f"{path}: expected a JSON object {{english: chinese}}, got {type(table).__name__}")
+    missing = [c for c in class_names if c not in table]
+    if missing:
+        raise KeyError(f"{path or 'synthetic'}: no Chinese label for {len(missing)} classes: {missing}")
+    return [table[c] for c in class_names]
+
+
 # ---------------------------------------------------------------------------------------------------- layouts
 VIDEO_EXTS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".m4v")
 LAYOUTS = {
@@ -1315,6 +1008,319 @@ def zero_shot_protocol(name, root, protocol="splits", halves=10, seed=0, **kw):
     return out
 
 
+# ------------------------------------------------------------------------------------------------- decoding
+# A frame index, everywhere in this file (probe, decode, --check, sampling), is the position of a frame in the
+# sequence a plain full decode yields: presentation order, after the container's edit list, after FFmpeg drops
+# what it cannot decode (a packet the decoder rejects is skipped, as ffmpeg's command line skips it). Decoded
+# frames are mapped to indices by their timestamps, never by dividing by an average frame rate, so variable
+# frame rate, B-frames and odd or negative start timestamps need no special case.
+class MetaMismatch(BadVideo):
+    """The decoder did not show the frames the packets promised; probe_video(path, exact=True) will know."""
+
+
+class VideoMeta:
+    """What the probe tells about a video.
+
+    pts         (num_frames,) int64 ascending, the timestamp of the frame at each index (stream time base);
+                None when the decoded frames carry no usable timestamps (frames are then counted from the start)
+    key_pts     ascending timestamps of the keyframes, the seek targets; key_idx the index of the first frame
+                shown at or after each
+    header      the frame count the container claims (0 when it claims none)
+    damage      '' for a sound file, else why fewer frames decode than the file should hold (truncated, ...)
+    exact       pts come from a full decode (True) or from the packets (False)
+    width, height  the frame size the container gives
+    """
+
+    __slots__ = ("pts", "num_frames", "key_pts", "key_idx", "header", "damage", "exact", "width", "height",
+                 "_lookup")
+
+    def __init__(self, pts, num_frames, key_pts, header, damage, exact, width, height):
+        self.pts, self.num_frames, self.header, self.damage, self.exact = pts, num_frames, header, damage, exact
+        self.width, self.height = width, height
+        self.key_pts = np.asarray(key_pts if pts is not None else [], dtype=np.int64)
+        self.key_idx = np.searchsorted(pts, self.key_pts) if pts is not None else self.key_pts
+        self._lookup = None
+
+    def lookup(self):
+        """{pts: index} of every frame, built once."""
+        if self._lookup is None:
+            self._lookup = {int(p): i for i, p in enumerate(self.pts)} if self.pts is not None else {}
+        return self._lookup
+
+    def index(self, pts):
+        """Index of the frame shown at timestamp `pts`, or -1 if no frame of the video has it."""
+        return self.lookup().get(pts, -1)
+
+
+def _open(path, threads=None):
+    if not os.path.exists(path):
+        raise BadVideo("file not found")
+    if os.path.getsize(path) == 0:
+        raise BadVideo("zero-byte file")
+    try:
+        container = av.open(path)
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise BadVideo(f"cannot open: {e}") from None
+    if not container.streams.video:
+        container.close()
+        raise BadVideo("no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = threads or _thread_type()  # the decoder opens at the first packet: callers may change it
+    return container, stream
+
+
+def _thread_type(meta=None):
+    # Choice: measured with `python bench/loader.py` (README): frame threads ("AUTO") refill their pipeline after
+    # every seek and cost 20-35% more CPU time per clip; in DataLoader workers, which keep every core busy, the
+    # decoder runs one thread ("NONE"). In one process (evaluate.py --video, num_workers 0) frame threads are
+    # used on files with long GOPs (LONG_GOP frames or more per keyframe), where decoding runs long stretches
+    # without a seek; on short GOPs decode_frames runs one single-threaded decoder per core instead, each on
+    # its own stretch between seeks. Slice threads add nothing to single-slice H.264 and to mpeg4.
+    if torch.utils.data.get_worker_info() is not None or meta is None or meta.pts is None:
+        return "NONE"
+    return "AUTO" if meta.num_frames >= LONG_GOP * max(len(meta.key_pts), 1) else "NONE"
+
+
+def _frames(container, stream, needed=None):
+    """Decoded frames in presentation order; a packet the decoder rejects is skipped and a container that
+    breaks off ends the video, as in a plain `ffmpeg -i` decode. With `needed` (a set of timestamps), frames no
+    other frame refers to are not decoded at all unless their packet's timestamp is needed."""
+    ctx, skipping = stream.codec_context, False
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except (StopIteration, av.FFmpegError):  # the end, or a container that breaks off (a cut file)
+            break
+        if packet.size == 0:  # the demuxer's end marker, or an AVI's empty 'dropped frame' chunk
+            continue
+        if needed is not None and skipping != (packet.pts not in needed):
+            skipping = not skipping
+            ctx.skip_frame = "NONREF" if skipping else "DEFAULT"
+        try:
+            frames = packet.decode()
+        except av.FFmpegError:
+            continue
+        yield from frames
+    ctx.skip_frame = "DEFAULT"
+    try:
+        yield from ctx.decode(None)  # what the decoder still holds (B-frames, threads)
+    except av.FFmpegError:
+        return
+
+
+def _decoded_pts(path):
+    """Timestamps of every frame a plain full decode yields (None if any frame lacks one), and their count."""
+    # One pass over everything: frame threads are fastest, but not inside a worker, where the cores are taken.
+    container, stream = _open(path, "AUTO" if torch.utils.data.get_worker_info() is None else "NONE")
+    try:
+        pts = [f.pts for f in _frames(container, stream)]
+    finally:
+        container.close()
+    usable = all(p is not None for p in pts) and all(a < b for a, b in zip(pts, pts[1:]))
+    return (np.asarray(pts, dtype=np.int64) if usable else None), len(pts)
+
+
+def probe_video(path, exact=False):
+    """Frame timestamps and keyframes of a video, from one demux pass (no decoding) where the packets tell it
+    exactly, else (or with exact=True) from one full decode; BadVideo if nothing decodes.
+
+    The packets tell it where they hold timestamps, the container holds as many as its header claims, and the
+    first frame the decoder shows is the first the packets promise; the frames shown are then the packets' in
+    timestamp order, less those marked discard (an edit list's pre-roll) and those before the first keyframe in
+    decode order (undecodable). Anything else (a cut or damaged file, missing timestamps, a decoder that shows
+    frames before the first keyframe) costs one full decode, once: callers cache the result."""
+    container, stream = _open(path)
+    try:
+        return _probe(path, container, stream, exact)
+    finally:
+        container.close()
+
+
+def _probe(path, container, stream, exact=False):
+    """probe_video on an open container (left at its end)."""
+    packets, broken, corrupt, empty = [], False, False, 0  # packets: (pts, keyframe, discard) in decode order
+    header = max(stream.frames, 0)
+    width, height = stream.codec_context.width, stream.codec_context.height
+    try:
+        for packet in container.demux(stream):
+            if packet.size:  # not the end marker nor an AVI's empty 'dropped frame' chunk
+                packets.append((packet.pts, packet.is_keyframe, packet.is_discard))
+                corrupt |= packet.is_corrupt
+            elif packet.pts is not None:
+                empty += 1
+    except av.FFmpegError:
+        broken = True  # the container breaks off: a cut file
+    first_key = next((i for i, p in enumerate(packets) if p[1]), None)
+    shown = sorted(p[0] for p in packets[first_key or 0:] if not p[2] and p[0] is not None)
+    key_pts = sorted(p[0] for p in packets if p[1] and p[0] is not None)
+    cut = broken or corrupt or len(packets) + empty < header
+    exact = (exact or cut or first_key is None or not shown or any(p[0] is None for p in packets)
+             or len(set(shown)) < len(shown))
+    if not exact and (first_key > 0 or any(p[2] for p in packets) or shown[0] < packets[first_key][0]):
+        # The head is unusual (an edit list, a cut before a keyframe): does the decoder agree?
+        head, head_stream = _open(path)
+        try:
+            first = next(_frames(head, head_stream), None)
+        finally:
+            head.close()
+        exact = first is None or first.pts != shown[0]
+    if not exact:
+        return VideoMeta(np.asarray(shown, dtype=np.int64), len(shown), key_pts, header, "", False, width, height)
+    pts, n = _decoded_pts(path)
+    if n == 0:
+        raise BadVideo("no decodable frames" + (f" ({len(packets)} packets)" if packets else ""))
+    damage = ""
+    if cut:
+        damage = (f"truncated: container says {header} frames, {n} decode" if header > n
+                  else f"truncated: {len(packets)} packets, {n} frames decode")
+    elif n < len(shown):
+        damage = f"damaged: {len(shown)} frames in the packets, {n} decode"
+    return VideoMeta(pts, n, key_pts, header, damage, True, width, height)
+
+
+def video_verdict(meta, T):
+    """The one rule training and --check share: a damaged video is used if at least T frames of it decode,
+    with its damage reported; else BadVideo. A sound video is always used (a short one repeats frames)."""
+    if meta.damage and meta.num_frames < T:
+        raise BadVideo(f"{meta.damage}, fewer than T={T}")
+    return meta.damage
+
+
+def decode_frames(path, indices, meta=None, threads=None, skip=True):
+    """uint8 RGB frames (len(indices), H, W, 3), exactly `frame.to_ndarray(format="rgb24")` of the frame at
+    each index (in any order, repeats allowed), decoding only from the keyframe before each needed frame.
+
+    meta: probe_video(path), probed here (on the same open file) when None. threads: the codec's thread_type
+    ("NONE", "SLICE", "FRAME", "AUTO"), by default chosen for the context. skip: leave undecoded the frames no
+    other frame refers to (B-frames, mostly) that are not asked for. MetaMismatch when the decoder does not show
+    a frame the (packet-based) meta promised."""
+    cores = os.cpu_count() or 1
+    if threads is None and cores > 1 and torch.utils.data.get_worker_info() is None:
+        meta = meta or probe_video(path)
+        outside = [i for i in indices if not 0 <= i < meta.num_frames]
+        if outside:
+            raise IndexError(f"frame indices {outside[:8]} outside 0..{meta.num_frames - 1} of {path}")
+        runs = _runs(meta, indices) if _thread_type(meta) == "NONE" else []
+        if len(runs) > 1:  # one process, short GOPs: the runs between seeks decode in parallel, one per core
+            chunks = [sum(runs[c::cores], []) for c in range(min(cores, len(runs)))]
+            with ThreadPoolExecutor(len(chunks)) as pool:  # PyAV releases the GIL while it decodes
+                parts = pool.map(lambda c: decode_frames(path, c, meta, "NONE", skip), chunks)
+                got = {i: f for c, part in zip(chunks, parts) for i, f in zip(c, part)}
+            return np.stack([got[i] for i in indices])
+    try:
+        return _decode(path, indices, meta, threads, skip)
+    except MetaMismatch:
+        if not skip:
+            raise
+        # Choice: a frame skipped as non-reference that the meta promised (a codec that packs two frames into
+        # one packet, as some AVI muxers do): decode every frame before giving up.
+        return _decode(path, indices, meta, threads, False)
+
+
+def _runs(meta, indices):
+    """The distinct indices grouped by the keyframe a decoder starts from: [[i, ...], ...], ascending."""
+    if meta.pts is None:
+        return [sorted(set(indices))]
+    runs, last = [], None
+    for i in sorted(set(indices)):
+        k = int(np.searchsorted(meta.key_pts, meta.pts[i], "right"))  # keyframes at or before frame i
+        if k != last:
+            runs.append([])
+            last = k
+        runs[-1].append(i)
+    return runs
+
+
+def _decode(path, indices, meta, threads, skip):
+    pending = sorted(set(indices))  # still to fill, ascending
+    got = {}
+    container, stream = _open(path, threads)
+    try:
+        opened = meta is None  # the probe has read the file to its end: the first frame needs a seek
+        meta = meta or _probe(path, container, stream)
+        n = meta.num_frames
+        outside = [i for i in pending if not 0 <= i < n]
+        if outside:
+            raise IndexError(f"frame indices {outside[:8]} outside 0..{n - 1} of {path}")
+        threads = threads or _thread_type(meta)
+        stream.thread_type = threads
+        rgb = VideoReformatter()  # one colour converter for all frames (a frame's own is set up anew each time)
+        if meta.pts is None:  # no timestamps: count frames from the start
+            if opened:
+                container.close()
+                container, stream = _open(path, threads)
+            for i, frame in enumerate(_frames(container, stream)):
+                if i == pending[0]:
+                    got[pending.pop(0)] = rgb.reformat(frame, format="rgb24").to_ndarray()
+                    if not pending:
+                        break
+        frames, pos, back = None, -1, 0  # pos: index of the frame the decoder showed last
+        where = meta.lookup()
+        needed = {int(meta.pts[i]) for i in pending} if skip and meta.pts is not None else None
+        while pending and meta.pts is not None:
+            target = pending[0]
+            k = int(np.searchsorted(meta.key_pts, meta.pts[target], "right")) - 1 - back  # keyframe before it
+            key = int(meta.key_idx[k]) if k >= 0 else 0
+            if frames is None or key > pos + 1:  # seeking helps only if the keyframe lies ahead of the decoder
+                if k >= 0 and (key > 0 or opened):
+                    container.seek(int(meta.key_pts[k]), stream=stream, backward=True)
+                elif opened:  # from the very start: reopen (a seek may land on a later keyframe)
+                    container.close()
+                    container, stream = _open(path, threads)
+                frames, opened, pos, fresh = _frames(container, stream, needed), True, key - 1, True
+            for frame in frames:
+                i = where.get(frame.pts, -1)
+                if i < 0:
+                    raise MetaMismatch(f"the decoder shows a frame at pts {frame.pts}, which the packets lack")
+                if i > target and fresh and k >= 0:  # the seek landed after the target: one keyframe earlier
+                    back += 1
+                    frames = None
+                    break
+                if i > target:
+                    raise MetaMismatch(f"frame {target} of {n} (pts {meta.pts[target]}) is never shown")
+                pos, fresh, back = i, False, 0
+                if i == target:
+                    got[pending.pop(0)] = rgb.reformat(frame, format="rgb24").to_ndarray()
+                    break
+            else:  # end of stream before `target`
+                raise MetaMismatch(f"frame {target} of {n} not decodable")
+        if pending:
+            raise MetaMismatch(f"frame {pending[0]} of {n} not decodable")
+    except av.FFmpegError as e:
+        raise BadVideo(f"decode error: {e}") from None
+    finally:
+        container.close()
+    return np.stack([got[i] for i in indices])
+
+
+def read_frame_dir(path, indices, tmpl, start_index=1):
+    """RGB frames from a folder of images named tmpl.format(index + start_index)."""
+    out = []
+    for i in indices:
+        file = os.path.join(path, tmpl.format(i + start_index))
+        try:
+            with Image.open(file) as im:
+                out.append(np.asarray(im.convert("RGB")))
+        except (OSError, ValueError) as e:
+            raise BadVideo(f"frame {file}: {e}") from None
+    if len({a.shape for a in out}) > 1:
+        raise BadVideo(f"frames of different sizes: {sorted({a.shape for a in out})}")
+    return np.stack(out)
+
+
+def count_frame_dir(path, tmpl, start_index=1):
+    if not os.path.isdir(path):
+        raise BadVideo("frame folder not found")
+    names = set(os.listdir(path))
+    n = 0
+    while tmpl.format(n + start_index) in names:
+        n += 1
+    if n == 0:
+        raise BadVideo(f"no frames named like {tmpl.format(start_index)!r}")
+    return n
+
+
 # ------------------------------------------------------------------------------------------------------ check
 class _CheckAll(torch.utils.data.Dataset):
     """Decodes every frame of every sample once: (index, frames, damage note, reason it is refused or '')."""
@@ -1397,7 +1403,7 @@ def check(name, root, split=1, workers=None, list_file=None, class_file=None, fi
             if damage:
                 damaged.append((ds.samples[i][0], damage))
         if counts:
-            print(f"  frames per video: min {min(counts)}, mean {sum(counts) / len(counts):.1f}, "
+            print(f"  frames per video: min {min(counts)}, mean {statistics.fmean(counts):.1f}, "
                   f"max {max(counts)}", file=out)
         for path, damage in damaged:
             print(f"  DAMAGED {path}: {damage}; used (at least T={frames} frames decode)", file=out)
@@ -1414,267 +1420,10 @@ def check(name, root, split=1, workers=None, list_file=None, class_file=None, fi
     return bad
 
 
-# ------------------------------------------------------------------------------------------------------ bench
-def write_video(path, frames, fps=30, codec="mpeg4", gop=12, tag=None, bframes=0):
-    """Encode uint8 frames (T, H, W, 3) with PyAV (used by the tests and the benchmark); libx264 uses
-    `gop` with its other defaults (3 B-frames), mpeg4 `gop` and `bframes`, `tag` a FourCC such as 'XVID'."""
-    with av.open(path, "w") as c:
-        s = c.add_stream(codec, rate=fps)
-        s.height, s.width = frames.shape[1:3]
-        s.pix_fmt = "yuv420p"
-        if tag:
-            s.codec_tag = tag
-        if codec == "mpeg4":
-            s.gop_size = gop
-            s.codec_context.max_b_frames = bframes
-            # high quality, keyframes every `gop` frames only (no extra ones at scene cuts): known GOPs for tests
-            s.options = {"qscale": "2", "sc_threshold": "1000000000"}
-        elif codec == "libx264":
-            s.options = {"x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0", "preset": "veryfast"}
-        for f in frames:
-            for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-
-
-def _decode_everything(path):
-    with av.open(path) as c:
-        s = c.streams.video[0]
-        s.thread_type = "AUTO"
-        return [f.to_ndarray(format="rgb24") for f in c.decode(s)]
-
-
-def naive_frames(path, indices):
-    """What most peer loaders do: decode every frame to RGB, then pick the ones asked for."""
-    frames = _decode_everything(path)
-    return np.stack([frames[i] for i in indices])
-
-
-def naive_clip(path, T, rng, size=224):
-    """The decode-everything loader with the training transform."""
-    frames = _decode_everything(path)
-    return train_transform(np.stack([frames[i] for i in sample_indices(len(frames), T, "train", rng)]), rng, size)
-
-
-# (what, codec, extension, width, height, GOP, FourCC, mpeg4 B-frames): the forms users' files come in
-BENCH_KINDS = (("mpeg4 .avi 320x240 GOP 12 (HMDB51/UCF101)", "mpeg4", "avi", 320, 240, 12, None, 0),
-               ("xvid .avi 320x240 GOP 12, B-frames", "mpeg4", "avi", 320, 240, 12, "XVID", 2),
-               ("x264 .mp4 340x256 GOP 12", "libx264", "mp4", 340, 256, 12, None, 0),
-               ("x264 .mp4 340x256 GOP 250", "libx264", "mp4", 340, 256, 250, None, 0),
-               ("x264 .mp4 640x360 GOP 12", "libx264", "mp4", 640, 360, 12, None, 0),
-               ("x264 .mp4 640x360 GOP 250 (K400)", "libx264", "mp4", 640, 360, 250, None, 0))
-
-
-def _bench_video(path, kind, seed, n):
-    _, codec, _, W, H, gop, tag, bframes = kind
-    g = np.random.default_rng(seed)
-    # a texture drifting right and down with a bright square crossing it: real motion for the encoder
-    base = g.integers(0, 256, (H // 8 + 16, W // 8 + n, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
-    frames = np.stack([base[i % 64:i % 64 + H, 3 * i:3 * i + W] for i in range(n)])
-    for i in range(n):
-        y, x = (7 * i) % (H - 40), (11 * i) % (W - 40)
-        frames[i, y:y + 40, x:x + 40] = 255
-    write_video(path, frames, 30, codec, gop, tag, bframes)
-
-
-def _reference_loaders():
-    """decord and torchcodec when importable (benchmark only, never a requirement), else why not."""
-    loaders, missing = {}, []
-    try:
-        import decord
-        loaders["decord"] = lambda p, idx: decord.VideoReader(p, ctx=decord.cpu(0)).get_batch(idx).asnumpy()
-    except Exception as e:  # ImportError, or a build that cannot load its libraries
-        missing.append(f"decord ({type(e).__name__}: {e})")
-    try:
-        from torchcodec.decoders import VideoDecoder
-
-        def torchcodec_frames(p, idx):
-            return VideoDecoder(p, seek_mode="exact").get_frames_at(list(idx)).data.permute(0, 2, 3, 1).numpy()
-        loaders["torchcodec"] = torchcodec_frames
-    except Exception as e:
-        missing.append(f"torchcodec ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-    return loaders, missing
-
-
-def _compare(name, got, truth, idx, out):
-    """Print where a loader's frames differ from the plain decode's frames at the same indices."""
-    if got.shape != (len(idx),) + truth.shape[1:]:
-        print(f"    {name}: shape {got.shape}, expected {(len(idx),) + truth.shape[1:]}", file=out)
-        return
-    small = truth[:, ::8, ::8].astype(np.int16)  # (n, H/8, W/8, 3) to find which frame a returned one is
-    wrong, worst = [], 0
-    for k, i in enumerate(idx):
-        worst = max(worst, int(np.abs(got[k].astype(np.int16) - truth[i]).max()))
-        seen = int(np.abs(small - got[k, ::8, ::8]).mean(axis=(1, 2, 3)).argmin())
-        if seen != i:
-            wrong.append((i, seen))
-    if wrong:
-        print(f"    {name}: WRONG FRAMES (index, frame returned): {wrong[:8]}", file=out)
-    elif worst:
-        print(f"    {name}: same frames, pixels differ by up to {worst} levels (colour conversion)", file=out)
-
-
-def _timed(fn, reps, cpu=False):
-    """Median seconds of fn() over reps runs: wall-clock, or with cpu=True (wall, CPU time of all this
-    process's threads)."""
-    times = []
-    for _ in range(reps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        times.append((time.perf_counter() - t0, time.process_time() - c0))
-    wall, used = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
-    return (wall, used) if cpu else wall
-
-
-class _ThreadProbe(torch.utils.data.Dataset):
-    """One test clip per item, decoded with a given codec threading (the worker-side threading figure)."""
-
-    def __init__(self, paths, T, threads):
-        self.paths, self.T, self.threads = paths, T, threads
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        meta = probe_video(self.paths[i])
-        return decode_frames(self.paths[i], sample_indices(meta.num_frames, self.T, "test"), meta,
-                             threads=self.threads).shape[0]
-
-
-def bench(videos=3, Ts=(8, 16), seconds=10, repeats=5, workers=2, kinds=BENCH_KINDS, out=None):
-    """Clips per second for one test clip (TSN centres) of T full-size RGB frames, the file opened each time,
-    of this loader, the decode-everything loader, decord and torchcodec, measured interleaved (A B A B ...),
-    medians of `repeats`; after a check that all return the same frames. Then the codec threading and the
-    dataset's items (decode + transform)."""
-    out = out or sys.stdout
-    tmp = tempfile.mkdtemp(prefix="data_bench_")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a DataLoader worker, where torch runs one thread
-    n = seconds * 30
-    refs, missing = _reference_loaders()
-    print(f"data.py --bench: {videos} videos of {seconds} s at 30 fps per kind, medians of {repeats} interleaved "
-          f"rounds, {os.cpu_count()} CPU cores, 1 torch thread; one test clip (TSN centres) per video, full-size "
-          "RGB, the file opened each time. clips/s: one process; clips per CPU-second (all threads counted): the "
-          "rate DataLoader workers reach when they keep every core busy", file=out)
-    for m in missing:
-        print(f"  not measured: {m}", file=out)
-    try:
-        for kind in kinds:
-            paths = [os.path.join(tmp, f"{kinds.index(kind)}_{v}.{kind[2]}") for v in range(videos)]
-            for v, p in enumerate(paths):
-                _bench_video(p, kind, v, n)
-            metas = {p: probe_video(p) for p in paths}
-            loaders = {"this loader": lambda p, idx: decode_frames(p, idx),
-                       # as inside a DataLoader worker after the first epoch: probe cached, one decoder thread
-                       "this loader, worker": lambda p, idx: decode_frames(p, idx, metas[p], threads="NONE"),
-                       "decode-everything": naive_frames, **refs}
-            print(f"{kind[0]}:", file=out)
-            truth = naive_frames(paths[0], range(metas[paths[0]].num_frames))
-            check_idx = sample_indices(len(truth), 16, "test") + [len(truth) - 1, 5, 5, 0]
-            for name, load in list(loaders.items()):  # the same frames at the same indices, first
-                try:
-                    _compare(name, load(paths[0], check_idx), truth, check_idx, out)
-                except Exception as e:  # a reference loader that fails on this kind is left out of its figures
-                    print(f"    {name}: FAILS ({type(e).__name__}: {str(e).splitlines()[0][:100]}), not timed",
-                          file=out)
-                    del loaders[name]
-            for T in Ts:
-                idx = {p: sample_indices(metas[p].num_frames, T, "test") for p in paths}
-                times = {name: [] for name in loaders}
-                for rep in range(repeats):  # interleaved, the order rotated each round
-                    names = list(loaders)
-                    for name in names[rep % len(names):] + names[:rep % len(names)]:
-                        times[name].append(_timed(lambda: [loaders[name](p, idx[p]) for p in paths], 1, cpu=True))
-                for col, what, ours in ((0, "clips/s", "this loader"),
-                                        (1, "clips per CPU-second", "this loader, worker")):
-                    rate = {k: len(paths) / statistics.median(t[col] for t in ts) for k, ts in times.items()}
-                    vs = ", ".join(f"{rate[ours] / rate[k]:.2f}x {k}" for k in rate if not k.startswith("this"))
-                    print(f"  T={T:2d} {what}: " + "  ".join(f"{k} {r:.1f}" for k, r in rate.items()), file=out)
-                    print(f"        {ours} is {vs}", file=out)
-        _bench_threads(tmp, Ts[-1], repeats, workers, out)
-        _bench_items(tmp, Ts, repeats, out)
-    finally:
-        torch.set_num_threads(threads)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _bench_threads(tmp, T, repeats, workers, out):
-    """Codec threading of this loader, in one process and inside `workers` DataLoader workers: clips/s and the
-    CPU time a clip costs (all threads; the workers' from their resource usage once they have exited)."""
-    import resource
-    print(f"codec threading, T={T} test clips: clips/s and CPU ms per clip, one process | {workers} DataLoader "
-          "workers (4 passes over the files, worker start included):", file=out)
-    for k, kind in enumerate(BENCH_KINDS):
-        paths = sorted(os.path.join(tmp, f) for f in os.listdir(tmp) if f.startswith(f"{k}_"))
-        if not paths:
-            continue
-        metas = {p: probe_video(p) for p in paths}
-        idx = {p: sample_indices(metas[p].num_frames, T, "test") for p in paths}
-        one, many = {}, {}
-        for rep in range(repeats):
-            for thr in ("NONE", "SLICE", "AUTO"):
-                one.setdefault(thr, []).append(_timed(
-                    lambda: [decode_frames(p, idx[p], metas[p], threads=thr) for p in paths], 1, cpu=True))
-        for thr in ("NONE", "SLICE", "AUTO"):  # a fresh pool each time
-            before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            probe = _ThreadProbe(paths * 4, T, thr)
-            # an exhausted loader joins its workers, whose CPU time then counts as the children's
-            wall = _timed(lambda: list(torch.utils.data.DataLoader(probe, batch_size=None, num_workers=workers)), 1)
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)
-            many[thr] = wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-        n = len(paths)
-        print(f"  {kind[0]:42s} " + "  ".join(
-            f"{thr} {n / statistics.median(w for w, _ in t):5.1f} {1e3 * statistics.median(c for _, c in t) / n:4.0f}"
-            for thr, t in one.items()) + "  |  " + "  ".join(
-            f"{thr} {4 * n / w:5.1f} {1e3 * c / (4 * n):4.0f}" for thr, (w, c) in many.items()), file=out)
-    print(f"  (the loader uses NONE in workers; in one process AUTO from {LONG_GOP} frames per keyframe, else one "
-          "NONE decoder per core)", file=out)
-
-
-def _pil_crop_resize(frames, box, size):
-    """The per-frame PIL round trip the transforms used before (the reference of the transform figures)."""
-    y0, x0, h, w = box
-    return torch.from_numpy(np.stack([np.asarray(Image.fromarray(f).resize(
-        (size, size), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))) for f in frames])).permute(0, 3, 1, 2).float()
-
-
-def _bench_items(tmp, Ts, repeats, out, size=224):
-    """Dataset items per second (decode + transform, 1 process) against the decode-everything loader, and the
-    transforms alone: the whole clip in torch against a per-frame PIL round trip."""
-    print(f"dataset items (decode + transform to {size}), items/s, 1 process | transform alone, ms per clip:",
-          file=out)
-    for k in (0, 5):  # HMDB51-like and K400-like
-        paths = sorted(os.path.join(tmp, f) for f in os.listdir(tmp) if f.startswith(f"{k}_"))
-        if not paths:
-            continue
-        for mode, T in (("train", Ts[0]), ("test", Ts[-1])):
-            ds = VideoDataset("bench", ["x"], [(p, 0) for p in paths], mode=mode, frames=T, input_size=size)
-            for p in paths:
-                ds.probe(p)
-            ways = {"this loader": lambda: [ds[i] for i in range(len(paths))]}
-            if mode == "train":
-                ways["decode-everything"] = lambda: [naive_clip(p, T, random.Random(0), size) for p in paths]
-            clip = decode_frames(paths[0], sample_indices(ds.probe(paths[0]).num_frames, T, "test"))
-            H, W = clip.shape[1:3]
-            box = _multiscale_box(H, W, size, random.Random(0))
-            c = min(H, W)
-            centre = (0, (W - c) // 2, c, c) if W >= H else ((H - c) // 2, 0, c, c)
-            crop = box if mode == "train" else centre
-            ways["torch crop+resize"] = lambda: _crop_resize(clip, crop, size)
-            ways["PIL per frame"] = lambda: _pil_crop_resize(clip, crop, size)
-            times = {w: [] for w in ways}
-            for rep in range(repeats):
-                for w in ways:
-                    times[w].append(_timed(ways[w], 1))
-            items = "  ".join(f"{w} {len(paths) / statistics.median(times[w]):6.1f}" for w in list(ways)[:-2])
-            transform = "  ".join(f"{w} {1e3 * statistics.median(times[w]):5.1f}" for w in list(ways)[-2:])
-            print(f"  {BENCH_KINDS[k][0]}, {mode} T={T}: {items}  |  {transform}", file=out)
-
-
 # ------------------------------------------------------------------------------------------------------- main
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Check a dataset (--check) or benchmark decoding (--bench).")
+    p = argparse.ArgumentParser(description="Check a dataset: decode every video as training does, list the bad "
+                                "ones (the loader benchmark is bench/loader.py).")
     p.add_argument("--dataset", choices=DATASETS, help="dataset name")
     p.add_argument("--root", help="dataset folder in its authors' layout")
     p.add_argument("--split", type=int, default=1, choices=(1, 2, 3), help="official split (hmdb51, ucf101)")
@@ -1686,17 +1435,10 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=8,
                    help="T you train with (TPR 16, BiEfficient 8): a damaged video is used if T frames decode")
     p.add_argument("--check", action="store_true", help="decode every video once, list bad files, exit 1 if any")
-    p.add_argument("--bench", action="store_true",
-                   help="clips/s of this loader vs a decode-everything loader, decord and torchcodec")
-    p.add_argument("--bench-videos", type=int, default=3, help="videos per file kind in --bench")
-    p.add_argument("--bench-repeats", type=int, default=5, help="interleaved rounds per figure in --bench")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (also: DEBUG=1)")
     args = p.parse_args(argv)
-    if args.bench:
-        bench(videos=args.bench_videos, repeats=args.bench_repeats)
-        return 0
     if not args.check or args.dataset is None:
-        p.error("give --bench, or --dataset NAME --root DIR --check")
+        p.error("give --dataset NAME --root DIR --check")
     if args.frames < 1:
         p.error(f"--frames {args.frames}: T must be a positive number of frames (TPR 16, BiEfficient 8)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -1320,6 +1320,7 @@ import pytest
 import torch
 
 import data
+from bench.loader import write_video
 
 N_FRAMES = 20  # frames of each test video
 H, W = 48, 64
@@ -1365,7 +1366,7 @@ def layouts(tmp_path_factory):
     for cls in ("brush_hair", "cartwheel", "catch"):
         (hm / cls).mkdir()
         for v in range(3):
-            data.write_video(str(hm / cls / f"{cls}_v{v}.avi"), video)
+            write_video(str(hm / cls / f"{cls}_v{v}.avi"), video)
         for k, ids in split_ids.items():
             (hm / "testTrainMulti_7030_splits" / f"{cls}_test_split{k}.txt").write_text(
                 "".join(f"{cls}_v{v}.avi {ids[v]} \n" for v in range(3)))
@@ -1380,7 +1381,7 @@ def layouts(tmp_path_factory):
         (uc / "UCF-101" / cls).mkdir(parents=True)
         for g in (1, 2):
             name = f"{cls}/v_{cls}_g0{g}_c01.avi"
-            data.write_video(str(uc / "UCF-101" / name), video)
+            write_video(str(uc / "UCF-101" / name), video)
             (train if g == 1 else test).append((name, c + 1))
     for k in (1, 2, 3):
         (uc / "ucfTrainTestlist" / f"trainlist0{k}.txt").write_text("".join(f"{n} {l}\r\n" for n, l in train))
@@ -1393,7 +1394,7 @@ def layouts(tmp_path_factory):
         for cls in ("abseiling", "air drumming"):
             (k4 / sub / cls).mkdir(parents=True)
             yid = f"{sub}{cls[:3]}xxxx"
-            data.write_video(str(k4 / sub / cls / f"{yid}_000010_000020.mp4"), video)
+            write_video(str(k4 / sub / cls / f"{yid}_000010_000020.mp4"), video)
             rows.append((cls, yid, sub))
     out["k400"] = str(k4)
     # K400 flat with annotation CSVs
@@ -1404,7 +1405,7 @@ def layouts(tmp_path_factory):
         lines = ["label,youtube_id,time_start,time_end,split"]
         for cls, yid, s in rows:
             if s == sub:
-                data.write_video(str(k4c / sub / f"{yid}_000010_000020.mp4"), video)
+                write_video(str(k4c / sub / f"{yid}_000010_000020.mp4"), video)
                 lines.append(f"{cls},{yid},10,20,{sub}")
         (k4c / "annotations" / f"{sub}.csv").write_text("\n".join(lines) + "\n")
     out["k400csv"] = str(k4c)
@@ -1426,7 +1427,7 @@ def layouts(tmp_path_factory):
     (ls / "classes.txt").write_text("jump\nrun\n")
     (ls / "classes.csv").write_text("id,name\n1,run\n0,jump\n")
     for c in range(2):
-        data.write_video(str(ls / f"vid{c}.mp4"), video)
+        write_video(str(ls / f"vid{c}.mp4"), video)
         save_jpegs(str(ls / f"dir{c}"), video, "img_{:05d}.jpg")
     (ls / "videos.txt").write_text("vid0.mp4 0\nvid1.mp4 1\n")
     (ls / "frames.txt").write_text(f"dir0 {N_FRAMES} 0\ndir1 {N_FRAMES} 1\n")
@@ -1437,7 +1438,7 @@ def layouts(tmp_path_factory):
     for cls in ("brush_hair", "catch"):
         (bad / cls).mkdir()
         for v in range(2):
-            data.write_video(str(bad / cls / f"{cls}_v{v}.avi"), video)
+            write_video(str(bad / cls / f"{cls}_v{v}.avi"), video)
         (bad / "testTrainMulti_7030_splits" / f"{cls}_test_split1.txt").write_text(
             "".join(f"{cls}_v{v}.avi {2 if v == 0 else 1}\n" for v in range(4)))  # v0 test, v1..v3 train
     (bad / "brush_hair" / "brush_hair_v2.avi").write_bytes(b"")
@@ -2091,7 +2092,7 @@ def _hmdb_root(tmp_path, lines_by_class, videos=()):
         (root / "testTrainMulti_7030_splits" / f"{cls}_test_split1.txt").write_bytes(text.encode())
     for rel in videos:
         (root / rel).parent.mkdir(exist_ok=True)
-        data.write_video(str(root / rel), gray_video(4))
+        write_video(str(root / rel), gray_video(4))
     return root
 
 
@@ -2206,6 +2207,33 @@ def test_data_test_resize_short_side_then_crops():
     assert torch.equal(data.test_crops(frames, 32, 1, resize=32), data.test_crops(frames, 32, 1))
     with pytest.raises(ValueError, match="smaller than the crop"):
         data.test_crops(frames, 32, 1, resize=16)
+
+
+# ---------------------------------------------------------------------------------------------- loader benchmark
+def test_loader_benchmark_interleaves_rows_and_prints_cpu_time(capsys):
+    """bench/loader.py: rows run in rounds (A B C, then B C A, ...), medians; a tiny run prints wall and CPU
+    milliseconds per clip, the CPU-time ratios and the load average at the start and the end, and its frames
+    agree with a plain decode; `python bench/loader.py --help` works from the repository root."""
+    import re
+    import subprocess
+    import sys
+
+    import bench.loader as lb
+    calls = []
+    rows = {name: (lambda name=name: calls.append(name) or (len(calls), 10 * len(calls))) for name in "ABC"}
+    got = lb.interleaved(rows, rounds=3)
+    assert calls == list("ABC" "BCA" "CAB")
+    assert got == {"A": (6, 60), "B": (4, 40), "C": (5, 50)}  # medians of (1, 6, 8), (2, 4, 9), (3, 5, 7)
+    lb.main(["--videos", "1", "--seconds", "1", "--rounds", "2", "--frames", "8", "--kinds", "HMDB51",
+             "--no-threads", "--no-items"])
+    out = capsys.readouterr().out
+    assert out.count("load average") == 2 and "\nend: load average" in out
+    assert re.search(r"T= 8 this loader [\d.]+ \| [\d.]+  this loader, worker [\d.]+ \| [\d.]+  "
+                     r"decode-everything [\d.]+ \| [\d.]+", out)
+    assert re.search(r"CPU: [\d.]+x decode-everything", out) and "WRONG" not in out and "shape" not in out
+    here = os.path.dirname(os.path.abspath(__file__))
+    helped = subprocess.run([sys.executable, "bench/loader.py", "--help"], cwd=here, capture_output=True, text=True)
+    assert helped.returncode == 0 and "interleaved" in helped.stdout
 
 
 # ==============================================================================================================
@@ -3374,6 +3402,7 @@ sys.path.insert(0, HERE)
 
 import evaluate  # noqa: E402
 import train  # noqa: E402
+from bench.loader import write_video  # noqa: E402
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 # A small, fast run: 8 classes x 2 videos, batch 4 -> 4 steps per epoch.
@@ -3600,7 +3629,7 @@ def test_engine_scores_a_users_own_video(tpr_run, tmp_path, capsys):
     g = __import__("numpy").random.default_rng(0)
     frames = data.render_synthetic(0, [i / 47 for i in range(48)], data.g_state(g), 48, 64)  # 'moving left'
     video = str(tmp_path / "mine.avi")
-    data.write_video(video, frames)
+    write_video(video, frames)
     png = str(tmp_path / "vis.png")
     ranked, weights = evaluate.main(["--checkpoint", tpr_run, "--video", video, "--dataset", "synthetic",
                                      "--visualize", png])
@@ -3911,7 +3940,7 @@ def test_engine_evaluation_scores_only_real_videos(tmp_path):
     lines = []
     for i, label in enumerate((0, 1, 0)):
         path = tmp_path / f"v{i}.avi"
-        data.write_video(str(path), data.render_synthetic(label, [t / 15 for t in range(16)], data.g_state(g), 32, 32))
+        write_video(str(path), data.render_synthetic(label, [t / 15 for t in range(16)], data.g_state(g), 32, 32))
         lines.append(f"{path} {label}")
     (tmp_path / "v1.avi").write_bytes(b"not a video")
     (tmp_path / "test.txt").write_text("\n".join(lines) + "\n")
@@ -3947,7 +3976,7 @@ def _banded_video(path, codec="libx264"):
         frames[t, :, 60:260] = g.integers(64, 192, (180, 200, 1), dtype=np.uint8)
     frames[:, :, :60] = (255, 0, 255)
     frames[:, :, 260:] = (255, 255, 0)
-    data.write_video(path, frames, codec=codec)
+    write_video(path, frames, codec=codec)
     return path
 
 
@@ -4241,7 +4270,7 @@ def test_engine_attention_png_one_row_per_checkpoint(tpr_run, tmp_path, capsys):
     from PIL import Image
     g = __import__("numpy").random.default_rng(0)
     video = str(tmp_path / "mine.avi")
-    data.write_video(video, data.render_synthetic(0, [i / 47 for i in range(48)], data.g_state(g), 48, 64))
+    write_video(video, data.render_synthetic(0, [i / 47 for i in range(48)], data.g_state(g), 48, 64))
     base = str(tmp_path / "base")
     run(SMALL + BASELINE + ["--epochs", "1", "--eval-every", "0", "--output", base])
     png = str(tmp_path / "fig7.png")
