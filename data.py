@@ -80,6 +80,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -105,6 +106,7 @@ CROP_SCALES = (1.0, 0.875, 0.75, 0.66)  # mmaction2 MultiScaleCrop scales, max a
 GRAYSCALE_P = 0.2  # TPR Table 2
 FLIP_P = 0.5  # TPR Table 2
 LONG_GOP = 60  # frames per keyframe from which one process decodes with frame threads (see _thread_type)
+SEEK_TRIES = 4  # seeks in a row that miss their keyframe before a file is decoded from its start (see _decode)
 SYNTHETIC_CLASSES = ("moving left", "moving right", "moving up", "moving down",
                      "growing", "shrinking", "getting brighter", "getting darker")
 SYNTHETIC_STEPS = 4096  # time grid of a synthetic video
@@ -1028,15 +1030,21 @@ class VideoMeta:
     header      the frame count the container claims (0 when it claims none)
     damage      '' for a sound file, else why fewer frames decode than the file should hold (truncated, ...)
     exact       pts come from a full decode (True) or from the packets (False)
-    width, height  the frame size the container gives
+    width, height  the frame size the container gives, that of the stream's first frame: every frame comes out
+                at this size (see _Clip), turned by `rotation`
+    rotation    degrees counter-clockwise the display matrix turns the frames (0, 90, 180, -90), as players
+                show them; None until a frame has been decoded (the matrix travels with the decoded frames)
+    stream      index of the video stream read (see _video_stream)
+    seeks       False once SEEK_TRIES seeks in a row missed (landed after their target or lost the frames'
+                timestamps): the decoder then runs forward from the start, the one position known good
     """
 
     __slots__ = ("pts", "num_frames", "key_pts", "key_idx", "header", "damage", "exact", "width", "height",
-                 "_lookup")
+                 "rotation", "stream", "seeks", "_lookup")
 
-    def __init__(self, pts, num_frames, key_pts, header, damage, exact, width, height):
+    def __init__(self, pts, num_frames, key_pts, header, damage, exact, width, height, rotation=None, stream=None):
         self.pts, self.num_frames, self.header, self.damage, self.exact = pts, num_frames, header, damage, exact
-        self.width, self.height = width, height
+        self.width, self.height, self.rotation, self.stream, self.seeks = width, height, rotation, stream, True
         self.key_pts = np.asarray(key_pts if pts is not None else [], dtype=np.int64)
         self.key_idx = np.searchsorted(pts, self.key_pts) if pts is not None else self.key_pts
         self._lookup = None
@@ -1052,7 +1060,17 @@ class VideoMeta:
         return self.lookup().get(pts, -1)
 
 
-def _open(path, threads=None):
+def _video_streams(container):
+    """The video streams that can hold a video, FFmpeg's best first (av_find_best_stream: the default
+    disposition, then the most frames seen while probing, the highest bit rate); attached pictures (cover
+    art) are not videos."""
+    videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    best = container.streams.best("video") if videos else None
+    return sorted(videos, key=lambda s: s is not best)
+
+
+def _open(path, threads=None, index=None):
+    """The file opened, and its video stream: number `index`, or FFmpeg's best (_probe may choose another)."""
     if not os.path.exists(path):
         raise BadVideo("file not found")
     if os.path.getsize(path) == 0:
@@ -1061,10 +1079,11 @@ def _open(path, threads=None):
         container = av.open(path)
     except (av.FFmpegError, OSError, ValueError) as e:
         raise BadVideo(f"cannot open: {e}") from None
-    if not container.streams.video:
+    videos = _video_streams(container)
+    if not videos:
         container.close()
-        raise BadVideo("no video stream")
-    stream = container.streams.video[0]
+        raise BadVideo("no video stream" + (" (only a cover picture)" if container.streams.video else ""))
+    stream = container.streams[index] if index is not None else videos[0]
     stream.thread_type = threads or _thread_type()  # the decoder opens at the first packet: callers may change it
     return container, stream
 
@@ -1109,16 +1128,26 @@ def _frames(container, stream, needed=None):
         return
 
 
-def _decoded_pts(path):
-    """Timestamps of every frame a plain full decode yields (None if any frame lacks one), and their count."""
-    # One pass over everything: frame threads are fastest, but not inside a worker, where the cores are taken.
-    container, stream = _open(path, "AUTO" if torch.utils.data.get_worker_info() is None else "NONE")
-    try:
-        pts = [f.pts for f in _frames(container, stream)]
-    finally:
-        container.close()
-    usable = all(p is not None for p in pts) and all(a < b for a, b in zip(pts, pts[1:]))
-    return (np.asarray(pts, dtype=np.int64) if usable else None), len(pts)
+class _Decoded:
+    """What a plain full decode of a stream yields: each frame's timestamp (pts None if any frame lacks one or
+    they do not ascend), the count, where the frame size changes [(index, width, height)], the rotation."""
+
+    def __init__(self, path, index=None):
+        # One pass over everything: frame threads are fastest, but not inside a worker, where the cores are taken.
+        container, stream = _open(path, "AUTO" if torch.utils.data.get_worker_info() is None else "NONE", index)
+        pts, self.changes, self.rotation, size = [], [], None, None
+        try:
+            for f in _frames(container, stream):
+                if (f.width, f.height) != size:
+                    size = f.width, f.height
+                    self.changes.append((len(pts), *size))
+                self.rotation = f.rotation if self.rotation is None else self.rotation
+                pts.append(f.pts)
+        finally:
+            container.close()
+        self.n = len(pts)
+        usable = all(p is not None for p in pts) and all(a < b for a, b in zip(pts, pts[1:]))
+        self.pts = np.asarray(pts, dtype=np.int64) if usable else None
 
 
 def probe_video(path, exact=False):
@@ -1139,35 +1168,46 @@ def probe_video(path, exact=False):
 
 def _probe(path, container, stream, exact=False):
     """probe_video on an open container (left at its end)."""
-    packets, broken, corrupt, empty = [], False, False, 0  # packets: (pts, keyframe, discard) in decode order
-    header = max(stream.frames, 0)
-    width, height = stream.codec_context.width, stream.codec_context.height
+    videos = _video_streams(container)
+    found = {s.index: [] for s in videos}  # stream -> [(pts, keyframe, discard)] in decode order
+    broken, corrupt, empty = False, False, 0
     try:
-        for packet in container.demux(stream):
+        for packet in container.demux(*videos):
             if packet.size:  # not the end marker nor an AVI's empty 'dropped frame' chunk
-                packets.append((packet.pts, packet.is_keyframe, packet.is_discard))
-                corrupt |= packet.is_corrupt
-            elif packet.pts is not None:
+                found[packet.stream.index].append((packet.pts, packet.is_keyframe, packet.is_discard))
+                corrupt |= packet.is_corrupt and packet.stream is stream
+            elif packet.pts is not None and packet.stream is stream:
                 empty += 1
     except av.FFmpegError:
         broken = True  # the container breaks off: a cut file
+    if len(found[stream.index]) <= 1 and stream is videos[0]:
+        # Choice: a one-frame still (a cover image stored as a plain track) is never the video while another
+        # stream holds more frames, whatever FFmpeg's choice (its disposition ranks first).
+        most = max(videos, key=lambda s: len(found[s.index]))
+        if len(found[most.index]) > 1:
+            stream, corrupt, empty = most, False, 0  # (what corrupt and empty were counting was the still's)
+    packets = found[stream.index]
+    header = max(stream.frames, 0)
+    width, height = stream.codec_context.width, stream.codec_context.height
     first_key = next((i for i, p in enumerate(packets) if p[1]), None)
     shown = sorted(p[0] for p in packets[first_key or 0:] if not p[2] and p[0] is not None)
     key_pts = sorted(p[0] for p in packets if p[1] and p[0] is not None)
     cut = broken or corrupt or len(packets) + empty < header
     exact = (exact or cut or first_key is None or not shown or any(p[0] is None for p in packets)
-             or len(set(shown)) < len(shown))
+             or len(set(shown)) < len(shown) or not width or not height)
     if not exact and (first_key > 0 or any(p[2] for p in packets) or shown[0] < packets[first_key][0]):
         # The head is unusual (an edit list, a cut before a keyframe): does the decoder agree?
-        head, head_stream = _open(path)
+        head, head_stream = _open(path, index=stream.index)
         try:
             first = next(_frames(head, head_stream), None)
         finally:
             head.close()
         exact = first is None or first.pts != shown[0]
     if not exact:
-        return VideoMeta(np.asarray(shown, dtype=np.int64), len(shown), key_pts, header, "", False, width, height)
-    pts, n = _decoded_pts(path)
+        return VideoMeta(np.asarray(shown, dtype=np.int64), len(shown), key_pts, header, "", False, width, height,
+                         stream=stream.index)
+    plain = _Decoded(path, stream.index)
+    n = plain.n
     if n == 0:
         raise BadVideo("no decodable frames" + (f" ({len(packets)} packets)" if packets else ""))
     damage = ""
@@ -1176,7 +1216,8 @@ def _probe(path, container, stream, exact=False):
                   else f"truncated: {len(packets)} packets, {n} frames decode")
     elif n < len(shown):
         damage = f"damaged: {len(shown)} frames in the packets, {n} decode"
-    return VideoMeta(pts, n, key_pts, header, damage, True, width, height)
+    width, height = plain.changes[0][1:]  # the first frame's size
+    return VideoMeta(plain.pts, n, key_pts, header, damage, True, width, height, plain.rotation, stream.index)
 
 
 def video_verdict(meta, T):
@@ -1187,35 +1228,81 @@ def video_verdict(meta, T):
     return meta.damage
 
 
+class _Clip:
+    """The frames asked for, (len(indices), H, W, 3) uint8, allocated when the first frame is converted and
+    filled in place: one copy of the clip, whichever threads decode it. positions: {index: [places in the clip]}."""
+
+    def __init__(self, indices):
+        self.n, self.array, self.lock, self.positions = len(indices), None, threading.Lock(), {}
+        for k, i in enumerate(indices):
+            self.positions.setdefault(i, []).append(k)
+
+    def put(self, i, frame, rgb, meta):
+        """Convert `frame` (index i) to RGB into its places: at the stream's first frame's size, turned as its
+        display matrix says."""
+        if (frame.width, frame.height) == (meta.width, meta.height):
+            img = rgb.reformat(frame, format="rgb24").to_ndarray()  # (H, W, 3), exactly a plain decode's frame
+        else:
+            # Choice: a stream whose frame size changes (a re-encode spliced in, adaptive streaming) comes out
+            # at the size of its first frame: other frames are scaled in the colour conversion, with bicubic
+            # interpolation (the default of FFmpeg's scale filter, which `ffmpeg -i` inserts for such streams).
+            img = rgb.reformat(frame, width=meta.width, height=meta.height, format="rgb24",
+                               interpolation="BICUBIC").to_ndarray()
+        if meta.rotation is None:
+            meta.rotation = frame.rotation  # the display matrix is the stream's: every frame carries the same
+        turns = round(meta.rotation / 90) % 4  # the matrix turns counter-clockwise, as np.rot90 does
+        if turns:
+            img = np.rot90(img, turns)  # a view: the one copy is made into the clip below
+        if self.array is None:
+            with self.lock:
+                if self.array is None:
+                    self.array = np.empty((self.n,) + img.shape, dtype=np.uint8)
+        self.array[self.positions[i]] = img
+
+
 def decode_frames(path, indices, meta=None, threads=None, skip=True):
     """uint8 RGB frames (len(indices), H, W, 3), exactly `frame.to_ndarray(format="rgb24")` of the frame at
-    each index (in any order, repeats allowed), decoding only from the keyframe before each needed frame.
+    each index (in any order, repeats allowed), decoding only from the keyframe before each needed frame;
+    turned as the display matrix says (H and W swapped for a quarter turn), frames of a size other than the
+    first frame's scaled to it (see _Clip).
 
     meta: probe_video(path), probed here (on the same open file) when None. threads: the codec's thread_type
     ("NONE", "SLICE", "FRAME", "AUTO"), by default chosen for the context. skip: leave undecoded the frames no
     other frame refers to (B-frames, mostly) that are not asked for. MetaMismatch when the decoder does not show
     a frame the (packet-based) meta promised."""
+    indices = [int(i) for i in indices]
+    if not indices:
+        raise ValueError(f"no frame indices to decode from {path}")
+    clip = _Clip(indices)
     cores = os.cpu_count() or 1
     if threads is None and cores > 1 and torch.utils.data.get_worker_info() is None:
         meta = meta or probe_video(path)
-        outside = [i for i in indices if not 0 <= i < meta.num_frames]
-        if outside:
-            raise IndexError(f"frame indices {outside[:8]} outside 0..{meta.num_frames - 1} of {path}")
-        runs = _runs(meta, indices) if _thread_type(meta) == "NONE" else []
+        _check_range(path, meta, indices)
+        runs = _runs(meta, clip.positions) if _thread_type(meta) == "NONE" and meta.seeks else []
         if len(runs) > 1:  # one process, short GOPs: the runs between seeks decode in parallel, one per core
             chunks = [sum(runs[c::cores], []) for c in range(min(cores, len(runs)))]
             with ThreadPoolExecutor(len(chunks)) as pool:  # PyAV releases the GIL while it decodes
-                parts = pool.map(lambda c: decode_frames(path, c, meta, "NONE", skip), chunks)
-                got = {i: f for c, part in zip(chunks, parts) for i, f in zip(c, part)}
-            return np.stack([got[i] for i in indices])
+                list(pool.map(lambda c: _decode_all(path, c, clip, meta, "NONE", skip), chunks))
+            return clip.array
+    _decode_all(path, sorted(clip.positions), clip, meta, threads, skip)
+    return clip.array
+
+
+def _check_range(path, meta, indices):
+    outside = [i for i in indices if not 0 <= i < meta.num_frames]
+    if outside:
+        raise IndexError(f"frame indices {outside[:8]} outside 0..{meta.num_frames - 1} of {path}")
+
+
+def _decode_all(path, pending, clip, meta, threads, skip):
     try:
-        return _decode(path, indices, meta, threads, skip)
+        _decode(path, pending, clip, meta, threads, skip)
     except MetaMismatch:
         if not skip:
             raise
         # Choice: a frame skipped as non-reference that the meta promised (a codec that packs two frames into
         # one packet, as some AVI muxers do): decode every frame before giving up.
-        return _decode(path, indices, meta, threads, False)
+        _decode(path, pending, clip, meta, threads, False)
 
 
 def _runs(meta, indices):
@@ -1232,66 +1319,74 @@ def _runs(meta, indices):
     return runs
 
 
-def _decode(path, indices, meta, threads, skip):
-    pending = sorted(set(indices))  # still to fill, ascending
-    got = {}
-    container, stream = _open(path, threads)
+def _decode(path, pending, clip, meta, threads, skip):
+    """Fill `clip` with the frames at the ascending indices `pending`."""
+    pending = list(pending)
+    container, stream = _open(path, threads, meta.stream if meta else None)
     try:
         opened = meta is None  # the probe has read the file to its end: the first frame needs a seek
-        meta = meta or _probe(path, container, stream)
-        n = meta.num_frames
-        outside = [i for i in pending if not 0 <= i < n]
-        if outside:
-            raise IndexError(f"frame indices {outside[:8]} outside 0..{n - 1} of {path}")
-        threads = threads or _thread_type(meta)
-        stream.thread_type = threads
-        rgb = VideoReformatter()  # one colour converter for all frames (a frame's own is set up anew each time)
+        if meta is None:
+            meta = _probe(path, container, stream)
+            stream = container.streams[meta.stream]
+        _check_range(path, meta, pending)
+        n, rgb = meta.num_frames, VideoReformatter()  # one colour converter for all frames
+        stream.thread_type = threads or _thread_type(meta)
         if meta.pts is None:  # no timestamps: count frames from the start
             if opened:
                 container.close()
-                container, stream = _open(path, threads)
+                container, stream = _open(path, stream.thread_type, meta.stream)
             for i, frame in enumerate(_frames(container, stream)):
                 if i == pending[0]:
-                    got[pending.pop(0)] = rgb.reformat(frame, format="rgb24").to_ndarray()
+                    clip.put(pending.pop(0), frame, rgb, meta)
                     if not pending:
                         break
+            if pending:
+                raise MetaMismatch(f"frame {pending[0]} of {n} not decodable")
+            return
         frames, pos, back = None, -1, 0  # pos: index of the frame the decoder showed last
-        where = meta.lookup()
-        needed = {int(meta.pts[i]) for i in pending} if skip and meta.pts is not None else None
-        while pending and meta.pts is not None:
+        where, keys = meta.lookup(), set(meta.key_pts.tolist())
+        needed = {int(meta.pts[i]) for i in pending} if skip else None
+        while pending:
             target = pending[0]
             k = int(np.searchsorted(meta.key_pts, meta.pts[target], "right")) - 1 - back  # keyframe before it
+            k = k if meta.seeks else -1
             key = int(meta.key_idx[k]) if k >= 0 else 0
             if frames is None or key > pos + 1:  # seeking helps only if the keyframe lies ahead of the decoder
                 if k >= 0 and (key > 0 or opened):
                     container.seek(int(meta.key_pts[k]), stream=stream, backward=True)
                 elif opened:  # from the very start: reopen (a seek may land on a later keyframe)
                     container.close()
-                    container, stream = _open(path, threads)
-                frames, opened, pos, fresh = _frames(container, stream, needed), True, key - 1, True
+                    container, stream = _open(path, stream.thread_type, meta.stream)
+                frames, opened, pos, fresh = _frames(container, stream, needed), True, key - 1, k >= 0
             for frame in frames:
                 i = where.get(frame.pts, -1)
-                if i < 0:
-                    raise MetaMismatch(f"the decoder shows a frame at pts {frame.pts}, which the packets lack")
-                if i > target and fresh and k >= 0:  # the seek landed after the target: one keyframe earlier
+                lost = i < 0 or (frame.key_frame and frame.pts not in keys)
+                if fresh and (lost or i > target):
+                    # The seek landed after the target (MPEG-TS and -PS land a keyframe or two late), or it lost
+                    # the timestamps (MPEG-PS resumes inside a packet and guesses them): one keyframe earlier;
+                    # after SEEK_TRIES such seeks in a row no seek in this file is trusted: from the start.
                     back += 1
+                    meta.seeks = back < SEEK_TRIES
                     frames = None
                     break
+                if i < 0:
+                    raise MetaMismatch(f"the decoder shows a frame at pts {frame.pts}, which the packets lack")
                 if i > target:
                     raise MetaMismatch(f"frame {target} of {n} (pts {meta.pts[target]}) is never shown")
                 pos, fresh, back = i, False, 0
                 if i == target:
-                    got[pending.pop(0)] = rgb.reformat(frame, format="rgb24").to_ndarray()
+                    clip.put(pending.pop(0), frame, rgb, meta)
                     break
-            else:  # end of stream before `target`
-                raise MetaMismatch(f"frame {target} of {n} not decodable")
-        if pending:
-            raise MetaMismatch(f"frame {pending[0]} of {n} not decodable")
+            else:  # the end of the stream before `target`
+                if not fresh:
+                    raise MetaMismatch(f"frame {target} of {n} not decodable")
+                back += 1  # the seek landed at the end (MPEG-TS at its last keyframe): one keyframe earlier
+                meta.seeks = back < SEEK_TRIES
+                frames = None
     except av.FFmpegError as e:
         raise BadVideo(f"decode error: {e}") from None
     finally:
         container.close()
-    return np.stack([got[i] for i in indices])
 
 
 def read_frame_dir(path, indices, tmpl, start_index=1):
@@ -1323,7 +1418,8 @@ def count_frame_dir(path, tmpl, start_index=1):
 
 # ------------------------------------------------------------------------------------------------------ check
 class _CheckAll(torch.utils.data.Dataset):
-    """Decodes every frame of every sample once: (index, frames, damage note, reason it is refused or '')."""
+    """Reads every sample as training would, and more: (index, frame count, damage note, reason it is refused
+    or '', notes on what the loader adapts: frame size changes, rotation)."""
 
     def __init__(self, ds):
         self.ds = ds
@@ -1337,15 +1433,40 @@ class _CheckAll(torch.utils.data.Dataset):
             if self.ds.frame_dirs:
                 n = self.ds.probe(path)
                 read_frame_dir(path, range(n), self.ds.filename_tmpl, self.ds.start_index)
-                return i, n, "", ""
-            meta = probe_video(path)
-            if not meta.exact:  # the probe trusted the packets: does the full decode show exactly those frames?
-                pts, n = _decoded_pts(path)
-                if pts is None or not np.array_equal(pts, meta.pts):
-                    meta = probe_video(path, exact=True)  # what training switches to when it meets the difference
-            return i, meta.num_frames, video_verdict(meta, self.ds.T), ""  # the rule training applies
+                return i, n, "", "", []
+            n, damage, notes = check_video(path, self.ds.T)
+            return i, n, damage, "", notes
         except BadVideo as e:
-            return i, 0, "", str(e)
+            return i, 0, "", str(e), []
+
+
+def check_video(path, T):
+    """(frame count, damage note, [notes]) of one video file read as training reads it, or BadVideo: the
+    probe, one plain decode of every frame (is the probe's count what a decode yields? where does the frame
+    size change?), then the decoder as it serves clips: a seek to every keyframe and the last frame."""
+    meta = probe_video(path)
+    plain = _Decoded(path, meta.stream)
+    if not meta.exact and (plain.pts is None or not np.array_equal(plain.pts, meta.pts)):
+        meta = probe_video(path, exact=True)  # what training switches to when it meets the difference
+    damage = video_verdict(meta, T)  # the rule training applies
+    if meta.pts is None:
+        wanted = [0, meta.num_frames - 1]
+    else:
+        wanted = sorted({int(i) for i in meta.key_idx if i < meta.num_frames} | {meta.num_frames - 1})
+    try:
+        decode_frames(path, wanted, meta)
+    except MetaMismatch:  # as training: one exact probe, then the same decode; a second mismatch is a bad file
+        meta = probe_video(path, exact=True)
+        damage = video_verdict(meta, T)
+        decode_frames(path, wanted, meta)
+    notes = []
+    if len(plain.changes) > 1:
+        sizes = ", ".join(f"{w}x{h} from frame {i}" for i, w, h in plain.changes)
+        notes.append(f"frame size changes ({sizes}): frames scaled to the first frame's "
+                     f"{meta.width}x{meta.height}")
+    if meta.rotation:
+        notes.append(f"display matrix turns it {meta.rotation} degrees: frames turned as players show them")
+    return meta.num_frames, damage, notes
 
 
 def unlisted_videos(name, root):
@@ -1394,19 +1515,22 @@ def check(name, root, split=1, workers=None, list_file=None, class_file=None, fi
         if name == "synthetic":
             continue
         loader = torch.utils.data.DataLoader(_CheckAll(ds), batch_size=None, num_workers=workers)
-        counts, bad_here, damaged = [], [], []
-        for i, n, damage, reason in loader:
+        counts, bad_here, damaged, adapted = [], [], [], []
+        for i, n, damage, reason, notes in loader:
             if reason:
                 bad_here.append((ds.samples[i][0], reason))
             else:
                 counts.append(n)
             if damage:
                 damaged.append((ds.samples[i][0], damage))
+            adapted += [(ds.samples[i][0], note) for note in notes]
         if counts:
             print(f"  frames per video: min {min(counts)}, mean {statistics.fmean(counts):.1f}, "
                   f"max {max(counts)}", file=out)
         for path, damage in damaged:
             print(f"  DAMAGED {path}: {damage}; used (at least T={frames} frames decode)", file=out)
+        for path, note in adapted:
+            print(f"  ADAPTED {path}: {note}; used", file=out)
         for path, reason in bad_here:
             print(f"  BAD {path}: {reason}", file=out)
         print(f"  {len(bad_here)} bad of {len(ds)}" + (f", {len(damaged)} damaged but used" if damaged else ""),
