@@ -658,7 +658,10 @@ def chinese_labels(dataset, class_names, path=None):
 
 
 # ---------------------------------------------------------------------------------------------------- layouts
-VIDEO_EXTS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".m4v")
+# The file names every layout and --check take for videos: what FFmpeg users have (PyAV opens each by its content).
+VIDEO_EXTS = (".avi", ".mp4", ".m4v", ".mkv", ".webm", ".mov", ".qt", ".ts", ".mts", ".m2ts", ".mpg", ".mpeg",
+              ".m2v", ".vob", ".flv", ".f4v", ".3gp", ".3g2", ".wmv", ".asf", ".ogv", ".mxf", ".divx", ".h264",
+              ".264", ".h265", ".265", ".hevc", ".y4m")
 LAYOUTS = {
     "hmdb51": "<root>/<class>/<video>.avi and <root>/testTrainMulti_7030_splits/<class>_test_split{1,2,3}.txt",
     "ucf101": "<root>/UCF-101/<Class>/<video>.avi and <root>/ucfTrainTestlist/{classInd,trainlist0K,testlist0K}.txt",

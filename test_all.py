@@ -2064,6 +2064,231 @@ def test_data_decoder_disagreeing_with_packets_switches_to_exact_count(real_worl
     assert torch.equal(item["video"], ds2[0]["video"]) and not ds.bad_files()
 
 
+# ------------------------------------------------------------- broadcast, camera and phone files (issue 21)
+# Built with PyAV alone, 64x48 and at most 150 frames: the truth is a plain full decode of the stream FFmpeg
+# would play.
+def _x264_stream(s, keyint=12, bframes=2):
+    from fractions import Fraction
+    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    s.codec_context.time_base = Fraction(1, 30)
+    s.options = _x264(keyint, bframes)
+
+
+def _encode_into(c, s, frames, first=0, context=None):
+    """Encode frames (through `context`, a second encoder, when given) into stream s of container c, frame
+    timestamps first, first + 1, ... in 1/30 s."""
+    import av
+    from fractions import Fraction
+    enc = context or s
+    for i, f in enumerate(frames):
+        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
+        vf.pts, vf.time_base = first + i, Fraction(1, 30)
+        for p in enc.encode(vf):
+            p.stream = s
+            c.mux(p)
+    for p in enc.encode(None):
+        p.stream = s
+        c.mux(p)
+
+
+@pytest.fixture(scope="session")
+def broadcast(tmp_path_factory):
+    """{kind: path}: MPEG-TS with B-frames; MPEG-2 program streams with B-frames (DVD's muxer, and the MPEG-1
+    system muxer, after whose seeks the parser guesses timestamps); a stream whose frame size changes (packets
+    of three encodes, 64x48, 48x32, 64x48, in one stream); a -90 degree display matrix (a phone's portrait
+    video); a one-frame still as the first and default video stream; cover art before the video."""
+    import av
+    from fractions import Fraction
+    root = tmp_path_factory.mktemp("broadcast")
+    f = coded_frames(150, 48, 64)
+    out = {k: str(root / name) for k, name in (("ts", "b.ts"), ("ps", "dvd.mpg"), ("mpeg1sys", "sys.mpg"),
+                                                ("size", "size.ts"), ("rotated", "phone.mp4"),
+                                                ("still", "still.mkv"), ("cover", "cover.mp4"))}
+    with av.open(out["ts"], "w", format="mpegts") as c:
+        s = c.add_stream("libx264", rate=30)
+        _x264_stream(s)
+        _encode_into(c, s, f)
+    for kind, fmt in (("ps", "vob"), ("mpeg1sys", "mpeg")):
+        with av.open(out[kind], "w", format=fmt) as c:
+            s = c.add_stream("mpeg2video", rate=30)
+            s.width, s.height, s.pix_fmt, s.gop_size = 64, 48, "yuv420p", 12
+            s.codec_context.max_b_frames = 2
+            s.options = {"qscale": "3", "sc_threshold": "1000000000"}
+            _encode_into(c, s, f)
+    with av.open(out["size"], "w", format="mpegts") as c:
+        s = c.add_stream("libx264", rate=30)
+        _x264_stream(s)
+        _encode_into(c, s, f[:50])
+        for first, (H, W) in ((50, (32, 48)), (100, (48, 64))):
+            other = av.CodecContext.create("libx264", "w")
+            other.width, other.height, other.pix_fmt = W, H, "yuv420p"
+            other.time_base, other.framerate, other.options = Fraction(1, 30), Fraction(30), _x264(12)
+            _encode_into(c, s, coded_frames(150, H, W)[first:first + 50], first, other)
+    with av.open(out["rotated"], "w") as c:
+        s = c.add_stream("libx264", rate=30)
+        _x264_stream(s)
+        s.set_display_rotation(-90)  # counter-clockwise degrees: the portrait frame is the coded one turned right
+        _encode_into(c, s, f)
+    grey = np.full((1, 48, 64, 3), 200, dtype=np.uint8)
+    for kind, disposition in (("still", av.stream.Disposition.default), ("cover", av.stream.Disposition.attached_pic)):
+        with av.open(out[kind], "w") as c:
+            st = c.add_stream("mjpeg", rate=1)
+            st.width, st.height, st.pix_fmt = 64, 48, "yuvj420p"
+            s = c.add_stream("libx264", rate=30)
+            _x264_stream(s)
+            st.disposition, s.disposition = disposition, av.stream.Disposition(0)
+            _encode_into(c, st, grey)
+            _encode_into(c, s, f)
+    return out
+
+
+BROADCAST = ("ts", "ps", "mpeg1sys", "size", "rotated", "still", "cover")
+
+
+def plain_frames(path, index):
+    """[(H, W, 3) rgb24, ...] of stream `index` in a plain full decode, and the display rotation it carries."""
+    import av
+    with av.open(path) as c:
+        frames = list(c.decode(c.streams[index]))
+    return [fr.to_ndarray(format="rgb24") for fr in frames], frames[0].rotation
+
+
+def broadcast_index_sets(n, last_key, seed=0):
+    """TSN test clips for T = 8 and 16, training draws, every index after the last keyframe (each alone, as a
+    training clip reaches it), all frames."""
+    rng = random.Random(seed)
+    sets = {f"test T={T}": data.sample_indices(n, T, "test") for T in (8, 16)}
+    sets.update({f"train T={T} draw {d}": data.sample_indices(n, T, "train", rng) for T in (8, 16) for d in range(4)})
+    sets.update({f"after the last keyframe: {i}": [i] for i in range(last_key, n)})
+    sets["all"] = list(range(n))
+    return sets
+
+
+@pytest.mark.parametrize("kind", BROADCAST)
+def test_data_broadcast_files_exact(broadcast, kind):
+    """probe_video counts what a plain decode of the chosen stream yields; decode_frames is pixel-exact at every
+    index set, in one process and in a loader worker, with a fresh probe for each (seeks start cold); the
+    rotated file is the plain decode turned as its display matrix says; the resized one comes out at its first
+    frame's size, those frames exact."""
+    path = broadcast[kind]
+    meta = data.probe_video(path)
+    import av
+    with av.open(path) as c:  # the H.264 stream, not the still nor the cover art (which mp4 stores last)
+        video = next(s.index for s in c.streams.video if s.codec_context.name != "mjpeg")
+        assert len(c.streams.video) == (2 if kind in ("still", "cover") else 1)
+    assert meta.stream == video
+    truth, rotation = plain_frames(path, video)
+    assert meta.num_frames == len(truth) == 150 and (meta.width, meta.height) == (64, 48)
+    if kind == "rotated":
+        assert rotation == -90
+        truth = [np.rot90(t, 3) for t in truth]  # -90 degrees: a quarter turn clockwise, np.rot90(k=3)
+    first_size = [i for i, t in enumerate(truth) if t.shape == truth[0].shape]
+    assert len(first_size) == (100 if kind == "size" else 150)
+    last_key = int(meta.key_idx[-1])
+    for name, idx in broadcast_index_sets(len(truth), last_key).items():
+        for threads in (None, "NONE"):
+            got = data.decode_frames(path, idx, data.probe_video(path), threads)
+            assert got.shape == (len(idx),) + truth[0].shape and got.dtype == np.uint8, (kind, name)
+            wrong = [i for k, i in enumerate(idx) if i in first_size and not np.array_equal(got[k], truth[i])]
+            assert not wrong, f"{kind}, {name}, threads {threads}: indices {wrong[:8]} differ from the plain decode"
+    meta = data.probe_video(path)
+    data.decode_frames(path, [0], meta)
+    assert meta.rotation == (-90 if kind == "rotated" else 0)
+
+
+def test_data_resolution_change_scales_to_the_first_frame_size(broadcast):
+    """Frames 50-99 of the resized stream are 48x32: they come out at 64x48, scaled from the right frame (closer
+    to a bicubic resize of their own plain frame than of a neighbour's), in the same clip as 64x48 frames."""
+    from PIL import Image
+    truth, _ = plain_frames(broadcast["size"], 0)
+    assert {t.shape for t in truth[50:100]} == {(32, 48, 3)} and {t.shape for t in truth[:50] + truth[100:]} == {
+        (48, 64, 3)}
+    got = data.decode_frames(broadcast["size"], [10, 60, 75, 99, 120])
+    assert got.shape == (5, 48, 64, 3)
+
+    def resized(i):
+        return np.asarray(Image.fromarray(truth[i]).resize((64, 48), Image.BICUBIC)).astype(np.float32)
+    for k, i in ((1, 60), (2, 75), (3, 99)):
+        own, other = (np.abs(got[k] - resized(j)).mean() for j in (i, i - 1))
+        assert own < 16 and 4 * own < other, (i, own, other)  # swscale resizes YUV, PIL RGB: not equal
+    assert np.array_equal(got[0], truth[10]) and np.array_equal(got[4], truth[120])
+
+
+def test_data_check_and_training_agree_on_broadcast_files(broadcast, tmp_path, capsys):
+    """--check decodes as training does (a seek to every keyframe, the last frame) and says what the loader
+    adapts (the frame size change, the rotation); a training epoch over the same files drops none of them,
+    as --check says, and its clips have one shape."""
+    classes = tmp_path / "classes.txt"
+    classes.write_text("a\nb\n")
+    lst = tmp_path / "train.txt"
+    lst.write_text("".join(f"{p} {k % 2}\n" for k, p in enumerate(broadcast[kind] for kind in BROADCAST)))
+    T = 16
+    code = data.main(["--dataset", "list", "--list-file", str(lst), str(lst), "--class-file", str(classes),
+                      "--check", "--workers", "2", "--frames", str(T)])
+    out = capsys.readouterr().out
+    assert code == 0 and "BAD" not in out and out.count("  0 bad of 7") == 2, out
+    adapted = [line for line in out.splitlines() if line.startswith("  ADAPTED ")]
+    assert len(adapted) == 4, out  # two parts (TRAIN TEST) x two files
+    assert (f"  ADAPTED {broadcast['size']}: frame size changes (64x48 from frame 0, 48x32 from frame 50, 64x48 "
+            "from frame 100): frames scaled to the first frame's 64x48; used") in adapted
+    assert (f"  ADAPTED {broadcast['rotated']}: display matrix turns it -90 degrees: frames turned as players "
+            "show them; used") in adapted
+    ds = data.build_dataset("list", None, list_file=str(lst), class_file=str(classes), frames=T, input_size=32)
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        for batch in torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2):
+            assert batch["video"].shape[1:] == (T, 3, 32, 32) and not batch["replaced"].any()
+    assert ds.bad_files() == {} and ds.damaged_files() == {}
+
+
+def test_data_check_reports_what_only_a_seek_meets(broadcast, tmp_path, monkeypatch, capsys):
+    """A file that decodes from its start but fails after a seek (here: seeks patched to fail) is refused by
+    --check as by training, and its reason is the one training logs: --check decodes the way the decoder
+    serves clips, where a plain decode from the start would call it sound."""
+    import av
+
+    def broken(self, *args, **kw):
+        raise av.error.InvalidDataError(1094995529, "Invalid data found when processing input")
+    monkeypatch.setattr(av.container.InputContainer, "seek", broken)
+    path = broadcast["ts"]
+    assert len(plain_frames(path, 0)[0]) == 150  # a plain decode is fine
+    classes = tmp_path / "classes.txt"
+    classes.write_text("a\n")
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{path} 0\n")
+    assert data.main(["--dataset", "list", "--list-file", str(lst), str(lst), "--class-file", str(classes),
+                      "--check", "--workers", "0", "--frames", "16"]) == 1
+    out = capsys.readouterr().out
+    ds = data.build_dataset("list", None, list_file=str(lst), class_file=str(classes), frames=16, input_size=32)
+    with pytest.raises(data.UnreadableClass):
+        ds[0]
+    reason = ds.bad_files()[path]
+    assert f"  BAD {path}: {reason}" in out and "decode error" in reason and out.count("1 bad of 1") == 2, out
+
+
+def test_data_video_extensions_are_shared_by_layouts_and_check(tmp_path):
+    """One list of video file names (VIDEO_EXTS): the Kinetics-400 folder layout reads .ts, .mpg, .flv, .3gp
+    and .h264 files as it reads .mp4, and --check's list of unlisted hmdb51 videos takes the same files."""
+    for ext in (".avi", ".mp4", ".mkv", ".webm", ".mov", ".m4v", ".ts", ".mts", ".m2ts", ".mpg", ".mpeg", ".flv",
+                ".3gp", ".wmv", ".h264"):
+        assert ext in data.VIDEO_EXTS, ext
+    names = ["a.ts", "b.MPG", "c.flv", "d.3gp", "e.h264", "f.mp4", "notes.txt"]
+    for sub in ("train", "val"):
+        for cls in ("x", "y"):
+            (tmp_path / "k4" / sub / cls).mkdir(parents=True)
+            for name in names:
+                (tmp_path / "k4" / sub / cls / name).write_bytes(b"")
+    ds = data.build_dataset("k400", str(tmp_path / "k4"), mode="train")
+    assert sorted(os.path.basename(p) for p, label in ds.samples if label == 0) == sorted(names[:-1])
+    hm = tmp_path / "hm"
+    (hm / "testTrainMulti_7030_splits").mkdir(parents=True)
+    (hm / "testTrainMulti_7030_splits" / "run_test_split1.txt").write_text("f.mp4 1\n")
+    (hm / "run").mkdir()
+    for name in names:
+        (hm / "run" / name).write_bytes(b"")
+    assert sorted(os.path.basename(p) for p in data.unlisted_videos("hmdb51", str(hm))) == sorted(names[:-2])
+
+
 def test_data_crop_resize_equals_pil_box_resize():
     """The transforms' crop + resize (torch, uint8, whole clip at once) is PIL's per-frame BILINEAR box resize
     inside the box; only the border may differ (PIL samples beyond the box)."""
