@@ -1791,6 +1791,18 @@ def test_data_chinese_labels_complete(dataset, count):
     assert len(labels) == count and all(labels)
 
 
+@pytest.mark.parametrize("dataset", ["hmdb51", "ucf101", "ssv1", "k400"])
+def test_data_chinese_labels_tokenise_without_unk(dataset):
+    """Every label of the four dictionaries is in Chinese-CLIP's vocabulary (assets/vocab.txt): a character it
+    lacks becomes [UNK] and the label loses it (e.g. 擤 of 擤鼻涕, 钹 of 敲钹)."""
+    import text_branches
+    tokenizer = text_branches.ChineseTokenizer(os.path.join(data.ASSETS, "vocab.txt"))
+    path = os.path.join(data.ASSETS, "chinese_labels", data.ASSET_NAMES[dataset] + ".json")
+    labels = json.load(open(path, encoding="utf-8"))
+    unknown = {name: zh for name, zh in labels.items() if text_branches.UNK_TOKEN in tokenizer.tokenize(zh)}
+    assert len(labels) > 50 and not unknown, unknown
+
+
 def test_data_chinese_labels_user_file_and_missing(tmp_path):
     f = tmp_path / "zh.tsv"
     f.write_text("jump\t跳\nrun\t跑\n", encoding="utf-8")
