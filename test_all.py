@@ -3334,20 +3334,26 @@ def test_bief_readme_counts_the_code_compat_differences():
 
 
 def test_bief_benchmark_checks_and_prints_both_rows(capsys):
-    """--bench-biefficient (tiny shapes): the authors' re-statement matches our logits, loss and gradients,
-    and both rows are timed in their own processes and printed with their ratios."""
-    import prompts
-    prompts.main(["--bench-biefficient", "--arch", "tiny", "--device", "cpu", "--batch-size", "3",
-                  "--frames", "2", "--candidates", "4", "--steps", "1"])
+    """bench/biefficient_step.py (tiny shapes): the authors' re-statement matches our logits, loss and gradients,
+    and the rows, each in its own worker process, are timed interleaved and printed with wall and CPU seconds
+    and their ratios."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench", "biefficient_step.py")
+    spec = importlib.util.spec_from_file_location("biefficient_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--arch", "tiny", "--device", "cpu", "--batch-size", "3", "--frames", "2", "--candidates",
+                       "4", "--steps", "2"])
     out = capsys.readouterr().out
     check = re.search(r"logits ([0-9.e+-]+), loss ([0-9.e+-]+) .*gradients ([0-9.e+-]+)", out)
     assert check and max(float(x) for x in check.groups()) < 1e-4, out
     for row in ("ours ", "ours + --grad-checkpointing", "authors' way"):
-        assert re.search(re.escape(row) + r"\s+[0-9.]+ ms\s+[0-9.]+ MiB", out), (row, out)
-    assert out.count("vs authors' way") == 2 and "x faster" in out
+        assert re.search(re.escape(row) + r"\s+[0-9.]+ s\s+[0-9.]+ s\s+[0-9.]+ MiB", out), (row, out)
+    assert out.count("vs authors' way") == 2 and "x faster" in out and "interleaved" in out
+    assert set(rows) == {"ours", "ours+ckpt", "authors"} and all(r["wall"] > 0 and r["cpu"] > 0 for r in rows.values())
     with pytest.raises(SystemExit) as e:
-        prompts.main(["--bench-biefficient", "--arch", "tiny", "--device", "cpu", "--batch-size", "3",
-                      "--candidates", "2"])
+        bench.main(["--arch", "tiny", "--device", "cpu", "--batch-size", "3", "--candidates", "2"])
     assert e.value.code == 2
 
 
