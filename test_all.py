@@ -2699,6 +2699,56 @@ def test_tpr_vit_b16_shapes_one_step():
     assert model.prompts.global_prompts.shape == (12, T, S, 768)
 
 
+_COPIED_REPARAM = """
+import os, torch, reparam
+assert os.path.dirname(os.path.abspath(reparam.__file__)) == os.getcwd(), reparam.__file__
+for beta in reparam.BETAS:
+    enc = reparam.ReparamEncoder(beta, D=16, T=3, P=4, residual=False)
+    out = enc(torch.randn(2, 3, 4, 16))  # TPR Eq. (12) without the residual: beta(P)
+    out.sum().backward()
+    assert out.shape == (2, 3, 4, 16) and out.abs().sum() > 0, beta
+print("ok")
+"""
+
+_COPIED_TPR = """
+import os, torch, clip, prompts, reparam
+for module in (clip, prompts, reparam):  # the copies in this folder, not the repository's
+    assert os.path.dirname(os.path.abspath(module.__file__)) == os.getcwd(), module.__file__
+torch.manual_seed(0)
+tiny = clip.build_random("tiny")
+D, R = tiny.visual.conv1.weight.shape[0], tiny.visual.input_resolution
+model = prompts.TPR(tiny, T=2, S=2, reparam=reparam.ReparamEncoder("r2plus1d", D, 2, 1 + 2 + 2))
+model.set_classes(["brush hair", "ride bike", "climb stairs"])
+labels = torch.tensor([0, 2])
+out = model(torch.randn(2, 2, 3, R, R), labels, labels)
+out["logits"]["en"].sum().backward()
+assert out["logits"]["en"].shape == (2, 2) and model.prompts.global_prompts.grad is not None
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("files,script", [
+    (["reparam.py"], _COPIED_REPARAM),
+    (["clip.py", "prompts.py", "reparam.py", "assets/bpe_simple_vocab_16e6.txt.gz"], _COPIED_TPR)])
+def test_tpr_copied_modules_run_alone(files, script, tmp_path):
+    """A module copied with the files its docstring names runs in an empty folder: (a) reparam.py alone
+    (beta forward and backward), (b) clip.py + prompts.py + reparam.py + the BPE vocabulary (a TPR forward and
+    backward on a random tiny CLIP)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.abspath(__file__))
+    for f in files:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.join(repo, f), tmp_path / f)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    p = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-3000:]
+
+
 def test_tpr_label_smoothing_by_hand():
     eps = 0.1
     logits = torch.tensor([[2.0, 1.0, -1.0], [0.5, 3.0, 0.0], [1.0, -2.0, 4.0]])  # (B, A)
