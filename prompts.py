@@ -42,44 +42,6 @@ TPR_FUSIONS = ("prob", "cosine")
 TPR_LAMBDA = 0.5
 
 
-def tpr_label_tokens(names, prefix="This is a video about {}.", context_length=77):
-    """Tokenize prefix.format(name) for each class and locate the name's own tokens in the sentence.
-
-    Returns ids (K, context_length), positions (K, N) of the label's tokens (padded with 0) and mask (K, N)
-    (True at real label tokens), N = the longest label in tokens.
-    """
-    if prefix.count("{}") != 1:
-        raise ValueError(f"prefix {prefix!r} must contain exactly one '{{}}' for the label")
-    head, tail = (part.strip() for part in prefix.split("{}"))
-
-    def tokens(text):  # BPE ids of text without <sot>/<eot>
-        row = clip.tokenize(text, context_length)[0]
-        return row[1: int((row > 0).sum()) - 1] if text else row[:0]
-
-    head_ids, tail_ids = tokens(head), tokens(tail)
-    ids = clip.tokenize([prefix.format(name) for name in names], context_length)  # (K, 77)
-    spans = []
-    for k, name in enumerate(names):
-        sentence = ids[k, 1: int(ids[k].argmax())]  # between <sot> and <eot>
-        body = sentence[len(head_ids):]  # the label, then the tail
-        # The BPE splits the text into words (and runs of punctuation) before merging, so the head and the tail
-        # keep their own tokens. Choice: when the label's last punctuation fuses with the tail's
-        # ("hurling (sport)." -> ... "sport", ")."), the fused token counts as a label word.
-        n_tail = len(tail_ids) if len(body) > len(tail_ids) and torch.equal(body[len(body) - len(tail_ids):], tail_ids) else 0
-        if not torch.equal(sentence[: len(head_ids)], head_ids) or len(body) - n_tail <= 0:
-            raise ValueError(f"cannot locate class name {name!r} inside prefix {prefix!r} after tokenization")
-        start = 1 + len(head_ids)  # after <|startoftext|> and the prefix head
-        # Choice: TPR Eq. (6)'s N words are the label's BPE tokens: a word split into pieces counts once per
-        # piece, punctuation counts ("handstand pushups" is 5 tokens); each token is one w_n of the text tower.
-        spans.append(torch.arange(start, start + len(body) - n_tail))
-    N = max(len(s) for s in spans)
-    positions = torch.zeros(len(names), N, dtype=torch.long)  # (K, N)
-    mask = torch.zeros(len(names), N, dtype=torch.bool)  # (K, N)
-    for k, s in enumerate(spans):
-        positions[k, : len(s)], mask[k, : len(s)] = s, True
-    return ids, positions, mask
-
-
 def word_frame_weights(frames, words, mask, tau=0.01):
     """TPR Eq. (6): W_t = 1/N sum_n softmax_t(F_t . w_n / tau), for every video and every class's words.
 
@@ -170,8 +132,7 @@ class TPR(nn.Module):
         self.clip, self.chinese_text, self.chinese_tokenize = clip_model, chinese_text, chinese_tokenize
         for frozen in (clip_model, chinese_text):
             if frozen is not None:
-                frozen.requires_grad_(False)
-                frozen.eval()
+                frozen.requires_grad_(False).eval()
         visual = clip_model.visual
         D = visual.conv1.weight.shape[0]
         L = len(visual.transformer.resblocks)
@@ -204,7 +165,7 @@ class TPR(nn.Module):
             raise ValueError(f"the Chinese branch needs one Chinese label per class: got "
                              f"{None if names_zh is None else len(names_zh)} for {len(names_en)} classes")
         device = self.clip.token_embedding.weight.device
-        ids, positions, mask = tpr_label_tokens(list(names_en), self.prefix)
+        ids, positions, mask = tpr_label_tokens(list(names_en), self.prefix)  # w_n: the label's own tokens
         ids = ids.to(device)
         x = self.clip.token_embedding(ids).type(self.clip.dtype)  # (K, 77, W)
         eot, words = self.clip.encode_text_embeddings(x, ids.argmax(dim=-1), return_words=True)
@@ -343,6 +304,8 @@ class TPR(nn.Module):
         return rows
 
 
+# ---- TPR below the paper: argument checks, the label's tokens in the prompt sentence ----
+
 def check_tpr_arguments(pooling, test_words, fusion, site, lam, prefix, reparam, temporal_prompts, chinese_text,
                         chinese_tokenize):
     """TPR(...)'s argument checks: a bad value raises ValueError naming it and the valid ones. Returns the prefix
@@ -363,6 +326,45 @@ def check_tpr_arguments(pooling, test_words, fusion, site, lam, prefix, reparam,
         raise ValueError(f"prefix {prefix!r} is neither a name in {list(TPR_PREFIXES)} nor a template with one "
                          f"'{{}}'")
     return template
+
+
+def tpr_label_tokens(names, prefix="This is a video about {}.", context_length=77):
+    """Tokenize prefix.format(name) for each class and locate the name's own tokens in the sentence.
+
+    Returns ids (K, context_length), positions (K, N) of the label's tokens (padded with 0) and mask (K, N)
+    (True at real label tokens), N = the longest label in tokens.
+    """
+    if prefix.count("{}") != 1:
+        raise ValueError(f"prefix {prefix!r} must contain exactly one '{{}}' for the label")
+    head, tail = (part.strip() for part in prefix.split("{}"))
+
+    def tokens(text):  # BPE ids of text without <sot>/<eot>
+        row = clip.tokenize(text, context_length)[0]
+        return row[1: int((row > 0).sum()) - 1] if text else row[:0]
+
+    head_ids, tail_ids = tokens(head), tokens(tail)
+    ids = clip.tokenize([prefix.format(name) for name in names], context_length)  # (K, 77)
+    spans = []
+    for k, name in enumerate(names):
+        sentence = ids[k, 1: int(ids[k].argmax())]  # between <sot> and <eot>
+        body = sentence[len(head_ids):]  # the label, then the tail
+        # The BPE splits the text into words (and runs of punctuation) before merging, so the head and the tail
+        # keep their own tokens. Choice: when the label's last punctuation fuses with the tail's
+        # ("hurling (sport)." -> ... "sport", ")."), the fused token counts as a label word.
+        n_tail = len(tail_ids) if len(body) > len(tail_ids) and torch.equal(body[len(body) - len(tail_ids):], tail_ids) else 0
+        if not torch.equal(sentence[: len(head_ids)], head_ids) or len(body) - n_tail <= 0:
+            raise ValueError(f"cannot locate class name {name!r} inside prefix {prefix!r} after tokenization")
+        start = 1 + len(head_ids)  # after <|startoftext|> and the prefix head
+        # Choice: TPR Eq. (6)'s N words are the label's BPE tokens: a word split into pieces counts once per
+        # piece, punctuation counts ("handstand pushups" is 5 tokens); each token is one w_n of the text tower.
+        spans.append(torch.arange(start, start + len(body) - n_tail))
+    N = max(len(s) for s in spans)
+    positions = torch.zeros(len(names), N, dtype=torch.long)  # (K, N)
+    mask = torch.zeros(len(names), N, dtype=torch.bool)  # (K, N)
+    for k, s in enumerate(spans):
+        positions[k, : len(s)], mask[k, : len(s)] = s, True
+    return ids, positions, mask
+
 
 # ==== BiEfficient ====
 # He, Liu, Xing: "BiEfficient: Bidirectionally Prompting Vision-Language Models for Parameter-Efficient Video
@@ -406,7 +408,7 @@ BIEFFICIENT_DEFAULTS = {
     # logit_scale, tokens and position embeddings undecayed); the code decays every parameter.
     "decay_all":        (False,   True),
     # The training step (train.py). Paper: BiEfficient Eq. (10) is a contrastive loss over "the batch"; with a class repeated
-    # in the batch, TPR's multi-positive TPR Eq. (15) (each positive 1/|K(i)|) or the code's nn.CrossEntropyLoss on
+    # in the batch, TPR Eq. (15)'s multi-positive loss (each positive 1/|K(i)|) or the code's nn.CrossEntropyLoss on
     # multi-hot targets that are not row-normalised (text_branches.multi_hot_contrastive_loss).
     "loss":             ("multi_positive", "multi_hot"),
     # Contrastive batch: the global batch gathered from every rank (the objective does not depend on the number

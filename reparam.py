@@ -7,15 +7,10 @@ P-tuning (a small network re-encodes the learned prompts before they reach the f
 public code; every shape decision below is marked `# Choice:`.
 
 Input and output: the temporal prompts of one layer, P (B, T, P, D): for each of the T frames of a video, its
-P = 1 + S + T prompt tokens [C_t, G_t, I^_t] of width D (TPR Eq. (10)-(11)). Every beta is
-LayerNorm -> down-projection D -> h -> core -> GELU -> up-projection h -> D; the cores (`beta=`):
-  "r2plus1d"    R(2+1)D's ST-block (the default, Fig. 4b) on the (T, P) grid of a video as a tiny space-time
-                volume whose "space" is the prompt-token axis
-  "c3d"         C3D: one full 3 x 3 space-time conv over (T, P)
-  "tada"        TAdaConv: the prompt-axis conv with weights calibrated per frame
-  "mlp"         bottleneck MLP: down, GELU, up, per token
-  "transformer" two pre-LN Transformer encoder layers over the T * P tokens of a video
-  "lstm"        bidirectional LSTM over the T frames, one sequence per prompt-token position
+P = 1 + S + T prompt tokens [C_t, G_t, I^_t] of width D (TPR Eq. (10)-(11)). Every beta is LayerNorm ->
+down-projection D -> h -> core -> GELU -> up-projection h -> D, its core one of BETAS (Table 3): "r2plus1d"
+(R(2+1)D's ST-block over the (T, P) grid, the default, Fig. 4b), "c3d", "tada" (TAdaConv), "mlp",
+"transformer", "lstm".
 """
 import torch
 import torch.nn.functional as F
