@@ -25,8 +25,8 @@ from torch.utils.checkpoint import checkpoint
 import clip
 
 # ==== TPR ====
-# Shapes: B videos, T frames, N patch tokens (TPR Eq. (6)-(7): N label words), D vision width, E joint embed
-# dim, L layers, S global prompts per frame, P = 1 + S + T prompt tokens per frame, K classes, U unique
+# Shapes: B videos, T frames, N patch tokens (TPR Eq. (6)-(7): N label words), D vision width, W text width, E joint
+# embed dim, L layers, S global prompts per frame, P = 1 + S + T prompt tokens per frame, K classes, U unique
 # candidates, A candidates.
 
 # Table 5's hand-crafted prefixes, selectable by name (or pass any format string with one "{}").
@@ -407,9 +407,9 @@ BIEFFICIENT_DEFAULTS = {
     # Choice: the paper's 0.2 on weight matrices only (the usual practice; biases, LayerNorms, alpha, beta,
     # logit_scale, tokens and position embeddings undecayed); the code decays every parameter.
     "decay_all":        (False,   True),
-    # The training step (train.py). Paper: BiEfficient Eq. (10) is a contrastive loss over "the batch"; with a class repeated
-    # in the batch, TPR Eq. (15)'s multi-positive loss (each positive 1/|K(i)|) or the code's nn.CrossEntropyLoss on
-    # multi-hot targets that are not row-normalised (text_branches.multi_hot_contrastive_loss).
+    # The training step (train.py). Paper: BiEfficient Eq. (10) is a contrastive loss over "the batch"; with a
+    # class repeated in the batch, TPR Eq. (15)'s multi-positive loss (each positive 1/|K(i)|) or the code's
+    # nn.CrossEntropyLoss on multi-hot targets that are not row-normalised (text_branches.multi_hot_contrastive_loss).
     "loss":             ("multi_positive", "multi_hot"),
     # Contrastive batch: the global batch gathered from every rank (the objective does not depend on the number
     # of GPUs) or one B x B problem per rank, no gathering (the code: 32 per GPU x 4 GPUs).
