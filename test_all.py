@@ -3299,6 +3299,23 @@ def test_bief_code_compat_training_rows_schedule_and_precision():
     assert all(model.config[k] == getattr(code, k) for k in rows)  # the model states what the engine does
 
 
+def test_bief_data_pipeline_rows_pick_the_mode_and_refuse_bad_values(bief_tiny):
+    """The data-pipeline rows of BIEFFICIENT_DEFAULTS: the model records the column of its mode, an explicit value
+    wins, a value outside a closed row's choices is one error naming the valid ones."""
+    import prompts
+    rows = {"train_crop": ("multiscale", "inception"), "frame_sampling": ("tsn", "authors"),
+            "val_clip": ("centre", "first"), "test_protocol": ("paper", "authors"), "view_average": ("prob", "prob"),
+            "batch_per_gpu": (None, 32)}
+    assert {k: prompts.BIEFFICIENT_DEFAULTS[k] for k in rows} == rows
+    paper = BiEfficient(bief_tiny, T=2, M=2)
+    code = BiEfficient(bief_tiny, T=2, M=2, code_compat=True)
+    assert all(paper.config[k] == v[0] and code.config[k] == v[1] for k, v in rows.items())
+    over = BiEfficient(bief_tiny, T=2, M=2, code_compat=True, train_crop="multiscale", batch_per_gpu=8)
+    assert (over.config["train_crop"], over.config["batch_per_gpu"]) == ("multiscale", 8)
+    with pytest.raises(ValueError, match="val_clip='middle'.*'centre', 'first'"):
+        BiEfficient(bief_tiny, T=2, M=2, val_clip="middle")
+
+
 _BIEF_DDP_WORKER = r"""
 import json, os, sys, argparse
 import torch, torch.distributed as dist
