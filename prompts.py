@@ -1,37 +1,33 @@
-"""Prompt modules of both papers, one section each, each importing only torch and clip.py.
+"""Prompt modules of both papers on a frozen CLIP: TPR's section first, then BiEfficient's.
 
-The two papers number their equations independently, so every tag names its paper: `TPR Eq. (8)` is TPR's
-(Electronics 2024), `BiEfficient Eq. (8)` BiEfficient's (ACCV 2024); grep either.
+Needs torch and clip.py, which reads assets/bpe_simple_vocab_16e6.txt.gz (copy both beside this file). TPR's
+beta is a module passed in (reparam.ReparamEncoder: copy reparam.py too); its Chinese tower and tokenizer are
+passed in (text_branches.py). Every equation tag names its paper: `TPR Eq. (8)` is TPR's (Electronics 2024),
+`BiEfficient Eq. (8)` BiEfficient's (ACCV 2024); the two number their equations independently.
 
-TPR: temporal prompts C, G, I of TPR Eq. (8)-(11), prompts joining the frozen attention (TPR Eq. (13)-(14)),
-word-guided frame weighting (TPR Eq. (6)-(7)).
-  TPR(clip_model, T=8, S=8, reparam=None, temporal_prompts=True, pooling="word", test_words="class",
-      train_words="class",
-      prefix="This is a video about {}.", chinese_text=None, chinese_tokenize=None, lam=0.5, tau=0.01, ...):
-  temporal embedding (TPR Eq. (1)), TemporalPrompts (TPR Eq. (8)-(11)), reparam.ReparamEncoder injected
-  (TPR Eq. (12)), the frozen CLIP blocks with the prompts as extra keys/values (TPR Eq. (13)-(14)), F_t
-  (TPR Eq. (3)), word-guided or mean pooling (TPR Eq. (6)-(7) / TPR Eq. (4)), frozen English and Chinese label
-  features cached by set_classes, the fused score (TPR Eq. (18)). No public code exists; every decision the
-  paper leaves open is marked `# Choice:`.
-BiEfficient: Pre-Prompt with Meta-Net (BiEfficient Eq. (5)-(6)), Post-Prompt (BiEfficient Eq. (7)), Word-Guided
-Visual Prompt (BiEfficient Eq. (8)-(9)), the logits of BiEfficient Eq. (10); the paper by default, the authors'
-code with code_compat=True.
-`python prompts.py --bench-biefficient` times BiEfficient's training step against the authors' computation.
+TPR (Sec. 3.1-3.5): temporal embedding (TPR Eq. (1)), temporal prompts C, G, I (TPR Eq. (8)-(11)) re-encoded
+by beta (TPR Eq. (12), reparam.py), the prompts joining the frozen attention (TPR Eq. (13)-(14), in
+clip.ResidualAttentionBlock, TPR Eq. (2)), F_t (TPR Eq. (3)), word-guided pooling (TPR Eq. (6)-(7)) or mean
+pooling (TPR Eq. (4)), the frozen English and Chinese label features and the fused score (TPR Eq. (18)). The loss
+(TPR Eq. (15)-(17)) is text_branches.multi_positive_contrastive_loss. No public code exists: every decision the
+paper leaves open is marked `# Choice:`, every deviation `# Paper:`.
+BiEfficient (Sec. 3): Pre-Prompt with Meta-Net (BiEfficient Eq. (5)-(6)), Post-Prompt (BiEfficient Eq. (7)),
+Word-Guided Visual Prompt (BiEfficient Eq. (8)-(9)), the logits of BiEfficient Eq. (10); the paper by default,
+the authors' code with code_compat=True (BIEFFICIENT_DEFAULTS lists every difference).
 """
+import math
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import clip
 
 # ==== TPR ====
-# TPR (Electronics 2024), Sec. 3.2-3.5: the video encoder with temporal prompts (TPR Eq. (1), (3), (8)-(11),
-# (13)-(14)), the reparameterization encoder injected from reparam.py (TPR Eq. (12)), word-guided pooling
-# (TPR Eq. (6)-(7)), the frozen English and Chinese label branches and the fused score (TPR Eq. (18)). The loss
-# (TPR Eq. (15)-(17)) is text_branches.multi_positive_contrastive_loss, applied by the engine to
-# `out["logits"][key]`. The frozen ViT blocks are TPR Eq. (2) (clip.ResidualAttentionBlock).
-import torch  # noqa: E402  (section imports: this section can be copied out alone)
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.checkpoint import checkpoint  # noqa: E402
-
-import clip  # noqa: E402
+# Shapes: B videos, T frames, N patch tokens (TPR Eq. (6)-(7): N label words), D vision width, W text width, E joint
+# embed dim, L layers, S global prompts per frame, P = 1 + S + T prompt tokens per frame, K classes, U unique
+# candidates, A candidates.
 
 # Table 5's hand-crafted prefixes, selectable by name (or pass any format string with one "{}").
 TPR_PREFIXES = {
@@ -41,8 +37,295 @@ TPR_PREFIXES = {
 }
 TPR_POOLINGS = ("word", "mean")
 TPR_TEST_WORDS = ("class", "top1")
-TPR_TRAIN_WORDS = ("class", "label")
 TPR_FUSIONS = ("prob", "cosine")
+# Choice: lambda = 0.5 (the paper gives no value): TPR Eq. (17)-(18) weigh the two branches equally.
+TPR_LAMBDA = 0.5
+
+
+def word_frame_weights(frames, words, mask, tau=0.01):
+    """TPR Eq. (6): W_t = 1/N sum_n softmax_t(F_t . w_n / tau), for every video and every class's words.
+
+    TPR Eq. (6)-(7) are BIKE's Video Concept Spotting (Wu et al., "Bidirectional Cross-Modal Knowledge
+    Exploration for Video Recognition with Pre-trained Vision-Language Models", CVPR 2023), where each word
+    weights the frames and the frame weights are averaged over the words.
+    frames (B, T, E) frame features F_t; words (A, N, E) word embeddings w_n; mask (A, N) real words.
+    Returns W (B, A, T), summing to 1 over T.
+    """
+    # Choice: F_t and w_n are L2-normalised (their dot product is the cosine of TPR Eq. (5)); with raw CLIP
+    # features and tau = 0.01 the softmax would be a hard argmax on feature norms.
+    f = F.normalize(frames.float(), dim=-1)  # (B, T, E)
+    w = F.normalize(words.float(), dim=-1)  # (A, N, E)
+    sim = torch.einsum("bte,ane->bant", f, w) / tau  # (B, A, N, T)
+    prob = sim.softmax(dim=-1)  # softmax over the T frames, per word; TPR Eq. (6)
+    m = mask.to(prob.dtype)[None, :, :, None]  # (1, A, N, 1)
+    return (prob * m).sum(dim=2) / m.sum(dim=2)  # mean over the label's N words; (B, A, T)
+
+
+class TemporalPrompts(nn.Module):
+    """TPR Eq. (8)-(11): the temporal prompts P (B, T, 1 + S + T, D) of layer l from Z^(l-1)'s class tokens.
+
+    X_cls = P_cls z_{t,0}                      (TPR Eq. (8), linear projection of each frame's class token)
+    C = MHSA(LN(X_cls)) + X_cls                (TPR Eq. (8), across the T frames of a video)
+    G(l) in R^{T x S x D}                      global prompts
+    I^(l)[t, t'] = I(l)[t, t'] + X_cls[t']     (TPR Eq. (9): every frame sees every frame's class token)
+    P[t] = [C_t, G_t, I^_t]                    (TPR Eq. (10); written P = [C, G, I^] in TPR Eq. (11))
+
+    D: vision width. T: frames. S: global prompts per frame. L: layers. heads: of the MHSA.
+    shared: one P_cls / LN / MHSA for all layers instead of one per layer (G and I stay per layer).
+    """
+
+    def __init__(self, D: int, T: int, S: int, L: int, heads: int, shared: bool = False):
+        super().__init__()
+        # Choice: P_cls, LN and MHSA are per layer by default (TPR Eq. (8) indexes them by l, as X-CLIP's
+        # per-layer cross-frame attention); `shared=True` is the cheap alternative (1/L of their parameters).
+        n = 1 if shared else L
+        self.shared, self.T, self.S = shared, T, S
+        self.cls_proj = nn.ModuleList([nn.Linear(D, D) for _ in range(n)])  # P_cls
+        self.cls_ln = nn.ModuleList([nn.LayerNorm(D) for _ in range(n)])
+        self.cls_attn = nn.ModuleList([nn.MultiheadAttention(D, heads, batch_first=True) for _ in range(n)])
+        # Choice: prompts drawn from N(0, 0.02^2) ("randomly initialized" in the paper; the scale is ViT's
+        # token init); they reach the frozen attention through its own ln_1, so their scale is free.
+        self.global_prompts = nn.Parameter(torch.randn(L, T, S, D) * 0.02)  # G(l)
+        self.interchange_prompts = nn.Parameter(torch.randn(L, T, T, D) * 0.02)  # I(l)
+
+    def forward(self, cls, layer: int):  # cls (B, T, D): class tokens of Z^(l-1)
+        j = 0 if self.shared else layer
+        B, T, D = cls.shape
+        cls = cls.to(self.cls_proj[j].weight.dtype)
+        x = self.cls_proj[j](cls)  # X_cls; TPR Eq. (8); (B, T, D)
+        h = self.cls_ln[j](x)
+        c = self.cls_attn[j](h, h, h, need_weights=False)[0] + x  # C; TPR Eq. (8); (B, T, D)
+        g = self.global_prompts[layer].to(c.dtype).expand(B, T, self.S, D)  # G; (B, T, S, D)
+        i_hat = self.interchange_prompts[layer] + x[:, None, :, :]  # I^; TPR Eq. (9); (B, T, T, D)
+        return torch.cat([c[:, :, None], g, i_hat.to(c.dtype)], dim=2)  # P; TPR Eq. (10)-(11); (B, T, P, D)
+
+
+class TPR(nn.Module):
+    """TPR: frozen CLIP with temporal prompts (+ beta) and English/Chinese label supervision.
+
+    clip_model: a clip.CLIP; frozen here. T: frames per video. S: global prompts per frame (Fig. 5c).
+    reparam: a reparam.ReparamEncoder(beta, D, T, 1 + S + T) or None (no beta: Fig. 5a's "+TP" row).
+    temporal_prompts: TPR Eq. (8)-(11) prompts in every layer (False: Fig. 5a's "baseline").
+    pooling: "word" (TPR Eq. (6)-(7)) or "mean" (TPR Eq. (4): Fig. 5a's CLIP row).
+    test_words: whose words weight the frames when a candidate is scored, in training and at test time:
+        "class" (its own words) or "top1" (those of the class nearest to the mean-pooled video).
+    prefix: English prompt template with one "{}", or a name in TPR_PREFIXES (Table 5).
+    chinese_text, chinese_tokenize: frozen Chinese tower with .encode_text(ids) -> (A, E) and its tokenizer
+        (text_branches.ChineseCLIPText / tokenize_chinese); None = no Chinese branch.
+    lam: lambda of TPR Eq. (18). tau: temperature of TPR Eq. (6), (15) and (16).
+    fusion: what S of TPR Eq. (18) is: "prob" (softmax over the candidates) or "cosine".
+    temporal_embedding: TPR Eq. (1)'s e_temporal; None = on, except for frame-wise CLIP (temporal_prompts=False
+        with pooling="mean", Fig. 5a's CLIP row).
+    temporal_embedding_site: "pre_ln" (added with e_spatial, before ln_pre) or "post_ln".
+    share_cls_attention: one P_cls/MHSA for all layers (TemporalPrompts(shared=True)).
+    """
+
+    def __init__(self, clip_model, T: int = 8, S: int = 8, reparam: nn.Module | None = None,
+                 temporal_prompts: bool = True, pooling: str = "word", test_words: str = "class",
+                 prefix: str = "This is a video about {}.", chinese_text: nn.Module | None = None,
+                 chinese_tokenize=None, lam: float = TPR_LAMBDA, tau: float = 0.01, fusion: str = "prob",
+                 temporal_embedding: bool | None = None, temporal_embedding_site: str = "pre_ln",
+                 share_cls_attention: bool = False):
+        super().__init__()
+        self.prefix = check_tpr_arguments(pooling, test_words, fusion, temporal_embedding_site, lam, prefix,
+                                          reparam, temporal_prompts, chinese_text, chinese_tokenize)
+        self.clip, self.chinese_text, self.chinese_tokenize = clip_model, chinese_text, chinese_tokenize
+        for frozen in (clip_model, chinese_text):
+            if frozen is not None:
+                frozen.requires_grad_(False).eval()
+        visual = clip_model.visual
+        D = visual.conv1.weight.shape[0]
+        L = len(visual.transformer.resblocks)
+        self.T, self.S, self.pooling, self.test_words = T, S, pooling, test_words
+        self.lam, self.tau, self.fusion = lam, tau, fusion
+        # Paper: Sec. 4.1.3 names no trainable part of the "baseline" (CLIP + word-guided pooling, no temporal
+        # prompts, no Chinese branch), yet Table 7's baseline improves with K (HMDB 49.6 -> 60.3), so something
+        # in it trains; the only candidate its equations offer is TPR Eq. (1)'s e_temporal (Sec. 3.1, shared by
+        # every model of the paper). It is on for every model except frame-wise CLIP itself (no temporal
+        # prompts and mean pooling: Fig. 5a's "CLIP" row, "the original CLIP model", nothing to train).
+        if temporal_embedding is None:
+            temporal_embedding = temporal_prompts or pooling != "mean"
+        # Choice: zero-initialised, so the model starts as frame-wise CLIP; added where CLIP adds e_spatial
+        # (before ln_pre), as TPR Eq. (1) sums them together.
+        self.temporal_embedding = nn.Parameter(torch.zeros(T, D)) if temporal_embedding else None
+        self.temporal_embedding_site = temporal_embedding_site
+        # Choice: D // 64 heads in TPR Eq. (8)'s MHSA (64-wide heads, as CLIP's own blocks: 12 for ViT-B); the
+        # paper gives no head count.
+        self.prompts = (TemporalPrompts(D, T, S, L, heads=max(D // 64, 1), shared=share_cls_attention)
+                        if temporal_prompts else None)
+        self.reparam = reparam
+        self.grad_checkpointing = False  # or clip_model.visual.transformer.grad_checkpointing
+        self.loss_keys = ("en", "zh") if chinese_text is not None else ("en",)
+
+    @torch.no_grad()
+    def set_classes(self, names_en, names_zh=None):
+        """Cache the frozen English features eps_T (K, E), the label words w_n (K, N, E) with mask (K, N), and
+        the Chinese features eps_C (K, E): computed once per label set."""
+        if self.chinese_text is not None and (names_zh is None or len(names_zh) != len(names_en)):
+            raise ValueError(f"the Chinese branch needs one Chinese label per class: got "
+                             f"{None if names_zh is None else len(names_zh)} for {len(names_en)} classes")
+        device = self.clip.token_embedding.weight.device
+        ids, positions, mask = tpr_label_tokens(list(names_en), self.prefix)  # w_n: the label's own tokens
+        ids = ids.to(device)
+        x = self.clip.token_embedding(ids).type(self.clip.dtype)  # (K, 77, W)
+        eot, words = self.clip.encode_text_embeddings(x, ids.argmax(dim=-1), return_words=True)
+        E = eot.shape[-1]
+        words = words.gather(1, positions.to(device)[..., None].expand(-1, -1, E))  # (K, N, E)
+        self.register_buffer("text_en", eot.float(), persistent=False)  # eps_T (K, E)
+        self.register_buffer("words", words.float(), persistent=False)  # w_n (K, N, E)
+        self.register_buffer("word_mask", mask.to(device), persistent=False)  # (K, N)
+        if self.chinese_text is not None:
+            zh_device = next(self.chinese_text.parameters()).device
+            ids_zh = self.chinese_tokenize(list(names_zh)).to(zh_device)  # (K, N_zh)
+            self.register_buffer("text_zh", self.chinese_text.encode_text(ids_zh).float().to(device),
+                                 persistent=False)  # eps_C (K, E)
+
+    def encode_frames(self, video):
+        """Video (B, T, 3, H, W) -> frame features F (B, T, E) (TPR Eq. (1), (8)-(14), (3))."""
+        if video.dim() != 5 or video.shape[1] != self.T:
+            raise ValueError(f"video of shape {tuple(video.shape)}; expected (B, T={self.T}, 3, H, W)")
+        visual = self.clip.visual
+        B, T = video.shape[:2]
+        x = visual.embed(video.flatten(0, 1))  # patches + class token + e_spatial; (B * T, 1 + N, D)
+        D = x.shape[-1]
+        if self.temporal_embedding is not None and self.temporal_embedding_site == "pre_ln":
+            x = (x.view(B, T, -1, D) + self.temporal_embedding.to(x.dtype)[:, None]).flatten(0, 1)  # TPR Eq. (1)
+        x = visual.ln_pre(x)  # (B * T, 1 + N, D)
+        if self.temporal_embedding is not None and self.temporal_embedding_site == "post_ln":
+            x = (x.view(B, T, -1, D) + self.temporal_embedding.to(x.dtype)[:, None]).flatten(0, 1)  # TPR Eq. (1)
+        for layer, block in enumerate(visual.transformer.resblocks):
+            prompts = None
+            if self.prompts is not None:
+                p = self.prompts(x[:, 0].view(B, T, D), layer)  # TPR Eq. (8)-(11) from Z^(l-1); (B, T, P, D)
+                if self.reparam is not None:
+                    p = self.reparam(p, layer)  # P_R; TPR Eq. (12); (B, T, P, D)
+                prompts = p.flatten(0, 1).to(x.dtype)  # frame t's own P_R[t]; (B * T, P, D)
+            # TPR Eq. (2), with the prompts joining the attention (TPR Eq. (13)) and dropped after it (TPR Eq. (14))
+            x = self._run_block(block, x, prompts)  # (B * T, 1 + N, D)
+        frames = visual.ln_post(x[:, 0]) @ visual.proj  # F_t; TPR Eq. (3); (B * T, E)
+        return frames.view(B, T, -1)  # (B, T, E)
+
+    def _cosine_logits(self, video, text):
+        """Cosine similarity (TPR Eq. (5)) / tau: video (B, E) or (B, U, E) (one per class), text (U, E) -> (B, U)."""
+        v = F.normalize(video.float(), dim=-1)
+        t = F.normalize(text.float(), dim=-1)  # (U, E)
+        if v.dim() == 2:
+            return v @ t.t() / self.tau  # (B, U)
+        return (v * t[None]).sum(dim=-1) / self.tau  # class-conditional: (B, U)
+
+    def head(self, frames, labels=None, candidates=None):
+        """Frame features (B, T, E) -> {"logits": {"en": (B, A), "zh": (B, A)}, "frame_weights": (B, T)}.
+
+        candidates (A,): class indices to score (default: all K). labels: unused; training scores every
+        candidate by the same rule as test time (see the README's choices: pooling by the label's own words
+        leaks it)."""
+        texts, uniq, inverse = self._candidate_texts(candidates, frames.device)  # {"en", "zh"}: (U, E) each
+        B, T, _ = frames.shape
+        frames = frames.float()
+        if self.pooling == "mean":
+            weights = frames.new_full((B, T), 1.0 / T)
+            video = frames.mean(dim=1)  # TPR Eq. (4); (B, E)
+        else:
+            w_all = word_frame_weights(frames, self.words[uniq], self.word_mask[uniq], self.tau)  # (B, U, T)
+            # Choice: test_words="class" by default: TPR Eq. (6)-(7) make eps_V a function of the label it is
+            # compared with, so each class is scored with the video pooled by its own words; no first-pass guess
+            # whose errors would compound. "top1" is BiEfficient's rule (one pooled video per clip).
+            if self.test_words == "class":
+                video = torch.einsum("but,bte->bue", w_all, frames)  # TPR Eq. (7) per class; (B, U, E)
+            else:  # top1: the class nearest to the mean-pooled video picks the words
+                top = self._cosine_logits(frames.mean(dim=1), texts["en"]).argmax(dim=-1)  # (B,)
+                weights = w_all[torch.arange(B, device=frames.device), top]  # (B, T)
+                video = torch.einsum("bt,bte->be", weights, frames)  # TPR Eq. (7); (B, E)
+        logits = {key: self._cosine_logits(video, text)[:, inverse] for key, text in texts.items()}  # (B, A)
+        if video.dim() == 3:  # class-conditional: report the weights of the best-scoring class
+            best = logits["en"].argmax(dim=-1)  # (B,) into A
+            weights = w_all[torch.arange(B, device=frames.device), inverse[best]]  # (B, T)
+        return {"logits": logits, "frame_weights": weights}
+
+    def forward(self, video, labels=None, candidates=None):
+        return self.head(self.encode_frames(video), labels, candidates)
+
+    def scores(self, out, fusion=None):
+        """TPR Eq. (18): S = lambda * S_VT + (1 - lambda) * S_VC; fusion (default self.fusion): S a softmax
+        probability over the candidates ("prob") or the cosine of TPR Eq. (5) ("cosine"). (B, A)."""
+        # Paper: TPR Eq. (18) fuses S_V<->T and S_V<->C, which TPR Eq. (5) defines as cosine similarities
+        # ("cosine"). We default to the softmax probabilities over the candidates ("prob"), a deviation:
+        # Chinese-CLIP's and CLIP's cosines live on different scales (each tower has its own spread), the
+        # probabilities share [0, 1], and they are what the multi-view average of Sec. 4.1.1 averages.
+        # evaluate.py reports top-1 for both (train.evaluate's top1_by_fusion).
+        fusion = fusion or self.fusion
+        if fusion not in TPR_FUSIONS:
+            raise ValueError(f"fusion={fusion!r}; valid: {', '.join(TPR_FUSIONS)}")
+        s = {k: (v.float().softmax(dim=-1) if fusion == "prob" else v.float() * self.tau)  # cosine: logits * tau
+             for k, v in out["logits"].items()}
+        if "zh" not in s:
+            return s["en"]
+        return self.lam * s["en"] + (1 - self.lam) * s["zh"]  # TPR Eq. (18)
+
+    # -- below the paper: frozen towers in eval mode, candidates de-duplicated, checkpointing, parameters ------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.clip.eval()
+        if self.chinese_text is not None:
+            self.chinese_text.eval()
+        return self
+
+    def _candidate_texts(self, candidates, device):
+        """The cached label features of the unique candidates: candidates repeat (the global batch's labels),
+        so the heads compute on the U unique classes and expand with `inverse` (A,) at the end."""
+        if not hasattr(self, "text_en"):
+            raise RuntimeError("call set_classes(names_en, names_zh) before the forward pass")
+        if candidates is None:
+            candidates = torch.arange(self.text_en.shape[0], device=device)
+        uniq, inverse = torch.unique(candidates, return_inverse=True)  # (U,), (A,)
+        texts = {"en": self.text_en[uniq]}  # (U, E)
+        if self.chinese_text is not None:
+            texts["zh"] = self.text_zh[uniq]
+        return texts, uniq, inverse
+
+    def _run_block(self, block, x, prompts):
+        """One frozen block; recomputed in backward instead of stored under gradient checkpointing."""
+        if (self.grad_checkpointing or self.clip.visual.transformer.grad_checkpointing) and torch.is_grad_enabled():
+            return checkpoint(block, x, prompts, use_reentrant=False)
+        return block(x, prompts)
+
+    def parameter_table(self):
+        """Trainable parameters per component: list of (name, count)."""
+        def count(module):
+            return sum(p.numel() for p in module.parameters() if p.requires_grad) if module is not None else 0
+        rows = [("temporal embedding e_temporal (TPR Eq. (1))",
+                 self.temporal_embedding.numel() if self.temporal_embedding is not None else 0)]
+        if self.prompts is not None:
+            rows += [("P_cls (TPR Eq. (8))", count(self.prompts.cls_proj)),
+                     ("LN + MHSA (TPR Eq. (8))", count(self.prompts.cls_ln) + count(self.prompts.cls_attn)),
+                     ("global prompts G (TPR Eq. (10))", self.prompts.global_prompts.numel()),
+                     ("interchange prompts I (TPR Eq. (9))", self.prompts.interchange_prompts.numel())]
+        rows.append(("reparameterization encoder beta (TPR Eq. (12))", count(self.reparam)))
+        return rows
+
+
+# ---- TPR below the paper: argument checks, the label's tokens in the prompt sentence ----
+
+def check_tpr_arguments(pooling, test_words, fusion, site, lam, prefix, reparam, temporal_prompts, chinese_text,
+                        chinese_tokenize):
+    """TPR(...)'s argument checks: a bad value raises ValueError naming it and the valid ones. Returns the prefix
+    template (a name in TPR_PREFIXES resolved)."""
+    for name, value, valid in [("pooling", pooling, TPR_POOLINGS), ("test_words", test_words, TPR_TEST_WORDS),
+                               ("fusion", fusion, TPR_FUSIONS),
+                               ("temporal_embedding_site", site, ("pre_ln", "post_ln"))]:
+        if value not in valid:
+            raise ValueError(f"{name}={value!r}; valid: {', '.join(valid)}")
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam={lam} must lie in [0, 1] (TPR Eq. (18))")
+    if reparam is not None and not temporal_prompts:
+        raise ValueError("reparam (beta) re-encodes the temporal prompts: it needs temporal_prompts=True")
+    if (chinese_text is None) != (chinese_tokenize is None):
+        raise ValueError("give both chinese_text and chinese_tokenize, or neither (no Chinese branch)")
+    template = TPR_PREFIXES.get(prefix, prefix)
+    if template.count("{}") != 1:
+        raise ValueError(f"prefix {prefix!r} is neither a name in {list(TPR_PREFIXES)} nor a template with one "
+                         f"'{{}}'")
+    return template
 
 
 def tpr_label_tokens(names, prefix="This is a video about {}.", context_length=77):
@@ -72,6 +355,8 @@ def tpr_label_tokens(names, prefix="This is a video about {}.", context_length=7
         if not torch.equal(sentence[: len(head_ids)], head_ids) or len(body) - n_tail <= 0:
             raise ValueError(f"cannot locate class name {name!r} inside prefix {prefix!r} after tokenization")
         start = 1 + len(head_ids)  # after <|startoftext|> and the prefix head
+        # Choice: TPR Eq. (6)'s N words are the label's BPE tokens: a word split into pieces counts once per
+        # piece, punctuation counts ("handstand pushups" is 5 tokens); each token is one w_n of the text tower.
         spans.append(torch.arange(start, start + len(body) - n_tail))
     N = max(len(s) for s in spans)
     positions = torch.zeros(len(names), N, dtype=torch.long)  # (K, N)
@@ -81,320 +366,20 @@ def tpr_label_tokens(names, prefix="This is a video about {}.", context_length=7
     return ids, positions, mask
 
 
-def word_frame_weights(frames, words, mask, tau=0.01):
-    """TPR Eq. (6): W_t = 1/N sum_n softmax_t(F_t . w_n / tau), for every video and every class's words.
-
-    frames (B, T, E) frame features F_t; words (A, N, E) word embeddings w_n; mask (A, N) real words.
-    Returns W (B, A, T), summing to 1 over T.
-    """
-    # Choice: F_t and w_n are L2-normalised (their dot product is the cosine of TPR Eq. (5)); with raw CLIP
-    # features and tau = 0.01 the softmax would be a hard argmax on feature norms.
-    f = F.normalize(frames.float(), dim=-1)  # (B, T, E)
-    w = F.normalize(words.float(), dim=-1)  # (A, N, E)
-    sim = torch.einsum("bte,ane->bant", f, w) / tau  # (B, A, N, T)
-    prob = sim.softmax(dim=-1)  # softmax over the T frames, per word; TPR Eq. (6)
-    m = mask.to(prob.dtype)[None, :, :, None]  # (1, A, N, 1)
-    return (prob * m).sum(dim=2) / m.sum(dim=2)  # mean over the label's N words; (B, A, T)
-
-
-class TemporalPrompts(nn.Module):
-    """TPR Eq. (8)-(11): the temporal prompts P (B, T, 1 + S + T, D) of layer l from Z^(l-1)'s class tokens.
-
-    X_cls = P_cls z_{t,0}                      (TPR Eq. (8), linear projection of each frame's class token)
-    C = MHSA(LN(X_cls)) + X_cls                (TPR Eq. (8), across the T frames of a video)
-    G(l) in R^{T x S x D}                      global prompts
-    I^(l)[t, t'] = I(l)[t, t'] + X_cls[t']     (TPR Eq. (9): every frame sees every frame's class token)
-    P[t] = [C_t, G_t, I^_t]                    (TPR Eq. (10); written P = [C, G, I^] in TPR Eq. (11);
-                                                P = 1 + S + T tokens per frame; (B, T, 1 + S + T, D))
-
-    D: vision width. T: frames. S: global prompts per frame. L: layers. heads: of the MHSA.
-    shared: one P_cls / LN / MHSA for all layers instead of one per layer (G and I stay per layer).
-    """
-
-    def __init__(self, D: int, T: int, S: int, L: int, heads: int, shared: bool = False):
-        super().__init__()
-        # Choice: P_cls, LN and MHSA are per layer by default (TPR Eq. (8) indexes them by l, as X-CLIP's
-        # per-layer cross-frame attention); `shared=True` is the cheap alternative (1/L of their parameters).
-        n = 1 if shared else L
-        self.shared, self.T, self.S = shared, T, S
-        self.cls_proj = nn.ModuleList([nn.Linear(D, D) for _ in range(n)])  # P_cls
-        self.cls_ln = nn.ModuleList([nn.LayerNorm(D) for _ in range(n)])
-        self.cls_attn = nn.ModuleList([nn.MultiheadAttention(D, heads, batch_first=True) for _ in range(n)])
-        # Choice: prompts drawn from N(0, 0.02^2) ("randomly initialized" in the paper; the scale is ViT's
-        # token init); they reach the frozen attention through its own ln_1, so their scale is free.
-        self.global_prompts = nn.Parameter(torch.randn(L, T, S, D) * 0.02)  # G(l)
-        self.interchange_prompts = nn.Parameter(torch.randn(L, T, T, D) * 0.02)  # I(l)
-
-    def forward(self, cls, layer: int):  # cls (B, T, D): class tokens of Z^(l-1)
-        j = 0 if self.shared else layer
-        B, T, D = cls.shape
-        cls = cls.to(self.cls_proj[j].weight.dtype)
-        x = self.cls_proj[j](cls)  # X_cls; TPR Eq. (8); (B, T, D)
-        h = self.cls_ln[j](x)
-        c = self.cls_attn[j](h, h, h, need_weights=False)[0] + x  # C; TPR Eq. (8); (B, T, D)
-        g = self.global_prompts[layer].to(c.dtype).expand(B, T, self.S, D)  # G; (B, T, S, D)
-        i_hat = self.interchange_prompts[layer] + x[:, None, :, :]  # I^; TPR Eq. (9); (B, T, T, D)
-        return torch.cat([c[:, :, None], g, i_hat.to(c.dtype)], dim=2)  # P; TPR Eq. (10), TPR Eq. (11)
-
-
-class TPR(nn.Module):
-    """TPR: frozen CLIP with temporal prompts (+ beta) and English/Chinese label supervision.
-
-    clip_model: a clip.CLIP; frozen here. T: frames per video. S: global prompts per frame (Fig. 5c).
-    reparam: a reparam.ReparamEncoder(beta, D, T, 1 + S + T) or None (no beta: Fig. 5a's "+TP" row).
-    temporal_prompts: TPR Eq. (8)-(11) prompts in every layer (False: Fig. 5a's "baseline").
-    pooling: "word" (TPR Eq. (6)-(7)) or "mean" (TPR Eq. (4): Fig. 5a's CLIP row).
-    test_words: whose words weight the frames when a candidate is scored: "class" (its own words) or "top1"
-        (those of the class nearest to the mean-pooled video); used at evaluation, and in training too unless
-        train_words="label".
-    train_words: in training (labels given): "class" (the test_words rule) or "label" (each video's
-        ground-truth label's words).
-    prefix: English prompt template with one "{}", or a name in TPR_PREFIXES (Table 5).
-    chinese_text, chinese_tokenize: frozen Chinese tower with .encode_text(ids) -> (A, E) and its tokenizer
-        (text_branches.ChineseCLIPText / tokenize_chinese); None = no Chinese branch.
-    lam: lambda of TPR Eq. (18). tau: temperature of TPR Eq. (6), TPR Eq. (15) and TPR Eq. (16).
-    fusion: what S of TPR Eq. (18) is: "prob" (softmax over the candidates) or "cosine".
-    temporal_embedding: TPR Eq. (1)'s e_temporal; None = on, except for frame-wise CLIP (temporal_prompts=False with
-        pooling="mean", Fig. 5a's CLIP row); on in the baseline, whose only trainable part it is.
-    temporal_embedding_site: "pre_ln" (added with e_spatial, before ln_pre) or "post_ln".
-    share_cls_attention: one P_cls/MHSA for all layers (TemporalPrompts(shared=True)).
-    """
-
-    def __init__(self, clip_model, T: int = 8, S: int = 8, reparam: nn.Module | None = None,
-                 temporal_prompts: bool = True, pooling: str = "word", test_words: str = "class",
-                 train_words: str = "class",
-                 prefix: str = "This is a video about {}.", chinese_text: nn.Module | None = None,
-                 chinese_tokenize=None, lam: float = 0.5, tau: float = 0.01, fusion: str = "prob",
-                 temporal_embedding: bool | None = None, temporal_embedding_site: str = "pre_ln",
-                 share_cls_attention: bool = False):
-        super().__init__()
-        for name, value, valid in [("pooling", pooling, TPR_POOLINGS), ("test_words", test_words, TPR_TEST_WORDS),
-                                   ("train_words", train_words, TPR_TRAIN_WORDS),
-                                   ("fusion", fusion, TPR_FUSIONS),
-                                   ("temporal_embedding_site", temporal_embedding_site, ("pre_ln", "post_ln"))]:
-            if value not in valid:
-                raise ValueError(f"{name}={value!r}; valid: {', '.join(valid)}")
-        if not 0.0 <= lam <= 1.0:
-            raise ValueError(f"lam={lam} must lie in [0, 1] (TPR Eq. (18))")
-        if reparam is not None and not temporal_prompts:
-            raise ValueError("reparam (beta) re-encodes the temporal prompts: it needs temporal_prompts=True")
-        if (chinese_text is None) != (chinese_tokenize is None):
-            raise ValueError("give both chinese_text and chinese_tokenize, or neither (no Chinese branch)")
-        self.prefix = TPR_PREFIXES.get(prefix, prefix)
-        if self.prefix.count("{}") != 1:
-            raise ValueError(f"prefix {prefix!r} is neither a name in {list(TPR_PREFIXES)} nor a template with "
-                             f"one '{{}}'")
-        self.clip = clip_model
-        self.chinese_text, self.chinese_tokenize = chinese_text, chinese_tokenize
-        for frozen in (clip_model, chinese_text):
-            if frozen is not None:
-                frozen.requires_grad_(False)
-                frozen.eval()
-        visual = clip_model.visual
-        D = visual.conv1.weight.shape[0]
-        L = len(visual.transformer.resblocks)
-        self.T, self.S, self.pooling, self.test_words = T, S, pooling, test_words
-        self.train_words = train_words
-        # Choice: lam = 0.5 by default (the paper gives no value): TPR Eq. (17) weighs the two losses equally.
-        self.lam, self.tau, self.fusion = lam, tau, fusion
-        # Paper: Sec. 4.1.3 names no trainable part of the "baseline" (CLIP + word-guided pooling, no temporal
-        # prompts, no Chinese branch), yet Table 7's baseline improves with K (HMDB 49.6 -> 60.3), so something
-        # in it trains; the only candidate its equations offer is TPR Eq. (1)'s e_temporal (Sec. 3.1, shared by
-        # every model of the paper). It is on for every model except frame-wise CLIP itself (no temporal
-        # prompts and mean pooling: Fig. 5a's "CLIP" row, "the original CLIP model", nothing to train).
-        if temporal_embedding is None:
-            temporal_embedding = temporal_prompts or pooling != "mean"
-        # Choice: zero-initialised, so the model starts as frame-wise CLIP; added where CLIP adds e_spatial
-        # (before ln_pre), as TPR Eq. (1) sums them together.
-        self.temporal_embedding = nn.Parameter(torch.zeros(T, D)) if temporal_embedding else None
-        self.temporal_embedding_site = temporal_embedding_site
-        self.prompts = (TemporalPrompts(D, T, S, L, heads=max(D // 64, 1), shared=share_cls_attention)
-                        if temporal_prompts else None)
-        self.reparam = reparam
-        self.grad_checkpointing = False  # or clip_model.visual.transformer.grad_checkpointing
-        self.loss_keys = ("en", "zh") if chinese_text is not None else ("en",)
-
-    # -- frozen towers stay in eval mode -------------------------------------------------------------------
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.clip.eval()
-        if self.chinese_text is not None:
-            self.chinese_text.eval()
-        return self
-
-    def parameter_table(self):
-        """Trainable parameters per component: list of (name, count)."""
-        def count(module):
-            return sum(p.numel() for p in module.parameters() if p.requires_grad) if module is not None else 0
-        rows = [("temporal embedding e_temporal (TPR Eq. (1))",
-                 self.temporal_embedding.numel() if self.temporal_embedding is not None else 0)]
-        if self.prompts is not None:
-            rows += [("P_cls (TPR Eq. (8))", count(self.prompts.cls_proj)),
-                     ("LN + MHSA (TPR Eq. (8))", count(self.prompts.cls_ln) + count(self.prompts.cls_attn)),
-                     ("global prompts G (TPR Eq. (10))", self.prompts.global_prompts.numel()),
-                     ("interchange prompts I (TPR Eq. (9))", self.prompts.interchange_prompts.numel())]
-        rows.append(("reparameterization encoder beta (TPR Eq. (12))", count(self.reparam)))
-        return rows
-
-    def describe(self):
-        rows = self.parameter_table()
-        width = max(len(name) for name, _ in rows)
-        lines = [f"{name:<{width}}  {n:>12,}" for name, n in rows]
-        lines.append(f"{'total trainable':<{width}}  {sum(n for _, n in rows):>12,}")
-        return "\n".join(lines)
-
-    # -- class features: computed once per label set --------------------------------------------------------
-    @torch.no_grad()
-    def set_classes(self, names_en, names_zh=None):
-        """Cache the frozen English features eps_T (K, E), the label words (K, N, E) with mask (K, N), and the
-        Chinese features eps_C (K, E)."""
-        if self.chinese_text is not None:
-            if names_zh is None or len(names_zh) != len(names_en):
-                raise ValueError(f"the Chinese branch needs one Chinese label per class: got "
-                                 f"{None if names_zh is None else len(names_zh)} for {len(names_en)} classes")
-        device = self.clip.token_embedding.weight.device
-        ids, positions, mask = tpr_label_tokens(list(names_en), self.prefix)
-        ids = ids.to(device)
-        x = self.clip.token_embedding(ids).type(self.clip.dtype)  # (K, 77, W)
-        eot, words = self.clip.encode_text_embeddings(x, ids.argmax(dim=-1), return_words=True)
-        E = eot.shape[-1]
-        words = words.gather(1, positions.to(device)[..., None].expand(-1, -1, E))  # (K, N, E)
-        self.register_buffer("text_en", eot.float(), persistent=False)  # eps_T (K, E)
-        self.register_buffer("words", words.float(), persistent=False)  # w_n (K, N, E)
-        self.register_buffer("word_mask", mask.to(device), persistent=False)  # (K, N)
-        if self.chinese_text is not None:
-            zh_device = next(self.chinese_text.parameters()).device
-            ids_zh = self.chinese_tokenize(list(names_zh)).to(zh_device)  # (K, N_zh)
-            self.register_buffer("text_zh", self.chinese_text.encode_text(ids_zh).float().to(device),
-                                 persistent=False)  # eps_C (K, E)
-
-    # -- video encoder ----------------------------------------------------------------------------------------
-    def encode_frames(self, video):
-        """Video (B, T, 3, H, W) -> frame features F (B, T, E) (TPR Eq. (1), (8)-(14), (3))."""
-        if video.dim() != 5 or video.shape[1] != self.T:
-            raise ValueError(f"video of shape {tuple(video.shape)}; expected (B, T={self.T}, 3, H, W)")
-        visual = self.clip.visual
-        B, T = video.shape[:2]
-        x = visual.embed(video.flatten(0, 1))  # patches + class token + e_spatial; (B * T, 1 + N, D)
-        D = x.shape[-1]
-        if self.temporal_embedding is not None and self.temporal_embedding_site == "pre_ln":
-            x = (x.view(B, T, -1, D) + self.temporal_embedding.to(x.dtype)[:, None]).flatten(0, 1)  # TPR Eq. (1)
-        x = visual.ln_pre(x)  # (B * T, 1 + N, D)
-        if self.temporal_embedding is not None and self.temporal_embedding_site == "post_ln":
-            x = (x.view(B, T, -1, D) + self.temporal_embedding.to(x.dtype)[:, None]).flatten(0, 1)  # TPR Eq. (1)
-        ckpt = (self.grad_checkpointing or visual.transformer.grad_checkpointing) and torch.is_grad_enabled()
-        for layer, block in enumerate(visual.transformer.resblocks):
-            prompts = None
-            if self.prompts is not None:
-                p = self.prompts(x[:, 0].view(B, T, D), layer)  # TPR Eq. (8)-(11) from Z^(l-1); (B, T, P, D)
-                if self.reparam is not None:
-                    p = self.reparam(p, layer)  # P_R; TPR Eq. (12); (B, T, P, D)
-                prompts = p.flatten(0, 1).to(x.dtype)  # frame t's own P_R[t]; (B * T, P, D)
-            if ckpt:
-                x = checkpoint(block, x, prompts, use_reentrant=False)  # TPR Eq. (2) as (13)-(14)
-            else:
-                # TPR Eq. (2), with the prompts TPR Eq. (13) (they join the attention) and TPR Eq. (14) (dropped)
-                x = block(x, prompts)  # (B * T, 1 + N, D)
-        frames = visual.ln_post(x[:, 0]) @ visual.proj  # F_t; TPR Eq. (3); (B * T, E)
-        return frames.view(B, T, -1)  # (B, T, E)
-
-    # -- pooling and similarities -----------------------------------------------------------------------------
-    def _cosine_logits(self, video, text):
-        """Cosine similarity (TPR Eq. (5)) / tau: video (B, E) or (B, U, E) (one per class), text (U, E) -> (B, U)."""
-        v = F.normalize(video.float(), dim=-1)
-        t = F.normalize(text.float(), dim=-1)  # (U, E)
-        if v.dim() == 2:
-            return v @ t.t() / self.tau  # (B, U)
-        return (v * t[None]).sum(dim=-1) / self.tau  # class-conditional: (B, U)
-
-    def head(self, frames, labels=None, candidates=None):
-        """Frame features (B, T, E) -> {"logits": {"en": (B, A), "zh": (B, A)}, "frame_weights": (B, T)}."""
-        if not hasattr(self, "text_en"):
-            raise RuntimeError("call set_classes(names_en, names_zh) before the forward pass")
-        B, T, _ = frames.shape
-        K = self.text_en.shape[0]
-        if candidates is None:
-            candidates = torch.arange(K, device=frames.device)
-        # Candidates repeat (the global batch's labels): compute on the unique classes, expand at the end.
-        uniq, inverse = torch.unique(candidates, return_inverse=True)  # (U,), (A,)
-        texts = {"en": self.text_en[uniq]}  # (U, E)
-        if self.chinese_text is not None:
-            texts["zh"] = self.text_zh[uniq]
-        frames = frames.float()
-        video = None  # (B, E) one pooled video, or (B, U, E) one per class (class-conditional)
-        if self.pooling == "mean":
-            weights = frames.new_full((B, T), 1.0 / T)
-            video = frames.mean(dim=1)  # TPR Eq. (4); (B, E)
-        elif labels is not None and self.train_words == "label":
-            # Each video is pooled with its ground-truth label's words (train_words="label").
-            # Choice: not the default. It leaks the label into eps_V: pooling by y_i's words pulls eps_V toward
-            # y_i's text whatever the video shows, so the loss of TPR Eq. (15) falls without looking at the video
-            # (on the synthetic set: training loss down, test accuracy at chance). By default training scores
-            # each candidate with the rule used at test time (test_words), so train and test match.
-            classes, which = torch.unique(labels, return_inverse=True)  # (C,), (B,)
-            weights = word_frame_weights(frames, self.words[classes], self.word_mask[classes], self.tau)  # (B, C, T)
-            weights = weights[torch.arange(B, device=frames.device), which]  # (B, T)
-            video = torch.einsum("bt,bte->be", weights, frames)  # TPR Eq. (7); (B, E)
-        else:
-            w_all = word_frame_weights(frames, self.words[uniq], self.word_mask[uniq], self.tau)  # (B, U, T)
-            # Choice: test_words="class" by default: TPR Eq. (6)-(7) make eps_V a function of the label it is
-            # compared with, so each class is scored with the video pooled by its own words; no first-pass guess whose
-            # errors would compound. "top1" is BiEfficient's rule (one pooled video per clip).
-            if self.test_words == "class":
-                video = torch.einsum("but,bte->bue", w_all, frames)  # TPR Eq. (7) per class; (B, U, E)
-            else:  # top1: the class nearest to the mean-pooled video picks the words
-                top = self._cosine_logits(frames.mean(dim=1), texts["en"]).argmax(dim=-1)  # (B,)
-                weights = w_all[torch.arange(B, device=frames.device), top]  # (B, T)
-                video = torch.einsum("bt,bte->be", weights, frames)  # TPR Eq. (7); (B, E)
-        logits = {key: self._cosine_logits(video, text)[:, inverse] for key, text in texts.items()}  # (B, A)
-        if video.dim() == 3:  # class-conditional: report the weights of the best-scoring class
-            best = logits["en"].argmax(dim=-1)  # (B,) into A
-            weights = w_all[torch.arange(B, device=frames.device), inverse[best]]  # (B, T)
-        return {"logits": logits, "frame_weights": weights}
-
-    def forward(self, video, labels=None, candidates=None):
-        return self.head(self.encode_frames(video), labels, candidates)
-
-    def scores(self, out, fusion=None):
-        """TPR Eq. (18): S = lambda * S_VT + (1 - lambda) * S_VC; fusion (default self.fusion): S a softmax
-        probability over the candidates ("prob") or the cosine of TPR Eq. (5) ("cosine"). (B, A)."""
-        # Paper: TPR Eq. (18) fuses S_V<->T and S_V<->C, which TPR Eq. (5) defines as cosine similarities
-        # ("cosine").
-        # We default to the softmax probabilities over the candidates ("prob"), a deviation: Chinese-CLIP's
-        # and CLIP's cosines live on different scales (each tower has its own spread), the probabilities share
-        # [0, 1], and they are what the multi-view average of Sec. 4.1.1 averages. evaluate.py reports top-1
-        # for both (train.evaluate's top1_by_fusion).
-        fusion = fusion or self.fusion
-        if fusion not in TPR_FUSIONS:
-            raise ValueError(f"fusion={fusion!r}; valid: {', '.join(TPR_FUSIONS)}")
-        s = {k: (v.float().softmax(dim=-1) if fusion == "prob" else v.float() * self.tau)  # cosine: logits * tau
-             for k, v in out["logits"].items()}
-        if "zh" not in s:
-            return s["en"]
-        return self.lam * s["en"] + (1 - self.lam) * s["zh"]  # TPR Eq. (18)
-
-
 # ==== BiEfficient ====
 # He, Liu, Xing: "BiEfficient: Bidirectionally Prompting Vision-Language Models for Parameter-Efficient Video
 # Recognition" (ACCV 2024), Sec. 3, BiEfficient Eq. (1)-(10). The paper is the default; `code_compat=True`
 # reproduces what the authors' code (WbLiuBJTULab/BiEfficient, utils/modules/) does, every difference marked `# Paper:`.
 # Shapes: B videos, T frames, N patch tokens, D vision width, E joint embed dim, W text width, M context
-# tokens, P prompt tokens between SOS and the class name, U unique candidate classes, A candidates, L text
-# positions (the class name's words are BiEfficient Eq. (8)'s N words; called L here to keep N for patches).
+# tokens, P prompt tokens between SOS and the class name, U unique candidate classes, A candidates, J text
+# positions (the class name's words are BiEfficient Eq. (8)'s N words; J, a letter outside the shared alphabet,
+# because N is the patches and L the layers).
 
-import math  # noqa: E402  (section imports: this section can be copied out alone)
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.checkpoint import checkpoint  # noqa: E402
-
-import clip  # noqa: E402
-
-# Paper: every row below is a place where the authors' code differs from the paper: (paper, code).
-# `None` in a constructor argument picks the column of the mode (code_compat); an explicit value overrides it.
-# The last five rows are the training step's: the model records them in `config` and train.py applies them
-# (the model applies `linear_init`). Only `wgvp_tau` is the same in both columns (see its comment).
+# Paper: every row below is a place where the authors' code differs from the paper: (paper, code); file:line
+# cite the authors' repository. `None` in a constructor argument picks the column of the mode (code_compat); an
+# explicit value overrides it. The rows from `loss` on are the training step's and the data pipeline's: the model
+# records them in `config`, train.py and data.py apply them (the model applies `linear_init`). `wgvp_tau` and
+# `view_average` are the same in both columns (see their comments).
 BIEFFICIENT_DEFAULTS = {
     # name:             (paper,   code)
     "M":                (16,      12),           # number of learned context tokens (Sec. 3.2 "M = 16"; code m = 12)
@@ -419,10 +404,12 @@ BIEFFICIENT_DEFAULTS = {
     "learn_logit_scale": (False,  True),         # fixed tau = 0.01 (Sec. 4.1) or CLIP's logit_scale, trainable
     "normalize_video":  (True,    False),        # BiEfficient Eq. (10)'s cosine: L2-normalise v-hat (code: not)
     "weight_decay":     (0.2,     0.05),         # AdamW weight decay (Sec. 4.1: 0.2; code 0.05)
-    "decay_all":        (False,   True),         # weight decay on every parameter (code) or on weight matrices only
-    # The training step (train.py). Paper: Eq. (10) is a contrastive loss over "the batch"; with a class repeated
-    # in the batch, TPR's multi-positive Eq. (15) (each positive 1/|K(i)|) or the code's nn.CrossEntropyLoss on
-    # multi-hot targets that are not row-normalised (text_branches.multi_hot_contrastive_loss).
+    # Choice: the paper's 0.2 on weight matrices only (the usual practice; biases, LayerNorms, alpha, beta,
+    # logit_scale, tokens and position embeddings undecayed); the code decays every parameter.
+    "decay_all":        (False,   True),
+    # The training step (train.py). Paper: BiEfficient Eq. (10) is a contrastive loss over "the batch"; with a
+    # class repeated in the batch, TPR Eq. (15)'s multi-positive loss (each positive 1/|K(i)|) or the code's
+    # nn.CrossEntropyLoss on multi-hot targets that are not row-normalised (text_branches.multi_hot_contrastive_loss).
     "loss":             ("multi_positive", "multi_hot"),
     # Contrastive batch: the global batch gathered from every rank (the objective does not depend on the number
     # of GPUs) or one B x B problem per rank, no gathering (the code: 32 per GPU x 4 GPUs).
@@ -436,11 +423,35 @@ BIEFFICIENT_DEFAULTS = {
     # What `--precision auto` picks on a CUDA GPU: bf16 autocast where supported (our choice, the paper is
     # silent) or the code's fp16 autocast + GradScaler.
     "amp":              ("bf16",  "fp16"),
+    # The data pipeline and the protocol (data.py, train.py, evaluate.py).
+    # Training crop: MultiScaleCrop, or the code's GroupScale(256) then an Inception-style random sized crop (area
+    # 0.08-1, aspect 3/4-4/3, 10 tries, else scale + random crop) resized to 224 (utils/Augmentation.py:14-18,
+    # 29-35, 43-54; datasets/transforms.py:343-390).
+    "train_crop":       ("multiscale", "inception"),
+    # Training frames: TSN, frame int((t + U) * n / T) of segment t; the code: seg = (n - 1) / T, frame
+    # randint(round(seg * t), round(seg * (t + 1))), both ends inclusive (datasets/video.py:97-104).
+    "frame_sampling":   ("tsn",   "authors"),
+    # Validation during training (picks best.pt): the segment centres at short side 224; the code: the first frame
+    # of each segment, int(n / T * t) (datasets/video.py:115-119), GroupScale(256) + CenterCrop(224)
+    # (utils/Augmentation.py:56-60, train.py:157-162).
+    "val_clip":         ("centre", "first"),
+    # Test: this project's views (the paper's Table 1: 3 clips x 1 crop); the code: 3 clips x 1 crop at scale 256,
+    # clip starts linspace(0, tick - 1, 3), tick = n / T (datasets/video.py:135-145; test.py:40-41, 70-84).
+    "test_protocol":    ("paper", "authors"),
+    # What is averaged over the views. Choice: the paper is silent (Table 1 gives the views only); the code
+    # averages each view's softmax (test.py:179-180; its second softmax, line 181, keeps the ranking), as X-CLIP's
+    # test code does; "logit" averages the logits.
+    "view_average":     ("prob",  "prob"),
+    # Batch: None = --batch-size is the global batch (Sec. 4.1: "batch size of 32"); the code: 32 per GPU
+    # (configs/k400/k400_train_vitb_16_f8.yaml:9) on 4 GPUs (scripts/run_train.sh:11), 128 in all.
+    "batch_per_gpu":    (None,    32),
 }
 BIEFFICIENT_CHOICES = {"words": ("name", "all"), "patch_proj_init": ("clip", "normal"),
                        "loss": ("multi_positive", "multi_hot"), "contrastive_batch": ("global", "local"),
                        "linear_init": ("pytorch", "trunc_normal"), "lr_schedule": ("step", "every10"),
-                       "amp": ("bf16", "fp16")}
+                       "amp": ("bf16", "fp16"), "train_crop": ("multiscale", "inception"),
+                       "frame_sampling": ("tsn", "authors"), "val_clip": ("centre", "first"),
+                       "test_protocol": ("paper", "authors"), "view_average": ("prob", "logit")}
 BIEFFICIENT_DESIGNS = ("metanet", "A1", "A2", "A3", "context")  # Table 6 (A1-A3) and Table 5's learnable prompt
 
 
@@ -592,7 +603,7 @@ class BiEfficientTemporalHead(nn.Module):
 class WordGuidedVisualPrompt(nn.Module):
     """Word-Guided Visual Prompt (BiEfficient Eq. (8)-(9)).
 
-    forward(frames (B, T, E), classes (B, U, E), words (B, U, L, E), word_mask (U, L)) ->
+    forward(frames (B, T, E), classes (B, U, E), words (B, U, J, E), word_mask (U, J)) ->
     (v-hat (B, E), S (B, T), top-1 index into U (B,)).
     The top-1 class is the model's own prediction among the candidates (never the ground-truth label):
     "class" (Table 8 default) argmax_a cos(z_a, v-bar), "word" argmax_a sum_n cos(w_a^n, v-bar).
@@ -611,7 +622,7 @@ class WordGuidedVisualPrompt(nn.Module):
         self.ln_class = clip.LayerNorm(width) if layernorm else nn.Identity()
 
     def forward(self, frames, classes, words, word_mask, words_of=None):
-        """words_of: instead of words (then None), a function top1 (B,) -> the top-1 classes' words (B, L, E)
+        """words_of: instead of words (then None), a function top1 (B,) -> the top-1 classes' words (B, J, E)
         (top1_source "class" only: the top-1 is then chosen without the words)."""
         B = frames.shape[0]
         v = F.normalize(frames, dim=-1)  # (B, T, E); Choice: unit frames, as the code (BiEfficient Eq. (8): cosines)
@@ -622,17 +633,17 @@ class WordGuidedVisualPrompt(nn.Module):
             if self.top1_source == "class":
                 sim = torch.einsum("bue,be->bu", F.normalize(self.ln_class(classes), dim=-1), v_bar)  # (B, U)
             else:
-                w_all = F.normalize(self.ln_word(words), dim=-1)  # (B, U, L, E)
-                cos = torch.einsum("bule,be->bul", w_all, F.normalize(v_bar, dim=-1))  # (B, U, L)
+                w_all = F.normalize(self.ln_word(words), dim=-1)  # (B, U, J, E)
+                cos = torch.einsum("buje,be->buj", w_all, F.normalize(v_bar, dim=-1))  # (B, U, J)
                 sim = (cos * word_mask.to(cos.dtype)).sum(-1)  # (B, U)
             top1 = sim.argmax(dim=1)  # (B,)
         rows = torch.arange(B, device=frames.device)
-        w = words[rows, top1] if words_of is None else words_of(top1)  # (B, L, E) the top-1 class's words
+        w = words[rows, top1] if words_of is None else words_of(top1)  # (B, J, E) the top-1 class's words
         w = F.normalize(self.ln_word(w), dim=-1)  # w-hat
-        mask = word_mask[top1].to(w.dtype)  # (B, L)
-        s = torch.einsum("ble,bte->blt", w, v.to(w.dtype))  # BiEfficient Eq. (8): word-frame cosines (B, L, T)
+        mask = word_mask[top1].to(w.dtype)  # (B, J)
+        s = torch.einsum("bje,bte->bjt", w, v.to(w.dtype))  # BiEfficient Eq. (8): word-frame cosines (B, J, T)
         # Paper: a plain softmax over frames (tau = 1); the code divides by 0.01.
-        s = torch.softmax(s / self.tau, dim=-1)  # (B, L, T)
+        s = torch.softmax(s / self.tau, dim=-1)  # (B, J, T)
         S = (s * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # mean over words: (B, T)
         vts = torch.einsum("bt,bte->be", S, v.to(S.dtype))  # v^T S (B, E)
         v_hat = v_bar + self.beta * vts if self.mean_pooling else vts  # BiEfficient Eq. (9); Table 7 "w/o meanpooling"
@@ -764,29 +775,29 @@ class BiEfficient(nn.Module):
     def _text(self, prompts, uniq, need_words=True):
         """BiEfficient Eq. (5): t_i = [SOS, prompts, class-name tokens, EOT] for every (video, class) through the
         frozen text tower. prompts (B', P, W) with B' = B, or None (P = 0, no Pre-Prompt, B' = 1).
-        Returns class embeddings (B', U, E), word embeddings (B', U, L, E) (None unless need_words) and the word
-        mask (U, L)."""
+        Returns class embeddings (B', U, E), word embeddings (B', U, J, E) (None unless need_words) and the word
+        mask (U, J)."""
         ids = self.name_ids[uniq]  # (U, 77 - P)
         U, P = ids.shape[0], self.n_prompt
         emb = self.clip_model.token_embedding(ids)  # BiEfficient Eq. (5): (U, 77 - P, W)
         eot = ids.argmax(dim=-1) + P  # (U,) EOT position in the prompted sequence
         full = (self.words == "all" and need_words) or not self.text_truncate
         # Paper: words = the class name's tokens; the code takes all 77 positions, so those must be computed.
-        L = self.clip_model.context_length if full else int(eot.max()) + 1
+        J = self.clip_model.context_length if full else int(eot.max()) + 1
         Bp = 1 if prompts is None else prompts.shape[0]
         parts = [emb[None, :, :1].expand(Bp, U, 1, -1)]  # SOS (B', U, 1, W)
         if prompts is not None:
             parts.append(prompts.to(emb.dtype)[:, None].expand(Bp, U, P, -1))  # (B', U, P, W)
-        parts.append(emb[None, :, 1:L - P].expand(Bp, U, L - P - 1, -1))  # name, EOT, padding
-        x = torch.cat(parts, dim=2).reshape(Bp * U, L, -1)  # (B' U, L, W)
+        parts.append(emb[None, :, 1:J - P].expand(Bp, U, J - P - 1, -1))  # name, EOT, padding
+        x = torch.cat(parts, dim=2).reshape(Bp * U, J, -1)  # (B' U, J, W)
         c, words = self.clip_model.encode_text_embeddings(x, eot.repeat(Bp), return_words=need_words,
-                                                          truncate=not full)  # (B' U, E), (B' U, L, E)
-        pos = torch.arange(L, device=ids.device)
+                                                          truncate=not full)  # (B' U, E), (B' U, J, E)
+        pos = torch.arange(J, device=ids.device)
         if self.words == "all":
             mask = torch.ones(U, self.clip_model.context_length, dtype=torch.bool, device=ids.device)  # (code)
         else:
-            mask = (pos[None] > P) & (pos[None] < eot[:, None])  # (U, L) the class name's tokens
-        words = None if words is None else words.view(Bp, U, L, -1)
+            mask = (pos[None] > P) & (pos[None] < eot[:, None])  # (U, J) the class name's tokens
+        words = None if words is None else words.view(Bp, U, J, -1)
         return c.view(Bp, U, -1), words, mask
 
     def _top1_words(self, prompts, classes):
@@ -835,7 +846,7 @@ class BiEfficient(nn.Module):
         lazy = (self.wgvp is not None and self.words == "all" and self.text_truncate
                 and self.wgvp.top1_source == "class")
         c, words, mask = self._text(prompts, uniq, need_words=self.wgvp is not None and not lazy)
-        # BiEfficient Eq. (3) c; (B or 1, U, E), (B or 1, U, L, E) or None, (U, L)
+        # BiEfficient Eq. (3) c; (B or 1, U, E), (B or 1, U, J, E) or None, (U, J)
         c = c.to(dt).expand(B, -1, -1)  # (B, U, E)
         if self.post is not None:
             c = self.post(c, mem)  # BiEfficient Eq. (3) c-hat, by BiEfficient Eq. (7)
@@ -845,8 +856,8 @@ class BiEfficient(nn.Module):
             if lazy:
                 words_of = lambda top1: self._top1_words(prompts, uniq[top1]).to(dt)  # noqa: E731  (B, 77, E)
             else:
-                words = words.to(dt).expand(B, -1, -1, -1)  # (B, U, L, E)
-            v_hat, S, top1 = self.wgvp(frames, c, words, mask, words_of)  # BiEfficient Eq. (4), by Eq. (8)-(9)
+                words = words.to(dt).expand(B, -1, -1, -1)  # (B, U, J, E)
+            v_hat, S, top1 = self.wgvp(frames, c, words, mask, words_of)  # BiEfficient Eq. (4), by BiEfficient Eq. (8)-(9)
             out["frame_weights"], out["top1"] = S, uniq[top1]
         else:
             v_hat = F.normalize(frames, dim=-1).mean(dim=1)  # mean pooling (B, E)
@@ -894,250 +905,3 @@ class BiEfficient(nn.Module):
             (decay if self.decay_all or (p.ndim >= 2 and not token) else rest).append(p)
         return [{"params": decay, "weight_decay": self.weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
-
-# ---- the --bench-biefficient benchmark: our training step against the authors' computation ----
-
-def _authors_logits(model, video, texts):
-    """The BiEfficient authors' forward pass (WbLiuBJTULab/BiEfficient, utils/modules/biefficient.py) re-stated
-    on our model's modules and weights, for the benchmark only: the same function as `model(...)` in
-    code_compat mode, computed the way their code computes it. video (B, T, 3, H, W); texts: A class names.
-    Returns logits (B, A).
-
-    As their code: the frozen visual tower gets no graph; the patch memory is projected per frame, then
-    averaged; the prompts are tokenised in every forward from placeholder text "X ... X name"; a Python loop
-    over the B videos runs the text tower on all 77 positions of the A texts, block by block under gradient
-    checkpointing; LayerNorm and the WGVP of Eq. (8)-(9) in a second loop over the videos; no deduplication
-    of repeated class names."""
-    cm, P = model.clip_model, model.n_prompt
-    B, T = video.shape[:2]
-    with torch.no_grad():  # their visual tower: frozen, outside the graph
-        cls, patches = cm.visual(video.flatten(0, 1), return_tokens=True)  # (B T, E), (B T, N, D)
-    frames = model.head(cls.view(B, T, -1))  # VideoHead: (B, T, E)
-    mem = model.patch_ln(patches) @ model.patch_proj  # (B T, N, E): projected per frame ...
-    mem = mem.view(B, T, *mem.shape[1:]).mean(dim=1)  # ... then averaged: (B, N, E)
-    prompts = model.pre(mem, None)  # Meta-Net: (B, P, W) = [context, meta token]
-    ids = clip.tokenize([" ".join(["X"] * P) + " " + name for name in texts]).to(video.device)  # (A, 77)
-    with torch.no_grad():
-        emb = cm.token_embedding(ids)  # (A, 77, W)
-    eot = ids.argmax(dim=-1)  # (A,)
-    cls_embs, word_embs = [], []
-    for p in prompts:  # one video at a time: (P, W)
-        x = torch.cat([emb[:, :1], p[None].expand(len(texts), -1, -1), emb[:, 1 + P:]], dim=1)  # (A, 77, W)
-        x = x + cm.positional_embedding
-        for block in cm.transformer.resblocks:
-            x = checkpoint(block, x, use_reentrant=False)  # (A, 77, W)
-        x = cm.ln_final(x)
-        word_embs.append(x @ cm.text_projection)  # (A, 77, E)
-        cls_embs.append(x[torch.arange(len(texts)), eot] @ cm.text_projection)  # (A, E)
-    c = model.post(torch.stack(cls_embs), mem)  # Post-Prompt: (B, A, E)
-    words = torch.stack(word_embs)  # (B, A, 77, E)
-    wgvp, pooled = model.wgvp, []
-    for c_b, w_b, v_b in zip(c, words, frames):  # get_logits_vcs: one video at a time
-        w_b = F.normalize(wgvp.ln_word(w_b), dim=-1)  # (A, 77, E)
-        v_b = F.normalize(v_b, dim=-1)  # (T, E)
-        v_mean = v_b.mean(dim=0)  # (E,)
-        top1 = (F.normalize(wgvp.ln_class(c_b), dim=-1) @ v_mean).argmax()
-        weights = torch.softmax(w_b[top1] @ v_b.T / wgvp.tau, dim=-1).mean(dim=0)  # (T,)
-        pooled.append(v_mean + wgvp.beta * (weights @ v_b))  # (E,)
-    return model.logit_scale.exp() * torch.einsum("be,bae->ba", torch.stack(pooled), F.normalize(c, dim=-1))
-
-
-def _bench_setup(arch, B, T, A, device, grad_checkpointing=False):
-    """The benchmark's model (code_compat, every trainable parameter moved off its init), batch and labels.
-    Deterministic: every process that calls it gets the same weights and data. One class repeats in the batch
-    (when B >= 3), as in most Kinetics-400 batches of 32; A - B further candidate classes have no video."""
-    import contextlib
-    import io
-    torch.manual_seed(0)
-    with contextlib.redirect_stderr(io.StringIO()):  # the random-init warning: timing needs no real weights
-        clip_model = clip.build_random(arch)
-    model = BiEfficient(clip_model, T=T, code_compat=True, grad_checkpointing=grad_checkpointing)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.02 * torch.randn_like(p))
-    model = model.to(device).train()
-    labels = torch.arange(B)
-    if B >= 3:
-        labels[-1] = 0
-    candidates = torch.cat([labels, torch.arange(B, B + A - B)])  # (A,) the batch's labels first
-    model.set_classes([f"action {i}" for i in range(B + A)])
-    R = clip_model.visual.input_resolution
-    video = torch.randn(B, T, 3, R, R)
-    return model, video.to(device), labels.to(device), candidates.to(device)
-
-
-def _bench_loss(row, model, video, labels, candidates):
-    """Forward and the authors' loss (multi-hot targets, text_branches' formula restated to keep this
-    section free of imports of ours) for one row."""
-    if row == "authors":
-        logits = _authors_logits(model, video, list(model.class_names[i] for i in candidates.tolist()))
-    else:
-        logits = model(video, labels, candidates)["logits"]["en"]
-    target = (labels[:, None] == candidates[None]).float()  # (B, A) gen_label, not row-normalised
-    logits = logits.float()
-    loss = -((logits.log_softmax(1) * target).sum(1).mean() + (logits.log_softmax(0) * target).sum(0).mean()) / 2
-    return logits, loss
-
-
-def _bench_row(row, arch, B, T, A, device, precision, steps):
-    """One row, in its own process (so its peak memory is its own): warm-up step, then `steps` timed training
-    steps (forward, loss, backward, AdamW, as train.py with --biefficient-code-compat). Prints one JSON line."""
-    import json
-    import resource
-    import time
-    device = torch.device(device)
-    model, video, labels, candidates = _bench_setup(arch, B, T, A, device, grad_checkpointing=row == "ours+ckpt")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            _, loss = _bench_loss(row.split("+")[0], model, video, labels, candidates)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    step()  # warm-up (and the AdamW state)
-    sync()
-    # What the process holds between steps (weights, AdamW state): CUDA memory_allocated, or the resident set
-    # now (Linux /proc); the peaks below count from the timed steps on (CUDA) or over the process (max RSS).
-    if device.type == "cuda":
-        held = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        with open("/proc/self/statm") as f:
-            held = int(f.read().split()[1]) * resource.getpagesize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    elapsed = (time.perf_counter() - t0) / steps
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss: KiB
-    print(json.dumps(dict(row=row, step_s=elapsed, peak=peak, held=held)), flush=True)
-
-
-def _bench_check(arch, B, T, A, device):
-    """Before timing: the re-statement must compute our model's numbers (logits, loss, gradients) in fp32.
-    Returns the largest differences; raises AssertionError if they are not float rounding."""
-    model, video, labels, candidates = _bench_setup(arch, B, T, A, torch.device(device))
-    params = [p for p in model.parameters() if p.requires_grad]
-    results = []
-    for row in ("ours", "authors"):
-        logits, loss = _bench_loss(row, model, video, labels, candidates)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        results.append((logits.detach(), loss.detach(), [torch.zeros_like(p) if g is None else g
-                                                         for p, g in zip(params, grads)]))
-    (l1, s1, g1), (l2, s2, g2) = results
-    d_logits = float((l1 - l2).abs().max() / l2.abs().max().clamp_min(1e-12))
-    d_loss = abs(float(s1 - s2)) / max(abs(float(s2)), 1e-12)
-    # Per parameter, relative to its own scale, floored at 1e-3 of the largest gradient: the key biases of the
-    # attentions have a true gradient of 0 (a shift shared by all keys leaves the softmax unchanged), so theirs
-    # is float noise in both.
-    g_max = max(float(b.abs().max()) for b in g2)
-    d_grad = max(float((a - b).abs().max()) / max(float(b.abs().max()), 1e-3 * g_max, 1e-30) for a, b in zip(g1, g2))
-    assert max(d_logits, d_loss, d_grad) < 1e-3, (
-        f"the authors' re-statement does not compute our numbers (relative differences: logits {d_logits:.2e}, "
-        f"loss {d_loss:.2e}, gradients {d_grad:.2e}); the timing would compare different functions")
-    return d_logits, d_loss, d_grad, float(s1)
-
-
-def benchmark_biefficient(arch="ViT-B/16", B=None, T=8, A=None, steps=None, device=None, precision=None):
-    """Prints the training step time and peak memory of our BiEfficient (code_compat) against the authors'
-    computation of the same function (`_authors_logits`), after checking that both give the same logits, loss
-    and gradients. Each row runs in its own process. Memory: on CUDA torch.cuda.max_memory_allocated, on a
-    CPU the process's max RSS; both in total and above what the process holds between steps (the weights and
-    the AdamW state). Random CLIP weights: timing and memory do not depend on their values."""
-    import json
-    import subprocess
-    import sys
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = device.startswith("cuda")
-    # The authors' K400 config on a GPU (batch 32 per rank, the batch's 32 labels as the texts); on a CPU a
-    # shape that fits in minutes: 2 videos, their 2 labels.
-    B = B or (32 if cuda else 2)
-    A = A or B
-    if A < B:
-        raise ValueError(f"--candidates {A} < --batch-size {B}: the candidates are the batch's labels, then others")
-    steps = steps or (5 if cuda else 2)
-    precision = precision or ("fp16" if cuda else "fp32")
-    print(f"BiEfficient benchmark (training step, --biefficient-code-compat, the authors' loss): arch={arch} "
-          f"B={B} T={T} A={A} device={device} precision={precision} steps={steps} (+1 warm-up)", flush=True)
-    d_logits, d_loss, d_grad, loss = _bench_check(arch, B, T, A, device)
-    print(f"  check (fp32, same weights and batch): authors' re-statement vs ours, relative max differences: "
-          f"logits {d_logits:.1e}, loss {d_loss:.1e} (loss {loss:.4f}), gradients {d_grad:.1e}", flush=True)
-    rows = {}
-    for row in ("ours", "ours+ckpt", "authors"):
-        cmd = [sys.executable, __file__, "--bench-biefficient", "--bench-row", row, "--arch", arch,
-               "--batch-size", str(B), "--frames", str(T), "--candidates", str(A), "--steps", str(steps),
-               "--device", device, "--precision", precision]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        if p.returncode != 0:
-            raise RuntimeError(f"benchmark row {row} failed ({p.returncode}):\n{p.stderr[-3000:]}")
-        rows[row] = json.loads(p.stdout.strip().splitlines()[-1])
-    what = "peak CUDA memory (max_memory_allocated)" if cuda else "peak process memory (max RSS)"
-    print(f"  {'row':28s} {'step':>10s}   {what}: total / above weights + AdamW state")
-    names = {"ours": "ours", "ours+ckpt": "ours + --grad-checkpointing", "authors": "authors' way"}
-    mib = 2 ** 20
-    for row, r in rows.items():
-        print(f"  {names[row]:28s} {r['step_s'] * 1000:10.1f} ms   {r['peak'] / mib:9.1f} MiB / "
-              f"{(r['peak'] - r['held']) / mib:9.1f} MiB")
-    ref = rows["authors"]
-    for row in ("ours", "ours+ckpt"):
-        r = rows[row]
-        print(f"  {names[row]} vs authors' way: {ref['step_s'] / r['step_s']:.2f}x faster, memory "
-              f"{r['peak'] / ref['peak']:.2f}x total, {(r['peak'] - r['held']) / max(ref['peak'] - ref['held'], 1):.2f}x "
-              f"above weights + state (goal on a GPU: >= 2x faster, <= 0.5x memory)")
-    return rows
-
-
-# ==== command line (shared by both sections) ====
-
-def main(argv=None):
-    import argparse
-    import sys
-    parser = argparse.ArgumentParser(description="Benchmarks of the prompt models (random CLIP weights).")
-    parser.add_argument("--bench-biefficient", action="store_true",
-                        help="BiEfficient training step (code-compat): ours against the authors' computation")
-    parser.add_argument("--arch", default="ViT-B/16", choices=list(clip.ARCHS), help="CLIP architecture shapes")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="videos per step, B (default: 32 on cuda, the authors' per-GPU batch; 2 on cpu)")
-    parser.add_argument("--frames", type=int, default=8, help="frames per video, T (the authors' K400 config: 8)")
-    parser.add_argument("--candidates", type=int, default=None,
-                        help="candidate class texts, A >= B: the batch's labels, then others (default: A = B)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps after one warm-up (cuda 5, cpu 2)")
-    parser.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda if available")
-    parser.add_argument("--precision", default=None, choices=("fp32", "fp16", "bf16"),
-                        help="autocast (default: fp16 + GradScaler on cuda, as the authors; fp32 on cpu)")
-    parser.add_argument("--bench-row", default=None, choices=("ours", "ours+ckpt", "authors"),
-                        help=argparse.SUPPRESS)  # internal: one row in its own process
-    args = parser.parse_args(argv)
-    if not args.bench_biefficient:
-        parser.error("nothing to do: pass --bench-biefficient")
-    for name in ("batch_size", "frames", "candidates", "steps"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} {value}: must be >= 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA GPU is available here; use --device cpu")
-    if args.device == "cpu" and args.precision == "fp16":
-        parser.error("--precision fp16 needs --device cuda (fp16 autocast is a GPU mode); use fp32 or bf16 on cpu")
-    if args.bench_row:
-        return _bench_row(args.bench_row, args.arch, args.batch_size, args.frames, args.candidates, args.device,
-                          args.precision, args.steps)
-    try:
-        benchmark_biefficient(args.arch, args.batch_size, args.frames, args.candidates, args.steps, args.device,
-                              args.precision)
-    except (ValueError, AssertionError) as e:
-        print(f"prompts.py: error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, ValueError) else 1)
-
-
-if __name__ == "__main__":
-    main()

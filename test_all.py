@@ -1792,6 +1792,18 @@ def test_data_chinese_labels_complete(dataset, count):
     assert len(labels) == count and all(labels)
 
 
+@pytest.mark.parametrize("dataset", ["hmdb51", "ucf101", "ssv1", "k400"])
+def test_data_chinese_labels_tokenise_without_unk(dataset):
+    """Every label of the four dictionaries is in Chinese-CLIP's vocabulary (assets/vocab.txt): a character it
+    lacks becomes [UNK] and the label loses it (e.g. 擤 of 擤鼻涕, 钹 of 敲钹)."""
+    import text_branches
+    tokenizer = text_branches.ChineseTokenizer(os.path.join(data.ASSETS, "vocab.txt"))
+    path = os.path.join(data.ASSETS, "chinese_labels", data.ASSET_NAMES[dataset] + ".json")
+    labels = json.load(open(path, encoding="utf-8"))
+    unknown = {name: zh for name, zh in labels.items() if text_branches.UNK_TOKEN in tokenizer.tokenize(zh)}
+    assert len(labels) > 50 and not unknown, unknown
+
+
 def test_data_chinese_labels_user_file_and_missing(tmp_path):
     f = tmp_path / "zh.tsv"
     f.write_text("jump\t跳\nrun\t跑\n", encoding="utf-8")
@@ -2567,22 +2579,14 @@ def test_tpr_eq7_training_and_test_forms_by_hand(tiny):
         W = hand_weights(frames[b].tolist(), words[k][mask[k]].tolist(), tau)
         return W, sum(W[t] * frames[b, t] for t in range(3))  # Eq. (7)
 
-    # Training by default (train_words="class"): labels do not choose the words; each candidate class is scored
-    # with the video pooled by that class's words, as at test time (no label leak into eps_V).
+    # Training: labels do not choose the words; each candidate class is scored with the video pooled by that
+    # class's words, as at test time (no label leak into eps_V).
     labels, candidates = torch.tensor([1, 0]), torch.tensor([1, 0, 1])
     out = model.head(frames, labels, candidates)
     for b in range(2):
         for a in range(3):
             k = candidates[a].item()
             assert abs(out["logits"]["en"][b, a].item() - cos(hand(b, k)[1], text[k]) / tau) < 1e-4
-    # train_words="label": each video pooled with its ground-truth label's words, scored against the candidates.
-    model.train_words = "label"
-    out = model.head(frames, labels, candidates)
-    for b in range(2):
-        W, v = hand(b, labels[b].item())
-        assert torch.allclose(out["frame_weights"][b], torch.tensor(W), atol=1e-5)
-        for a in range(3):
-            assert abs(out["logits"]["en"][b, a].item() - cos(v, text[candidates[a]]) / tau) < 1e-4
     # Class-conditional test form: class k is scored with the video pooled by class k's words.
     model.test_words = "class"
     out = model.head(frames)
@@ -2946,6 +2950,56 @@ def test_tpr_vit_b16_shapes_one_step():
     assert out["logits"]["en"].shape == (1, 1) and torch.isfinite(loss)
     assert model.prompts.cls_attn[0].in_proj_weight.grad is not None and model.temporal_embedding.grad is not None
     assert model.prompts.global_prompts.shape == (12, T, S, 768)
+
+
+_COPIED_REPARAM = """
+import os, torch, reparam
+assert os.path.dirname(os.path.abspath(reparam.__file__)) == os.getcwd(), reparam.__file__
+for beta in reparam.BETAS:
+    enc = reparam.ReparamEncoder(beta, D=16, T=3, P=4, residual=False)
+    out = enc(torch.randn(2, 3, 4, 16))  # TPR Eq. (12) without the residual: beta(P)
+    out.sum().backward()
+    assert out.shape == (2, 3, 4, 16) and out.abs().sum() > 0, beta
+print("ok")
+"""
+
+_COPIED_TPR = """
+import os, torch, clip, prompts, reparam
+for module in (clip, prompts, reparam):  # the copies in this folder, not the repository's
+    assert os.path.dirname(os.path.abspath(module.__file__)) == os.getcwd(), module.__file__
+torch.manual_seed(0)
+tiny = clip.build_random("tiny")
+D, R = tiny.visual.conv1.weight.shape[0], tiny.visual.input_resolution
+model = prompts.TPR(tiny, T=2, S=2, reparam=reparam.ReparamEncoder("r2plus1d", D, 2, 1 + 2 + 2))
+model.set_classes(["brush hair", "ride bike", "climb stairs"])
+labels = torch.tensor([0, 2])
+out = model(torch.randn(2, 2, 3, R, R), labels, labels)
+out["logits"]["en"].sum().backward()
+assert out["logits"]["en"].shape == (2, 2) and model.prompts.global_prompts.grad is not None
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("files,script", [
+    (["reparam.py"], _COPIED_REPARAM),
+    (["clip.py", "prompts.py", "reparam.py", "assets/bpe_simple_vocab_16e6.txt.gz"], _COPIED_TPR)])
+def test_tpr_copied_modules_run_alone(files, script, tmp_path):
+    """A module copied with the files its docstring names runs in an empty folder: (a) reparam.py alone
+    (beta forward and backward), (b) clip.py + prompts.py + reparam.py + the BPE vocabulary (a TPR forward and
+    backward on a random tiny CLIP)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.abspath(__file__))
+    for f in files:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.join(repo, f), tmp_path / f)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    p = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-3000:]
 
 
 def test_tpr_label_smoothing_by_hand():
@@ -3498,6 +3552,23 @@ def test_bief_code_compat_training_rows_schedule_and_precision():
     assert all(model.config[k] == getattr(code, k) for k in rows)  # the model states what the engine does
 
 
+def test_bief_data_pipeline_rows_pick_the_mode_and_refuse_bad_values(bief_tiny):
+    """The data-pipeline rows of BIEFFICIENT_DEFAULTS: the model records the column of its mode, an explicit value
+    wins, a value outside a closed row's choices is one error naming the valid ones."""
+    import prompts
+    rows = {"train_crop": ("multiscale", "inception"), "frame_sampling": ("tsn", "authors"),
+            "val_clip": ("centre", "first"), "test_protocol": ("paper", "authors"), "view_average": ("prob", "prob"),
+            "batch_per_gpu": (None, 32)}
+    assert {k: prompts.BIEFFICIENT_DEFAULTS[k] for k in rows} == rows
+    paper = BiEfficient(bief_tiny, T=2, M=2)
+    code = BiEfficient(bief_tiny, T=2, M=2, code_compat=True)
+    assert all(paper.config[k] == v[0] and code.config[k] == v[1] for k, v in rows.items())
+    over = BiEfficient(bief_tiny, T=2, M=2, code_compat=True, train_crop="multiscale", batch_per_gpu=8)
+    assert (over.config["train_crop"], over.config["batch_per_gpu"]) == ("multiscale", 8)
+    with pytest.raises(ValueError, match="val_clip='middle'.*'centre', 'first'"):
+        BiEfficient(bief_tiny, T=2, M=2, val_clip="middle")
+
+
 _BIEF_DDP_WORKER = r"""
 import json, os, sys, argparse
 import torch, torch.distributed as dist
@@ -3583,20 +3654,26 @@ def test_bief_readme_counts_the_code_compat_differences():
 
 
 def test_bief_benchmark_checks_and_prints_both_rows(capsys):
-    """--bench-biefficient (tiny shapes): the authors' re-statement matches our logits, loss and gradients,
-    and both rows are timed in their own processes and printed with their ratios."""
-    import prompts
-    prompts.main(["--bench-biefficient", "--arch", "tiny", "--device", "cpu", "--batch-size", "3",
-                  "--frames", "2", "--candidates", "4", "--steps", "1"])
+    """bench/biefficient_step.py (tiny shapes): the authors' re-statement matches our logits, loss and gradients,
+    and the rows, each in its own worker process, are timed interleaved and printed with wall and CPU seconds
+    and their ratios."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench", "biefficient_step.py")
+    spec = importlib.util.spec_from_file_location("biefficient_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--arch", "tiny", "--device", "cpu", "--batch-size", "3", "--frames", "2", "--candidates",
+                       "4", "--steps", "2"])
     out = capsys.readouterr().out
     check = re.search(r"logits ([0-9.e+-]+), loss ([0-9.e+-]+) .*gradients ([0-9.e+-]+)", out)
     assert check and max(float(x) for x in check.groups()) < 1e-4, out
     for row in ("ours ", "ours + --grad-checkpointing", "authors' way"):
-        assert re.search(re.escape(row) + r"\s+[0-9.]+ ms\s+[0-9.]+ MiB", out), (row, out)
-    assert out.count("vs authors' way") == 2 and "x faster" in out
+        assert re.search(re.escape(row) + r"\s+[0-9.]+ s\s+[0-9.]+ s\s+[0-9.]+ MiB", out), (row, out)
+    assert out.count("vs authors' way") == 2 and "x faster" in out and "interleaved" in out
+    assert set(rows) == {"ours", "ours+ckpt", "authors"} and all(r["wall"] > 0 and r["cpu"] > 0 for r in rows.values())
     with pytest.raises(SystemExit) as e:
-        prompts.main(["--bench-biefficient", "--arch", "tiny", "--device", "cpu", "--batch-size", "3",
-                      "--candidates", "2"])
+        bench.main(["--arch", "tiny", "--device", "cpu", "--batch-size", "3", "--candidates", "2"])
     assert e.value.code == 2
 
 
