@@ -2589,19 +2589,53 @@ def test_tpr_eq15_17_multi_positive_loss_by_hand():
         tb.multi_positive_contrastive_loss(logits, torch.tensor([0, 0, 5]), candidates)
 
 
+def old_multi_positive_loss(logits, labels, candidates, label_smoothing=0.0):
+    """text_branches' TPR Eq. (15)-(16) as it was written before F.cross_entropy: log_softmax x targets, by hand."""
+    positive = (labels[:, None] == candidates[None, :]).to(torch.float32)
+    logits = logits.float()
+    n_row, n_col = positive.sum(dim=1), positive.sum(dim=0)
+    B, A = positive.shape
+    eps = float(label_smoothing)
+    target_rows = (1 - eps) * positive / n_row[:, None] + eps / A
+    loss_rows = -(logits.log_softmax(dim=1) * target_rows).sum(dim=1).mean()
+    target_cols = (1 - eps) * positive / n_col.clamp(min=1)[None, :] + eps / B
+    loss_cols = -(logits.log_softmax(dim=0) * target_cols).sum(dim=0)[n_col > 0].mean()
+    return (loss_rows + loss_cols) / 2
+
+
+def old_multi_hot_loss(logits, labels, candidates):
+    """The authors' multi-hot loss as text_branches wrote it before F.cross_entropy."""
+    target = (labels[:, None] == candidates[None, :]).to(torch.float32)
+    logits = logits.float()
+    return (-(logits.log_softmax(dim=1) * target).sum(dim=1).mean()
+            - (logits.log_softmax(dim=0) * target).sum(dim=0).mean()) / 2
+
+
+def test_tpr_eq15_16_cross_entropy_form_equals_the_hand_written_loss():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        B = 2 + trial % 7
+        labels = torch.randint(0, 3, (B,), generator=g)  # repeated labels: several positives per row and column
+        extra = torch.randint(0, 5, (trial % 4,), generator=g)  # candidates of classes without a video too
+        candidates = torch.cat([labels[torch.randperm(B, generator=g)], extra])
+        logits = torch.randn(B, candidates.shape[0], generator=g) * 5
+        pairs = [(tb.multi_positive_contrastive_loss(logits, labels, candidates, eps),
+                  old_multi_positive_loss(logits, labels, candidates, eps)) for eps in (0.0, 0.1, 0.3)]
+        pairs.append((tb.multi_hot_contrastive_loss(logits, labels, candidates), old_multi_hot_loss(logits, labels, candidates)))
+        for new, old in pairs:  # 1e-6 relative: fp32 rounding of losses up to ~30 (fp32 epsilon is 1.2e-7)
+            assert abs(new.item() - old.item()) <= 1e-6 * max(1.0, abs(old.item())), (trial, new, old)
+
+
 def test_tpr_eq18_fusion_by_hand(tiny):
-    s_en, s_zh = torch.tensor([[0.2, 0.8]]), torch.tensor([[0.6, 0.4]])
-    assert torch.allclose(tb.fuse_scores(s_en, s_zh, 0.25), torch.tensor([[0.25 * 0.2 + 0.75 * 0.6, 0.25 * 0.8 + 0.75 * 0.4]]))
-    assert torch.equal(tb.fuse_scores(s_en, None), s_en)
-    with pytest.raises(ValueError, match="lam"):
-        tb.fuse_scores(s_en, s_zh, 1.5)
     model = tiny_tpr(tiny, lam=0.3)
     out = {"logits": {"en": torch.tensor([[1.0, 2.0]]), "zh": torch.tensor([[0.0, -1.0]])}}
     e = [math.exp(1) / (math.exp(1) + math.exp(2)), math.exp(2) / (math.exp(1) + math.exp(2))]
     z = [1 / (1 + math.exp(-1)), math.exp(-1) / (1 + math.exp(-1))]
     assert torch.allclose(model.scores(out), torch.tensor([[0.3 * e[k] + 0.7 * z[k] for k in range(2)]]), atol=1e-6)
-    assert torch.allclose(model.scores(out), tb.fuse_scores(out["logits"]["en"].softmax(-1),
-                                                            out["logits"]["zh"].softmax(-1), 0.3))
+    # fusion="cosine": Eq. (18) on the cosines of Eq. (5), logits * tau; without a Chinese branch S = S_VT
+    cosine = torch.tensor([[model.tau * (0.3 * 1.0 + 0.7 * 0.0), model.tau * (0.3 * 2.0 + 0.7 * -1.0)]])
+    assert torch.allclose(model.scores(out, fusion="cosine"), cosine, atol=1e-7)
+    assert torch.allclose(model.scores({"logits": {"en": out["logits"]["en"]}}), torch.tensor([e]), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------
