@@ -462,6 +462,13 @@ def test_clip_tokenize_truncate_and_overlong_error(clip_ref):
     assert torch.equal(clip.tokenize("a b c", context_length=5), exact.long())
 
 
+def test_clip_missing_vocabulary_is_one_clear_error(tmp_path):
+    p = run_copied_modules(tmp_path, ["clip.py"], "import clip\nclip.tokenize('a video')\n")
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode != 0 and last.startswith("FileNotFoundError")
+    assert "bpe_simple_vocab_16e6.txt.gz" in last and "copy assets/bpe_simple_vocab_16e6.txt.gz" in last
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Preprocessing: OpenAI's Compose([Resize(n, BICUBIC), CenterCrop(n), to RGB, ToTensor(), Normalize(mean, std)])
 # ---------------------------------------------------------------------------------------------------------
@@ -1094,6 +1101,35 @@ def test_chinese_tokenizer_known_ids():
     assert tb.tokenize_chinese("梳头")[0, :5].tolist() == [101, 3463, 1928, 102, 0]
     assert t.tokenize("Naïve, CAFÉ!") == ["na", "##ive", ",", "cafe", "!"]
     assert t.tokenize("x" * 201) == ["[UNK]"]
+
+
+def run_copied_modules(tmp_path, files, code):
+    """Copy `files` (paths relative to the repository) into an empty folder and run `code` there in a fresh
+    Python: a copied module must work with just what its docstring names."""
+    import shutil
+    import subprocess
+    root = pathlib.Path(__file__).resolve().parent
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / name, tmp_path / name)
+    env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_chinese_copied_with_clip_and_vocabularies_runs_alone(tmp_path):
+    files = ["clip.py", "text_branches.py", "assets/bpe_simple_vocab_16e6.txt.gz", "assets/vocab.txt"]
+    code = ("import clip, text_branches as tb, torch\n"
+            "tower = tb.build_random_chinese('tiny')\n"
+            "ids = tb.tokenize_chinese(['梳头', '跑步'])\n"
+            "print(tuple(tower.encode_text(ids).shape), clip.tokenize('a video about running')[0, :3].tolist())\n")
+    p = run_copied_modules(tmp_path, files, code)
+    assert p.returncode == 0, p.stderr
+    assert "(2, 64) [49406, 320, 1455]" in p.stdout
+    # without its vocabulary the copied module says which file to copy, once, when the tokenizer is first built
+    (tmp_path / "assets" / "vocab.txt").unlink()
+    p = run_copied_modules(tmp_path, [], "import text_branches as tb\ntb.tokenize_chinese(['梳头'])\n")
+    assert p.returncode != 0 and "copy assets/vocab.txt" in p.stderr.strip().splitlines()[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------
