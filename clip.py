@@ -388,7 +388,7 @@ _STORAGE_DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64
                    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
                    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
                    "BoolStorage": torch.bool, "UntypedStorage": torch.uint8}
-MAX_OBJECTS = 10_000_000  # objects in what a file holds, counted as a tree (shared references counted each time)
+MAX_OBJECTS = 1_000_000  # objects in what a file holds, counted as a tree (shared references counted each time)
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER of the pre-zip format
 
 

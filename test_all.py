@@ -142,9 +142,11 @@ def test_labels_ssv1_keeps_placeholders_and_directions():
 # name `clip` and the package's __init__ needs torchvision, so its files are loaded by path as the submodules of a
 # differently named package, with stand-ins for the modules that only its image transforms and download bar use.
 # ==============================================================================================================
+import collections
 import hashlib
 import importlib.metadata
 import importlib.util
+import io
 import json
 import pickle
 import re
@@ -848,6 +850,162 @@ def test_clip_torchscript_foreign_global_is_refused(tmp_path, capfd):
     assert "PICKLE CODE RAN" not in capfd.readouterr().out
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Crafted files: no size a file declares is trusted (each probe in a subprocess whose peak memory is measured)
+# ---------------------------------------------------------------------------------------------------------
+class ClipCraftedStorage:
+    """Pickled as the persistent id of a float storage `key` claiming `numel` elements."""
+
+    def __init__(self, key, numel, dtype_storage=torch.FloatStorage):
+        self.pid = ("storage", dtype_storage, key, "cpu", numel)
+
+
+class ClipCraftedTensor:
+    def __init__(self, storage, size, stride):
+        self.args = (storage, 0, size, stride, False, collections.OrderedDict())
+
+    def __reduce__(self):
+        return (torch._utils._rebuild_tensor_v2, self.args)
+
+
+class ClipCraftedPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        return obj.pid if isinstance(obj, ClipCraftedStorage) else None
+
+
+class ClipBytearrayBomb:
+    def __reduce__(self):
+        return (bytearray, (10 ** 10,))
+
+
+def clip_crafted_pickle(obj):
+    buffer = io.BytesIO()
+    ClipCraftedPickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
+def clip_crafted_zip(path, pkl, storages=(), claims=None, deflate=(), script=False):
+    """A zip in torch's layout (`archive/data.pkl`, `archive/data/<key>`; with `script`, a TorchScript archive's
+    `constants.pkl` too). `claims` {name: (size, also as its size in the file)} rewrites the central
+    directory's sizes of an entry (a lie);
+    `deflate` {name: n}: that entry is n zero bytes, deflated (a bomb)."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pkl)
+        if script:
+            archive.writestr("archive/constants.pkl", pickle.dumps(()))
+        for key, data in storages:
+            archive.writestr(f"archive/data/{key}", data)
+        for key, n in dict(deflate).items():
+            info = zipfile.ZipInfo(f"archive/data/{key}")
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with archive.open(info, "w", force_zip64=True) as f:
+                chunk = bytes(1 << 20)
+                for _ in range(n >> 20):
+                    f.write(chunk)
+        for info in archive.filelist:
+            if claims and info.filename in claims:
+                info.file_size, compressed = claims[info.filename]
+                info.compress_size = info.file_size if compressed else info.compress_size
+
+
+def clip_read_in_subprocess(path, call):
+    """Run `call` (e.g. "clip.load(PATH, device='cpu')") on the file in a fresh Python; returns (the one-line
+    refusal or 'READ', peak RSS in bytes)."""
+    import subprocess
+    code = ("import resource, sys, clip, text_branches\n"
+            f"PATH = {str(path)!r}\n"
+            f"try:\n    {call}\n    print('READ')\n"
+            "except (ValueError, RuntimeError) as e:\n    print('REFUSED', type(e).__name__, e)\n"
+            "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).resolve().parent, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.strip().splitlines()
+    return lines[-2], int(lines[-1].split()[1])
+
+
+def test_clip_bytearray_pickle_is_refused_in_little_memory(tmp_path):
+    # ~920 bytes that make torch's weights-only unpickler allocate 10 GB: an allowed global, bytearray(10**10)
+    bomb = tmp_path / "bomb.pt"
+    clip_crafted_zip(bomb, pickle.dumps({"visual.proj": ClipBytearrayBomb()}, protocol=2))
+    (tmp_path / "legacy.pt").write_bytes(pickle.dumps(ClipBytearrayBomb(), protocol=2))
+    assert bomb.stat().st_size < 1000
+    for path, call in ((bomb, "clip.load(PATH, device='cpu')"), (bomb, "clip.read_checkpoint(PATH)"),
+                       (bomb, "text_branches.load_chinese_clip(PATH)"), (tmp_path / "legacy.pt", "clip.read_checkpoint(PATH)")):
+        line, rss = clip_read_in_subprocess(path, call)
+        assert line.startswith("REFUSED") and "bytearray" in line and str(path) in line, line
+        assert rss < 2 ** 30, f"{call}: peak RSS {rss / 2 ** 30:.1f} GiB"
+
+
+@pytest.mark.parametrize("claim,compressed", [(3 * 10 ** 9, False), (4 * 10 ** 12, True)])  # zip64 sizes both
+def test_clip_zip_entry_that_lies_about_its_size_is_refused(tmp_path, claim, compressed):
+    path = tmp_path / "lies.pt"  # a TorchScript-format archive: 16 real bytes, the central directory claims more
+    pkl = clip_crafted_pickle({"w": ClipCraftedTensor(ClipCraftedStorage("0", claim // 4), (claim // 4,), (1,))})
+    clip_crafted_zip(path, pkl, [("0", bytes(16))], claims={"archive/data/0": (claim, compressed)},
+                     script=True)
+    assert path.stat().st_size < 1000
+    for call in ("clip.load(PATH, device='cpu')", "clip.read_torchscript(PATH)"):
+        line, rss = clip_read_in_subprocess(path, call)
+        assert line.startswith("REFUSED FileRefused") and f"claims {claim} bytes" in line, line
+        assert rss < 2 ** 30, f"peak RSS {rss / 2 ** 30:.1f} GiB"
+
+
+def test_clip_deflate_bomb_is_refused_before_inflating(tmp_path):
+    n = 5 << 28  # 1.25 GiB of zeros in about 1.3 MB
+    path = tmp_path / "bomb.pt"
+    pkl = clip_crafted_pickle({"w": ClipCraftedTensor(ClipCraftedStorage("0", n // 4), (n // 4,), (1,))})
+    clip_crafted_zip(path, pkl, deflate={"0": n})
+    assert path.stat().st_size < 2 * 2 ** 20
+    line, rss = clip_read_in_subprocess(path, "clip.read_checkpoint(PATH)")
+    assert line.startswith("REFUSED") and "zip bomb" in line and "max_bytes" in line, line
+    assert rss < 2 ** 30, f"peak RSS {rss / 2 ** 30:.1f} GiB"
+
+
+def test_clip_shared_fp16_storage_is_refused_before_widening(tmp_path, clip_tiny_file, monkeypatch):
+    # 53 KB of fp16 whose tensors all view one stored value: 1.6 GB as fp16 views, twice that widened
+    one = torch.zeros(1, dtype=torch.float16)
+    keys = list(torch.load(clip_tiny_file, weights_only=True))
+    torch.save({k: one.expand(4096, 4096) for k in keys}, tmp_path / "shared.pt")
+    assert (tmp_path / "shared.pt").stat().st_size < 100_000
+    line, rss = clip_read_in_subprocess(tmp_path / "shared.pt", "clip.load(PATH, device='cpu')")
+    assert line.startswith("REFUSED FileRefused") and "[4096, 4096]" in line and "max_bytes" in line, line
+    assert rss < 2 ** 30, f"peak RSS {rss / 2 ** 30:.1f} GiB"
+    # within the budget, shapes are compared with the architecture before any tensor is widened to fp32
+    state_dict = {k: v.half() for k, v in torch.load(clip_tiny_file, weights_only=True).items()}
+    state_dict["visual.ln_post.bias"] = torch.zeros(7, dtype=torch.float16)
+    widened, real_to = [], torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: widened.append(a) or real_to(t, *a, **k)
+                        if torch.float32 in a else real_to(t, *a, **k))
+    with pytest.raises(ValueError, match=r"visual\.ln_post\.bias.*\[7\]"):
+        clip.build_model(state_dict)
+    assert widened == []
+
+
+def test_clip_checkpoint_of_nested_shared_lists_is_refused(tmp_path):
+    nested = []
+    for _ in range(40):  # 2**40 references as a tree, a few hundred bytes as a pickle
+        nested = [nested, nested]
+    torch.save({"args": nested, "w": torch.ones(2)}, tmp_path / "memo.pt")
+    with pytest.raises(clip.FileRefused, match="more than .* objects"):
+        clip.read_checkpoint(tmp_path / "memo.pt")
+    torch.save({"args": [[1, 2.0, "x", None, True]] * 3, "w": torch.ones(2)}, tmp_path / "fine.pt")
+    ours, theirs = clip.read_checkpoint(tmp_path / "fine.pt"), torch.load(tmp_path / "fine.pt", weights_only=True)
+    assert ours["args"] == theirs["args"] and torch.equal(ours["w"], theirs["w"])
+
+
+def test_clip_read_checkpoint_equals_torch_load(tmp_path, clip_tiny_file):
+    state = {"model": torch.load(clip_tiny_file, weights_only=True), "step": 3, "rng": torch.get_rng_state(),
+             "ids": torch.arange(6).view(2, 3).t(), "half": torch.randn(4).half(), "empty": torch.zeros(0, 3),
+             "args": {"lr": 1e-3, "labels": ["run", "jump"], "pair": (1, 2)}, "dtype": torch.bfloat16}
+    for legacy in (False, True):
+        torch.save(state, tmp_path / "s.pt", _use_new_zipfile_serialization=not legacy)
+        ours, theirs = clip.read_checkpoint(tmp_path / "s.pt"), torch.load(tmp_path / "s.pt", weights_only=True)
+        assert ours.keys() == theirs.keys() and ours["args"] == theirs["args"] and ours["dtype"] == torch.bfloat16
+        for k in ("rng", "ids", "half", "empty"):
+            assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
+        assert all(torch.equal(v, theirs["model"][k]) for k, v in ours["model"].items())
+
+
 CLIP_ST_TENSORS = {"f32": torch.randn(3, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 3, 4).bfloat16(),
                    "odd": torch.randn(3).half(), "after_odd": torch.randn(4, 2), "ids": torch.arange(77)[None],
                    "empty": torch.zeros(0, 4), "scalar": torch.tensor(4.6052)}
@@ -873,7 +1031,7 @@ def clip_safetensors_bytes(header, data):
 @pytest.mark.parametrize("case,match", [
     ("truncated", "truncated"), ("short", "shorter than the 8-byte"), ("length", "header length"),
     ("json", "not JSON"), ("shape", "lies about 'w'"), ("overlap", "lies about"), ("dtype", "'w' is not"),
-    ("padded", "truncated or padded")])
+    ("padded", "truncated or padded"), ("huge", "'w' is not"), ("wrap", "lies about 'w'")])
 def test_clip_safetensors_bad_header_is_one_line(tmp_path, case, match):
     safetensors_torch = importlib.import_module("safetensors.torch")  # test-only; a missing install fails
     good = tmp_path / "good.safetensors"
@@ -890,6 +1048,9 @@ def test_clip_safetensors_bad_header_is_one_line(tmp_path, case, match):
                                            "b": {"dtype": "F32", "shape": [4], "data_offsets": [48, 64]}}, w),
         "dtype": clip_safetensors_bytes({"w": {"dtype": "F8_E9", "shape": [4, 4], "data_offsets": [0, 64]}}, w),
         "padded": clip_safetensors_bytes({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}}, w + b),
+        "huge": clip_safetensors_bytes({"w": {"dtype": "F32", "shape": [2 ** 70], "data_offsets": [0, 64]}}, w),
+        # 2**62 x 4 x 4 bytes is 2**66, 0 when wrapped in int64: it must not pass as an empty tensor
+        "wrap": clip_safetensors_bytes({"w": {"dtype": "F32", "shape": [2 ** 62, 4], "data_offsets": [0, 0]}}, b""),
     }
     bad = tmp_path / f"{case}.safetensors"
     bad.write_bytes(files[case])
