@@ -1,5 +1,8 @@
 """CLIP ViT from the official OpenAI weights: model, loader, BPE tokenizer and preprocessing.
 
+Needs: torch, numpy, ftfy, regex, pillow, and the file `assets/bpe_simple_vocab_16e6.txt.gz` (OpenAI's BPE
+vocabulary) in an `assets/` folder beside this file. Copy both to use this module alone.
+
 Mirrors openai/CLIP `clip/model.py` (VisionTransformer, Transformer, ResidualAttentionBlock, CLIP) and
 `clip/clip.py` (`load`, `tokenize`, the weight registry), with the official parameter names, so that an
 official checkpoint loads with `load_state_dict(strict=True)` and no renaming. Differences, all numerically
@@ -13,25 +16,27 @@ neutral for the official models:
   * `VisionTransformer.embed` / `.head`: the token sequence before the blocks, and the class embedding plus
     the patch tokens after `ln_post` (BiEfficient's patch memory).
   * `CLIP.encode_text_embeddings`: the text tower on token embeddings that learned prompt vectors may
-    replace (BiEfficient Eq. 5-6), returning the EOT feature and every position's output after `ln_final` @
-    `text_projection` (the "word embeddings" of TPR Eq. 6 and BiEfficient Eq. 8).
-- `load` never runs code from a weights file: the official TorchScript archives are read as data (their
-  `data.pkl` through a restricted unpickler) instead of by `torch.jit.load`, which would run the archive's
-  code. It also takes Hugging Face CLIPModel checkpoints (`model.safetensors`, read in plain Python + torch,
-  `pytorch_model.bin`, or their folder), renamed onto OpenAI's parameters. `read_weights` is the one reader
-  of weights files from outside for this file and text_branches.py.
-ResNet CLIP models are not supported (neither paper uses them).
-
-`python clip.py --bench` times `encode_image` against OpenAI's clip/model.py on the same random weights.
+    replace (BiEfficient Eq. (5)-(6)), returning the EOT feature and every position's output after
+    `ln_final` @ `text_projection` (the "word embeddings" of TPR Eq. (6) and BiEfficient Eq. (8)).
+- `load` never runs code from a weights file and never trusts a size the file declares: the official
+  TorchScript archives are read as data (their `data.pkl` through a restricted unpickler of our own) instead
+  of by `torch.jit.load`, which would run the archive's code; every other torch file goes through the same
+  bounded unpickler (`read_checkpoint`). It also takes Hugging Face CLIPModel checkpoints
+  (`model.safetensors`, read in plain Python + torch, `pytorch_model.bin`, or their folder), renamed onto
+  OpenAI's parameters. `read_weights` is the one reader of weights files from outside for this file and
+  text_branches.py; `download` the one downloader.
+ResNet CLIP models are not supported (neither paper uses them). The benchmark against OpenAI's code is
+`python bench/clip_forward.py`.
 """
 import gzip
 import hashlib
 import html
+import io
 import json
+import math
 import os
 import pickle
 import sys
-import urllib.request
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -106,19 +111,15 @@ class QuickGELU(nn.Module):
             return x * torch.sigmoid(1.702 * x)
         # Choice: without autograd the same values are computed in one buffer, in place (about 7% of a ViT-B
         # forward on CPU, whose MLP activations are the largest tensors).
-        y = x * 1.702
-        return y.sigmoid_().mul_(x)
+        return (x * 1.702).sigmoid_().mul_(x)
 
 
 class Attention(nn.Module):
     """Multi-head attention with nn.MultiheadAttention's parameter names, computed by SDPA, batch first.
 
-    `extra` tokens (B, P, D) join as keys and values only: their own outputs would be dropped anyway
-    (TPR Eq. (13) and TPR Eq. (14) keep only the frame tokens), so computing queries for them is skipped.
-
-    `save_attention = True` keeps the attention weights softmax(q k^T / sqrt(D/H)) of the last call in
-    `self.attention` (B, H, N, N + P) (the prompts' keys included) for visualisation (TPR Fig. 7); the output is
-    the same SDPA either way.
+    `extra` tokens (B, P, D) join as keys and values only: TPR Eq. (13) and TPR Eq. (14) drop their outputs,
+    so no queries are computed for them. `save_attention = True` keeps softmax(q k^T / sqrt(D/H)) of the last
+    call in `self.attention` (B, H, N, N + P), for visualisation (TPR Fig. 7); the output is SDPA's either way.
     """
 
     def __init__(self, d_model: int, n_head: int):
@@ -134,22 +135,18 @@ class Attention(nn.Module):
 
     def forward(self, x, extra=None, is_causal=False):
         B, N, D = x.shape
-        H = self.n_head
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, N, D)
         if extra is not None:
             ek, ev = F.linear(extra, self.in_proj_weight[D:], self.in_proj_bias[D:]).chunk(2, dim=-1)  # (B, P, D)
             k, v = torch.cat([k, ek], dim=1), torch.cat([v, ev], dim=1)  # (B, N + P, D)
-        q = q.view(B, N, H, D // H).transpose(1, 2)  # (B, H, N, D/H)
-        k = k.view(B, k.shape[1], H, D // H).transpose(1, 2)  # (B, H, N + P, D/H)
-        v = v.view(B, v.shape[1], H, D // H).transpose(1, 2)
+        q, k, v = (t.unflatten(-1, (self.n_head, -1)).transpose(1, 2) for t in (q, k, v))  # (B, H, N(+P), D/H)
         if self.save_attention:  # the weights SDPA applies, spelled out: (B, H, N, N + P)
-            logits = q @ k.transpose(-2, -1) * (D // H) ** -0.5
+            logits = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
             if is_causal:
                 logits = logits.masked_fill(torch.ones(N, N, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
             self.attention = logits.float().softmax(dim=-1).detach()
         out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)  # (B, H, N, D/H)
-        out = out.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
-        return self.out_proj(out)
+        return self.out_proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -157,43 +154,33 @@ class ResidualAttentionBlock(nn.Module):
         super().__init__()
         self.attn = Attention(d_model, n_head)
         self.ln_1 = LayerNorm(d_model)
-        self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(d_model, d_model * 4)),
-            ("gelu", QuickGELU()),
-            ("c_proj", nn.Linear(d_model * 4, d_model)),
-        ]))
+        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(d_model, d_model * 4)), ("gelu", QuickGELU()),
+                                              ("c_proj", nn.Linear(d_model * 4, d_model))]))
         self.ln_2 = LayerNorm(d_model)
         self.causal = causal
 
     def forward(self, x, prompts=None):
-        """x (B, N, D); prompts (B, P, D) or None.
-
-        Without prompts this is exactly CLIP's block (TPR Eq. (2)). With prompts, TPR Eq. (13):
-        [Z^, P_R] = MHSA(LN([Z, P_R])) + [Z, P_R], keeping the Z rows (LN acts per token, so
-        LN([Z, P_R]) = [LN(Z), LN(P_R)]); TPR Eq. (14): Z = MLP(LN(Z^)) + Z^, the prompts dropped.
-        """
+        """x (B, N, D); prompts (B, P, D) or None. Without prompts this is CLIP's block (TPR Eq. (2)). With
+        prompts, TPR Eq. (13): [Z^, P_R] = MHSA(LN([Z, P_R])) + [Z, P_R], keeping the Z rows (LN acts per
+        token, so LN([Z, P_R]) = [LN(Z), LN(P_R)]); TPR Eq. (14): Z = MLP(LN(Z^)) + Z^, the prompts dropped."""
         if prompts is not None and self.causal:
             raise ValueError("prompt tokens can only join the (non-causal) vision blocks")
         extra = None if prompts is None else self.ln_1(prompts)
         x = x + self.attn(self.ln_1(x), extra, is_causal=self.causal)  # TPR Eq. (13)
-        x = x + self.mlp(self.ln_2(x))  # TPR Eq. (14)
-        return x
+        return x + self.mlp(self.ln_2(x))  # TPR Eq. (14)
 
 
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, causal: bool = False):
         super().__init__()
-        self.width = width
-        self.layers = layers
+        self.width, self.layers = width, layers
         self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal) for _ in range(layers)])
         self.grad_checkpointing = False  # recompute each block in backward instead of storing its activations
 
     def forward(self, x):
         for block in self.resblocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
+            x = checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)
         return x
 
 
@@ -201,8 +188,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int,
                  output_dim: int):
         super().__init__()
-        self.input_resolution = input_resolution
-        self.output_dim = output_dim
+        self.input_resolution, self.output_dim = input_resolution, output_dim
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         scale = width ** -0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
@@ -214,22 +200,17 @@ class VisionTransformer(nn.Module):
 
     def embed(self, x):
         """Images (B, 3, H, W) -> tokens (B, 1 + N, D): patches, class token, positional embedding (before ln_pre)."""
-        x = self.conv1(x.to(self.conv1.weight.dtype))  # (B, D, H/p, W/p)
-        x = x.flatten(2).transpose(1, 2)  # (B, N, D)
+        x = self.conv1(x.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, D)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, D)
-        x = torch.cat([cls, x], dim=1)  # (B, 1 + N, D)
-        return x + self.positional_embedding.to(x.dtype)
+        return torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1 + N, D)
 
     def head(self, x):
-        """Tokens after the last block (B, 1 + N, D) -> class embedding (B, E) and patch tokens after
-        ln_post (B, N, D)."""
+        """Tokens after the last block (B, 1 + N, D) -> class embedding (B, E), patch tokens after ln_post (B, N, D)."""
         x = self.ln_post(x)
         return x[:, 0] @ self.proj, x[:, 1:]
 
     def forward(self, x, return_tokens: bool = False):
-        x = self.ln_pre(self.embed(x))
-        x = self.transformer(x)
-        cls, patches = self.head(x)
+        cls, patches = self.head(self.transformer(self.ln_pre(self.embed(x))))
         return (cls, patches) if return_tokens else cls
 
 
@@ -238,12 +219,11 @@ class CLIP(nn.Module):
                  vision_patch_size: int, context_length: int, vocab_size: int, transformer_width: int,
                  transformer_heads: int, transformer_layers: int):
         super().__init__()
-        self.context_length = context_length
+        self.context_length, self.vocab_size = context_length, vocab_size
         self.visual = VisionTransformer(input_resolution=image_resolution, patch_size=vision_patch_size,
                                         width=vision_width, layers=vision_layers, heads=vision_width // 64 or 1,
                                         output_dim=embed_dim)
         self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, causal=True)
-        self.vocab_size = vocab_size
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
         self.ln_final = LayerNorm(transformer_width)
@@ -257,9 +237,7 @@ class CLIP(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         width, layers = self.transformer.width, self.transformer.layers
-        proj_std = (width ** -0.5) * ((2 * layers) ** -0.5)
-        attn_std = width ** -0.5
-        fc_std = (2 * width) ** -0.5
+        proj_std, attn_std, fc_std = width ** -0.5 * (2 * layers) ** -0.5, width ** -0.5, (2 * width) ** -0.5
         for block in self.transformer.resblocks:
             nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
@@ -281,25 +259,20 @@ class CLIP(nn.Module):
 
     def encode_text(self, text):
         """Token ids (A, 77) -> (A, E), the output at the EOT token (the largest id in each row)."""
-        eot_index = text.argmax(dim=-1)  # (A,)
-        return self.encode_text_embeddings(self.token_embedding(text).type(self.dtype), eot_index)[0]
+        return self.encode_text_embeddings(self.token_embedding(text).type(self.dtype), text.argmax(dim=-1))[0]
 
     def encode_text_embeddings(self, x, eot_index, return_words: bool = False, truncate: bool = True):
-        """The text tower on token embeddings x (A, N, W), positional embedding added here.
-
-        Returns (eot (A, E), words (A, N', E) or None): the output at `eot_index` and, if asked, at every
-        position, both after ln_final @ text_projection. With `truncate`, only the first
-        max(eot_index) + 1 positions are computed (N' = that length; otherwise N' = N).
-        """
+        """The text tower on token embeddings x (A, N, W), positional embedding added here. Returns (eot (A, E),
+        words (A, N', E) or None): the output at `eot_index` and, if asked, at every position, both after
+        ln_final @ text_projection. With `truncate`, only the first max(eot_index) + 1 positions are computed
+        (N' = that length; otherwise N' = N)."""
         # Choice: the causal mask means no position can change the EOT output or any earlier one, so the
         # padding after the longest sequence is skipped; the result equals the full-length computation.
         if truncate:
             x = x[:, : int(eot_index.max()) + 1]  # (A, N', W)
-        x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
-        x = self.ln_final(self.transformer(x))  # (A, N', W)
+        x = self.ln_final(self.transformer(x + self.positional_embedding[: x.shape[1]].to(x.dtype)))  # (A, N', W)
         eot = x[torch.arange(x.shape[0], device=x.device), eot_index] @ self.text_projection  # (A, E)
-        words = x @ self.text_projection if return_words else None  # (A, N', E)
-        return eot, words
+        return eot, (x @ self.text_projection if return_words else None)  # (A, N', E)
 
     def forward(self, image, text):
         image_features = F.normalize(self.encode_image(image), dim=-1)
@@ -308,59 +281,39 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
-def build_model(state_dict: dict, copy: bool = True):
+def build_model(state_dict: dict, copy: bool = True, source: str = "checkpoint"):
     """Build a CLIP ViT from a state dict's tensor shapes and load it strictly, keeping its values exactly
-    (the model is fp32: fp32 tensors load bit-exact, fp16 ones are widened without rounding).
-
-    `copy=False` lets the model take over the state dict's fp32 tensors instead of copying them (for `load`,
-    whose state dict nobody else holds)."""
-    state_dict = dict(state_dict)
-    if any(k.startswith("visual.layer1.") or k.startswith("visual.attnpool.") for k in state_dict):
-        raise ValueError(f"this is a ResNet CLIP checkpoint ({'/'.join(_RESNET_MODELS)}); only ViT models are "
+    (the model is fp32: fp32 tensors load bit-exact, fp16 ones are widened without rounding). `copy=False`
+    lets the model take over the state dict's fp32 tensors (for `load`, whose state dict nobody else holds)."""
+    state_dict = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    if any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in state_dict):
+        raise ValueError(f"{source} is a ResNet CLIP checkpoint ({'/'.join(_RESNET_MODELS)}); only ViT models are "
                          f"supported: {', '.join(_MODELS)}")
-    required = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text_projection",
-                "positional_embedding", "token_embedding.weight", "ln_final.weight"]
-    missing = [k for k in required if k not in state_dict]
-    if missing:
-        raise ValueError(f"not a CLIP ViT checkpoint: missing keys {missing} (it has {len(state_dict)} keys, "
-                         f"e.g. {list(state_dict)[:5]})")
-    for key in ["input_resolution", "context_length", "vocab_size"]:  # attributes stored in the TorchScript files
-        state_dict.pop(key, None)
     not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise ValueError(f"checkpoint entries {not_tensors} are not tensors; a CLIP state dict holds only tensors")
-
-    vision_width = state_dict["visual.conv1.weight"].shape[0]
+    missing = [k for k in ("visual.conv1.weight", "visual.positional_embedding", "text_projection",
+                           "positional_embedding", "token_embedding.weight", "ln_final.weight") if k not in state_dict]
+    if missing or not_tensors:
+        raise ValueError(f"{source} is not a CLIP ViT state dict: missing keys {missing}, entries that are not "
+                         f"tensors {not_tensors} (it has {len(state_dict)} keys, e.g. {list(state_dict)[:5]})")
     # Layer counts from the block indices present under any key, so that a block missing one tensor is
     # reported as that missing key rather than silently built one layer shorter.
-    vision_layers = len({k.split(".")[3] for k in state_dict if k.startswith("visual.transformer.resblocks.")})
-    vision_patch_size = state_dict["visual.conv1.weight"].shape[-1]
-    grid_size = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    transformer_width = state_dict["ln_final.weight"].shape[0]
-    # Choice: the model is built on the meta device and the checkpoint's tensors are assigned to it, widened
-    # to fp32 (exact for fp16 values), which skips a random initialisation that would be overwritten anyway
-    # (seconds for ViT-B, tens of seconds for ViT-L). It also means no random value can survive the load.
-    state_dict = {k: v.to(torch.float32, copy=copy) for k, v in state_dict.items()}
-    with torch.device("meta"):
-        model = CLIP(
-            embed_dim=state_dict["text_projection"].shape[1],
-            image_resolution=vision_patch_size * grid_size,
-            vision_layers=vision_layers, vision_width=vision_width, vision_patch_size=vision_patch_size,
-            context_length=state_dict["positional_embedding"].shape[0],
-            vocab_size=state_dict["token_embedding.weight"].shape[0],
-            transformer_width=transformer_width,
-            transformer_heads=transformer_width // 64,
-            transformer_layers=len({k.split(".")[2] for k in state_dict if k.startswith("transformer.resblocks.")}),
-        )
-    try:
-        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
-    except RuntimeError as e:  # shape mismatches
-        raise ValueError(f"checkpoint does not match the CLIP ViT built from its shapes: {e}") from e
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the CLIP ViT built from its shapes: missing keys {missing}, "
-                         f"unexpected keys {unexpected}")
-    on_meta = [n for n, t in model.state_dict().items() if t.is_meta]
-    assert not on_meta, f"tensors left without a value after loading: {on_meta}"
+    def layers(prefix):
+        return len({k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)})
+
+    conv, width = state_dict["visual.conv1.weight"].shape, state_dict["ln_final.weight"].shape[0]
+    with torch.device("meta"):  # no memory and no random init: every value comes from the checkpoint
+        model = CLIP(embed_dim=state_dict["text_projection"].shape[1],
+                     image_resolution=conv[-1] * round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5),
+                     vision_layers=layers("visual.transformer.resblocks."), vision_width=conv[0],
+                     vision_patch_size=conv[-1], context_length=state_dict["positional_embedding"].shape[0],
+                     vocab_size=state_dict["token_embedding.weight"].shape[0], transformer_width=width,
+                     transformer_heads=width // 64, transformer_layers=layers("transformer.resblocks."))
+    try:  # keys and shapes are compared on the meta device first: nothing is widened for a file that fails
+        model.load_state_dict({k: v.to("meta") for k, v in state_dict.items()}, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"{source} does not match the CLIP ViT built from its shapes: {' '.join(str(e).split())}") from None
+    # Choice: the tensors are widened to fp32 (exact for fp16 values) and assigned, not copied into a model.
+    model.load_state_dict({k: v.to(torch.float32, copy=copy) for k, v in state_dict.items()}, strict=True, assign=True)
     return model.eval()
 
 
@@ -383,8 +336,16 @@ def build_random(arch: str):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Loading
+# The official load: registry, download with SHA256, the TorchScript archive read as data
 # ----------------------------------------------------------------------------------------------------------
+
+class DownloadError(RuntimeError):
+    """An official file could not be fetched (offline, server error); the message names the file and URL."""
+
+
+class FileRefused(ValueError):
+    """A file from outside that is not read: one line naming the file and what is wrong with it."""
+
 
 def _sha256(path):
     h = hashlib.sha256()
@@ -394,135 +355,41 @@ def _sha256(path):
     return h.hexdigest()
 
 
-def _download(url: str, root: str) -> str:
-    """Download `url` into `root` unless a file with the right SHA256 (the URL's second-to-last part) is there.
-    A cached file with the wrong hash is downloaded again once; a download with the wrong hash is refused."""
+def download(url: str, root: str, sha256: str | None = None) -> str:
+    """The one downloader: `url` into `root` once, through `torch.hub.download_url_to_file` (a temporary file,
+    renamed only when complete and, with `sha256`, only when its hash matches). A cached file with the wrong
+    hash is downloaded again once; a download with the wrong hash is refused and never replaces it."""
     os.makedirs(root, exist_ok=True)
-    expected = url.split("/")[-2]
     target = os.path.join(root, os.path.basename(url))
     if os.path.isfile(target):
-        if _sha256(target) == expected:
+        if sha256 is None or _sha256(target) == sha256:
             return target
-        warnings.warn(f"{target} exists but its SHA256 does not match {expected}; downloading it again")
-    tmp = target + ".part"
+        warnings.warn(f"{target} exists but its SHA256 does not match {sha256}; downloading it again")
+    print(f"downloading {url} to {target}", file=sys.stderr)
     try:
-        with urllib.request.urlopen(url) as source, open(tmp, "wb") as out:
-            total = int(source.headers.get("Content-Length") or 0)
-            done, shown = 0, -1
-            while chunk := source.read(1 << 20):
-                out.write(chunk)
-                done += len(chunk)
-                if total and done * 20 // total != shown:
-                    shown = done * 20 // total
-                    print(f"\rdownloading {os.path.basename(url)}: {100 * done // total}% of {total >> 20} MiB",
-                          end="", file=sys.stderr)
-        print(file=sys.stderr)
+        torch.hub.download_url_to_file(url, target, hash_prefix=sha256, progress=True)
     except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise RuntimeError(f"could not download {url} ({e}). Download it elsewhere and pass the local file "
-                           f"path instead of the model name, or place it at {target}") from e
-    got = _sha256(tmp)
-    if got != expected:
-        os.remove(tmp)
-        raise RuntimeError(f"downloaded {url} has SHA256 {got}, expected {expected}; refusing to use it")
-    os.replace(tmp, target)
+        raise DownloadError(f"cannot download {os.path.basename(target)} from {url} ({_one_line(e)}); download it "
+                            f"elsewhere and pass its path, or place it at {target}") from None
+    except RuntimeError as e:  # torch.hub's hash refusal
+        raise RuntimeError(f"downloaded {url}: {_one_line(e)}; refusing to use it") from None
     return target
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Reading a weights file from outside: tensors only, no code in the file ever runs
-# ----------------------------------------------------------------------------------------------------------
-# Every file from outside (here and in text_branches.py) goes through `read_weights`, which reads
-#   - safetensors (Hugging Face's `model.safetensors`): a JSON header and raw buffers, no pickle at all;
-#   - TorchScript archives (OpenAI's official files): the pickled module tree `data.pkl` and its tensor
-#     storages, through an unpickler that knows a handful of names and builds every TorchScript class as an
-#     inert stand-in, so neither the archive's code (`code/`) nor its `__setstate__` methods run;
-#   - other torch pickles (`torch.save` state dicts, `pytorch_model.bin`, Chinese-CLIP's `.pt`) with
-#     `torch.load(weights_only=True)`, PyTorch's own unpickler restricted to tensors and builtins.
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-SAFETENSORS_MAX_HEADER = 100_000_000  # bytes; the limit of the safetensors library itself
-HF_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")  # in Hugging Face's order of preference
-
-
 def _one_line(error) -> str:
-    """An exception's message on one line; of torch.load's weights-only refusals, which run over many lines
-    of advice, only the reason."""
-    text = str(error)
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation of torch.load")[0]
-    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
+    """An exception's message on one line."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
-def read_safetensors(path: str) -> dict:
-    """A `.safetensors` file -> {name: tensor}: an 8-byte little-endian header length N, N bytes of JSON
-    ({name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}), then the raw
-    little-endian buffers, which must tile the rest of the file exactly. Any header that does not describe
-    the file is refused with one line."""
-    if sys.byteorder != "little":
-        raise ValueError(f"{path}: safetensors buffers are little-endian; this {sys.byteorder}-endian machine "
-                         f"cannot use them as they are")
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
-        n = int.from_bytes(head, "little")
-        if not 2 <= n <= min(SAFETENSORS_MAX_HEADER, size - 8):
-            raise ValueError(f"{path}: safetensors header length {n} does not fit a {size}-byte file (truncated, "
-                             f"or not a safetensors file)")
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: safetensors header is not JSON ({e})") from None
-        if not isinstance(header, dict):
-            raise ValueError(f"{path}: safetensors header is a JSON {type(header).__name__}, not an object")
-        header.pop("__metadata__", None)
-        entries = []
-        for name, info in header.items():
-            ok = (isinstance(info, dict) and info.get("dtype") in SAFETENSORS_DTYPES
-                  and isinstance(info.get("shape"), list) and isinstance(info.get("data_offsets"), list)
-                  and len(info["data_offsets"]) == 2
-                  and all(isinstance(d, int) and d >= 0 for d in info["shape"] + info["data_offsets"]))
-            if not ok:
-                raise ValueError(f"{path}: safetensors header entry {name!r} is not {{dtype in "
-                                 f"{'/'.join(SAFETENSORS_DTYPES)}, shape, data_offsets}}: {str(info)[:200]}")
-            entries.append((info["data_offsets"][0], info["data_offsets"][1], name, info))
-        data_size = size - 8 - n
-        position = 0
-        for begin, end, name, info in sorted(entries):
-            numel = int(np.prod(info["shape"], dtype=np.int64))
-            nbytes = numel * SAFETENSORS_DTYPES[info["dtype"]].itemsize
-            if begin != position or end - begin != nbytes:
-                raise ValueError(f"{path}: safetensors header lies about {name!r}: bytes [{begin}, {end}) for "
-                                 f"{info['dtype']} {info['shape']} ({nbytes} bytes), expected to start at {position}")
-            position = end
-        if position != data_size:
-            raise ValueError(f"{path}: safetensors header describes {position} bytes of tensors but the file holds "
-                             f"{data_size} (truncated or padded)")
-        buffer = bytearray(data_size)
-        if f.readinto(buffer) != data_size:
-            raise ValueError(f"{path}: file ended while reading its tensors (truncated)")
-    tensors = {}
-    for begin, end, name, info in entries:
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        if begin == end:
-            tensors[name] = torch.empty(info["shape"], dtype=dtype)
-        elif begin % dtype.itemsize:  # an odd offset (after an odd-length int8/fp16 tensor): copy to align
-            tensors[name] = torch.frombuffer(bytearray(buffer[begin:end]), dtype=dtype).reshape(info["shape"])
-        else:  # a view of the one buffer, no copy
-            tensors[name] = torch.frombuffer(buffer, dtype=dtype, count=(end - begin) // dtype.itemsize,
-                                             offset=begin).reshape(info["shape"])
-    return tensors
-
-
+# Reading a torch file from outside: tensors and builtins only, no code in the file runs, and no size the file
+# declares is trusted. torch's own weights-only unpickler allows `builtins.bytearray(10**10)` and allocates
+# what zip entries and storage records claim; this unpickler allocates only bytes the file really holds.
 _STORAGE_DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
                    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
                    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-                   "BoolStorage": torch.bool}
+                   "BoolStorage": torch.bool, "UntypedStorage": torch.uint8}
+MAX_OBJECTS = 1_000_000  # objects in what a file holds, counted as a tree (shared references counted each time)
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER of the pre-zip format
 
 
 class _ScriptObject:
@@ -538,74 +405,217 @@ def _same(value, *_):
     return value
 
 
-class _ArchiveUnpickler(pickle.Unpickler):
-    """Unpickles a TorchScript archive's `data.pkl`. Allowed: TorchScript classes (as `_ScriptObject`),
-    tensors rebuilt from the archive's storages, OrderedDict, the typed-container tags of `torch.jit._pickle`.
-    Any other global (os.system, builtins.eval, ...) is refused, so the pickle cannot call anything else."""
+def _refuse_opcode(self):
+    raise pickle.UnpicklingError("refusing a pickled bytearray or out-of-band buffer: a weights file holds tensors")
 
-    def __init__(self, file, archive, prefix, source):
-        super().__init__(file)
-        self.archive, self.prefix, self.source = archive, prefix, source
+
+class _BoundedUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler (whose opcodes can be controlled) reading a weights-only pickle: tensors rebuilt
+    from the file's storages, containers, builtins; with `script`, TorchScript classes as `_ScriptObject`. Any
+    other global (os.system, builtins.bytearray, ...) is refused. Every tensor is a view of a storage the file
+    really holds; the bytes of all views together (and of decompressed entries) are charged to `budget`."""
+    dispatch = dict(pickle._Unpickler.dispatch)
+    for _op in (pickle.BYTEARRAY8, pickle.NEXT_BUFFER, pickle.READONLY_BUFFER):
+        dispatch[_op[0]] = _refuse_opcode
+    del _op
+
+    def __init__(self, file: io.BytesIO, storage, budget: list, script: bool = False):
+        super().__init__(file)  # a BytesIO, whose read(n) never allocates more than it holds
+        self.storage, self.budget, self.script = storage, budget, script
         self.storages, self.classes = {}, {}
 
     def find_class(self, module, name):
-        if module == "__torch__" or module.startswith("__torch__."):
+        if self.script and (module == "__torch__" or module.startswith("__torch__.")):
             qualified = f"{module}.{name}"
             if qualified not in self.classes:
                 self.classes[qualified] = type(name, (_ScriptObject,), {"type_name": qualified})
             return self.classes[qualified]
         if module == "torch" and name in _STORAGE_DTYPES:
             return _STORAGE_DTYPES[name]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
         allowed = {("torch._utils", "_rebuild_tensor_v2"): self._rebuild_tensor,
-                   ("torch._utils", "_rebuild_parameter"): _same,
-                   ("collections", "OrderedDict"): OrderedDict,
+                   ("torch._utils", "_rebuild_parameter"): lambda data, grad, *_: nn.Parameter(data, grad),
+                   ("collections", "OrderedDict"): OrderedDict, ("torch", "Size"): torch.Size,
+                   ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
                    ("torch.jit._pickle", "restore_type_tag"): _same}
         allowed.update({("torch.jit._pickle", f"build_{kind}list"): _same
                         for kind in ("int", "double", "bool", "tensor")})
         if (module, name) not in allowed:
-            raise pickle.UnpicklingError(f"refusing '{module}.{name}': only tensors, containers and TorchScript "
-                                         f"module state are read from a weights file")
+            raise pickle.UnpicklingError(f"refusing '{module}.{name}': only tensors, containers and builtins are "
+                                         f"read from a weights file")
         return allowed[module, name]
 
     def persistent_load(self, pid):
-        """('storage', dtype, key, location, numel) -> the storage `data/<key>` as a flat tensor."""
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)
-                and isinstance(pid[2], str) and isinstance(pid[4], int)):
+        """('storage', dtype, key, location, numel[, view]) -> the storage `key` as a flat tensor."""
+        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
+                and isinstance(pid[1], torch.dtype) and isinstance(pid[2], str) and type(pid[4]) is int
+                and pid[4] >= 0 and (len(pid) == 5 or pid[5] is None)):
             raise pickle.UnpicklingError(f"unknown persistent id {str(pid)[:100]}")
-        _, dtype, key, _, numel = pid
+        _, dtype, key, _, numel = pid[:5]
         if key not in self.storages:
-            try:
-                info = self.archive.getinfo(f"{self.prefix}data/{key}")
-            except KeyError:
-                raise pickle.UnpicklingError(f"storage data/{key} is missing from the archive") from None
-            if info.file_size != numel * dtype.itemsize:
-                raise pickle.UnpicklingError(f"storage data/{key} holds {info.file_size} bytes, not the "
-                                             f"{numel} x {dtype} its tensors need")
-            buffer = bytearray(info.file_size)
-            with self.archive.open(info) as f:
-                view, done = memoryview(buffer), 0
-                while done < len(buffer) and (got := f.readinto(view[done:])):
-                    done += got
-            self.storages[key] = torch.frombuffer(buffer, dtype=dtype) if numel else torch.empty(0, dtype=dtype)
+            self.storages[key] = self.storage(key, dtype, numel)
         return self.storages[key]
 
-    @staticmethod
-    def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                        metadata=None):
-        if not (isinstance(storage, torch.Tensor) and isinstance(storage_offset, int)
-                and isinstance(size, tuple) and isinstance(stride, tuple)):
+    def _rebuild_tensor(self, storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+        ints = [offset, *size, *stride] if isinstance(size, tuple) and isinstance(stride, tuple) else None
+        if not (isinstance(storage, torch.Tensor) and ints and all(type(i) is int and i >= 0 for i in ints)
+                and len(size) == len(stride)):
             raise pickle.UnpicklingError("malformed tensor record")
-        return storage.as_strided(size, stride, storage_offset)  # a view; as_strided checks the bounds
+        numel = math.prod(size)  # Python integers: no wrap
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if numel else -1
+        if last >= storage.numel():
+            raise pickle.UnpicklingError(f"a tensor of shape {list(size)} reaches past its storage of {storage.numel()}")
+        _charge(self.budget, numel * storage.element_size(), f"a tensor of shape {list(size)}")
+        return storage.as_strided(size, stride, offset)  # a view, no copy
 
 
-def _holds_tensor(value) -> bool:
-    if isinstance(value, torch.Tensor):
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(_holds_tensor(v) for v in value)
-    if isinstance(value, dict):
-        return any(_holds_tensor(v) for v in value.values())
-    return isinstance(value, _ScriptObject) and _holds_tensor(getattr(value, "state", None))
+def _charge(budget: list, nbytes: int, what: str):
+    """Take `nbytes` from budget [bytes left, what the budget is]; refuse when it runs out."""
+    budget[0] -= nbytes
+    if budget[0] < 0:
+        raise pickle.UnpicklingError(f"{what} takes the tensors past {budget[1]}")
+
+
+def _count_objects(value, path, limit=MAX_OBJECTS):
+    """Refuse a structure that holds more than `limit` objects as a tree (nested shared lists can describe
+    2**40 of them in a few hundred bytes, which any later walk over it would take hours for)."""
+    stack, seen = [value], 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > limit:
+            raise FileRefused(f"{path} holds more than {limit} objects (nested shared references); refusing it")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+        elif isinstance(item, _ScriptObject):
+            stack.append(getattr(item, "state", None))
+
+
+def _zip_entry(archive, name, file_size, budget, path, expected=None) -> bytearray:
+    """The bytes of one zip entry, its sizes checked against the real file before anything is allocated:
+    stored entries hold what they take in the file; deflated ones are charged to the budget (zip bombs)."""
+    try:
+        info = archive.getinfo(name)
+    except KeyError:
+        raise FileRefused(f"{path}: {name} is missing from the archive") from None
+    stored = info.compress_type == zipfile.ZIP_STORED
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise FileRefused(f"{path}: {name} uses zip compression method {info.compress_type}; torch writes stored entries")
+    if info.header_offset + info.compress_size > file_size or (stored and info.file_size != info.compress_size):
+        raise FileRefused(f"{path}: zip entry {name} claims {info.file_size} bytes ({info.compress_size} in the file) "
+                          f"but the file has {file_size} bytes; refusing it")
+    if expected is not None and info.file_size != expected:
+        raise FileRefused(f"{path}: {name} holds {info.file_size} bytes, not the {expected} its tensors need")
+    if not stored:
+        try:
+            _charge(budget, info.file_size, f"zip entry {name} ({info.file_size} bytes deflated from {info.compress_size})")
+        except pickle.UnpicklingError as e:
+            raise FileRefused(f"{path}: {e}; refusing it (a zip bomb?)") from None
+    buffer = bytearray(info.file_size)
+    with archive.open(info) as f:
+        view, done = memoryview(buffer), 0
+        while done < len(buffer) and (got := f.readinto(view[done:])):
+            done += got
+    if done != len(buffer):
+        raise FileRefused(f"{path}: zip entry {name} ended after {done} of {len(buffer)} bytes (truncated)")
+    return buffer
+
+
+def _zip_prefix(archive, marker=None):
+    """The folder of a torch zip inside it ('ViT-B-32/', 'archive/'): the one holding data.pkl (and, for a
+    TorchScript archive, constants.pkl). None if there is none."""
+    names = set(archive.namelist())
+    for name in names:
+        folder = name[: -len("data.pkl")]
+        if name.endswith("data.pkl") and folder.count("/") == 1 and (marker is None or folder + marker in names):
+            return folder
+    return None
+
+
+def _read_zip(path, max_bytes=None, script=False):
+    """What the data.pkl of a torch zip (torch.save's format, or a TorchScript archive with `script`) holds."""
+    file_size = os.path.getsize(path)
+    budget = [4 * file_size + (1 << 20) if max_bytes is None else max_bytes, None]
+    budget[1] = f"{budget[0]} bytes (max_bytes, by default 4x the file's size plus 1 MiB)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            prefix = _zip_prefix(archive, "constants.pkl" if script else None)
+            if prefix is None:
+                raise FileRefused(f"{path} is a zip file but not a torch file (no data.pkl"
+                                  f"{' beside constants.pkl' if script else ''})")
+            if prefix + "byteorder" in archive.namelist():
+                order = bytes(_zip_entry(archive, prefix + "byteorder", file_size, budget, path)).decode(errors="replace")
+                if order.strip() != sys.byteorder:
+                    raise FileRefused(f"{path} was written on a {order.strip()[:20]}-endian machine; this one is "
+                                      f"{sys.byteorder}-endian")
+
+            def storage(key, dtype, numel):
+                data = _zip_entry(archive, f"{prefix}data/{key}", file_size, budget, path, numel * dtype.itemsize)
+                return torch.frombuffer(data, dtype=dtype) if numel else torch.empty(0, dtype=dtype)
+
+            data = _zip_entry(archive, prefix + "data.pkl", file_size, budget, path)
+            value = _BoundedUnpickler(io.BytesIO(data), storage, budget, script).load()
+    except FileRefused:
+        raise
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, TypeError,
+            KeyError, IndexError, AttributeError, OverflowError, MemoryError) as e:
+        raise FileRefused(f"{path}: unreadable {'TorchScript archive' if script else 'torch file'}: {_one_line(e)}") from None
+    _count_objects(value, path)
+    return value
+
+
+def _read_legacy(path, max_bytes=None):
+    """torch.save's pre-zip format: magic number, protocol, system info and the object as pickles, the list
+    of storage keys, then each storage as an 8-byte element count and its bytes."""
+    with open(path, "rb") as f:
+        raw = f.read()  # the real content, nothing more
+    budget = [4 * len(raw) + (1 << 20) if max_bytes is None else max_bytes, None]
+    budget[1] = f"{budget[0]} bytes (max_bytes, by default 4x the file's size plus 1 MiB)"
+    storages, stream, claimed = {}, io.BytesIO(raw), [0]
+
+    def storage(key, dtype, numel):  # filled from the end of the file once the object is read
+        claimed[0] += numel * dtype.itemsize
+        if claimed[0] > len(raw):
+            raise pickle.UnpicklingError(f"storage {key} claims {numel} x {dtype}, more than the file's {len(raw)} bytes")
+        storages[key] = (dtype, numel, bytearray(numel * dtype.itemsize))
+        return torch.frombuffer(storages[key][2], dtype=dtype) if numel else torch.empty(0, dtype=dtype)
+
+    def unpickle():  # the pure-Python unpickler reads no further than its pickle: the next one continues there
+        return _BoundedUnpickler(stream, storage, budget).load()
+
+    try:
+        if unpickle() != LEGACY_MAGIC:
+            raise FileRefused(f"{path} is neither a safetensors file, a TorchScript archive nor a torch checkpoint "
+                              f"(torch.save's zip or legacy format)")
+        unpickle(), unpickle()  # protocol version, system information
+        value, keys = unpickle(), unpickle()
+        if not (isinstance(keys, list) and sorted(keys) == sorted(storages)):
+            raise pickle.UnpicklingError("the list of storages does not match the tensors")
+        for key in keys:
+            dtype, numel, buffer = storages[key]
+            if int.from_bytes(stream.read(8), "little") != numel or stream.readinto(buffer) != len(buffer):
+                raise pickle.UnpicklingError(f"storage {key} is not the {numel} x {dtype} its tensors need (truncated?)")
+    except FileRefused:
+        raise
+    except Exception as e:  # noqa: BLE001  any pickle-level failure of a file from outside is one line
+        raise FileRefused(f"{path} is neither a safetensors file, a TorchScript archive nor a readable torch "
+                          f"checkpoint: {_one_line(e)}") from None
+    _count_objects(value, path)
+    return value
+
+
+def read_checkpoint(path, max_bytes: int | None = None):
+    """What a `torch.save` file (zip or legacy format) holds, like `torch.load(weights_only=True)` but bounded:
+    tensors, containers and builtins only, nothing in the file runs, and memory stays within `max_bytes` of
+    tensors (default 4x the file's size plus 1 MiB) and MAX_OBJECTS objects. Raises FileRefused, one line."""
+    path = os.path.expanduser(str(path))
+    if zipfile.is_zipfile(path):
+        return _read_zip(path, max_bytes)
+    return _read_legacy(path, max_bytes)
 
 
 def _module_tensors(obj, prefix, out, source):
@@ -616,9 +626,9 @@ def _module_tensors(obj, prefix, out, source):
         # serialisation) can only be understood by running its `__setstate__`. Without tensors it is
         # skipped; with tensors it is refused rather than guessed.
         if _holds_tensor(state):
-            raise ValueError(f"{source}: {prefix.rstrip('.') or 'the root module'} ({obj.type_name}) stores its "
-                             f"tensors through its own __setstate__ code, which is never run here; save its "
-                             f"state_dict() with torch.save instead")
+            raise FileRefused(f"{source}: {prefix.rstrip('.') or 'the root module'} ({obj.type_name}) stores its "
+                              f"tensors through its own __setstate__ code, which is never run here; save its "
+                              f"state_dict() with torch.save instead")
         return
     for name, value in state.items():
         if isinstance(value, torch.Tensor):
@@ -627,65 +637,31 @@ def _module_tensors(obj, prefix, out, source):
             _module_tensors(value, f"{prefix}{name}.", out, source)
 
 
-def _torchscript_prefix(archive) -> str | None:
-    """The folder of a TorchScript archive inside its zip ('ViT-B-32/', 'archive/'), None for other zips."""
-    names = set(archive.namelist())
-    for name in names:
-        folder = name[: -len("data.pkl")]
-        if name.endswith("data.pkl") and folder.count("/") == 1 and folder + "constants.pkl" in names:
-            return folder
-    return None
+def _holds_tensor(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_tensor(v) for v in value.values())
+    return isinstance(value, torch.Tensor) or (isinstance(value, _ScriptObject) and _holds_tensor(getattr(value, "state", None)))
 
 
 def read_torchscript(path: str) -> dict:
     """The parameters and buffers of a TorchScript archive ({name: tensor}, the names of its state_dict()),
     read from `data.pkl` and `data/<key>` without `torch.jit.load`: no code of the archive runs."""
-    with zipfile.ZipFile(path) as archive:
-        prefix = _torchscript_prefix(archive)
-        if prefix is None:
-            raise ValueError(f"{path} is a zip file but not a TorchScript archive (no data.pkl beside constants.pkl)")
-        order = prefix + "byteorder"
-        if order in archive.namelist() and archive.read(order).decode().strip() != sys.byteorder:
-            raise ValueError(f"{path} was written on a {archive.read(order).decode().strip()}-endian machine; "
-                             f"this one is {sys.byteorder}-endian")
-        try:
-            with archive.open(prefix + "data.pkl") as f:
-                root = _ArchiveUnpickler(f, archive, prefix, path).load()
-        except (pickle.UnpicklingError, RuntimeError, EOFError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: unreadable TorchScript archive: {_one_line(e)}") from None
+    root = _read_zip(path, script=True)
     if not isinstance(root, _ScriptObject):
-        raise ValueError(f"{path}: the archive's data.pkl holds a {type(root).__name__}, not a module")
+        raise FileRefused(f"{path}: the archive's data.pkl holds a {type(root).__name__}, not a module")
     tensors = {}
     _module_tensors(root, "", tensors, path)
     return tensors
 
 
-def hf_config(path: str) -> dict | None:
-    """The Hugging Face `config.json` of a folder, or of the folder holding a weights file; None if absent."""
-    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    config = os.path.join(folder, "config.json")
-    if not os.path.isfile(config):
-        return None
-    try:
-        with open(config, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{config}: unreadable ({_one_line(e)})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{config}: a JSON {type(value).__name__}, not a model configuration")
-    # Choice: beside a single file, only a configuration that describes a (Chinese-)CLIP counts; any other
-    # config.json next to it (of a run folder, another model) is not this file's.
-    if not os.path.isdir(path) and value.get("model_type") not in ("clip", "chinese_clip"):
-        return None
-    return value
-
-
 def read_weights(path: str):
     """Everything a weights file (or Hugging Face model folder) holds, and its config.json if any:
     returns (checkpoint, config). `checkpoint` is a {name: tensor} dict for safetensors and TorchScript
-    archives, and what `torch.load(weights_only=True)` gives for other pickles ({"state_dict": ...} forms
-    included). The format is read from the file's first bytes, not its name (Hugging Face cache blobs have
-    none). No code in the file runs in any case."""
+    archives, and what `read_checkpoint` gives for other torch files ({"state_dict": ...} forms included).
+    The format is read from the file's first bytes, not its name (Hugging Face cache blobs have none). No
+    code in the file runs, and no size it declares is trusted."""
     path = os.path.expanduser(str(path))
     config = hf_config(path)
     if os.path.isdir(path):
@@ -699,90 +675,11 @@ def read_weights(path: str):
         head = f.read(9)
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
-            is_torchscript = _torchscript_prefix(archive) is not None
-        if is_torchscript:
-            return read_torchscript(path), config
-    elif path.endswith(".safetensors") or head[8:9] == b"{":  # an 8-byte length, then the JSON header
+            is_torchscript = _zip_prefix(archive, "constants.pkl") is not None
+        return (read_torchscript(path) if is_torchscript else _read_zip(path)), config
+    if path.endswith(".safetensors") or head[8:9] == b"{":  # an 8-byte length, then the JSON header
         return read_safetensors(path), config
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True), config
-    except Exception as e:  # torch raises many types for a file that is not its format
-        raise ValueError(f"{path} is neither a safetensors file, a TorchScript archive nor a tensors-only torch "
-                         f"checkpoint: {_one_line(e)}") from None
-
-
-# Hugging Face CLIPModel names -> OpenAI's. Per block: q/k/v projections are merged into in_proj (below).
-_HF_CLIP_NAMES = {
-    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-    "text_model.embeddings.position_embedding.weight": "positional_embedding",
-    "text_model.final_layer_norm.weight": "ln_final.weight",
-    "text_model.final_layer_norm.bias": "ln_final.bias",
-    "vision_model.embeddings.class_embedding": "visual.class_embedding",
-    "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
-    "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
-    "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",  # sic: Hugging Face's spelling
-    "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
-    "vision_model.post_layernorm.weight": "visual.ln_post.weight",
-    "vision_model.post_layernorm.bias": "visual.ln_post.bias",
-    "logit_scale": "logit_scale",
-}
-_HF_BLOCK_NAMES = {"self_attn.out_proj.": "attn.out_proj.", "layer_norm1.": "ln_1.", "layer_norm2.": "ln_2.",
-                   "mlp.fc1.": "mlp.c_fc.", "mlp.fc2.": "mlp.c_proj."}
-
-
-def from_hugging_face(state_dict: dict) -> dict:
-    """A Hugging Face CLIPModel state dict in OpenAI's names. The projections are nn.Linear weights (E, D)
-    there and (D, E) matrices here, so they are transposed; `position_ids` (an index buffer) is dropped. A
-    key of neither form keeps its name, so that strict loading reports it."""
-    out, qkv = {}, {}
-    for key, value in state_dict.items():
-        block = re.fullmatch(r"(text|vision)_model\.encoder\.layers\.(\d+)\.(.+)", key)
-        if key.endswith("embeddings.position_ids"):
-            continue
-        elif key in _HF_CLIP_NAMES:
-            out[_HF_CLIP_NAMES[key]] = value
-        elif key in ("text_projection.weight", "visual_projection.weight"):
-            out["text_projection" if key[0] == "t" else "visual.proj"] = value.t().contiguous()  # (E, D) -> (D, E)
-        elif block:
-            tower, index, rest = block.groups()
-            prefix = f"{'visual.' if tower == 'vision' else ''}transformer.resblocks.{index}."
-            projection = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
-            mapped = [ours + rest[len(hf):] for hf, ours in _HF_BLOCK_NAMES.items() if rest.startswith(hf)]
-            if projection:
-                qkv.setdefault(f"{prefix}attn.in_proj_{projection[2]}", {})[projection[1]] = (key, value)
-            elif mapped:
-                out[prefix + mapped[0]] = value
-            else:
-                out[key] = value
-        else:
-            out[key] = value
-    for name, parts in qkv.items():
-        missing = [m for m in "qkv" if m not in parts]
-        if missing:
-            present, (key, _) = next(iter(parts.items()))  # e.g. text_model.encoder.layers.3.self_attn.q_proj.bias
-            raise ValueError(f"Hugging Face CLIP checkpoint is missing key "
-                             f"{key.replace(f'.{present}_proj.', f'.{missing[0]}_proj.')}")
-        # MultiheadAttention's packed layout: rows [q; k; v]. (3D, D) weights, (3D,) biases.
-        out[name] = torch.cat([parts[p][1] for p in "qkv"])
-    return out
-
-
-def _check_hf_clip_config(config: dict, source: str):
-    """Refuse a Hugging Face CLIP whose configuration computes something this file's CLIP does not."""
-    if config.get("model_type") not in (None, "clip"):
-        hint = "; it is Chinese-CLIP: pass it as the Chinese text tower" if config["model_type"] == "chinese_clip" else ""
-        raise ValueError(f"{source}: config.json says model_type {config['model_type']!r}, not 'clip'{hint}")
-    for tower in ("text_config", "vision_config"):
-        c = config.get(tower) or {}
-        if c.get("hidden_act", "quick_gelu") != "quick_gelu":  # transformers' default for CLIP is quick_gelu
-            raise ValueError(f"{source}: {tower}.hidden_act is {c['hidden_act']!r}; clip.py implements OpenAI's "
-                             f"'quick_gelu' only, so this model's outputs would differ")
-        if c.get("layer_norm_eps", 1e-5) != 1e-5:
-            raise ValueError(f"{source}: {tower}.layer_norm_eps is {c['layer_norm_eps']}; clip.py uses OpenAI's 1e-5")
-        width, heads = c.get("hidden_size"), c.get("num_attention_heads")
-        if width and heads and width != 64 * heads:
-            raise ValueError(f"{source}: {tower} has {heads} heads of width {width // heads}; clip.py builds "
-                             f"OpenAI's 64-wide heads (width / 64 = {width // 64})")
+    return _read_legacy(path), config
 
 
 def _read_state_dict(path: str) -> dict:
@@ -814,7 +711,8 @@ def load(name_or_path: str, device=None, download_root: str = "~/.cache/clip", d
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if name_or_path in _MODELS:
-        path = _download(_MODELS[name_or_path], os.path.expanduser(download_root))
+        url = _MODELS[name_or_path]
+        path = download(url, os.path.expanduser(download_root), sha256=url.split("/")[-2])
     elif name_or_path in _RESNET_MODELS:
         raise ValueError(f"ResNet CLIP {name_or_path!r} is not supported; supported: {', '.join(_MODELS)}")
     elif os.path.exists(os.path.expanduser(name_or_path)):
@@ -827,43 +725,11 @@ def load(name_or_path: str, device=None, download_root: str = "~/.cache/clip", d
                          f"a checkpoint file or Hugging Face model folder")
     state_dict = _read_state_dict(path)
     file_dtype = state_dict["visual.proj"].dtype if "visual.proj" in state_dict else torch.float32
-    model = build_model(state_dict, copy=False)
+    model = build_model(state_dict, copy=False, source=path)
     if dtype is None:
         dtype = file_dtype if device.type == "cuda" else torch.float32
     model = model.to(device=device, dtype=dtype)
     return model, Preprocess(model.visual.input_resolution)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Preprocessing (torchvision-free equivalent of OpenAI's Resize(bicubic), CenterCrop, ToTensor, Normalize)
-# ----------------------------------------------------------------------------------------------------------
-
-class Preprocess:
-    """PIL image -> (3, n_px, n_px) float tensor: bicubic resize of the short side to n_px, centre crop,
-    CLIP mean/std."""
-
-    def __init__(self, n_px: int):
-        self.n_px = n_px
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        w, h = image.size
-        short, long = min(w, h), max(w, h)
-        new_long = int(self.n_px * long / short)  # torchvision's rounding of the long side
-        size = (self.n_px, new_long) if w <= h else (new_long, self.n_px)
-        if size != (w, h):
-            image = image.resize(size, Image.BICUBIC)
-        w, h = image.size
-        left, top = int(round((w - self.n_px) / 2.0)), int(round((h - self.n_px) / 2.0))
-        image = image.crop((left, top, left + self.n_px, top + self.n_px))
-        # RGB conversion after resize and crop, in OpenAI's order: it matters for palette and RGBA images.
-        image = image.convert("RGB")
-        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255  # (3, H, W)
-        mean = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
-        std = torch.tensor(OPENAI_STD).view(3, 1, 1)
-        return (x - mean) / std
-
-    def __repr__(self):
-        return f"Preprocess(n_px={self.n_px}, bicubic short-side resize, centre crop, CLIP mean/std)"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -902,6 +768,9 @@ class SimpleTokenizer:
     def __init__(self, bpe_path: str = str(ASSETS / "bpe_simple_vocab_16e6.txt.gz")):
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
+        if not os.path.isfile(bpe_path):
+            raise FileNotFoundError(f"the BPE vocabulary {bpe_path} is missing: copy assets/bpe_simple_vocab_16e6.txt.gz "
+                                    f"of this repository into an assets/ folder beside clip.py")
         merges = gzip.open(bpe_path).read().decode("utf-8").split("\n")
         merges = [tuple(m.split()) for m in merges[1:49152 - 256 - 2 + 1]]
         vocab = list(bytes_to_unicode().values())
@@ -992,88 +861,198 @@ def tokenize(texts, context_length: int = 77, truncate: bool = False) -> torch.T
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Benchmark: `python clip.py --bench` (encode_image throughput against OpenAI's code, same weights)
+# Preprocessing (torchvision-free equivalent of OpenAI's Resize(bicubic), CenterCrop, ToTensor, Normalize)
 # ----------------------------------------------------------------------------------------------------------
 
-def _openai_model_module():
-    """OpenAI's clip/model.py from the installed `openai-clip` package, loaded by path under another module
-    name (this file shadows `clip`; the package's __init__ needs torchvision). Benchmark only."""
-    import importlib.metadata
-    import importlib.util
-    try:
-        path = importlib.metadata.distribution("openai-clip").locate_file("clip/model.py")
-    except importlib.metadata.PackageNotFoundError:
-        raise SystemExit("the benchmark compares against OpenAI's reference code, which is not installed: "
-                         "pip install --no-deps openai-clip") from None
-    spec = importlib.util.spec_from_file_location("openai_clip_model", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+class Preprocess:
+    """PIL image -> (3, n_px, n_px) float tensor: bicubic resize of the short side to n_px, centre crop,
+    CLIP mean/std."""
+
+    def __init__(self, n_px: int):
+        self.n_px = n_px
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        w, h = image.size
+        short, long = min(w, h), max(w, h)
+        new_long = int(self.n_px * long / short)  # torchvision's rounding of the long side
+        size = (self.n_px, new_long) if w <= h else (new_long, self.n_px)
+        if size != (w, h):
+            image = image.resize(size, Image.BICUBIC)
+        w, h = image.size
+        left, top = int(round((w - self.n_px) / 2.0)), int(round((h - self.n_px) / 2.0))
+        image = image.crop((left, top, left + self.n_px, top + self.n_px))
+        # RGB conversion after resize and crop, in OpenAI's order: it matters for palette and RGBA images.
+        image = image.convert("RGB")
+        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255  # (3, H, W)
+        mean = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
+        std = torch.tensor(OPENAI_STD).view(3, 1, 1)
+        return (x - mean) / std
+
+    def __repr__(self):
+        return f"Preprocess(n_px={self.n_px}, bicubic short-side resize, centre crop, CLIP mean/std)"
 
 
-def bench(arch: str = "ViT-B/16", batch: int = 8, iters: int = 5, device=None, precision=None):
-    """Print `encode_image` throughput (images/s) of this file's CLIP and of OpenAI's on the same random
-    weights. precision: "fp32" or "bf16" (autocast); default fp32 on CPU, bf16 on CUDA. Returns
-    {"ours": ips, "openai": ips}."""
-    import time
-    reference = _openai_model_module()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(0)
-    ours = CLIP(**ARCHS[arch]).eval()
-    theirs = reference.CLIP(**ARCHS[arch]).eval()  # fp32: OpenAI's build_model would convert it to fp16
-    theirs.load_state_dict(ours.state_dict())
-    ours, theirs = ours.to(device), theirs.to(device)
-    res = ARCHS[arch]["image_resolution"]
-    images = torch.randn(batch, 3, res, res, device=device)
-    # Choice: fp32 on CPU by default (bf16 matmuls are slow on most CPUs); bf16 autocast on CUDA, as training runs.
-    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision {precision!r}; valid: fp32, bf16")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+# ----------------------------------------------------------------------------------------------------------
+# Other weight forms: Hugging Face CLIPModel (safetensors, pytorch_model.bin, folders)
+# ----------------------------------------------------------------------------------------------------------
 
-    def run(model):
-        with torch.inference_mode(), autocast:
-            out = model.encode_image(images)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    a, b = run(ours).float(), run(theirs).float()  # warm-up, and a check that both compute the same
-    rel = ((a - b).norm() / b.norm()).item()
-    times = {"ours": [], "openai": []}
-    for _ in range(iters):  # interleaved, so that a slow spell of the machine hits both alike
-        for name, model in (("ours", ours), ("openai", theirs)):
-            start = time.perf_counter()
-            run(model)
-            times[name].append(time.perf_counter() - start)
-    ips = {name: batch / min(t) for name, t in times.items()}  # best of `iters`: the least disturbed run
-    precision = "bf16 autocast" if precision == "bf16" else "fp32"
-    print(f"encode_image {arch} on {device.type} ({precision}), batch {batch}, best of {iters}, "
-          f"{torch.get_num_threads()} threads; relative difference of the outputs {rel:.1e}")
-    print(f"  clip.py : {ips['ours']:8.1f} images/s")
-    print(f"  OpenAI  : {ips['openai']:8.1f} images/s")
-    print(f"  speed-up: {ips['ours'] / ips['openai']:.2f}x")
-    return ips
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+SAFETENSORS_MAX_HEADER = 100_000_000  # bytes; the limit of the safetensors library itself
+HF_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")  # in Hugging Face's order of preference
 
 
-def main(argv=None):
-    import argparse
-    parser = argparse.ArgumentParser(description="CLIP ViT (clip.py): benchmark against OpenAI's code.")
-    parser.add_argument("--bench", action="store_true", help="time encode_image against OpenAI's clip/model.py")
-    parser.add_argument("--arch", default="ViT-B/16", choices=list(ARCHS), help="architecture (random weights)")
-    parser.add_argument("--batch", type=int, default=8, help="images per forward")
-    parser.add_argument("--iters", type=int, default=5, help="timed forwards per model (the best is reported)")
-    parser.add_argument("--device", default=None, choices=["cpu", "cuda"],
-                        help="one device (default: cpu, then cuda too if available)")
-    parser.add_argument("--precision", default=None, choices=["fp32", "bf16"],
-                        help="fp32, or bf16 autocast (default: fp32 on cpu, bf16 on cuda)")
-    args = parser.parse_args(argv)
-    if not args.bench:
-        parser.print_help()
+def read_safetensors(path: str) -> dict:
+    """A `.safetensors` file -> {name: tensor}: an 8-byte little-endian header length N, N bytes of JSON
+    ({name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}), then the raw
+    little-endian buffers, which must tile the rest of the file exactly. Any header that does not describe
+    the file is refused with one line."""
+    if sys.byteorder != "little":
+        raise FileRefused(f"{path}: safetensors buffers are little-endian; this {sys.byteorder}-endian machine "
+                         f"cannot use them as they are")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise FileRefused(f"{path}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
+        n = int.from_bytes(head, "little")
+        if not 2 <= n <= min(SAFETENSORS_MAX_HEADER, size - 8):
+            raise FileRefused(f"{path}: safetensors header length {n} does not fit a {size}-byte file (truncated, "
+                             f"or not a safetensors file)")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FileRefused(f"{path}: safetensors header is not JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise FileRefused(f"{path}: safetensors header is a JSON {type(header).__name__}, not an object")
+        header.pop("__metadata__", None)
+        entries = []
+        for name, info in header.items():
+            ok = (isinstance(info, dict) and info.get("dtype") in SAFETENSORS_DTYPES
+                  and isinstance(info.get("shape"), list) and isinstance(info.get("data_offsets"), list)
+                  and len(info["data_offsets"]) == 2
+                  and all(type(d) is int and 0 <= d < 2 ** 63 for d in info["shape"] + info["data_offsets"]))
+            if not ok:
+                raise FileRefused(f"{path}: safetensors header entry {name!r} is not {{dtype in "
+                                 f"{'/'.join(SAFETENSORS_DTYPES)}, shape, data_offsets}}: {str(info)[:200]}")
+            entries.append((info["data_offsets"][0], info["data_offsets"][1], name, info))
+        data_size = size - 8 - n
+        position = 0
+        for begin, end, name, info in sorted(entries):
+            nbytes = math.prod(info["shape"]) * SAFETENSORS_DTYPES[info["dtype"]].itemsize  # Python ints: no wrap
+            if begin != position or end - begin != nbytes:
+                raise FileRefused(f"{path}: safetensors header lies about {name!r}: bytes [{begin}, {end}) for "
+                                 f"{info['dtype']} {info['shape']} ({nbytes} bytes), expected to start at {position}")
+            position = end
+        if position != data_size:
+            raise FileRefused(f"{path}: safetensors header describes {position} bytes of tensors but the file holds "
+                             f"{data_size} (truncated or padded)")
+        buffer = bytearray(data_size)
+        if f.readinto(buffer) != data_size:
+            raise FileRefused(f"{path}: file ended while reading its tensors (truncated)")
+    tensors = {}
+    for begin, end, name, info in entries:
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        if begin == end:
+            tensors[name] = torch.empty(info["shape"], dtype=dtype)
+        elif begin % dtype.itemsize:  # an odd offset (after an odd-length int8/fp16 tensor): copy to align
+            tensors[name] = torch.frombuffer(bytearray(buffer[begin:end]), dtype=dtype).reshape(info["shape"])
+        else:  # a view of the one buffer, no copy
+            tensors[name] = torch.frombuffer(buffer, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                             offset=begin).reshape(info["shape"])
+    return tensors
+
+
+def hf_config(path: str) -> dict | None:
+    """The Hugging Face `config.json` of a folder, or of the folder holding a weights file; None if absent."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    config = os.path.join(folder, "config.json")
+    if not os.path.isfile(config):
         return None
-    devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    return {device: bench(args.arch, args.batch, args.iters, device, args.precision) for device in devices}
+    try:
+        with open(config, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config}: unreadable ({_one_line(e)})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{config}: a JSON {type(value).__name__}, not a model configuration")
+    # Choice: beside a single file, only a configuration that describes a (Chinese-)CLIP counts; any other
+    # config.json next to it (of a run folder, another model) is not this file's.
+    if not os.path.isdir(path) and value.get("model_type") not in ("clip", "chinese_clip"):
+        return None
+    return value
 
 
-if __name__ == "__main__":
-    main()
+# Hugging Face CLIPModel names -> OpenAI's. Per block: q/k/v projections are merged into in_proj (below).
+_HF_CLIP_NAMES = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+    "vision_model.embeddings.class_embedding": "visual.class_embedding",
+    "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+    "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+    "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",  # sic: Hugging Face's spelling
+    "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+    "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+    "vision_model.post_layernorm.bias": "visual.ln_post.bias",
+    "logit_scale": "logit_scale",
+}
+_HF_BLOCK_NAMES = {"self_attn.out_proj.": "attn.out_proj.", "layer_norm1.": "ln_1.", "layer_norm2.": "ln_2.",
+                   "mlp.fc1.": "mlp.c_fc.", "mlp.fc2.": "mlp.c_proj."}
+
+
+def from_hugging_face(state_dict: dict) -> dict:
+    """A Hugging Face CLIPModel state dict in OpenAI's names. The projections are nn.Linear weights (E, D)
+    there and (D, E) matrices here, so they are transposed; `position_ids` (an index buffer) is dropped. A
+    key of neither form keeps its name, so that strict loading reports it."""
+    out, qkv = {}, {}
+    for key, value in state_dict.items():
+        block = re.fullmatch(r"(text|vision)_model\.encoder\.layers\.(\d+)\.(.+)", key)
+        if key.endswith("embeddings.position_ids"):
+            continue
+        elif key in _HF_CLIP_NAMES:
+            out[_HF_CLIP_NAMES[key]] = value
+        elif key in ("text_projection.weight", "visual_projection.weight"):
+            out["text_projection" if key[0] == "t" else "visual.proj"] = value.t().contiguous()  # (E, D) -> (D, E)
+        elif block:
+            tower, index, rest = block.groups()
+            prefix = f"{'visual.' if tower == 'vision' else ''}transformer.resblocks.{index}."
+            projection = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
+            mapped = [ours + rest[len(hf):] for hf, ours in _HF_BLOCK_NAMES.items() if rest.startswith(hf)]
+            if projection:
+                qkv.setdefault(f"{prefix}attn.in_proj_{projection[2]}", {})[projection[1]] = (key, value)
+            elif mapped:
+                out[prefix + mapped[0]] = value
+            else:
+                out[key] = value
+        else:
+            out[key] = value
+    for name, parts in qkv.items():
+        missing = [m for m in "qkv" if m not in parts]
+        if missing:
+            present, (key, _) = next(iter(parts.items()))  # e.g. text_model.encoder.layers.3.self_attn.q_proj.bias
+            raise ValueError(f"Hugging Face CLIP checkpoint is missing key "
+                             f"{key.replace(f'.{present}_proj.', f'.{missing[0]}_proj.')}")
+        # MultiheadAttention's packed layout: rows [q; k; v]. (3D, D) weights, (3D,) biases.
+        out[name] = torch.cat([parts[p][1] for p in "qkv"])
+    return out
+
+
+def _check_hf_clip_config(config: dict, source: str):
+    """Refuse a Hugging Face CLIP whose configuration computes something this file's CLIP does not."""
+    if config.get("model_type") not in (None, "clip"):
+        hint = "; it is Chinese-CLIP: pass it as the Chinese text tower" if config["model_type"] == "chinese_clip" else ""
+        raise ValueError(f"{source}: config.json says model_type {config['model_type']!r}, not 'clip'{hint}")
+    for tower in ("text_config", "vision_config"):
+        c = config.get(tower) or {}
+        if c.get("hidden_act", "quick_gelu") != "quick_gelu":  # transformers' default for CLIP is quick_gelu
+            raise ValueError(f"{source}: {tower}.hidden_act is {c['hidden_act']!r}; clip.py implements OpenAI's "
+                             f"'quick_gelu' only, so this model's outputs would differ")
+        if c.get("layer_norm_eps", 1e-5) != 1e-5:
+            raise ValueError(f"{source}: {tower}.layer_norm_eps is {c['layer_norm_eps']}; clip.py uses OpenAI's 1e-5")
+        width, heads = c.get("hidden_size"), c.get("num_attention_heads")
+        if width and heads and width != 64 * heads:
+            raise ValueError(f"{source}: {tower} has {heads} heads of width {width // heads}; clip.py builds "
+                             f"OpenAI's 64-wide heads (width / 64 = {width // 64})")

@@ -142,9 +142,11 @@ def test_labels_ssv1_keeps_placeholders_and_directions():
 # name `clip` and the package's __init__ needs torchvision, so its files are loaded by path as the submodules of a
 # differently named package, with stand-ins for the modules that only its image transforms and download bar use.
 # ==============================================================================================================
+import collections
 import hashlib
 import importlib.metadata
 import importlib.util
+import io
 import json
 import pickle
 import re
@@ -462,6 +464,13 @@ def test_clip_tokenize_truncate_and_overlong_error(clip_ref):
     assert torch.equal(clip.tokenize("a b c", context_length=5), exact.long())
 
 
+def test_clip_missing_vocabulary_is_one_clear_error(tmp_path):
+    p = run_copied_modules(tmp_path, ["clip.py"], "import clip\nclip.tokenize('a video')\n")
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode != 0 and last.startswith("FileNotFoundError")
+    assert "bpe_simple_vocab_16e6.txt.gz" in last and "copy assets/bpe_simple_vocab_16e6.txt.gz" in last
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Preprocessing: OpenAI's Compose([Resize(n, BICUBIC), CenterCrop(n), to RGB, ToTensor(), Normalize(mean, std)])
 # ---------------------------------------------------------------------------------------------------------
@@ -551,8 +560,8 @@ def clip_registry(tmp_path, clip_tiny_file, sha):
 @pytest.fixture
 def clip_urlopen_calls(monkeypatch):
     calls = []
-    real = urllib.request.urlopen
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, *a, **k: calls.append(url) or real(url, *a, **k))
+    real = torch.hub.urlopen  # clip.download goes through torch.hub.download_url_to_file
+    monkeypatch.setattr(torch.hub, "urlopen", lambda url, *a, **k: calls.append(url) or real(url, *a, **k))
     return calls
 
 
@@ -639,9 +648,12 @@ def test_clip_build_model_copies_and_random_is_flagged(clip_tiny_file, capsys):
 
 
 def test_clip_bench_runs_on_tiny(capsys):
-    ips = clip.main(["--bench", "--arch", "tiny", "--batch", "2", "--iters", "1", "--device", "cpu"])["cpu"]
-    assert ips["ours"] > 0 and ips["openai"] > 0
-    assert "images/s" in capsys.readouterr().out
+    bench = importlib.import_module("bench.clip_forward")
+    rows = bench.main(["--arch", "tiny", "--batch", "2", "--rounds", "1", "--device", "cpu"])["cpu"]
+    assert rows["clip.py"]["ips"] > 0 and rows["OpenAI"]["ips"] > 0 and rows["clip.py"]["cpu"] >= 0
+    out = capsys.readouterr().out
+    assert "images/s" in out and "CPU" in out and "interleaved" in out
+    assert not hasattr(clip, "main") and not hasattr(clip, "bench"), "clip.py keeps no benchmark code"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -838,6 +850,162 @@ def test_clip_torchscript_foreign_global_is_refused(tmp_path, capfd):
     assert "PICKLE CODE RAN" not in capfd.readouterr().out
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Crafted files: no size a file declares is trusted (each probe in a subprocess whose peak memory is measured)
+# ---------------------------------------------------------------------------------------------------------
+class ClipCraftedStorage:
+    """Pickled as the persistent id of a float storage `key` claiming `numel` elements."""
+
+    def __init__(self, key, numel, dtype_storage=torch.FloatStorage):
+        self.pid = ("storage", dtype_storage, key, "cpu", numel)
+
+
+class ClipCraftedTensor:
+    def __init__(self, storage, size, stride):
+        self.args = (storage, 0, size, stride, False, collections.OrderedDict())
+
+    def __reduce__(self):
+        return (torch._utils._rebuild_tensor_v2, self.args)
+
+
+class ClipCraftedPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        return obj.pid if isinstance(obj, ClipCraftedStorage) else None
+
+
+class ClipBytearrayBomb:
+    def __reduce__(self):
+        return (bytearray, (10 ** 10,))
+
+
+def clip_crafted_pickle(obj):
+    buffer = io.BytesIO()
+    ClipCraftedPickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
+def clip_crafted_zip(path, pkl, storages=(), claims=None, deflate=(), script=False):
+    """A zip in torch's layout (`archive/data.pkl`, `archive/data/<key>`; with `script`, a TorchScript archive's
+    `constants.pkl` too). `claims` {name: (size, also as its size in the file)} rewrites the central
+    directory's sizes of an entry (a lie);
+    `deflate` {name: n}: that entry is n zero bytes, deflated (a bomb)."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pkl)
+        if script:
+            archive.writestr("archive/constants.pkl", pickle.dumps(()))
+        for key, data in storages:
+            archive.writestr(f"archive/data/{key}", data)
+        for key, n in dict(deflate).items():
+            info = zipfile.ZipInfo(f"archive/data/{key}")
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with archive.open(info, "w", force_zip64=True) as f:
+                chunk = bytes(1 << 20)
+                for _ in range(n >> 20):
+                    f.write(chunk)
+        for info in archive.filelist:
+            if claims and info.filename in claims:
+                info.file_size, compressed = claims[info.filename]
+                info.compress_size = info.file_size if compressed else info.compress_size
+
+
+def clip_read_in_subprocess(path, call):
+    """Run `call` (e.g. "clip.load(PATH, device='cpu')") on the file in a fresh Python; returns (the one-line
+    refusal or 'READ', peak RSS in bytes)."""
+    import subprocess
+    code = ("import resource, sys, clip, text_branches\n"
+            f"PATH = {str(path)!r}\n"
+            f"try:\n    {call}\n    print('READ')\n"
+            "except (ValueError, RuntimeError) as e:\n    print('REFUSED', type(e).__name__, e)\n"
+            "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).resolve().parent, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.strip().splitlines()
+    return lines[-2], int(lines[-1].split()[1])
+
+
+def test_clip_bytearray_pickle_is_refused_in_little_memory(tmp_path):
+    # ~920 bytes that make torch's weights-only unpickler allocate 10 GB: an allowed global, bytearray(10**10)
+    bomb = tmp_path / "bomb.pt"
+    clip_crafted_zip(bomb, pickle.dumps({"visual.proj": ClipBytearrayBomb()}, protocol=2))
+    (tmp_path / "legacy.pt").write_bytes(pickle.dumps(ClipBytearrayBomb(), protocol=2))
+    assert bomb.stat().st_size < 1000
+    for path, call in ((bomb, "clip.load(PATH, device='cpu')"), (bomb, "clip.read_checkpoint(PATH)"),
+                       (bomb, "text_branches.load_chinese_clip(PATH)"), (tmp_path / "legacy.pt", "clip.read_checkpoint(PATH)")):
+        line, rss = clip_read_in_subprocess(path, call)
+        assert line.startswith("REFUSED") and "bytearray" in line and str(path) in line, line
+        assert rss < 2 ** 30, f"{call}: peak RSS {rss / 2 ** 30:.1f} GiB"
+
+
+@pytest.mark.parametrize("claim,compressed", [(3 * 10 ** 9, False), (4 * 10 ** 12, True)])  # zip64 sizes both
+def test_clip_zip_entry_that_lies_about_its_size_is_refused(tmp_path, claim, compressed):
+    path = tmp_path / "lies.pt"  # a TorchScript-format archive: 16 real bytes, the central directory claims more
+    pkl = clip_crafted_pickle({"w": ClipCraftedTensor(ClipCraftedStorage("0", claim // 4), (claim // 4,), (1,))})
+    clip_crafted_zip(path, pkl, [("0", bytes(16))], claims={"archive/data/0": (claim, compressed)},
+                     script=True)
+    assert path.stat().st_size < 1000
+    for call in ("clip.load(PATH, device='cpu')", "clip.read_torchscript(PATH)"):
+        line, rss = clip_read_in_subprocess(path, call)
+        assert line.startswith("REFUSED FileRefused") and f"claims {claim} bytes" in line, line
+        assert rss < 2 ** 30, f"peak RSS {rss / 2 ** 30:.1f} GiB"
+
+
+def test_clip_deflate_bomb_is_refused_before_inflating(tmp_path):
+    n = 5 << 28  # 1.25 GiB of zeros in about 1.3 MB
+    path = tmp_path / "bomb.pt"
+    pkl = clip_crafted_pickle({"w": ClipCraftedTensor(ClipCraftedStorage("0", n // 4), (n // 4,), (1,))})
+    clip_crafted_zip(path, pkl, deflate={"0": n})
+    assert path.stat().st_size < 2 * 2 ** 20
+    line, rss = clip_read_in_subprocess(path, "clip.read_checkpoint(PATH)")
+    assert line.startswith("REFUSED") and "zip bomb" in line and "max_bytes" in line, line
+    assert rss < 2 ** 30, f"peak RSS {rss / 2 ** 30:.1f} GiB"
+
+
+def test_clip_shared_fp16_storage_is_refused_before_widening(tmp_path, clip_tiny_file, monkeypatch):
+    # 53 KB of fp16 whose tensors all view one stored value: 1.6 GB as fp16 views, twice that widened
+    one = torch.zeros(1, dtype=torch.float16)
+    keys = list(torch.load(clip_tiny_file, weights_only=True))
+    torch.save({k: one.expand(4096, 4096) for k in keys}, tmp_path / "shared.pt")
+    assert (tmp_path / "shared.pt").stat().st_size < 100_000
+    line, rss = clip_read_in_subprocess(tmp_path / "shared.pt", "clip.load(PATH, device='cpu')")
+    assert line.startswith("REFUSED FileRefused") and "[4096, 4096]" in line and "max_bytes" in line, line
+    assert rss < 2 ** 30, f"peak RSS {rss / 2 ** 30:.1f} GiB"
+    # within the budget, shapes are compared with the architecture before any tensor is widened to fp32
+    state_dict = {k: v.half() for k, v in torch.load(clip_tiny_file, weights_only=True).items()}
+    state_dict["visual.ln_post.bias"] = torch.zeros(7, dtype=torch.float16)
+    widened, real_to = [], torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: widened.append(a) or real_to(t, *a, **k)
+                        if torch.float32 in a else real_to(t, *a, **k))
+    with pytest.raises(ValueError, match=r"visual\.ln_post\.bias.*\[7\]"):
+        clip.build_model(state_dict)
+    assert widened == []
+
+
+def test_clip_checkpoint_of_nested_shared_lists_is_refused(tmp_path):
+    nested = []
+    for _ in range(40):  # 2**40 references as a tree, a few hundred bytes as a pickle
+        nested = [nested, nested]
+    torch.save({"args": nested, "w": torch.ones(2)}, tmp_path / "memo.pt")
+    with pytest.raises(clip.FileRefused, match="more than .* objects"):
+        clip.read_checkpoint(tmp_path / "memo.pt")
+    torch.save({"args": [[1, 2.0, "x", None, True]] * 3, "w": torch.ones(2)}, tmp_path / "fine.pt")
+    ours, theirs = clip.read_checkpoint(tmp_path / "fine.pt"), torch.load(tmp_path / "fine.pt", weights_only=True)
+    assert ours["args"] == theirs["args"] and torch.equal(ours["w"], theirs["w"])
+
+
+def test_clip_read_checkpoint_equals_torch_load(tmp_path, clip_tiny_file):
+    state = {"model": torch.load(clip_tiny_file, weights_only=True), "step": 3, "rng": torch.get_rng_state(),
+             "ids": torch.arange(6).view(2, 3).t(), "half": torch.randn(4).half(), "empty": torch.zeros(0, 3),
+             "args": {"lr": 1e-3, "labels": ["run", "jump"], "pair": (1, 2)}, "dtype": torch.bfloat16}
+    for legacy in (False, True):
+        torch.save(state, tmp_path / "s.pt", _use_new_zipfile_serialization=not legacy)
+        ours, theirs = clip.read_checkpoint(tmp_path / "s.pt"), torch.load(tmp_path / "s.pt", weights_only=True)
+        assert ours.keys() == theirs.keys() and ours["args"] == theirs["args"] and ours["dtype"] == torch.bfloat16
+        for k in ("rng", "ids", "half", "empty"):
+            assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
+        assert all(torch.equal(v, theirs["model"][k]) for k, v in ours["model"].items())
+
+
 CLIP_ST_TENSORS = {"f32": torch.randn(3, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 3, 4).bfloat16(),
                    "odd": torch.randn(3).half(), "after_odd": torch.randn(4, 2), "ids": torch.arange(77)[None],
                    "empty": torch.zeros(0, 4), "scalar": torch.tensor(4.6052)}
@@ -863,7 +1031,7 @@ def clip_safetensors_bytes(header, data):
 @pytest.mark.parametrize("case,match", [
     ("truncated", "truncated"), ("short", "shorter than the 8-byte"), ("length", "header length"),
     ("json", "not JSON"), ("shape", "lies about 'w'"), ("overlap", "lies about"), ("dtype", "'w' is not"),
-    ("padded", "truncated or padded")])
+    ("padded", "truncated or padded"), ("huge", "'w' is not"), ("wrap", "lies about 'w'")])
 def test_clip_safetensors_bad_header_is_one_line(tmp_path, case, match):
     safetensors_torch = importlib.import_module("safetensors.torch")  # test-only; a missing install fails
     good = tmp_path / "good.safetensors"
@@ -880,6 +1048,9 @@ def test_clip_safetensors_bad_header_is_one_line(tmp_path, case, match):
                                            "b": {"dtype": "F32", "shape": [4], "data_offsets": [48, 64]}}, w),
         "dtype": clip_safetensors_bytes({"w": {"dtype": "F8_E9", "shape": [4, 4], "data_offsets": [0, 64]}}, w),
         "padded": clip_safetensors_bytes({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}}, w + b),
+        "huge": clip_safetensors_bytes({"w": {"dtype": "F32", "shape": [2 ** 70], "data_offsets": [0, 64]}}, w),
+        # 2**62 x 4 x 4 bytes is 2**66, 0 when wrapped in int64: it must not pass as an empty tensor
+        "wrap": clip_safetensors_bytes({"w": {"dtype": "F32", "shape": [2 ** 62, 4], "data_offsets": [0, 0]}}, b""),
     }
     bad = tmp_path / f"{case}.safetensors"
     bad.write_bytes(files[case])
@@ -913,7 +1084,7 @@ def test_clip_hugging_face_config_and_key_errors(tmp_path, clip_tiny_file):
     with pytest.raises(ValueError, match=re.escape(key)):
         clip.load(str(folder), device="cpu")
     safetensors_torch.save_file({**hf, "text_model.extra.weight": torch.zeros(2)}, folder / "model.safetensors")
-    with pytest.raises(ValueError, match=r"unexpected keys \['text_model\.extra\.weight'\]"):
+    with pytest.raises(ValueError, match=r"model does not match .*Unexpected key\(s\) in state_dict: \"text_model\.extra\.weight\"\.$"):
         clip.load(str(folder), device="cpu")
     (folder / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors, pytorch_model.bin"):
@@ -1091,6 +1262,35 @@ def test_chinese_tokenizer_known_ids():
     assert tb.tokenize_chinese("梳头")[0, :5].tolist() == [101, 3463, 1928, 102, 0]
     assert t.tokenize("Naïve, CAFÉ!") == ["na", "##ive", ",", "cafe", "!"]
     assert t.tokenize("x" * 201) == ["[UNK]"]
+
+
+def run_copied_modules(tmp_path, files, code):
+    """Copy `files` (paths relative to the repository) into an empty folder and run `code` there in a fresh
+    Python: a copied module must work with just what its docstring names."""
+    import shutil
+    import subprocess
+    root = pathlib.Path(__file__).resolve().parent
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / name, tmp_path / name)
+    env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_chinese_copied_with_clip_and_vocabularies_runs_alone(tmp_path):
+    files = ["clip.py", "text_branches.py", "assets/bpe_simple_vocab_16e6.txt.gz", "assets/vocab.txt"]
+    code = ("import clip, text_branches as tb, torch\n"
+            "tower = tb.build_random_chinese('tiny')\n"
+            "ids = tb.tokenize_chinese(['梳头', '跑步'])\n"
+            "print(tuple(tower.encode_text(ids).shape), clip.tokenize('a video about running')[0, :3].tolist())\n")
+    p = run_copied_modules(tmp_path, files, code)
+    assert p.returncode == 0, p.stderr
+    assert "(2, 64) [49406, 320, 1455]" in p.stdout
+    # without its vocabulary the copied module says which file to copy, once, when the tokenizer is first built
+    (tmp_path / "assets" / "vocab.txt").unlink()
+    p = run_copied_modules(tmp_path, [], "import text_branches as tb\ntb.tokenize_chinese(['梳头'])\n")
+    assert p.returncode != 0 and "copy assets/vocab.txt" in p.stderr.strip().splitlines()[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -2843,19 +3043,53 @@ def test_tpr_eq15_17_multi_positive_loss_by_hand():
         tb.multi_positive_contrastive_loss(logits, torch.tensor([0, 0, 5]), candidates)
 
 
+def old_multi_positive_loss(logits, labels, candidates, label_smoothing=0.0):
+    """text_branches' TPR Eq. (15)-(16) as it was written before F.cross_entropy: log_softmax x targets, by hand."""
+    positive = (labels[:, None] == candidates[None, :]).to(torch.float32)
+    logits = logits.float()
+    n_row, n_col = positive.sum(dim=1), positive.sum(dim=0)
+    B, A = positive.shape
+    eps = float(label_smoothing)
+    target_rows = (1 - eps) * positive / n_row[:, None] + eps / A
+    loss_rows = -(logits.log_softmax(dim=1) * target_rows).sum(dim=1).mean()
+    target_cols = (1 - eps) * positive / n_col.clamp(min=1)[None, :] + eps / B
+    loss_cols = -(logits.log_softmax(dim=0) * target_cols).sum(dim=0)[n_col > 0].mean()
+    return (loss_rows + loss_cols) / 2
+
+
+def old_multi_hot_loss(logits, labels, candidates):
+    """The authors' multi-hot loss as text_branches wrote it before F.cross_entropy."""
+    target = (labels[:, None] == candidates[None, :]).to(torch.float32)
+    logits = logits.float()
+    return (-(logits.log_softmax(dim=1) * target).sum(dim=1).mean()
+            - (logits.log_softmax(dim=0) * target).sum(dim=0).mean()) / 2
+
+
+def test_tpr_eq15_16_cross_entropy_form_equals_the_hand_written_loss():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        B = 2 + trial % 7
+        labels = torch.randint(0, 3, (B,), generator=g)  # repeated labels: several positives per row and column
+        extra = torch.randint(0, 5, (trial % 4,), generator=g)  # candidates of classes without a video too
+        candidates = torch.cat([labels[torch.randperm(B, generator=g)], extra])
+        logits = torch.randn(B, candidates.shape[0], generator=g) * 5
+        pairs = [(tb.multi_positive_contrastive_loss(logits, labels, candidates, eps),
+                  old_multi_positive_loss(logits, labels, candidates, eps)) for eps in (0.0, 0.1, 0.3)]
+        pairs.append((tb.multi_hot_contrastive_loss(logits, labels, candidates), old_multi_hot_loss(logits, labels, candidates)))
+        for new, old in pairs:  # 1e-6 relative: fp32 rounding of losses up to ~30 (fp32 epsilon is 1.2e-7)
+            assert abs(new.item() - old.item()) <= 1e-6 * max(1.0, abs(old.item())), (trial, new, old)
+
+
 def test_tpr_eq18_fusion_by_hand(tiny):
-    s_en, s_zh = torch.tensor([[0.2, 0.8]]), torch.tensor([[0.6, 0.4]])
-    assert torch.allclose(tb.fuse_scores(s_en, s_zh, 0.25), torch.tensor([[0.25 * 0.2 + 0.75 * 0.6, 0.25 * 0.8 + 0.75 * 0.4]]))
-    assert torch.equal(tb.fuse_scores(s_en, None), s_en)
-    with pytest.raises(ValueError, match="lam"):
-        tb.fuse_scores(s_en, s_zh, 1.5)
     model = tiny_tpr(tiny, lam=0.3)
     out = {"logits": {"en": torch.tensor([[1.0, 2.0]]), "zh": torch.tensor([[0.0, -1.0]])}}
     e = [math.exp(1) / (math.exp(1) + math.exp(2)), math.exp(2) / (math.exp(1) + math.exp(2))]
     z = [1 / (1 + math.exp(-1)), math.exp(-1) / (1 + math.exp(-1))]
     assert torch.allclose(model.scores(out), torch.tensor([[0.3 * e[k] + 0.7 * z[k] for k in range(2)]]), atol=1e-6)
-    assert torch.allclose(model.scores(out), tb.fuse_scores(out["logits"]["en"].softmax(-1),
-                                                            out["logits"]["zh"].softmax(-1), 0.3))
+    # fusion="cosine": Eq. (18) on the cosines of Eq. (5), logits * tau; without a Chinese branch S = S_VT
+    cosine = torch.tensor([[model.tau * (0.3 * 1.0 + 0.7 * 0.0), model.tau * (0.3 * 2.0 + 0.7 * -1.0)]])
+    assert torch.allclose(model.scores(out, fusion="cosine"), cosine, atol=1e-7)
+    assert torch.allclose(model.scores({"logits": {"en": out["logits"]["en"]}}), torch.tensor([e]), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,8 +1,17 @@
-"""Text branches: the Chinese-CLIP BERT text tower and its WordPiece tokenizer, TPR's English and Chinese
-label branches, the multi-positive contrastive loss (TPR Eq. (15)-(17)) and score fusion (TPR Eq. (18)).
+"""Text branches of TPR: the multi-positive contrastive loss (TPR Eq. (15)-(17)), the BiEfficient authors'
+multi-hot loss, then the Chinese-CLIP BERT text tower, its loader and its WordPiece tokenizer.
 
-Chinese-CLIP text tower (this top part of the file)
----------------------------------------------------
+Needs: torch, `clip.py` (its `read_weights`, the one reader of weights files from outside, and `download`,
+the one downloader) and `assets/vocab.txt` (Chinese-CLIP's WordPiece vocabulary) in an `assets/` folder beside
+this file. Copy the three to use this module alone (clip.py also needs assets/bpe_simple_vocab_16e6.txt.gz).
+
+TPR (Electronics 2024), Sec. 3.4-3.5: the English branch (the frozen CLIP text tower on "This is a video about
+{label}.", Table 5's prefixes, the label's word embeddings of TPR Eq. (6)) and the Chinese branch (the frozen
+ChineseCLIPText below on each class's Chinese label) are run once per label set by `prompts.TPR.set_classes`;
+TPR Eq. (18)'s fusion is `prompts.TPR.scores`. Here: the losses the engine trains with.
+
+Chinese-CLIP text tower
+-----------------------
 TPR (Sec. 3.3 and 4.1) encodes a predefined Chinese label dictionary with the frozen text encoder of
 Chinese-CLIP (Yang et al. 2022, "Chinese CLIP: Contrastive Vision-Language Pretraining in Chinese"), the
 RoBERTa-wwm-ext-base-chinese BERT of its ViT-B/16 checkpoint: the Chinese label embeddings epsilon_C that
@@ -10,11 +19,13 @@ TPR Eq. (16) contrasts with the video embeddings. This part mirrors the official
 - `cn_clip/clip/modeling_bert.py` (BertModel without the pooler, post-LayerNorm blocks, exact erf GELU,
   additive -10000 padding mask) and `cn_clip/clip/model.py` `CLIP.encode_text` (mask = ids != [PAD],
   the [CLS] output @ `text_projection`), with the official parameter names so the checkpoint's text keys
-  load with `strict=True` semantics and no renaming;
+  load with `strict=True` and no renaming;
 - `cn_clip/clip/utils.py` (`_MODELS`, `tokenize`) and `cn_clip/clip/bert_tokenizer.py` (`FullTokenizer`:
   basic tokenization, then greedy longest-match-first WordPiece), context length 52.
 
 Public API:
+    multi_positive_contrastive_loss(logits (B, A), labels (B,), candidates (A,), label_smoothing=0.0)
+    multi_hot_contrastive_loss(logits (B, A), labels (B,), candidates (A,))
     ChineseCLIPText(embed_dim, width, layers, heads, ...)   .encode_text(ids (A, N)) -> (A, E), = forward
     load_chinese_clip(name_or_path, device=None, download_root="~/.cache/chinese-clip") -> ChineseCLIPText
         (an official name, an official checkpoint, or a Hugging Face ChineseCLIPModel `model.safetensors`,
@@ -29,16 +40,83 @@ import logging
 import os
 import sys
 import unicodedata
-import urllib.request
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import clip  # clip.read_weights: the one reader of weights files from outside (no code in them runs)
+import clip  # clip.read_weights and clip.download: the one reader of weights files and the one downloader
 
 logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------------------
+# TPR Eq. (15)-(17): the multi-positive contrastive loss; the BiEfficient authors' multi-hot loss
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _positives(logits, labels, candidates):
+    """The (B, A) float mask of positives K(i) = {a : candidates[a] == labels[i]}; every video needs one."""
+    if logits.dim() != 2 or logits.shape != (labels.shape[0], candidates.shape[0]):
+        raise ValueError(f"logits {tuple(logits.shape)} must be (B, A) = ({labels.shape[0]}, {candidates.shape[0]})")
+    positive = (labels[:, None] == candidates[None, :]).to(torch.float32)  # (B, A)
+    if not bool((positive.sum(dim=1) > 0).all()):
+        missing = labels[positive.sum(dim=1) == 0].tolist()
+        raise ValueError(f"labels {missing} are not among the candidates; every video needs a positive text")
+    return positive
+
+
+def multi_positive_contrastive_loss(logits, labels, candidates, label_smoothing=0.0):
+    """TPR Eq. (15)/(16): the symmetric multi-positive contrastive loss.
+
+    logits (B, A): s(eps_V_i, eps_X_a) / tau for B videos and A candidate texts (already divided by tau).
+    labels (B,): each video's class; candidates (A,): each text's class (duplicates allowed; in training the
+    labels of the whole global batch, so A = B_global). Positives: K(i) = {a : candidates[a] == labels[i]}.
+
+      rows    = -1/B sum_i 1/|K(i)| sum_{a in K(i)} log softmax_over_a(logits[i])[a]    (the paper's L_T->V)
+      columns = -1/A' sum_a 1/|K(a)| sum_{i in K(a)} log softmax_over_i(logits[:, a])[i] (the paper's L_V->T)
+      L = (rows + columns) / 2
+
+    each direction one cross-entropy with probability targets 1/|K| on the positives.
+    Paper: TPR Eq. (15) writes both directions over a batch of B (video, text) pairs; with candidates = the
+    batch's labels this is exactly it. Choice: a column whose class has no video in `labels` has no positive
+    and no term in TPR Eq. (15); it is left out of the column average (A' = columns with a positive). Every row
+    must have a positive. TPR Eq. (17) sums this loss over the English and Chinese logits (done by the caller).
+
+    label_smoothing eps (TPR Sec. 4.4: SSv1 uses label smoothing): each direction's target distribution becomes
+    (1 - eps) * that + eps / (number of texts in a row, of videos in a column): cross_entropy's own
+    label_smoothing, identical to the single-positive form with one positive each.
+    """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing={label_smoothing} must lie in [0, 1)")
+    positive = _positives(logits, labels, candidates)  # (B, A)
+    logits, has_pos = logits.float(), positive.sum(dim=0) > 0  # columns with a positive; (A,)
+    to_texts = positive / positive.sum(dim=1, keepdim=True)  # (B, A), rows sum to 1
+    to_videos = (positive / positive.sum(dim=0, keepdim=True).clamp(min=1)).t()[has_pos]  # (A', B), rows sum to 1
+    loss_rows = F.cross_entropy(logits, to_texts, label_smoothing=label_smoothing)  # TPR Eq. (15): L_T->V
+    loss_cols = F.cross_entropy(logits.t()[has_pos], to_videos, label_smoothing=label_smoothing)  # TPR Eq. (15): L_V->T
+    return (loss_rows + loss_cols) / 2  # TPR Eq. (15) / TPR Eq. (16)
+
+
+def multi_hot_contrastive_loss(logits, labels, candidates):
+    """The loss of the BiEfficient authors' code (WbLiuBJTULab/BiEfficient train.py): nn.CrossEntropyLoss on
+    multi-hot targets y[i, a] = 1 where labels[i] == candidates[a] (their `gen_label`), NOT row-normalised,
+    in both directions, each averaged over its rows.
+
+      rows    = -1/B sum_i sum_{a in K(i)} log softmax_over_a(logits[i])[a]
+      columns = -1/A sum_a sum_{i in K(a)} log softmax_over_i(logits[:, a])[i]
+      L = (rows + columns) / 2
+
+    Paper: BiEfficient writes a contrastive loss (BiEfficient Eq. (10)) and does not say what a repeated class
+    does; the code sums the log-probabilities of all k positives of a row (TPR Eq. (15),
+    multi_positive_contrastive_loss, divides by k). With no repeated class both are the symmetric InfoNCE. In
+    the code A = B (the batch's own labels); every column then has a positive. A column without one
+    contributes 0 and still counts in the 1/A average, as nn.CrossEntropyLoss on an all-zero target row does.
+    """
+    target = _positives(logits, labels, candidates)  # (B, A) multi-hot, gen_label
+    logits = logits.float()
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target.t())) / 2  # rows, columns
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Chinese-CLIP BERT text tower (cn_clip/clip/modeling_bert.py, cn_clip/clip/model.py)
@@ -201,10 +279,6 @@ class ChineseCLIPText(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.text_projection, std=self.text_projection.shape[0] ** -0.5)
 
-    def encode_tokens(self, input_ids):
-        """The last BERT layer at every position: (A, N) ids -> (A, N, D)."""
-        return self.bert(input_ids)
-
     def encode_text(self, input_ids):
         """CLIP.encode_text of cn_clip: (A, N) ids from `tokenize_chinese` -> (A, E) text embeddings."""
         x = self.bert(input_ids)  # (A, N, D)
@@ -245,34 +319,7 @@ def available_models():
     return list(_MODELS)
 
 
-class DownloadError(RuntimeError):
-    """An official file could not be fetched (offline, server error); the message names the file and URL."""
-
-
-def _download(url, root):
-    """Fetch `url` into `root` (once); written to a .part file first so an interrupted download never
-    looks like a cached checkpoint."""
-    os.makedirs(root, exist_ok=True)
-    target = os.path.join(root, os.path.basename(url))
-    if os.path.isfile(target):
-        return target
-    part = target + ".part"
-    try:
-        with urllib.request.urlopen(url) as source, open(part, "wb") as out:
-            total, done = int(source.headers.get("Content-Length") or 0), 0
-            while chunk := source.read(1 << 20):
-                out.write(chunk)
-                done += len(chunk)
-                of_total = f" / {total / 2**20:.0f} MiB" if total else ""
-                print(f"\rdownloading {url}: {done / 2**20:.0f} MiB{of_total}", end="", file=sys.stderr)
-    except OSError as error:
-        if os.path.exists(part):
-            os.remove(part)
-        raise DownloadError(f"cannot download {os.path.basename(target)} from {url} ({clip._one_line(error)}); "
-                            f"download it elsewhere and pass its path, or place it at {target}") from None
-    print(file=sys.stderr)
-    os.replace(part, target)
-    return target
+DownloadError = clip.DownloadError  # an official file could not be fetched (offline, server error)
 
 
 def _text_state_dict(checkpoint, source):
@@ -397,7 +444,7 @@ def load_chinese_clip(name_or_path, device=None, download_root="~/.cache/chinese
     if name_or_path in _MODELS:
         url = _MODELS[name_or_path][1]
         root = os.path.expanduser(download_root)
-        path = _download(url, root)
+        path = clip.download(url, root)
         try:
             model = _load_file(path, heads)
         except Exception as first_error:
@@ -424,7 +471,7 @@ def _download_again(url, root, path, heads, first_error):
                    f"keeping the old file as {aside} until the new one loads")
     os.replace(path, aside)
     try:
-        _download(url, root)
+        clip.download(url, root)
         model = _load_file(path, heads)
     except BaseException as error:  # whatever happened (Ctrl-C too), the old file goes back in its place
         os.replace(aside, path)
@@ -497,7 +544,8 @@ class ChineseTokenizer:
 
     def __init__(self, vocab_file=Path(__file__).parent / "assets" / "vocab.txt"):
         if not os.path.isfile(vocab_file):
-            raise FileNotFoundError(f"no vocabulary file at {vocab_file}")
+            raise FileNotFoundError(f"the Chinese-CLIP vocabulary {vocab_file} is missing: copy assets/vocab.txt of "
+                                    f"this repository into an assets/ folder beside text_branches.py")
         self.vocab = collections.OrderedDict()
         with open(vocab_file, encoding="utf-8") as f:
             for index, line in enumerate(f):
@@ -576,100 +624,3 @@ def tokenize_chinese(texts, context_length=CONTEXT_LENGTH, tokenizer=None):
         ids = [cls] + tokenizer.encode(text)[:context_length - 2] + [sep]
         result[i, :len(ids)] = torch.tensor(ids)
     return result
-
-
-# ---- TPR text branches, loss and fusion (see the TPR issue) ----
-# TPR (Electronics 2024), Sec. 3.4-3.5. The English branch (the frozen CLIP text tower on
-# "This is a video about {label}.", Table 5's prefixes, the label's word embeddings of TPR Eq. (6)) and the Chinese
-# branch (the frozen ChineseCLIPText above on each class's Chinese label) are run once per label set by
-# `prompts.TPR.set_classes`, which keeps prompts.py free of imports from this file. Here: the loss
-# (TPR Eq. (15)-(17)) and the score fusion (TPR Eq. (18)), which the engine and the model share.
-
-# Choice: lambda = 0.5 by default (the paper gives no value): TPR Eq. (17) weighs the two losses equally.
-TPR_DEFAULT_LAMBDA = 0.5
-
-
-def multi_positive_contrastive_loss(logits, labels, candidates, label_smoothing=0.0):
-    """TPR Eq. (15)/(16): the symmetric multi-positive contrastive loss.
-
-    logits (B, A): s(eps_V_i, eps_X_a) / tau for B videos and A candidate texts (already divided by tau).
-    labels (B,): each video's class; candidates (A,): each text's class (duplicates allowed; in training the
-    labels of the whole global batch, so A = B_global). Positives: K(i) = {a : candidates[a] == labels[i]}.
-
-      rows    = -1/B sum_i 1/|K(i)| sum_{a in K(i)} log softmax_over_a(logits[i])[a]    (the paper's L_T->V)
-      columns = -1/A' sum_a 1/|K(a)| sum_{i in K(a)} log softmax_over_i(logits[:, a])[i] (the paper's L_V->T)
-      L = (rows + columns) / 2
-
-    Paper: TPR Eq. (15) writes both directions over a batch of B (video, text) pairs; with candidates = the
-    batch's labels this is exactly it. Choice: a column whose class has no video in `labels` has no positive
-    and no term in TPR Eq. (15); it is left out of the column average (A' = columns with a positive). Every row
-    must have a positive. TPR Eq. (17) sums this loss over the English and Chinese logits (done by the caller).
-
-    label_smoothing eps (TPR Sec. 4.4: SSv1 uses label smoothing): each direction's target distribution, 1/|K|
-    on the positives, becomes (1 - eps) * that + eps / (number of texts in a row, of videos in a column), the
-    multi-positive form of torch's cross_entropy(label_smoothing=eps) (identical to it with one positive each).
-    """
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing={label_smoothing} must lie in [0, 1)")
-    if logits.dim() != 2 or logits.shape != (labels.shape[0], candidates.shape[0]):
-        raise ValueError(f"logits {tuple(logits.shape)} must be (B, A) = ({labels.shape[0]}, {candidates.shape[0]})")
-    positive = (labels[:, None] == candidates[None, :]).to(torch.float32)  # (B, A)
-    if not bool((positive.sum(dim=1) > 0).all()):
-        missing = labels[positive.sum(dim=1) == 0].tolist()
-        raise ValueError(f"labels {missing} are not among the candidates; every video needs a positive text")
-    logits = logits.float()
-    log_p_rows = logits.log_softmax(dim=1)  # over the A texts, per video; (B, A)
-    log_p_cols = logits.log_softmax(dim=0)  # over the B videos, per text; (B, A)
-    n_row = positive.sum(dim=1)  # |K(i)|; (B,)
-    n_col = positive.sum(dim=0)  # |K(a)|; (A,)
-    B, A = positive.shape
-    eps = float(label_smoothing)
-    target_rows = (1 - eps) * positive / n_row[:, None] + eps / A  # (B, A), each row sums to 1
-    loss_rows = -(log_p_rows * target_rows).sum(dim=1).mean()
-    has_pos = n_col > 0
-    target_cols = (1 - eps) * positive / n_col.clamp(min=1)[None, :] + eps / B  # (B, A), each column sums to 1
-    loss_cols = -(log_p_cols * target_cols).sum(dim=0)[has_pos].mean()
-    return (loss_rows + loss_cols) / 2  # TPR Eq. (15) / TPR Eq. (16)
-
-
-def multi_hot_contrastive_loss(logits, labels, candidates):
-    """The loss of the BiEfficient authors' code (WbLiuBJTULab/BiEfficient train.py): nn.CrossEntropyLoss on
-    multi-hot targets y[i, a] = 1 where labels[i] == candidates[a] (their `gen_label`), NOT row-normalised,
-    in both directions, each averaged over its rows.
-
-      rows    = -1/B sum_i sum_{a in K(i)} log softmax_over_a(logits[i])[a]
-      columns = -1/A sum_a sum_{i in K(a)} log softmax_over_i(logits[:, a])[i]
-      L = (rows + columns) / 2
-
-    Paper: BiEfficient writes a contrastive loss (Eq. 10) and does not say what a repeated class does; the
-    code sums the log-probabilities of all k positives of a row (TPR's Eq. 15, multi_positive_contrastive_loss,
-    divides by k). With no repeated class both are the symmetric InfoNCE. In the code A = B (the batch's
-    own labels); every column then has a positive. A column without one contributes 0 and still counts in
-    the 1/A average, as nn.CrossEntropyLoss on an all-zero target row does.
-    """
-    if logits.dim() != 2 or logits.shape != (labels.shape[0], candidates.shape[0]):
-        raise ValueError(f"logits {tuple(logits.shape)} must be (B, A) = ({labels.shape[0]}, {candidates.shape[0]})")
-    target = (labels[:, None] == candidates[None, :]).to(torch.float32)  # (B, A) multi-hot, gen_label
-    if not bool((target.sum(dim=1) > 0).all()):
-        missing = labels[target.sum(dim=1) == 0].tolist()
-        raise ValueError(f"labels {missing} are not among the candidates; every video needs a positive text")
-    logits = logits.float()
-    loss_rows = -(logits.log_softmax(dim=1) * target).sum(dim=1).mean()  # CE(logits, y)
-    loss_cols = -(logits.log_softmax(dim=0) * target).sum(dim=0).mean()  # CE(logits.T, y.T)
-    return (loss_rows + loss_cols) / 2
-
-
-def fuse_scores(s_en, s_zh=None, lam=TPR_DEFAULT_LAMBDA):
-    """TPR Eq. (18): S = lambda * S_VT + (1 - lambda) * S_VC; s_en, s_zh (B, A). Without a Chinese branch
-    (s_zh None) S = S_VT.
-
-    Paper: TPR Eq. (5) makes S a cosine; prompts.TPR.scores fuses softmax probabilities by default (a marked
-    deviation) and cosines with fusion="cosine"; any pair of same-scale scores can be fused here.
-    """
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam={lam} must lie in [0, 1] (TPR Eq. (18))")
-    if s_zh is None:
-        return s_en
-    if s_en.shape != s_zh.shape:
-        raise ValueError(f"score shapes differ: English {tuple(s_en.shape)}, Chinese {tuple(s_zh.shape)}")
-    return lam * s_en + (1 - lam) * s_zh  # TPR Eq. (18)
