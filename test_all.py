@@ -3390,6 +3390,37 @@ def run(args, torchrun=False, check=True):
     return p
 
 
+# Faults come from outside the engine: train.py run by `python -c` with optimizer_step wrapped, so that right
+# after global step AT (the step finished, before its progress line) the process gets a real signal: SIGKILL,
+# SIGTERM or SIGINT to itself, or "group": SIGTERM to its whole process group (as SLURM delivers it).
+FAULT = """
+import os, signal, sys
+sys.path.insert(0, os.getcwd())
+import train
+real, at, how = train.optimizer_step, int(sys.argv[1]), sys.argv[2]
+def optimizer_step(run, batch):
+    out = real(run, batch)
+    if run.step + 1 == at:
+        if how == "group":
+            os.killpg(0, signal.SIGTERM)
+        else:
+            os.kill(os.getpid(), getattr(signal, how))
+    return out
+train.optimizer_step = optimizer_step
+sys.argv = ["train.py"] + sys.argv[3:]
+sys.exit(train.cli_main(train.main))
+"""
+
+
+def run_with_fault(at_step, how, args, torchrun=False):
+    """train.py `args` with the fault `how` injected after global step `at_step` (see FAULT)."""
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+                               sys.executable] if torchrun else []) + ["-c", FAULT, str(at_step), how] + args
+    p = subprocess.run(cmd, cwd=HERE, env=ENV, capture_output=True, text=True, timeout=600,
+                       start_new_session=True)  # its own process group: "group" reaches this run only
+    return p
+
+
 def metrics(folder):
     with open(os.path.join(folder, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -3431,8 +3462,8 @@ def test_engine_sigkill_mid_epoch_and_resume_gives_the_same_weights(tpr_run, tmp
     out = str(tmp_path / "killed")
     # 3 epochs x 4 steps; last.pt saved every 2 steps; killed after global step 11 (epoch 3, step 3), so the
     # newest checkpoint is mid-epoch (epoch 3, step 2) and step 11 is lost and redone.
-    p = run(SMALL + ["--method", "tpr", "--epochs", "3", "--eval-every", "0", "--save-every", "2",
-                     "--kill-at-step", "11", "--output", out], check=False)
+    p = run_with_fault(11, "SIGKILL", SMALL + ["--method", "tpr", "--epochs", "3", "--eval-every", "0",
+                                               "--save-every", "2", "--output", out])
     assert p.returncode == -9, (p.returncode, p.stderr[-2000:])
     ck = trainable(out)
     assert (ck["epoch"], ck["epoch_step"], ck["step"]) == (2, 2, 10)
@@ -3804,8 +3835,8 @@ def test_engine_resume_refuses_model_and_data_flags_by_name(tpr_run, tmp_path):
 
 def test_engine_sigterm_saves_exits_requeue_and_resume_is_exact(tpr_run, tmp_path):
     out = str(tmp_path / "term")
-    p = run(SMALL + ["--method", "tpr", "--epochs", "3", "--eval-every", "0", "--kill-at-step", "6",
-                     "--kill-signal", "SIGTERM", "--output", out], check=False)
+    p = run_with_fault(6, "SIGTERM", SMALL + ["--method", "tpr", "--epochs", "3", "--eval-every", "0",
+                                              "--output", out])
     assert p.returncode == train.REQUEUE_EXIT, (p.returncode, p.stderr[-2000:])
     last = p.stderr.strip().splitlines()[-1]  # after the RANDOM-INIT warnings
     assert last.startswith("stopped: SIGTERM after step 2/4 of epoch 2") and "Traceback" not in p.stderr, p.stderr
@@ -3818,8 +3849,7 @@ def test_engine_sigterm_saves_exits_requeue_and_resume_is_exact(tpr_run, tmp_pat
 
 def test_engine_sigint_saves_and_exits_requeue(tmp_path):
     out = str(tmp_path / "int")
-    p = run(SMALL + ["--epochs", "1", "--eval-every", "0", "--kill-at-step", "3", "--kill-signal", "SIGINT",
-                     "--output", out], check=False)
+    p = run_with_fault(3, "SIGINT", SMALL + ["--epochs", "1", "--eval-every", "0", "--output", out])
     assert p.returncode == train.REQUEUE_EXIT and "stopped: SIGINT after step 3/4" in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr and trainable(out)["step"] == 3
 
@@ -3894,7 +3924,7 @@ def test_engine_nan_stop_is_true_and_one_line(tmp_path, monkeypatch, capsys):
 def test_engine_folder_killed_before_first_checkpoint_can_restart(tmp_path):
     for how in ("resume", "again"):
         out = str(tmp_path / how)
-        p = run(SMALL + ["--epochs", "1", "--eval-every", "0", "--kill-at-step", "1", "--output", out], check=False)
+        p = run_with_fault(1, "SIGKILL", SMALL + ["--epochs", "1", "--eval-every", "0", "--output", out])
         assert p.returncode == -9 and not os.path.exists(os.path.join(out, "last.pt"))
         argv = ["--resume", out, "--workers", "0"] if how == "resume" else SMALL + ["--epochs", "1", "--output", out]
         train.main(argv)
