@@ -173,7 +173,7 @@ class ReparamEncoder(nn.Module):
                              f"P={self.P}, D)")
         beta = self.betas[0 if self.shared else layer]
         out = beta(p.to(beta.ln.weight.dtype))  # (B, T, P, D)
-        return out + p if self.residual else out  # Eq. (12)
+        return out + p if self.residual else out  # TPR Eq. (12)
 
     def extra_repr(self):
         return f"beta={self.beta_name}, residual={self.residual}, shared={self.shared}"

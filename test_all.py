@@ -4136,6 +4136,38 @@ def test_engine_warnings_come_from_rank_0_only():
     assert p.stdout.count("setup: tpr on synthetic") == 1
 
 
+def test_engine_readme_reading_table_names_where_the_code_tags_each_equation():
+    """The README's "Reading the papers in the code" lists TPR Eq. (1)-(18) then BiEfficient Eq. (1)-(10), in
+    order; every function it names exists in the file it names, and one of a row's functions carries the tag
+    of each of the row's equations (`TPR Eq. (8)`, `TPR Eq. (8)-(11)`, `TPR Eq. (15)/(16)`, `(TPR Eq. 6-7)`)."""
+    import ast
+    import re
+    section = _readme().split("## Reading the papers in the code", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if re.match(r"\| (TPR|BiEfficient) Eq\.", line)]
+    listed = []
+    for eq, _, files, functions in rows:
+        paper, first, last = re.fullmatch(r" (TPR|BiEfficient) Eq\. \((\d+)\)(?:-\((\d+)\))? ", eq).groups()
+        numbers = list(range(int(first), int(last or first) + 1))
+        listed += [(paper, n) for n in numbers]
+        tagged = set()
+        for name in re.findall(r"`([\w.]+)`", functions):
+            source = None
+            for f in re.findall(r"`(\w+\.py)`", files):
+                text = open(os.path.join(HERE, f), encoding="utf-8").read()
+                nodes = ast.parse(text).body
+                for part in name.split("."):
+                    node = next((n for n in nodes if getattr(n, "name", None) == part), None)
+                    nodes = getattr(node, "body", [])
+                if node is not None:
+                    source = "\n".join(text.splitlines()[node.lineno - 1:node.end_lineno])  # trailing tags too
+                    break
+            assert source is not None, f"{eq}: {name} is in none of {files}"
+            for m in re.finditer(rf"{paper} Eq\. \(?(\d+)\)?(?:\s*[-/]\s*\(?(\d+)\)?)?", source):
+                tagged |= set(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
+        assert set(numbers) <= tagged, f"{eq}: no tag in {functions.strip()}"
+    assert listed == [("TPR", n) for n in range(1, 19)] + [("BiEfficient", n) for n in range(1, 11)]
+
+
 def test_engine_readme_counts_match_the_code():
     """The README's number of code-compat differences is the number of BIEFFICIENT_DEFAULTS rows whose two
     columns differ, and its parameter table gives the default-T counts of ViT-B/16 (built on the meta device)."""
