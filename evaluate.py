@@ -22,6 +22,10 @@ padding, and the correct counts (not accuracies) are all-reduced, so every video
 real videos are scored: an unreadable test video is skipped (never replaced by another), and every line and
 record gives the videos scored and skipped; --stop-on-bad-video stops at the first one instead.
 
+Exit codes: 0 done; 2 a user-facing failure, one line; 143 (SIGTERM) or 130 (Ctrl-C), 128 + the signal's
+number: stopped at the next batch with one line, every rank, nothing written (metrics.json is written at the end:
+run it again).
+
     python evaluate.py --checkpoint runs/x/best.pt                              # 1x1 and 4x3 on its test split
     torchrun --nproc_per_node=4 evaluate.py --checkpoint runs/k400/best.pt --dataset hmdb51 --root DIR --zero-shot splits
     python evaluate.py --checkpoint runs/x/best.pt --video clip.mp4 --labels 'run,jump,swim' --visualize out.png
@@ -30,6 +34,7 @@ record gives the videos scored and skipped; --stop-on-bad-video stops at the fir
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -186,7 +191,7 @@ def score(model, ds, cli, device, amp_dtype, log, what):
     """train.evaluate with progress lines."""
     progress = Progress(what, len(ds), cli.print_every, log)
     return train.evaluate(model, ds, device, amp_dtype, cli.batch_size, cli.workers,
-                          stop_on_bad=cli.stop_on_bad_video, progress=progress)
+                          stop_on_bad=cli.stop_on_bad_video, progress=progress, stop=getattr(cli, "stop", None))
 
 
 def mean_std(values):
@@ -579,8 +584,19 @@ def main(argv=None):
     if cli.video:
         return predict_video(cli, device, amp_dtype)
     records = []
-    for path in cli.checkpoint:
-        records += evaluate_run(path, cli, device, amp_dtype, log)
+    stopping = types.SimpleNamespace(device=device)  # SIGTERM / Ctrl-C: stop at the next batch, all ranks
+    previous = train.catch_stop_signals(stopping)
+    cli.stop = lambda: train.stop_requested(stopping)
+    try:
+        for path in cli.checkpoint:
+            records += evaluate_run(path, cli, device, amp_dtype, log)
+    except train.EvaluationStopped:
+        number = getattr(signal, stopping.stop_signal, signal.SIGTERM)  # "a signal on another rank": SIGTERM's
+        raise train.Preempted(f"{stopping.stop_signal} during the evaluation: nothing written (metrics.json comes "
+                              f"at the end); run it again", code=128 + number) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     summary = summarise(records, log)
     first = cli.checkpoint[0]
     out = cli.output or (first if os.path.isdir(first) else os.path.dirname(os.path.abspath(first)))

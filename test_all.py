@@ -3391,10 +3391,12 @@ def run(args, torchrun=False, check=True):
 
 
 # Faults come from outside the engine: train.py run by `python -c` with optimizer_step wrapped, so that right
-# after global step AT (the step finished, before its progress line) the process gets a real signal: SIGKILL,
-# SIGTERM or SIGINT to itself, or "group": SIGTERM to its whole process group (as SLURM delivers it).
+# after global step AT (the step finished, before its progress line) a real signal arrives: SIGKILL, SIGTERM or
+# SIGINT to the process itself; "group": SIGTERM to its whole process group, loader workers included (as SLURM
+# delivers it); "torchrun": rank 0 sends SIGTERM to torchrun, which passes it to every rank's process group, and
+# waits until it came back to rank 0 (so every rank stops after step AT).
 FAULT = """
-import os, signal, sys
+import os, signal, sys, time
 sys.path.insert(0, os.getcwd())
 import train
 real, at, how = train.optimizer_step, int(sys.argv[1]), sys.argv[2]
@@ -3403,6 +3405,12 @@ def optimizer_step(run, batch):
     if run.step + 1 == at:
         if how == "group":
             os.killpg(0, signal.SIGTERM)
+        elif how == "torchrun":
+            if run.rank == 0:
+                os.kill(os.getppid(), signal.SIGTERM)
+                deadline = time.monotonic() + 60
+                while run.stop_signal is None and time.monotonic() < deadline:
+                    time.sleep(0.01)
         else:
             os.kill(os.getpid(), getattr(signal, how))
     return out
@@ -3413,11 +3421,17 @@ sys.exit(train.cli_main(train.main))
 
 
 def run_with_fault(at_step, how, args, torchrun=False):
-    """train.py `args` with the fault `how` injected after global step `at_step` (see FAULT)."""
+    """train.py `args` with the fault `how` injected after global step `at_step` (see FAULT), in a session of
+    its own; returns the finished process after checking that nothing of that session is left running."""
+    import time
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
                                sys.executable] if torchrun else []) + ["-c", FAULT, str(at_step), how] + args
-    p = subprocess.run(cmd, cwd=HERE, env=ENV, capture_output=True, text=True, timeout=600,
-                       start_new_session=True)  # its own process group: "group" reaches this run only
+    p = subprocess.Popen(cmd, cwd=HERE, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)  # its own process group: "group" reaches this run only
+    p.stdout, p.stderr = p.communicate(timeout=600)
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):  # loader workers were shut down, none left behind
+        os.killpg(p.pid, 0)
     return p
 
 
@@ -3845,6 +3859,93 @@ def test_engine_sigterm_saves_exits_requeue_and_resume_is_exact(tpr_run, tmp_pat
     run(["--resume", out, "--workers", "0"])
     a, b = trainable(tpr_run)["trainable"], trainable(out)["trainable"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_engine_process_group_sigterm_with_loader_workers_saves_and_resume_is_exact(tpr_run, tmp_path):
+    """SIGTERM to every process of the run (SLURM's way), two loader workers: the workers ignore it and are shut
+    down by the main process, which finishes its step, saves, prints one line and exits 75; resumed exactly."""
+    out = str(tmp_path / "group")
+    p = run_with_fault(6, "group", SMALL + ["--method", "tpr", "--epochs", "3", "--eval-every", "0", "--workers", "2",
+                                            "--output", out])
+    assert p.returncode == train.REQUEUE_EXIT, (p.returncode, p.stderr[-2000:])
+    lines = p.stderr.strip().splitlines()
+    assert lines[-1].startswith("stopped: SIGTERM after step 2/4 of epoch 2"), p.stderr
+    assert sum(l.startswith("stopped:") for l in lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    ck = trainable(out)
+    assert (ck["epoch"], ck["epoch_step"], ck["step"]) == (1, 2, 6)
+    run(["--resume", out, "--workers", "2"])
+    a, b = trainable(tpr_run)["trainable"], trainable(out)["trainable"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_engine_sigterm_to_torchrun_with_loader_workers_stops_every_rank_and_resume_is_exact(tmp_path):
+    """SIGTERM to torchrun, which passes it to each rank's process group (loader workers included): every rank
+    finishes the step, the run saves last.pt once, each rank prints its line and exits 75; the resumed torchrun
+    run ends with the weights of an uninterrupted one, bit for bit."""
+    flags = SMALL + ["--method", "tpr", "--epochs", "2", "--eval-every", "0", "--workers", "2"]
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "term")
+    run(flags + ["--output", ref], torchrun=True)
+    p = run_with_fault(3, "torchrun", flags + ["--output", out], torchrun=True)
+    stopped = [l for l in p.stderr.splitlines() if l.startswith("stopped: ")]
+    assert len(stopped) == 2 and all(l.startswith("stopped: SIGTERM after step 3/4 of epoch 1") for l in stopped), \
+        p.stderr[-3000:]
+    assert "exitcode  : 1" not in p.stderr and "DataLoader worker" not in p.stderr, p.stderr[-3000:]
+    ck = trainable(out)
+    assert (ck["epoch"], ck["epoch_step"], ck["step"]) == (0, 3, 3)
+    run(["--resume", out, "--workers", "2"], torchrun=True)
+    a, b = trainable(ref)["trainable"], trainable(out)["trainable"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_engine_sigterm_during_evaluation_stops_at_the_next_batch_and_resume_evaluates(tpr_run, tmp_path,
+                                                                                     monkeypatch):
+    """A signal during the evaluation after an epoch: it stops before its next batch (not after the whole test
+    set and one more step), last.pt holds the finished epoch, and --resume evaluates it and trains on."""
+    import signal
+    out = str(tmp_path / "r")
+    real, asked = train.evaluate, []
+
+    def stopping_evaluate(*a, stop=None, **k):
+        def ask():
+            asked.append(1)
+            if len(asked) == 2:  # one batch scored, then the signal
+                os.kill(os.getpid(), signal.SIGTERM)
+            return stop()
+        return real(*a, stop=ask, **k)
+    monkeypatch.setattr(train, "evaluate", stopping_evaluate)
+    with pytest.raises(train.Preempted, match=r"SIGTERM during the evaluation after epoch 1 \(global step 4\)"):
+        train.main(SMALL + ["--method", "tpr", "--epochs", "3", "--eval-batch-size", "4", "--output", out])
+    assert len(asked) == 2 and not [m for m in metrics(out) if m["kind"] == "eval"]
+    ck = trainable(out)
+    assert (ck["epoch"], ck["epoch_step"], ck["step"]) == (0, 4, 4)
+    monkeypatch.setattr(train, "evaluate", real)
+    train.main(["--resume", out, "--workers", "0"])
+    assert [m["epoch"] for m in metrics(out) if m["kind"] == "eval"] == [1, 2, 3]
+    a, b = trainable(tpr_run)["trainable"], trainable(out)["trainable"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the evaluations change nothing of the training
+
+
+def test_engine_evaluate_py_stops_at_the_next_batch_with_one_line(tpr_run, tmp_path, monkeypatch, capsys):
+    """evaluate.py: SIGTERM stops it before its next batch with one line and exit code 143 (128 + SIGTERM),
+    nothing written; its signal handlers are put back."""
+    import signal
+    real, asked = train.evaluate, []
+
+    def stopping_evaluate(*a, stop=None, **k):
+        def ask():
+            asked.append(1)
+            if len(asked) == 2:  # one batch scored, then the signal
+                os.kill(os.getpid(), signal.SIGTERM)
+            return stop()
+        return real(*a, stop=ask, **k)
+    monkeypatch.setattr(train, "evaluate", stopping_evaluate)
+    before = signal.getsignal(signal.SIGTERM)
+    code, err = cli(capsys, evaluate.main, ["--checkpoint", tpr_run, "--views", "1x1", "--workers", "0",
+                                            "--batch-size", "4", "--output", str(tmp_path / "e")])
+    lines = err.strip().splitlines()
+    assert code == 128 + signal.SIGTERM == 143 and len(asked) == 2, (code, err)
+    assert lines[-1].startswith("stopped: SIGTERM during the evaluation: nothing written") and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "e" / "metrics.json") and signal.getsignal(signal.SIGTERM) is before
 
 
 def test_engine_sigint_saves_and_exits_requeue(tmp_path):

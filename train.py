@@ -507,22 +507,39 @@ class BatchSampler:
             yield rows[self.rank * self.b:(self.rank + 1) * self.b]
 
 
-def _ignore_sigint(worker_id):
-    # Ctrl-C reaches the whole process group: the workers keep serving batches while the main process
-    # finishes its step and saves (catch_stop_signals).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # preemption (SLURM, Kubernetes, torchrun) and Ctrl-C
+
+
+class Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers ignore SIGTERM and SIGINT. SLURM signals every process of a job step, Ctrl-C
+    and torchrun the whole process group: the workers keep serving batches while the main process finishes
+    its step and saves (catch_stop_signals), and the main process shuts them down. The signals stay blocked
+    while the workers start, so none arrives before a worker ignores it."""
+
+    def __iter__(self):
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # inherited by the forked workers
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _worker_ignores_stop_signals(worker_id):
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def loader(dataset, batch_sampler=None, batch_size=None, workers=0, indices=None):
     if indices is not None:
         dataset = torch.utils.data.Subset(dataset, indices)
     kw = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=False,
-              worker_init_fn=_ignore_sigint if workers > 0 else None)
+              worker_init_fn=_worker_ignores_stop_signals if workers > 0 else None)
     if workers > 0:
         kw["prefetch_factor"] = 2
     if batch_sampler is not None:
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kw)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, **kw)
+        return Loader(dataset, batch_sampler=batch_sampler, **kw)
+    return Loader(dataset, batch_size=batch_size, shuffle=False, **kw)
 
 
 def _weights_error(what, name, where, flag, error):
@@ -868,9 +885,7 @@ def train_epoch(run):
             run.speed.restart()
         if stop_requested(run):
             save(run, "last.pt")
-            raise Preempted(f"{run.stop_signal} after step {run.epoch_step}/{spe} of epoch {run.epoch + 1} (global "
-                            f"step {run.step}); saved {os.path.join(run.out, 'last.pt')}; continue with --resume "
-                            f"{run.out} (exit code {REQUEUE_EXIT}: requeue)")
+            raise preempted(run, f"after step {run.epoch_step}/{spe} of epoch {run.epoch + 1} (global step {run.step})")
 
 
 def end_epoch(run):
@@ -881,7 +896,11 @@ def end_epoch(run):
         run.log(f"epoch {run.epoch + 1}: {bad} unreadable videos so far were replaced by others of their class")
     result = None
     if (args.eval_every and (run.epoch + 1) % args.eval_every == 0) or run.epoch + 1 == args.epochs:
-        result = run_eval(run)
+        try:
+            result = run_eval(run)
+        except EvaluationStopped:
+            save(run, "last.pt")  # every step of the epoch done, its evaluation not: a resume evaluates it
+            raise preempted(run, f"during the evaluation after epoch {run.epoch + 1} (global step {run.step})") from None
     run.epoch, run.epoch_step = run.epoch + 1, 0
     improved = result is not None and result["top1"] > run.best
     if improved:
@@ -950,7 +969,7 @@ def _now():
 
 @torch.no_grad()
 def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, return_indices=False,
-             stop_on_bad=False, progress=None):
+             stop_on_bad=False, progress=None, stop=None):
     """Top-1 / top-5 over a test dataset whose items hold all views of one video, (V, T, 3, H, W).
 
     Each rank takes videos rank, rank + W, ... (no padding: each video is scored exactly once, as
@@ -959,7 +978,9 @@ def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, re
     named in `skipped_files`, or, with stop_on_bad, stops the evaluation. Returns dict(top1, top5 in % of the
     scored videos, videos (scored), skipped, skipped_files, correct1, correct5[, indices]); for TPR also
     top1_by_fusion {"cosine": %, "prob": %}, top-1 under both readings of TPR Eq. (18).
-    progress(done, total), if given, is called after each batch with this rank's counts."""
+    progress(done, total), if given, is called after each batch with this rank's counts. stop(), if given, is
+    asked before every batch, as often on every rank (a collective under DDP: stop_requested), and a True
+    raises EvaluationStopped."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     indices = list(range(rank, len(dataset), world))
@@ -971,7 +992,14 @@ def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, re
     seen, skipped = [], []
     K = len(dataset.classes)
     candidates = torch.arange(K, device=device)
-    for batch in loader(dataset, batch_size=batch_size, workers=workers, indices=indices):
+    batches = iter(loader(dataset, batch_size=batch_size, workers=workers, indices=indices))
+    for _ in range(math.ceil(math.ceil(len(dataset) / world) / batch_size)):  # the largest share's batches
+        if stop is not None and stop():
+            model.train(was_training)
+            raise EvaluationStopped
+        batch = next(batches, None)
+        if batch is None:  # a rank with one video fewer than the others
+            continue
         real = batch["skipped"] == 0 if "skipped" in batch else torch.ones(len(batch["label"]), dtype=torch.bool)
         if not real.all():
             bad = [int(i) for i in batch["index"][~real]]
@@ -1064,7 +1092,8 @@ def run_eval(run):
     if run.test_set is None:
         run.test_set = build_dataset(args, "test", views="1x1")
     t0 = _now()
-    result = evaluate(run.model, run.test_set, run.device, run.amp_dtype, args.eval_batch_size, args.workers)
+    result = evaluate(run.model, run.test_set, run.device, run.amp_dtype, args.eval_batch_size, args.workers,
+                      stop=lambda: stop_requested(run))
     run.speed.eval_s = _now() - t0
     proto = protocol(args, run.test_set, "1x1")
     run.log(f"eval epoch {run.epoch + 1}: {describe(result, proto, args.random_init)}")
@@ -1233,6 +1262,8 @@ def main(argv=None):
         while run.epoch < run.args.epochs:
             train_epoch(run)
             end_epoch(run)
+            if stop_requested(run):  # a signal while the epoch ended: last.pt was just saved
+                raise preempted(run, f"after epoch {run.epoch} (global step {run.step})")
         if run.args.epochs == 0:
             evaluate_only(run)
         final = finish(run)
@@ -1269,7 +1300,16 @@ class UsageError(Exception):
 
 
 class Preempted(Exception):
-    """SIGTERM or SIGINT during training: the step finished and last.pt was saved; the message says where."""
+    """Stopped by SIGTERM or SIGINT; the message says where and what was saved. `code` is the exit code:
+    REQUEUE_EXIT for training (the step finished and last.pt was saved)."""
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        self.code = REQUEUE_EXIT if code is None else code
+
+
+class EvaluationStopped(Exception):
+    """evaluate() was asked to stop (its `stop` said so) before a batch; nothing of it was counted."""
 
 
 # Choice: a run stopped by SIGTERM / SIGINT after saving exits with EX_TEMPFAIL (sysexits.h: "temporary failure,
@@ -1296,7 +1336,7 @@ def cli_main(main, argv=None):
         code = 2
     except Preempted as e:
         print(f"stopped: {e}", file=sys.stderr)
-        code = REQUEUE_EXIT
+        code = e.code
     except KeyboardInterrupt:
         if debug:
             raise
@@ -1572,7 +1612,13 @@ def catch_stop_signals(run):
         if run.stop_signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
         run.stop_signal = signal.Signals(signum).name
-    return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    return {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+
+
+def preempted(run, where):
+    """The one line of a run stopped by a signal, after last.pt was saved."""
+    return Preempted(f"{run.stop_signal} {where}; saved {os.path.join(run.out, 'last.pt')}; continue with --resume "
+                     f"{run.out} (exit code {REQUEUE_EXIT}: requeue)")
 
 
 def stop_requested(run):
