@@ -4033,6 +4033,54 @@ def test_engine_folder_killed_before_first_checkpoint_can_restart(tmp_path):
         assert [m["step"] for m in metrics(out) if m["kind"] == "train"] == [1, 2, 3, 4]  # the old log started over
 
 
+def test_engine_one_run_per_folder_a_live_run_refuses_a_second_and_a_dead_one_is_taken_over(tmp_path, capsys):
+    """A run holds run.lock (host, pid) in its folder: a second run into it is one line and exit 2, and the
+    first run's files stay; once that process is gone (SIGKILL), the lock is stale and --resume takes over."""
+    import signal
+    import socket
+    out = str(tmp_path / "r")
+    first = subprocess.Popen([sys.executable, "-c", FAULT, "1", "SIGSTOP"] + SMALL + ["--epochs", "1", "--output", out],
+                             cwd=HERE, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        os.waitpid(first.pid, os.WUNTRACED)  # stopped after its first step, alive, its folder locked
+        with open(os.path.join(out, "run.lock")) as f:
+            assert json.load(f)["pid"] == first.pid
+        for argv in (SMALL + ["--epochs", "1", "--output", out], ["--resume", out, "--workers", "0"]):
+            code, err = cli(capsys, train.main, argv)
+            assert_one_line(code, err, f"--output {out} is in use by another run (pid {first.pid} on host "
+                                       f"{socket.gethostname()}", "one run per folder")
+        assert sorted(os.listdir(out)) == ["args.json", "metrics.jsonl", "run.lock"]  # nothing of it removed
+    finally:
+        first.kill()
+        first.wait()
+    train.main(["--resume", out, "--workers", "0"])  # its process is gone: the stale lock is taken over
+    assert trainable(out)["step"] == 4 and not os.path.exists(os.path.join(out, "run.lock"))
+    with open(os.path.join(out, "run.lock"), "w") as f:  # a run on another host: not ours to judge
+        json.dump(dict(host="another-host", pid=1, since="then"), f)
+    code, err = cli(capsys, train.main, ["--resume", out, "--epochs", "2", "--workers", "0"])
+    assert_one_line(code, err, "pid 1 on host another-host", f"delete {out}/run.lock")
+
+
+def test_engine_resume_of_a_best_older_than_last_is_refused_in_its_folder_and_branches_into_a_new_one(tpr_run,
+                                                                                                  tmp_path, capsys):
+    import shutil
+    run_dir, new = str(tmp_path / "run"), str(tmp_path / "branch")
+    shutil.copytree(tpr_run, run_dir)
+    best = trainable(run_dir)
+    best["epoch"], best["epoch_step"], best["step"] = 2, 0, 8  # as if saved after epoch 2 of 3
+    torch.save(best, os.path.join(run_dir, "best.pt"))
+    before = {f: open(os.path.join(run_dir, f), "rb").read() for f in ("last.pt", "metrics.jsonl")}
+    code, err = cli(capsys, train.main, ["--resume", os.path.join(run_dir, "best.pt"), "--workers", "0"])
+    assert_one_line(code, err, "the run went on after it (step 8", "step 12", "--output NEW")
+    code, err = cli(capsys, train.main, ["--resume", run_dir, "--output", new, "--workers", "0"])
+    assert_one_line(code, err, "--output cannot move it", f"--resume {run_dir}/last.pt --output NEW")
+    train.main(["--resume", os.path.join(run_dir, "best.pt"), "--output", new, "--workers", "0"])
+    assert before == {f: open(os.path.join(run_dir, f), "rb").read() for f in before}  # the old run untouched
+    assert trainable(new)["step"] == 12 and os.path.isfile(os.path.join(new, "args.json"))
+    assert [m["step"] for m in metrics(new) if m["kind"] == "train"] == [9, 10, 11, 12]
+    assert trainable(new, "best.pt")["best_top1"] == trainable(new)["best_top1"]
+
+
 def test_engine_evaluation_scores_only_real_videos(tmp_path):
     """3 test videos, one unreadable: 2 scored, 1 skipped and named; with stop_on_bad, the evaluation stops."""
     import numpy as np

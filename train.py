@@ -42,6 +42,7 @@ import random
 import resource
 import shutil
 import signal
+import socket
 import sys
 import time
 
@@ -385,9 +386,10 @@ class Run:
         self.speed = Throughput()
 
 
-def setup(argv=None):
-    """Arguments, processes, seeds, output folder, data and model. Returns (run, checkpoint to resume or None),
-    or (None, None) after printing the parameter table for --dry-run."""
+def setup(argv=None, stack=None):
+    """Arguments, processes, seeds, output folder (locked for this run until `stack` closes), data and model.
+    Returns (run, checkpoint to resume or None), or (None, None) after printing the parameter table for
+    --dry-run."""
     cli = build_parser().parse_args(argv)
     rank, world, device = setup_distributed()
     args, ckpt = resolve_run_args(cli, argv, world)
@@ -400,6 +402,8 @@ def setup(argv=None):
     if not cli.resume and not args.dry_run:
         args.output = choose_output(args, rank)
     run.out = args.output
+    if not args.dry_run:
+        lock_folder(run, stack)
     restart = take_restart(run)
     if restart:
         ckpt = None
@@ -414,7 +418,7 @@ def setup(argv=None):
         print_parameter_table(model, run.log)
         return None, None
     torch.manual_seed(args.seed + rank)  # after the (identical) model init, each rank its own stream
-    if rank == 0 and (not cli.resume or restart):  # written once the model is built: a failed start leaves no "run"
+    if rank == 0 and (not cli.resume or restart or run.branch):  # once the model is built: a failed start leaves no run
         os.makedirs(run.out, exist_ok=True)
         with open(os.path.join(run.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
@@ -1251,14 +1255,14 @@ def _plain(d):
 # ==========================================================================================================
 
 def main(argv=None):
-    run, ckpt = setup(argv)
-    if run is None:  # --dry-run
-        return None
-    if ckpt is not None:
-        resume(run, ckpt)
-    run.metrics = open(os.path.join(run.out, "metrics.jsonl"), "a") if run.rank == 0 else None
-    previous = catch_stop_signals(run)
-    try:
+    with contextlib.ExitStack() as stack:  # closes metrics.jsonl, puts the signal handlers back, unlocks the folder
+        run, ckpt = setup(argv, stack)
+        if run is None:  # --dry-run
+            return None
+        if ckpt is not None:
+            resume(run, ckpt)
+        run.metrics = stack.enter_context(open(os.path.join(run.out, "metrics.jsonl"), "a")) if run.rank == 0 else None
+        stack.callback(restore_signals, catch_stop_signals(run))
         while run.epoch < run.args.epochs:
             train_epoch(run)
             end_epoch(run)
@@ -1267,11 +1271,6 @@ def main(argv=None):
         if run.args.epochs == 0:
             evaluate_only(run)
         final = finish(run)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if run.metrics is not None:
-            run.metrics.close()
     return dict(output=run.out, best_top1=run.best, final=final, model=run.model)
 
 
@@ -1416,8 +1415,7 @@ def resume_args(cli, argv, saved):
             setattr(args, key, prompts.BIEFFICIENT_DEFAULTS[key][0])
     given = explicit_flags(argv)
     given.pop("resume", None)
-    if "output" in given and os.path.abspath(given.pop("output")) != os.path.abspath(cli.resume):
-        raise UsageError(f"--resume {cli.resume} continues the run in that folder; --output cannot move it")
+    given.pop("output", None)  # where the run goes on: resolve_run_args
     changed = []
     for key, value in given.items():
         value = list(value) if isinstance(value, tuple) else value  # saved arguments hold lists (_plain)
@@ -1452,9 +1450,9 @@ def resolve_run_args(cli, argv, world):
             args, _ = resume_args(cli, argv, saved)
             args.restart = True
         else:
-            ckpt, _ = load_checkpoint(cli.resume, cli.method if "method" in explicit_flags(argv) else None)
+            ckpt, path = load_checkpoint(cli.resume, cli.method if "method" in explicit_flags(argv) else None)
             args, given = resume_args(cli, argv, ckpt["args"])
-            args.resume_given = given
+            args.resume_given, args.resume_from = given, path
             old_b, consumed = ckpt["args"]["batch_size"], ckpt["epoch_step"] * ckpt["args"]["batch_size"]
             if args.batch_size != old_b and consumed % args.batch_size:
                 raise UsageError(f"--batch-size {args.batch_size}: the run stopped {consumed} videos into epoch "
@@ -1463,6 +1461,7 @@ def resolve_run_args(cli, argv, world):
                                  f"with a batch size that divides {consumed}, or change it at an epoch's start")
         if os.path.isfile(cli.resume):
             args.resume = args.output = folder
+        where_to_continue(cli, args, ckpt, folder)
         validate_args(args)
     else:
         args = resolve_args(cli)
@@ -1475,6 +1474,34 @@ def resolve_run_args(cli, argv, world):
         raise UsageError(f"--micro-batch {args.micro_batch} does not divide the per-rank batch {per_rank} "
                          f"(= --batch-size {args.batch_size} / {world} ranks)")
     return args, ckpt
+
+
+def where_to_continue(cli, args, ckpt, folder):
+    """A resumed run goes on in its folder; --output NEW branches a checkpoint file (e.g. best.pt) into a new
+    folder. A checkpoint older than its folder's last.pt is refused in the folder: the run went on after it,
+    and continuing it there would overwrite the later last.pt and log those epochs twice."""
+    if cli.output is None or os.path.abspath(cli.output) == os.path.abspath(folder):
+        last = os.path.join(folder, "last.pt")
+        if ckpt is None or not os.path.isfile(last) or os.path.samefile(args.resume_from, last):
+            return
+        try:
+            later = load_checkpoint(last)[0]["step"]
+        except UsageError:  # an unreadable last.pt: the older checkpoint is what is left of the run
+            return
+        if later > ckpt["step"]:
+            raise UsageError(f"--resume {cli.resume}: the run went on after it (step {ckpt['step']}; {last}: step "
+                             f"{later}); continuing it in {folder} would overwrite that last.pt. Pass --output NEW "
+                             f"to branch from it into a new folder, or --resume {folder} to continue the run")
+        return
+    if os.path.isdir(cli.resume) or ckpt is None:
+        raise UsageError(f"--resume {cli.resume} continues the run in that folder; --output cannot move it (to "
+                         f"branch from one of its checkpoints into a new folder: --resume {folder}/last.pt "
+                         f"--output NEW)")
+    held = _run_signature(cli.output) if os.path.isdir(cli.output) else []
+    if held:
+        raise UsageError(f"--output {cli.output} holds another run ({', '.join(held)}); to branch from "
+                         f"{cli.resume}, pass a new folder")
+    args.output, args.branch = cli.output, True
 
 
 def choose_output(args, rank):
@@ -1494,11 +1521,86 @@ def _run_signature(folder):
     return [f for f in ("last.pt", "best.pt", "metrics.jsonl", "args.json") if os.path.exists(os.path.join(folder, f))]
 
 
+LOCK = "run.lock"  # in the run folder while a run writes there: {"host", "pid", "since"}
+
+
+def lock_folder(run, stack):
+    """One run per folder: rank 0 creates run.lock in the run folder (refusing a folder whose lock belongs to
+    a live run, taking over one whose process is gone from this host); `stack` removes it at the end."""
+    error = None
+    if run.rank == 0:
+        error = _take_lock(run.out, run.log)
+        if error is None and stack is not None:
+            stack.callback(_release_lock, run.out)
+    error = broadcast_object(error)
+    if error:
+        raise UsageError(error)
+
+
+def _take_lock(out, log):
+    path = os.path.join(out, LOCK)
+    me = dict(host=socket.gethostname(), pid=os.getpid(), since=time.strftime("%Y-%m-%d %H:%M:%S"))
+    tmp = f"{path}.{me['pid']}"
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(me, f)
+    except OSError as e:  # e.g. a read-only file system: said now, before anything is built
+        return f"--output {out}: cannot write there ({e.strerror or e}); choose a folder you can write to"
+    try:
+        for _ in range(3):
+            try:
+                os.link(tmp, path)  # atomic, and the lock is complete the moment it exists
+                return None
+            except FileExistsError:
+                pass
+            try:
+                with open(path) as f:
+                    owner = json.load(f)
+            except (OSError, ValueError):
+                owner = {}
+            if owner.get("host") != me["host"] or _alive(owner.get("pid")):
+                return (f"--output {out} is in use by another run (pid {owner.get('pid')} on host "
+                        f"{owner.get('host')}, since {owner.get('since')}): one run per folder; wait for it to end "
+                        f"or choose another --output (if that run is gone, delete {path})")
+            log(f"{path}: its run (pid {owner.get('pid')} on this host) is gone; taking the folder over")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        return f"--output {out}: could not take {path} (another run keeps taking it)"
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+def _alive(pid):
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _release_lock(out):
+    path = os.path.join(out, LOCK)
+    with contextlib.suppress(OSError, ValueError):
+        with open(path) as f:
+            owner = json.load(f)
+        if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+            os.remove(path)
+    with contextlib.suppress(OSError):
+        os.rmdir(out)  # a start that failed before writing anything leaves no folder
+
+
 def take_restart(run):
     """A run folder stopped before its first checkpoint restarts from step 0 (its partial log removed); the
     resume bookkeeping flags move from the arguments to the run. Returns whether it restarts."""
     restart = getattr(run.args, "restart", False) or getattr(run.args, "fresh_start", False)
-    for key in ("restart", "fresh_start", "resume_given"):
+    run.branch, run.resume_from = False, None
+    for key in ("restart", "fresh_start", "resume_given", "branch", "resume_from"):
         if hasattr(run.args, key):
             setattr(run, key, getattr(run.args, key))
             delattr(run.args, key)
@@ -1594,10 +1696,10 @@ def repair_best(run, ckpt):
     if held is not None and held >= ckpt["best_top1"]:
         return
     if (ckpt.get("last_eval") or {}).get("top1") == ckpt["best_top1"]:
-        shutil.copyfile(os.path.join(run.out, "last.pt"), path + ".tmp")
+        shutil.copyfile(run.resume_from, path + ".tmp")
         os.replace(path + ".tmp", path)
-        run.log(f"repaired {path}: it held top1 {held}, last.pt's evaluation (top1 {ckpt['best_top1']:.2f}%) is "
-                f"the run's best, copied there")
+        run.log(f"repaired {path}: it held top1 {held}, the evaluation of {run.resume_from} (top1 "
+                f"{ckpt['best_top1']:.2f}%) is the run's best, copied there")
     else:
         run.log(f"WARNING: {path} holds top1 {held} but the run's best was {ckpt['best_top1']:.2f}%, whose weights "
                 f"are no longer saved; best.pt is left as it is and the next better evaluation replaces it")
@@ -1613,6 +1715,11 @@ def catch_stop_signals(run):
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
         run.stop_signal = signal.Signals(signum).name
     return {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+
+
+def restore_signals(previous):
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def preempted(run, where):
