@@ -2,7 +2,7 @@
 
 - Closed set (TPR Sec. 4.1.1 and Table 8; BiEfficient Table 1): single view (1 clip x 1 centre crop) and
   multi-view (4 clips x 3 crops) top-1 / top-5, the model's scores averaged over the views of a video (TPR:
-  the Eq. (18) fusion S = lambda S_VT + (1 - lambda) S_VC, lambda overridable with --lam).
+  the TPR Eq. (18) fusion S = lambda S_VT + (1 - lambda) S_VC, lambda overridable with --lam).
 - Zero-shot (BiEfficient Table 2): a checkpoint trained on one dataset scored on another's classes: the three
   official test splits with mean and standard deviation, or BIKE's half-classes x 10.
 - Few-shot (TPR Sec. 4.3, Table 7): K-shot runs are trained by train.py --shots K --seed s; pass all their
@@ -14,13 +14,17 @@
   --attention draws TPR's Fig. 7, the last frozen layer's class-token attention over each frame's patches, one
   row per checkpoint.
 - Progress: a line every --print-every batches (videos done / total, ETA).
-- TPR: top-1 under both readings of Eq. (18) (softmax probabilities and the paper's cosines) in metrics.json
+- top-1 under both readings of TPR Eq. (18) (softmax probabilities and the paper's cosines) in metrics.json
   (`top1_by_fusion`); `top1` is the model's own (`protocol.fusion`).
 
 Counting follows pytorch/examples `imagenet/main.py`: each rank scores videos rank, rank + W, ... without
 padding, and the correct counts (not accuracies) are all-reduced, so every video counts exactly once. Only
 real videos are scored: an unreadable test video is skipped (never replaced by another), and every line and
 record gives the videos scored and skipped; --stop-on-bad-video stops at the first one instead.
+
+Exit codes: 0 done; 2 a user-facing failure, one line; 143 (SIGTERM) or 130 (Ctrl-C), 128 + the signal's
+number: stopped at the next batch with one line, every rank, nothing written (metrics.json is written at the end:
+run it again).
 
     python evaluate.py --checkpoint runs/x/best.pt                              # 1x1 and 4x3 on its test split
     torchrun --nproc_per_node=4 evaluate.py --checkpoint runs/k400/best.pt --dataset hmdb51 --root DIR --zero-shot splits
@@ -29,8 +33,9 @@ record gives the videos scored and skipped; --stop-on-bad-video stops at the fir
 """
 import argparse
 import json
-import math
 import os
+import signal
+import statistics
 import sys
 import time
 import types
@@ -66,7 +71,7 @@ def build_parser():
                    help="zero-shot protocol on --dataset: the three official splits (mean +- std) or BIKE's "
                         "half-classes x --halves")
     p.add_argument("--halves", type=int, default=10, help="rounds of the half-classes protocol")
-    p.add_argument("--lam", type=float, default=None, help="TPR: lambda of Eq. (18) (default: the training run's)")
+    p.add_argument("--lam", type=float, default=None, help="lambda of TPR Eq. (18) (default: the training run's)")
     p.add_argument("--test-words", default=None, choices=prompts.TPR_TEST_WORDS,
                    help="TPR: whose words weight the frames (default: the training run's)")
     p.add_argument("--chinese-labels", default=None, help="TPR: Chinese label file for a custom class list or "
@@ -90,7 +95,7 @@ def build_parser():
     p.add_argument("--test-resize", type=int, default=None, metavar="PIXELS",
                    help="short side before the test crops (TPR Sec. 4.1.1: 256; default: the training run's)")
     p.add_argument("--fusion", default=None, choices=("prob", "cosine"),
-                   help="TPR: which reading of Eq. (18) gives `top1` (both are reported; default: the training run's)")
+                   help="which reading of TPR Eq. (18) gives `top1` (both are reported; default: the training run's)")
     p.add_argument("--stop-on-bad-video", action="store_true",
                    help="stop at the first unreadable test video instead of skipping it (skipped videos are "
                         "counted in every metrics line and never replaced by another)")
@@ -109,7 +114,7 @@ def validate(cli):
         if getattr(cli, key) < low:
             raise train.UsageError(f"--{key.replace('_', '-')} {getattr(cli, key)}: must be >= {low}")
     if cli.lam is not None and not 0 <= cli.lam <= 1:
-        raise train.UsageError(f"--lam {cli.lam}: lambda of Eq. (18) must be in [0, 1]")
+        raise train.UsageError(f"--lam {cli.lam}: lambda of TPR Eq. (18) must be in [0, 1]")
     if cli.root is not None and not os.path.isdir(cli.root):
         raise train.UsageError(f"--root {cli.root} is not a folder; pass the dataset folder in its authors' layout")
     if cli.output is not None and os.path.exists(cli.output) and not os.path.isdir(cli.output):
@@ -186,14 +191,13 @@ def score(model, ds, cli, device, amp_dtype, log, what):
     """train.evaluate with progress lines."""
     progress = Progress(what, len(ds), cli.print_every, log)
     return train.evaluate(model, ds, device, amp_dtype, cli.batch_size, cli.workers,
-                          stop_on_bad=cli.stop_on_bad_video, progress=progress)
+                          stop_on_bad=cli.stop_on_bad_video, progress=progress, stop=getattr(cli, "stop", None))
 
 
 def mean_std(values):
+    """Mean and sample standard deviation (0 for one value) of accuracies over runs or zero-shot parts."""
     values = [float(v) for v in values]
-    m = sum(values) / len(values)
-    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return m, s
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def evaluate_run(path, cli, device, amp_dtype, log):
@@ -255,7 +259,7 @@ def evaluate_run(path, cli, device, amp_dtype, log):
 
 
 def fusion_fields(result):
-    """TPR: the top-1 of both readings of Eq. (18), {"top1_by_fusion": {"cosine": %, "prob": %}}; else {}."""
+    """TPR: the top-1 of both readings of TPR Eq. (18), {"top1_by_fusion": {"cosine": %, "prob": %}}; else {}."""
     return {"top1_by_fusion": result["top1_by_fusion"]} if "top1_by_fusion" in result else {}
 
 
@@ -331,10 +335,10 @@ def dictionary_chinese(ckpt, args, texts):
 
 
 def english_only(model):
-    """Drop TPR's Chinese branch of a restored model: scores are then S_VT alone (Eq. 18 with lambda = 1)."""
+    """Drop TPR's Chinese branch of a restored model: scores are then S_VT alone (TPR Eq. 18 with lambda = 1)."""
     # Choice: a Chinese-branch TPR asked to score labels that no dictionary here translates (the README's
     # 'run,jump,swim') uses its English branch alone and says so in one line, rather than refusing: the
-    # English branch is complete on its own (Fig. 5a's "+beta" row is exactly this model without Eq. 18's
+    # English branch is complete on its own (Fig. 5a's "+beta" row is exactly this model without TPR Eq. 18's
     # Chinese term), and an invented translation would be worse than none. --chinese-labels FILE gives both.
     model.chinese_text = None
     model.loss_keys = ("en",)
@@ -363,7 +367,7 @@ def predict_video(cli, device, amp_dtype):
                 zh, source = dictionary_chinese(ckpt, args, texts)
                 note = (f"Chinese labels from {source}" if zh is not None else
                         "no Chinese labels for these --labels: scoring with the English branch alone "
-                        "(Eq. 18 with lambda = 1); pass --chinese-labels FILE to use both branches")
+                        "(TPR Eq. 18 with lambda = 1); pass --chinese-labels FILE to use both branches")
         if train.uses_chinese(args) and zh is None:
             # The model is rebuilt with its training classes (they have Chinese labels), then drops the branch.
             classes = list(ckpt["classes"])
@@ -390,7 +394,7 @@ def predict_video(cli, device, amp_dtype):
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         out = model(video.to(device), None, torch.arange(K, device=device))
     s = model.scores(out).float()[0]  # (K,)
-    # Choice: scores that are already a distribution (TPR's Eq. 18 fusion of probabilities) are shown as they
+    # Choice: scores that are already a distribution (the fusion of probabilities, TPR Eq. 18) are shown as they
     # are; logits (BiEfficient) go through a softmax.
     probs = s if (s.min() >= 0 and abs(float(s.sum()) - 1) < 1e-3) else s.softmax(-1)
     top = probs.topk(min(5, K))
@@ -404,8 +408,8 @@ def predict_video(cli, device, amp_dtype):
     weights = out.get("frame_weights")
     weights = None if weights is None else weights[0].float().cpu().tolist()
     if cli.visualize:
-        # Whose words weighted the frames: BiEfficient's own top-1 (Eq. 8); TPR reports the weights of the class
-        # with the best English score (prompts.TPR.head).
+        # Whose words weighted the frames: BiEfficient's own top-1 (BiEfficient Eq. 8); TPR reports the weights
+        # of the class with the best English score (prompts.TPR.head).
         guide = out["top1"][0] if "top1" in out else out["logits"]["en"][0].argmax()
         title = [f"video: {cli.video}", f"checkpoint: {path}",
                  f"method: {args.method}, {args.arch}, T = {args.frames}, {K} labels"]
@@ -580,8 +584,19 @@ def main(argv=None):
     if cli.video:
         return predict_video(cli, device, amp_dtype)
     records = []
-    for path in cli.checkpoint:
-        records += evaluate_run(path, cli, device, amp_dtype, log)
+    stopping = types.SimpleNamespace(device=device)  # SIGTERM / Ctrl-C: stop at the next batch, all ranks
+    previous = train.catch_stop_signals(stopping)
+    cli.stop = lambda: train.stop_requested(stopping)
+    try:
+        for path in cli.checkpoint:
+            records += evaluate_run(path, cli, device, amp_dtype, log)
+    except train.EvaluationStopped:
+        number = getattr(signal, stopping.stop_signal, signal.SIGTERM)  # "a signal on another rank": SIGTERM's
+        raise train.Preempted(f"{stopping.stop_signal} during the evaluation: nothing written (metrics.json comes "
+                              f"at the end); run it again", code=128 + number) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     summary = summarise(records, log)
     first = cli.checkpoint[0]
     out = cli.output or (first if os.path.isdir(first) else os.path.dirname(os.path.abspath(first)))

@@ -3955,6 +3955,51 @@ def run(args, torchrun=False, check=True):
     return p
 
 
+# Faults come from outside the engine: train.py run by `python -c` with optimizer_step wrapped, so that right
+# after global step AT (the step finished, before its progress line) a real signal arrives: SIGKILL, SIGTERM or
+# SIGINT to the process itself; "group": SIGTERM to its whole process group, loader workers included (as SLURM
+# delivers it); "torchrun": rank 0 sends SIGTERM to torchrun, which passes it to every rank's process group, and
+# waits until it came back to rank 0 (so every rank stops after step AT).
+FAULT = """
+import os, signal, sys, time
+sys.path.insert(0, os.getcwd())
+import train
+real, at, how = train.optimizer_step, int(sys.argv[1]), sys.argv[2]
+def optimizer_step(run, batch):
+    out = real(run, batch)
+    if run.step + 1 == at:
+        if how == "group":
+            os.killpg(0, signal.SIGTERM)
+        elif how == "torchrun":
+            if run.rank == 0:
+                os.kill(os.getppid(), signal.SIGTERM)
+                deadline = time.monotonic() + 60
+                while run.stop_signal is None and time.monotonic() < deadline:
+                    time.sleep(0.01)
+        else:
+            os.kill(os.getpid(), getattr(signal, how))
+    return out
+train.optimizer_step = optimizer_step
+sys.argv = ["train.py"] + sys.argv[3:]
+sys.exit(train.cli_main(train.main))
+"""
+
+
+def run_with_fault(at_step, how, args, torchrun=False):
+    """train.py `args` with the fault `how` injected after global step `at_step` (see FAULT), in a session of
+    its own; returns the finished process after checking that nothing of that session is left running."""
+    import time
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+                               sys.executable] if torchrun else []) + ["-c", FAULT, str(at_step), how] + args
+    p = subprocess.Popen(cmd, cwd=HERE, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)  # its own process group: "group" reaches this run only
+    p.stdout, p.stderr = p.communicate(timeout=600)
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):  # loader workers were shut down, none left behind
+        os.killpg(p.pid, 0)
+    return p
+
+
 def metrics(folder):
     with open(os.path.join(folder, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -3996,8 +4041,8 @@ def test_engine_sigkill_mid_epoch_and_resume_gives_the_same_weights(tpr_run, tmp
     out = str(tmp_path / "killed")
     # 3 epochs x 4 steps; last.pt saved every 2 steps; killed after global step 11 (epoch 3, step 3), so the
     # newest checkpoint is mid-epoch (epoch 3, step 2) and step 11 is lost and redone.
-    p = run(SMALL + ["--method", "tpr", "--epochs", "3", "--eval-every", "0", "--save-every", "2",
-                     "--kill-at-step", "11", "--output", out], check=False)
+    p = run_with_fault(11, "SIGKILL", SMALL + ["--method", "tpr", "--epochs", "3", "--eval-every", "0",
+                                               "--save-every", "2", "--output", out])
     assert p.returncode == -9, (p.returncode, p.stderr[-2000:])
     ck = trainable(out)
     assert (ck["epoch"], ck["epoch_step"], ck["step"]) == (2, 2, 10)
@@ -4369,8 +4414,8 @@ def test_engine_resume_refuses_model_and_data_flags_by_name(tpr_run, tmp_path):
 
 def test_engine_sigterm_saves_exits_requeue_and_resume_is_exact(tpr_run, tmp_path):
     out = str(tmp_path / "term")
-    p = run(SMALL + ["--method", "tpr", "--epochs", "3", "--eval-every", "0", "--kill-at-step", "6",
-                     "--kill-signal", "SIGTERM", "--output", out], check=False)
+    p = run_with_fault(6, "SIGTERM", SMALL + ["--method", "tpr", "--epochs", "3", "--eval-every", "0",
+                                              "--output", out])
     assert p.returncode == train.REQUEUE_EXIT, (p.returncode, p.stderr[-2000:])
     last = p.stderr.strip().splitlines()[-1]  # after the RANDOM-INIT warnings
     assert last.startswith("stopped: SIGTERM after step 2/4 of epoch 2") and "Traceback" not in p.stderr, p.stderr
@@ -4381,10 +4426,96 @@ def test_engine_sigterm_saves_exits_requeue_and_resume_is_exact(tpr_run, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_engine_process_group_sigterm_with_loader_workers_saves_and_resume_is_exact(tpr_run, tmp_path):
+    """SIGTERM to every process of the run (SLURM's way), two loader workers: the workers ignore it and are shut
+    down by the main process, which finishes its step, saves, prints one line and exits 75; resumed exactly."""
+    out = str(tmp_path / "group")
+    p = run_with_fault(6, "group", SMALL + ["--method", "tpr", "--epochs", "3", "--eval-every", "0", "--workers", "2",
+                                            "--output", out])
+    assert p.returncode == train.REQUEUE_EXIT, (p.returncode, p.stderr[-2000:])
+    lines = p.stderr.strip().splitlines()
+    assert lines[-1].startswith("stopped: SIGTERM after step 2/4 of epoch 2"), p.stderr
+    assert sum(l.startswith("stopped:") for l in lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    ck = trainable(out)
+    assert (ck["epoch"], ck["epoch_step"], ck["step"]) == (1, 2, 6)
+    run(["--resume", out, "--workers", "2"])
+    a, b = trainable(tpr_run)["trainable"], trainable(out)["trainable"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_engine_sigterm_to_torchrun_with_loader_workers_stops_every_rank_and_resume_is_exact(tmp_path):
+    """SIGTERM to torchrun, which passes it to each rank's process group (loader workers included): every rank
+    finishes the step, the run saves last.pt once, each rank prints its line and exits 75; the resumed torchrun
+    run ends with the weights of an uninterrupted one, bit for bit."""
+    flags = SMALL + ["--method", "tpr", "--epochs", "2", "--eval-every", "0", "--workers", "2"]
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "term")
+    run(flags + ["--output", ref], torchrun=True)
+    p = run_with_fault(3, "torchrun", flags + ["--output", out], torchrun=True)
+    stopped = [l for l in p.stderr.splitlines() if l.startswith("stopped: ")]
+    assert len(stopped) == 2 and all(l.startswith("stopped: SIGTERM after step 3/4 of epoch 1") for l in stopped), \
+        p.stderr[-3000:]
+    assert "exitcode  : 1" not in p.stderr and "DataLoader worker" not in p.stderr, p.stderr[-3000:]
+    ck = trainable(out)
+    assert (ck["epoch"], ck["epoch_step"], ck["step"]) == (0, 3, 3)
+    run(["--resume", out, "--workers", "2"], torchrun=True)
+    a, b = trainable(ref)["trainable"], trainable(out)["trainable"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_engine_sigterm_during_evaluation_stops_at_the_next_batch_and_resume_evaluates(tpr_run, tmp_path,
+                                                                                     monkeypatch):
+    """A signal during the evaluation after an epoch: it stops before its next batch (not after the whole test
+    set and one more step), last.pt holds the finished epoch, and --resume evaluates it and trains on."""
+    import signal
+    out = str(tmp_path / "r")
+    real, asked = train.evaluate, []
+
+    def stopping_evaluate(*a, stop=None, **k):
+        def ask():
+            asked.append(1)
+            if len(asked) == 2:  # one batch scored, then the signal
+                os.kill(os.getpid(), signal.SIGTERM)
+            return stop()
+        return real(*a, stop=ask, **k)
+    monkeypatch.setattr(train, "evaluate", stopping_evaluate)
+    with pytest.raises(train.Preempted, match=r"SIGTERM during the evaluation after epoch 1 \(global step 4\)"):
+        train.main(SMALL + ["--method", "tpr", "--epochs", "3", "--eval-batch-size", "4", "--output", out])
+    assert len(asked) == 2 and not [m for m in metrics(out) if m["kind"] == "eval"]
+    ck = trainable(out)
+    assert (ck["epoch"], ck["epoch_step"], ck["step"]) == (0, 4, 4)
+    monkeypatch.setattr(train, "evaluate", real)
+    train.main(["--resume", out, "--workers", "0"])
+    assert [m["epoch"] for m in metrics(out) if m["kind"] == "eval"] == [1, 2, 3]
+    a, b = trainable(tpr_run)["trainable"], trainable(out)["trainable"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the evaluations change nothing of the training
+
+
+def test_engine_evaluate_py_stops_at_the_next_batch_with_one_line(tpr_run, tmp_path, monkeypatch, capsys):
+    """evaluate.py: SIGTERM stops it before its next batch with one line and exit code 143 (128 + SIGTERM),
+    nothing written; its signal handlers are put back."""
+    import signal
+    real, asked = train.evaluate, []
+
+    def stopping_evaluate(*a, stop=None, **k):
+        def ask():
+            asked.append(1)
+            if len(asked) == 2:  # one batch scored, then the signal
+                os.kill(os.getpid(), signal.SIGTERM)
+            return stop()
+        return real(*a, stop=ask, **k)
+    monkeypatch.setattr(train, "evaluate", stopping_evaluate)
+    before = signal.getsignal(signal.SIGTERM)
+    code, err = cli(capsys, evaluate.main, ["--checkpoint", tpr_run, "--views", "1x1", "--workers", "0",
+                                            "--batch-size", "4", "--output", str(tmp_path / "e")])
+    lines = err.strip().splitlines()
+    assert code == 128 + signal.SIGTERM == 143 and len(asked) == 2, (code, err)
+    assert lines[-1].startswith("stopped: SIGTERM during the evaluation: nothing written") and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "e" / "metrics.json") and signal.getsignal(signal.SIGTERM) is before
+
+
 def test_engine_sigint_saves_and_exits_requeue(tmp_path):
     out = str(tmp_path / "int")
-    p = run(SMALL + ["--epochs", "1", "--eval-every", "0", "--kill-at-step", "3", "--kill-signal", "SIGINT",
-                     "--output", out], check=False)
+    p = run_with_fault(3, "SIGINT", SMALL + ["--epochs", "1", "--eval-every", "0", "--output", out])
     assert p.returncode == train.REQUEUE_EXIT and "stopped: SIGINT after step 3/4" in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr and trainable(out)["step"] == 3
 
@@ -4459,12 +4590,60 @@ def test_engine_nan_stop_is_true_and_one_line(tmp_path, monkeypatch, capsys):
 def test_engine_folder_killed_before_first_checkpoint_can_restart(tmp_path):
     for how in ("resume", "again"):
         out = str(tmp_path / how)
-        p = run(SMALL + ["--epochs", "1", "--eval-every", "0", "--kill-at-step", "1", "--output", out], check=False)
+        p = run_with_fault(1, "SIGKILL", SMALL + ["--epochs", "1", "--eval-every", "0", "--output", out])
         assert p.returncode == -9 and not os.path.exists(os.path.join(out, "last.pt"))
         argv = ["--resume", out, "--workers", "0"] if how == "resume" else SMALL + ["--epochs", "1", "--output", out]
         train.main(argv)
         assert trainable(out)["step"] == 4
         assert [m["step"] for m in metrics(out) if m["kind"] == "train"] == [1, 2, 3, 4]  # the old log started over
+
+
+def test_engine_one_run_per_folder_a_live_run_refuses_a_second_and_a_dead_one_is_taken_over(tmp_path, capsys):
+    """A run holds run.lock (host, pid) in its folder: a second run into it is one line and exit 2, and the
+    first run's files stay; once that process is gone (SIGKILL), the lock is stale and --resume takes over."""
+    import signal
+    import socket
+    out = str(tmp_path / "r")
+    first = subprocess.Popen([sys.executable, "-c", FAULT, "1", "SIGSTOP"] + SMALL + ["--epochs", "1", "--output", out],
+                             cwd=HERE, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        os.waitpid(first.pid, os.WUNTRACED)  # stopped after its first step, alive, its folder locked
+        with open(os.path.join(out, "run.lock")) as f:
+            assert json.load(f)["pid"] == first.pid
+        for argv in (SMALL + ["--epochs", "1", "--output", out], ["--resume", out, "--workers", "0"]):
+            code, err = cli(capsys, train.main, argv)
+            assert_one_line(code, err, f"--output {out} is in use by another run (pid {first.pid} on host "
+                                       f"{socket.gethostname()}", "one run per folder")
+        assert sorted(os.listdir(out)) == ["args.json", "metrics.jsonl", "run.lock"]  # nothing of it removed
+    finally:
+        first.kill()
+        first.wait()
+    train.main(["--resume", out, "--workers", "0"])  # its process is gone: the stale lock is taken over
+    assert trainable(out)["step"] == 4 and not os.path.exists(os.path.join(out, "run.lock"))
+    with open(os.path.join(out, "run.lock"), "w") as f:  # a run on another host: not ours to judge
+        json.dump(dict(host="another-host", pid=1, since="then"), f)
+    code, err = cli(capsys, train.main, ["--resume", out, "--epochs", "2", "--workers", "0"])
+    assert_one_line(code, err, "pid 1 on host another-host", f"delete {out}/run.lock")
+
+
+def test_engine_resume_of_a_best_older_than_last_is_refused_in_its_folder_and_branches_into_a_new_one(tpr_run,
+                                                                                                  tmp_path, capsys):
+    import shutil
+    run_dir, new = str(tmp_path / "run"), str(tmp_path / "branch")
+    shutil.copytree(tpr_run, run_dir)
+    best = trainable(run_dir)
+    best["epoch"], best["epoch_step"], best["step"] = 2, 0, 8  # as if saved after epoch 2 of 3
+    torch.save(best, os.path.join(run_dir, "best.pt"))
+    before = {f: open(os.path.join(run_dir, f), "rb").read() for f in ("last.pt", "metrics.jsonl")}
+    code, err = cli(capsys, train.main, ["--resume", os.path.join(run_dir, "best.pt"), "--workers", "0"])
+    assert_one_line(code, err, "the run went on after it (step 8", "step 12", "--output NEW")
+    code, err = cli(capsys, train.main, ["--resume", run_dir, "--output", new, "--workers", "0"])
+    assert_one_line(code, err, "--output cannot move it", f"--resume {run_dir}/last.pt --output NEW")
+    train.main(["--resume", os.path.join(run_dir, "best.pt"), "--output", new, "--workers", "0"])
+    assert before == {f: open(os.path.join(run_dir, f), "rb").read() for f in before}  # the old run untouched
+    assert trainable(new)["step"] == 12 and os.path.isfile(os.path.join(new, "args.json"))
+    assert [m["step"] for m in metrics(new) if m["kind"] == "train"] == [9, 10, 11, 12]
+    assert trainable(new, "best.pt")["best_top1"] == trainable(new)["best_top1"]
 
 
 def test_engine_evaluation_scores_only_real_videos(tmp_path):
@@ -4669,6 +4848,38 @@ def test_engine_warnings_come_from_rank_0_only():
     assert p.stderr.count("RANDOMLY INITIALISED CLIP") == 1, p.stderr
     assert p.stderr.count("RANDOMLY INITIALISED Chinese-CLIP") == 1, p.stderr
     assert p.stdout.count("setup: tpr on synthetic") == 1
+
+
+def test_engine_readme_reading_table_names_where_the_code_tags_each_equation():
+    """The README's "Reading the papers in the code" lists TPR Eq. (1)-(18) then BiEfficient Eq. (1)-(10), in
+    order; every function it names exists in the file it names, and one of a row's functions carries the tag
+    of each of the row's equations (`TPR Eq. (8)`, `TPR Eq. (8)-(11)`, `TPR Eq. (15)/(16)`, `(TPR Eq. 6-7)`)."""
+    import ast
+    import re
+    section = _readme().split("## Reading the papers in the code", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if re.match(r"\| (TPR|BiEfficient) Eq\.", line)]
+    listed = []
+    for eq, _, files, functions in rows:
+        paper, first, last = re.fullmatch(r" (TPR|BiEfficient) Eq\. \((\d+)\)(?:-\((\d+)\))? ", eq).groups()
+        numbers = list(range(int(first), int(last or first) + 1))
+        listed += [(paper, n) for n in numbers]
+        tagged = set()
+        for name in re.findall(r"`([\w.]+)`", functions):
+            source = None
+            for f in re.findall(r"`(\w+\.py)`", files):
+                text = open(os.path.join(HERE, f), encoding="utf-8").read()
+                nodes = ast.parse(text).body
+                for part in name.split("."):
+                    node = next((n for n in nodes if getattr(n, "name", None) == part), None)
+                    nodes = getattr(node, "body", [])
+                if node is not None:
+                    source = "\n".join(text.splitlines()[node.lineno - 1:node.end_lineno])  # trailing tags too
+                    break
+            assert source is not None, f"{eq}: {name} is in none of {files}"
+            for m in re.finditer(rf"{paper} Eq\. \(?(\d+)\)?(?:\s*[-/]\s*\(?(\d+)\)?)?", source):
+                tagged |= set(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
+        assert set(numbers) <= tagged, f"{eq}: no tag in {functions.strip()}"
+    assert listed == [("TPR", n) for n in range(1, 19)] + [("BiEfficient", n) for n in range(1, 11)]
 
 
 def test_engine_readme_counts_match_the_code():

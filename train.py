@@ -15,6 +15,11 @@ Sec. 4.1).
     python train.py --method tpr --dataset hmdb51 --root DIR --split 1   # ViT-B/16 weights from ~/.cache/clip
     torchrun --nproc_per_node=4 train.py --method biefficient --dataset k400 --root DIR
 
+The file reads in the order a run executes: 1 setup (arguments, processes), 2 model and data, 3 the training
+step, 4 the epoch, 5 evaluation, 6 checkpoints, 7 the run; what keeps a run alive (argument checks, resume,
+restart, signals, exit codes) is the last section. Needs clip.py, data.py, prompts.py, reparam.py,
+text_branches.py and assets/.
+
 The run folder (--output) receives args.json, metrics.jsonl (one JSON object per line: training progress and
 every evaluation with its protocol), last.pt and best.pt (trainable parameters only, never the frozen towers).
 
@@ -25,6 +30,7 @@ Ctrl-C after finishing the step and saving last.pt (requeue, then --resume); 130
 import argparse
 import collections
 import contextlib
+import datetime
 import errno
 import hashlib
 import io
@@ -36,6 +42,7 @@ import random
 import resource
 import shutil
 import signal
+import socket
 import sys
 import time
 
@@ -52,61 +59,12 @@ import text_branches
 
 METHODS = ("tpr", "biefficient")
 CHECKPOINT_FORMAT = 1
-# Flags a resumed run may change (they change neither the model nor the data); every other setting comes from
-# the run's own checkpoint, and another value given for one is refused by name.
-# --epochs continues the cosine as if the run had been launched with the new length (lr_at depends only on the
-# step and these arguments); --batch-size only where the epoch's sampler position maps (see resolve_run_args).
-RESUME_MAY_CHANGE = ("epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "betas", "grad_clip", "precision",
-                     "batch_size", "micro_batch", "workers", "threads", "print_every", "save_every", "eval_every",
-                     "eval_batch_size", "kill_at_step", "kill_signal", "dry_run", "debug",
-                     # where the same data and weights are found now (the fingerprint check guards the weights)
-                     "root", "pretrained", "pretrained_chinese")
-# Choice: a run stopped by SIGTERM / SIGINT after saving exits with EX_TEMPFAIL (sysexits.h: "temporary failure,
-# retry later"), the code SLURM --requeue wrappers and Kubernetes restart policies take as "run me again".
-REQUEUE_EXIT = 75
-DEBUG_ENV = "DEBUG"  # DEBUG=1 shows the traceback of a user-facing error, like --debug
 SPEED_WINDOW = 50  # training steps behind the clips/s and ETA of the progress line
 
 
-class UsageError(Exception):
-    """Bad input from the user: printed as one line by the command-line entry point."""
-
-
-class Preempted(Exception):
-    """SIGTERM or SIGINT during training: the step finished and last.pt was saved; the message says where."""
-
-
-def cli_main(main, argv=None):
-    """Run a script's main(argv) as a command: a user-facing failure (UsageError, a data set's unreadable
-    class) is one line on stderr and exit code 2, Ctrl-C outside training one line and 130, a preempted run
-    one line and REQUEUE_EXIT; --debug or DEBUG=1 shows the traceback. Internal bugs still raise."""
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv or os.environ.get(DEBUG_ENV) == "1"
-    code = 0
-    try:
-        main(argv)
-    except (UsageError, data.UnreadableClass) as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
-    except Preempted as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        code = REQUEUE_EXIT
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print("interrupted (Ctrl-C) outside a training step: nothing new was saved", file=sys.stderr)
-        code = 130
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return code
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Arguments and the papers' defaults
-# ----------------------------------------------------------------------------------------------------------
+# ==========================================================================================================
+# 1. Setup: the papers' defaults, the arguments, the processes
+# ==========================================================================================================
 
 # Paper defaults per method and protocol; None in the parser means "take it from here".
 # TPR: Table 2 (AdamW betas (0.9, 0.999), cosine, 5 warm-up epochs, weight decay 1e-2, 30 epochs ViT-B / 20
@@ -120,21 +78,9 @@ def cli_main(main, argv=None):
 # "batch size of 32" is taken as the global batch; --biefficient-code-compat switches weight decay to 0.05.
 SYNTHETIC = dict(arch="tiny", frames=8, batch_size=16, epochs=None, lr=None, warmup_epochs=1, weight_decay=0.0,
                  prefix="{}.", label_smoothing=0.0, threads=1)
-# Choice: the synthetic demo prompts TPR's English branch with the bare label "{}." (a Table 5-style prefix
-# choice): random text towers are nearly bags of words, so the five shared words of "This is a video about
-# {}." make the class texts almost collinear (mean cosine 0.955 against 0.80). Measured, 15 epochs at lr 3e-3,
-# seed 0: TPR 98.8% top-1 with "{}." against 85.2% with the paper's prefix.
-# Choice: the synthetic demo's schedule: 15 epochs of 32 steps (480 steps) per method, lr 2e-3 for TPR (3e-3:
-# 95.9-99.0% over seeds 0-4 but 93.4% on seed 5, 20 epochs 87.9% there) and 3e-3 for BiEfficient. Its towers are
-# random and frozen; BiEfficient uses M = 2 learned context tokens instead of the paper's 16 there: with a
-# random text tower the 16 shared context vectors dominate the EOT output, so all class texts start nearly
-# identical (M = 16: 81.3%, seed 0). Measured with these defaults over seeds 0-4: TPR 96.3-99.0%, BiEfficient
-# 98.6-100% top-1; seed 5 (the learning test's): 98.2% and 99.8% (chance 12.5%, a frame order-blind model at
-# most 50%).
-# Choice: one intra-op CPU thread (--threads 1) on the synthetic set: its matrices are too small to gain from
-# splitting, and on a machine with more runnable threads than cores two OpenMP threads cost 15x the CPU time
-# per step (measured: 2.0 s against 0.13 s per TPR step, 2 cores at load 13); one thread also makes the result
-# the same on any number of cores.
+# Choice: the synthetic demo (random frozen tiny towers) prompts TPR with the bare label "{}.", gives BiEfficient
+# M = 2 context tokens, trains 15 epochs at lr 2e-3 (TPR) / 3e-3 (BiEfficient) on one CPU thread: random text
+# towers read like bags of words. The measurements behind each value: README, "Choices where the papers are silent".
 SYNTHETIC_BY_METHOD = {"tpr": dict(epochs=15, lr=2e-3), "biefficient": dict(epochs=15, lr=3e-3, M=2)}
 
 
@@ -237,19 +183,19 @@ def add_tpr_flags(p):
     """TPR's ablation switches (Fig. 5, Tables 3-5, 7)."""
     g = p.add_argument_group("TPR (ablations: Fig. 5, Tables 3-5, 7)")
     g.add_argument("--S", type=int, default=8, help="global prompts per frame (Fig. 5c)")
-    g.add_argument("--beta", default="r2plus1d", choices=reparam.BETAS + ("none",), help="reparameterization network beta of Eq. (12), Table 3; "
+    g.add_argument("--beta", default="r2plus1d", choices=reparam.BETAS + ("none",), help="reparameterization network beta of TPR Eq. (12), Table 3; "
                    "'none' = no beta (the '+TP' row)")
     g.add_argument("--no-residual", action="store_true", help="P_R = beta(P) without + P (Table 4)")
     g.add_argument("--no-temporal-prompts", action="store_true", help="no temporal prompts (Fig. 5a baseline)")
     g.add_argument("--no-chinese", action="store_true", help="no Chinese label branch (Fig. 5a, Table 7)")
-    g.add_argument("--pooling", default="word", choices=("word", "mean"), help="word-guided (Eq. 6-7) or mean "
-                   "pooling (Eq. 4) of the frame features")
+    g.add_argument("--pooling", default="word", choices=("word", "mean"), help="word-guided (TPR Eq. 6-7) or mean "
+                   "pooling (TPR Eq. 4) of the frame features")
     g.add_argument("--test-words", default=None, choices=prompts.TPR_TEST_WORDS, help="whose words weight the frames at test time (TPR issue: "
                    "class-conditional or top-1); default: the model's")
     g.add_argument("--prefix", default=None, help="text template with one {} (Table 5); default: the paper's 'This is a video about {}.' (Sec. 3.4), '{}.' on the synthetic set")
-    g.add_argument("--lam", type=float, default=None, help="lambda of Eq. (18); default: the model's")
+    g.add_argument("--lam", type=float, default=None, help="lambda of TPR Eq. (18); default: the model's")
     g.add_argument("--fusion", default="prob", choices=prompts.TPR_FUSIONS,
-                   help="what S of TPR Eq. (18) fuses: softmax probabilities (prob) or the cosines of Eq. (5) "
+                   help="what S of TPR Eq. (18) fuses: softmax probabilities (prob) or the cosines of TPR Eq. (5) "
                         "(the paper's); evaluation reports top-1 for both")
     g.add_argument("--tau", type=float, default=0.01, help="temperature tau (Sec. 4.1)")
 
@@ -316,9 +262,6 @@ def add_run_flags(p):
                    "(default: a quarter of --batch-size)")
     g.add_argument("--dry-run", action="store_true", help="build the model, print its trainable parameters, exit")
     g.add_argument("--debug", action="store_true", help=f"show the traceback of an error (also: {DEBUG_ENV}=1)")
-    g.add_argument("--kill-at-step", type=int, default=0, help=argparse.SUPPRESS)  # testing: SIGKILL self
-    g.add_argument("--kill-signal", default="SIGKILL", choices=("SIGKILL", "SIGTERM", "SIGINT"),
-                   help=argparse.SUPPRESS)  # testing: the signal --kill-at-step sends
 
 
 def default_workers():
@@ -393,50 +336,6 @@ def resolve_training_rows(args):
     return args
 
 
-# (flag, smallest valid value, strict): checked before any folder is created
-RANGES = (("frames", 1, False), ("batch_size", 1, False), ("micro_batch", 1, False), ("epochs", 0, False),
-          ("lr", 0, True), ("min_lr", 0, False), ("warmup_epochs", 0, False), ("weight_decay", 0, False),
-          ("grad_clip", 0, False), ("tau", 0, True), ("S", 0, False), ("M", 1, False), ("synthetic_videos", 1, False),
-          ("workers", 0, False), ("print_every", 1, False), ("save_every", 0, False), ("eval_every", 0, False),
-          ("eval_batch_size", 1, False), ("threads", 1, False))
-
-
-def validate_args(args):
-    """Ranges and paths of the arguments, each failure one line naming the flag, its value and what is valid."""
-    for key, low, strict in RANGES:
-        value = getattr(args, key, None)
-        if value is not None and (value <= low if strict else value < low):
-            raise UsageError(f"--{key.replace('_', '-')} {value}: must be {'>' if strict else '>='} {low}")
-    smoothing = getattr(args, "label_smoothing", 0.0)  # absent from checkpoints of before the flag
-    if smoothing is not None and not 0.0 <= smoothing < 1.0:
-        raise UsageError(f"--label-smoothing {smoothing}: must lie in [0, 1)")
-    size = clip.ARCHS[args.arch]["image_resolution"] if args.arch in clip.ARCHS else 0
-    if getattr(args, "test_resize", None) is not None and args.test_resize < size:
-        raise UsageError(f"--test-resize {args.test_resize}: smaller than the {size}-pixel crop of {args.arch}; "
-                         f"give a short side >= {size}")
-    if args.lam is not None and not 0 <= args.lam <= 1:
-        raise UsageError(f"--lam {args.lam}: lambda of Eq. (18) weighs two probabilities, must be in [0, 1]")
-    if args.prefix is not None and args.prefix.count("{}") != 1:
-        raise UsageError(f"--prefix {args.prefix!r}: needs exactly one {{}} where the class name goes")
-    if args.root is not None and not os.path.isdir(args.root):
-        what = "is a file" if os.path.exists(args.root) else "does not exist"
-        raise UsageError(f"--root {args.root} {what}; pass the dataset folder ({data.LAYOUTS.get(args.dataset, '')})"
-                         if args.dataset != "synthetic" else f"--root {args.root} {what}; pass a folder")
-    for key in ("class_file", "chinese_labels"):
-        path = getattr(args, key, None)
-        if path is not None and not os.path.isfile(path):
-            raise UsageError(f"--{key.replace('_', '-')} {path} is not a file")
-    for path in args.list_file or ():
-        if not os.path.isfile(path):
-            raise UsageError(f"--list-file {path} is not a file (give the TRAIN and TEST list files)")
-    if getattr(args, "output", None) is not None and os.path.exists(args.output) and not os.path.isdir(args.output):
-        raise UsageError(f"--output {args.output} is an existing file; pass a folder (new, or a run's to resume)")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Distributed helpers (plain torch.distributed; one process when not launched by torchrun)
-# ----------------------------------------------------------------------------------------------------------
-
 def setup_distributed():
     """(rank, world size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them: one process."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -474,9 +373,97 @@ def broadcast_object(obj):
     return box[0]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------------------
+class Run:
+    """What one training run holds: its arguments and ranks, model, optimiser, data, and where it stands in
+    the schedule (epoch, step within the epoch, global step, best top-1). The steps below read and advance it."""
+
+    def __init__(self, args, rank, world, device):
+        self.args, self.rank, self.world, self.device = args, rank, world, device
+        self.log = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
+        self.epoch, self.epoch_step, self.step, self.best = 0, 0, 0, -1.0
+        self.test_set, self.metrics = None, None
+        self.t_start, self.clips_done = time.time(), 0
+        self.speed = Throughput()
+
+
+def setup(argv=None, stack=None):
+    """Arguments, processes, seeds, output folder (locked for this run until `stack` closes), data and model.
+    Returns (run, checkpoint to resume or None), or (None, None) after printing the parameter table for
+    --dry-run."""
+    cli = build_parser().parse_args(argv)
+    rank, world, device = setup_distributed()
+    args, ckpt = resolve_run_args(cli, argv, world)
+    run = Run(args, rank, world, device)
+    run.amp_dtype, use_scaler = amp_settings(args.precision, device, getattr(args, "amp", "bf16"))
+    if getattr(args, "threads", None) and device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    if not cli.resume and not args.dry_run:
+        args.output = choose_output(args, rank)
+    run.out = args.output
+    if not args.dry_run:
+        lock_folder(run, stack)
+    restart = take_restart(run)
+    if restart:
+        ckpt = None
+
+    with rank0_only_warnings():
+        run.train_set = build_dataset(args, "train", shots_dir=None if args.dry_run else args.output)
+    texts, zh = class_names(args, run.train_set)
+    model = run.model = build_model(args, texts, zh).to(device)
+    if args.dry_run:
+        for line in describe_setup(args, model):
+            run.log(line)
+        print_parameter_table(model, run.log)
+        return None, None
+    torch.manual_seed(args.seed + rank)  # after the (identical) model init, each rank its own stream
+    if rank == 0 and (not cli.resume or restart or run.branch):  # once the model is built: a failed start leaves no run
+        os.makedirs(run.out, exist_ok=True)
+        with open(os.path.join(run.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+    if dist.is_initialized():
+        dist.barrier()
+    per_rank = args.batch_size // world
+    run.log(f"{args.method} on {args.dataset} (split {args.split}{f', {args.shots}-shot' if args.shots else ''}): "
+            f"{len(run.train_set)} training videos, {len(run.train_set.classes)} classes, T={args.frames}, arch "
+            f"{args.arch}{' RANDOM-INIT' if args.random_init else ''}; {world} rank(s) on {device.type}, global "
+            f"batch {args.batch_size} = {world} x {per_rank // args.micro_batch} x {args.micro_batch}, precision "
+            f"{run.amp_dtype or 'fp32'}; run folder {run.out}")
+    for line in describe_setup(args, model):
+        run.log(line)
+    print_parameter_table(model, run.log)
+
+    build_training(run, use_scaler)
+    return run, ckpt
+
+
+def build_training(run, use_scaler):
+    """DDP wrapper, AdamW over the trainable parameters, GradScaler and the schedule length of a set-up run."""
+    args, model, device = run.args, run.model, run.device
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable and args.epochs:
+        raise UsageError("this configuration has no trainable parameters (e.g. TPR with --no-temporal-prompts "
+                         "--beta none --pooling mean: Fig. 5a's CLIP row); pass --epochs 0 to only evaluate it")
+    model.train()
+    # A model may hold trainable parameters that never get a gradient (BiEfficient code-compat: the LayerNorm
+    # used only to pick the top-1); DDP must then look for them every step.
+    run.ddp_model = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                         find_unused_parameters=getattr(model, "has_unused_parameters", False))
+                     if run.world > 1 and trainable else model)
+    run.optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas))
+    run.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    run.steps_per_epoch = len(run.train_set) // args.batch_size
+    if run.steps_per_epoch == 0:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the training set "
+                         f"({len(run.train_set)} videos)")
+    run.total_steps = args.epochs * run.steps_per_epoch
+    run.fingerprint = frozen_fingerprint(model)
+
+
+# ==========================================================================================================
+# 2. Model and data
+# ==========================================================================================================
 
 def build_dataset(args, mode, views="1x1", split=None, dataset=None, shots_dir=None):
     """A dataset of data.py for this run's settings; mode 'train', 'test' or 'all' (every labelled video)."""
@@ -524,27 +511,40 @@ class BatchSampler:
             yield rows[self.rank * self.b:(self.rank + 1) * self.b]
 
 
-def _ignore_sigint(worker_id):
-    # Ctrl-C reaches the whole process group: the workers keep serving batches while the main process
-    # finishes its step and saves (catch_stop_signals).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # preemption (SLURM, Kubernetes, torchrun) and Ctrl-C
+
+
+class Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers ignore SIGTERM and SIGINT. SLURM signals every process of a job step, Ctrl-C
+    and torchrun the whole process group: the workers keep serving batches while the main process finishes
+    its step and saves (catch_stop_signals), and the main process shuts them down. The signals stay blocked
+    while the workers start, so none arrives before a worker ignores it."""
+
+    def __iter__(self):
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # inherited by the forked workers
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _worker_ignores_stop_signals(worker_id):
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def loader(dataset, batch_sampler=None, batch_size=None, workers=0, indices=None):
     if indices is not None:
         dataset = torch.utils.data.Subset(dataset, indices)
     kw = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=False,
-              worker_init_fn=_ignore_sigint if workers > 0 else None)
+              worker_init_fn=_worker_ignores_stop_signals if workers > 0 else None)
     if workers > 0:
         kw["prefetch_factor"] = 2
     if batch_sampler is not None:
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kw)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, **kw)
+        return Loader(dataset, batch_sampler=batch_sampler, **kw)
+    return Loader(dataset, batch_size=batch_size, shuffle=False, **kw)
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------------------
 
 def _weights_error(what, name, where, flag, error):
     return UsageError(
@@ -650,58 +650,6 @@ def class_names(args, dataset, dataset_name=None):
     return list(dataset.class_texts), zh
 
 
-def frozen_modules(model):
-    """Names of the frozen towers inside a method model (their parameters and buffers are never saved)."""
-    return [n for n, m in model.named_modules()
-            if isinstance(m, (clip.CLIP, text_branches.ChineseCLIPText)) and n]
-
-
-def trainable_state(model):
-    """Trainable parameters and the persistent buffers outside the frozen towers (e.g. norm statistics of
-    beta), as a plain dict of tensors."""
-    frozen = tuple(n + "." for n in frozen_modules(model))
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    out = {}
-    for n, t in model.state_dict().items():
-        if n in trainable or (not n.startswith(frozen) and n not in dict(model.named_parameters())):
-            out[n] = t.detach().clone().cpu()
-    return out
-
-
-def load_trainable_state(model, state, source):
-    mine = trainable_state(model)
-    missing, unexpected = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
-    if missing or unexpected:
-        raise UsageError(f"{source} does not match this model: missing {missing[:10]}, unexpected "
-                         f"{unexpected[:10]} (was it trained with other flags?)")
-    params = dict(model.named_parameters())
-    buffers = dict(model.named_buffers())
-    with torch.no_grad():
-        for n, t in state.items():
-            target = params.get(n, buffers.get(n))
-            if target.shape != t.shape:
-                raise UsageError(f"{source}: {n} has shape {tuple(t.shape)}, this model {tuple(target.shape)}")
-            target.copy_(t)
-
-
-def frozen_fingerprint(model):
-    """A short hash of the frozen towers' weights: a checkpoint only makes sense on the towers it was trained
-    with (they are not stored in it)."""
-    h = hashlib.sha256()
-    for name in frozen_modules(model):
-        for p in getattr_path(model, name).parameters():
-            flat = p.detach().float().flatten().cpu()
-            # 64 evenly spaced values, bit-exact (a sum would depend on the reduction order, i.e. the threads)
-            h.update(str(tuple(p.shape)).encode() + flat[:: max(1, flat.numel() // 64)].numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def getattr_path(obj, path):
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def describe_setup(args, model):
     """Lines naming what the parameter table depends on (method, dataset, arch, T, S or M, ...) and every
     synthetic-demo value that replaces a paper default, so that a count can be matched with the README."""
@@ -740,25 +688,109 @@ def print_parameter_table(model, log):
     return total
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Optimisation
-# ----------------------------------------------------------------------------------------------------------
+# ==========================================================================================================
+# 3. The training step: TPR Eq. (15)-(17) / BiEfficient Eq. (10) over the global batch, DDP, autocast, GradScaler
+# ==========================================================================================================
 
-def param_groups(model, weight_decay):
-    """AdamW groups. A method model may define `optimizer_groups(weight_decay)`; otherwise decay applies to
-    matrices only, not to biases, norms and scalars (the usual rule; BiEfficient's code decays everything,
-    which its code_compat model states through optimizer_groups)."""
-    if hasattr(model, "optimizer_groups"):  # BiEfficient: which parameters decay (paper or authors' code)
-        groups = model.optimizer_groups()
-        for g in groups:
-            if g["weight_decay"] > 0:
-                g["weight_decay"] = weight_decay
-        return groups
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+def optimizer_step(run, batch):
+    """One global batch: learning rate of this step, forward + backward, clip, step. Returns the loss."""
+    args, opt = run.args, run.optimizer
+    lr = lr_at(run.step, args, run.steps_per_epoch)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss = train_step(run.ddp_model, run.model, batch["video"], batch["label"], args, run.world, run.amp_dtype,
+                      run.scaler, run.device)
+    if not torch.isfinite(loss):
+        raise non_finite_loss(run, loss)
+    if args.grad_clip > 0:
+        run.scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+    run.scaler.step(opt)
+    run.scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return loss, lr
+
+
+def train_step(ddp_model, model, video, labels, args, world, amp_dtype, scaler, device):
+    """Forward and backward of one global batch; returns the loss (identical on every rank).
+
+    global contrastive batch: the loss over the global batch (TPR Eq. 17) is computed on every rank from the
+    gathered logits; each rank back-propagates only through its own rows, and DDP AVERAGES gradients over
+    ranks, so the loss is multiplied by the world size: the averaged gradient is then exactly the one-process
+    gradient. local (the BiEfficient authors' code): each rank's own B x B problem (its videos against its own
+    labels), nothing gathered; DDP's average of the per-rank gradients is the gradient of the mean of the
+    per-rank losses, and that mean is what is returned.
+    """
+    labels = labels.to(device, non_blocking=True)
+    local = getattr(args, "contrastive_batch", "global") == "local"
+    gather = _local_rows if local else gather_rows
+    kind = getattr(args, "loss", "multi_positive")
+    candidates = gather(labels)  # (B,) the contrastive batch's labels, duplicates kept (contract)
+    micro = args.micro_batch
+    smoothing = getattr(args, "label_smoothing", 0.0)  # absent from checkpoints of before the flag
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    if micro >= labels.shape[0]:
+        with autocast:
+            out = ddp_model(video.to(device, non_blocking=True), labels, candidates)
+        # TPR Eq. (15)-(17): L = L_VT + L_VC over the global batch; BiEfficient Eq. (10): its one (English) term
+        loss = sum(contrastive_loss(gather(out["logits"][k]), candidates, candidates, smoothing, kind)
+                   for k in model.loss_keys)  # TPR Eq. (17)
+        scaler.scale(loss if local else loss * world).backward()
+    else:
+        loss = accumulate(ddp_model, model, video, labels, candidates, micro, world, autocast, scaler, device,
+                          smoothing, gather, kind)
+    loss = loss.detach()
+    if local and dist.is_initialized():
+        dist.all_reduce(loss)  # the mean of the per-rank losses, the same on every rank
+        loss = loss / world
+    return loss
+
+
+def contrastive_loss(logits, labels, candidates, label_smoothing=0.0, kind="multi_positive"):
+    """One branch's symmetric contrastive loss: TPR Eq. (15)-(16) (BiEfficient Eq. (10)) with multi-positive
+    targets, or the BiEfficient authors' multi-hot targets (--biefficient-code-compat); in fp32."""
+    if kind == "multi_hot":  # label smoothing is refused with it in resolve_training_rows
+        return text_branches.multi_hot_contrastive_loss(logits.float(), labels, candidates)
+    return text_branches.multi_positive_contrastive_loss(logits.float(), labels, candidates, label_smoothing)
+
+
+def _local_rows(x):
+    """--contrastive-batch local: each rank's rows stay its own (no gathering)."""
+    return x
+
+
+def accumulate(ddp_model, model, video, labels, candidates, micro, world, autocast, scaler, device,
+               label_smoothing=0.0, gather=gather_rows, kind="multi_positive"):
+    """Gradient accumulation that keeps the contrastive batch = the whole global batch.
+
+    Choice: accumulating per-micro-batch losses would shrink the contrastive batch (fewer negatives) and make
+    the objective depend on the micro-batch size. Instead (the "gradient cache" idea): 1) every micro-batch's
+    logits rows without a graph, gathered over ranks -> (B, A); 2) the loss on the whole matrix and its
+    gradient with respect to the logits; 3) each micro-batch again with a graph, back-propagating those
+    logit gradients. Rows of the logits depend only on their own video (and the candidates), so this is the
+    exact gradient of the global-batch loss for any micro-batch size and world size, at the price of one extra
+    forward pass (without a graph). It assumes the forward pass is deterministic (no dropout in the models).
+    """
+    chunks = list(zip(video.split(micro), labels.split(micro)))
+    with torch.no_grad(), autocast:
+        rows = [model(v.to(device, non_blocking=True), l, candidates)["logits"] for v, l in chunks]
+    full = {k: gather(torch.cat([r[k] for r in rows]).float()).requires_grad_(True) for k in model.loss_keys}
+    loss = sum(contrastive_loss(full[k], candidates, candidates, label_smoothing, kind)
+               for k in model.loss_keys)  # TPR Eq. (17)
+    grads = torch.autograd.grad(loss, [full[k] for k in model.loss_keys])
+    b = labels.shape[0]
+    per_rank = gather is _local_rows  # the per-rank problem: the rows are this rank's own, the loss not replicated
+    rank = dist.get_rank() if dist.is_initialized() and not per_rank else 0
+    local = {k: g[rank * b:(rank + 1) * b].split(micro) for k, g in zip(model.loss_keys, grads)}
+    for i, (v, l) in enumerate(chunks):
+        sync = i == len(chunks) - 1
+        ctx = ddp_model.no_sync() if (isinstance(ddp_model, DDP) and not sync) else contextlib.nullcontext()
+        with ctx:
+            with autocast:
+                out = ddp_model(v.to(device, non_blocking=True), l, candidates)
+            surrogate = sum((out["logits"][k].float() * local[k][i]).sum() for k in model.loss_keys)
+            scaler.scale(surrogate if per_rank else surrogate * world).backward()
+    return loss.detach()
 
 
 def lr_at(step, args, steps_per_epoch):
@@ -795,6 +827,23 @@ def code_lr_at(step, args, steps_per_epoch):
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def param_groups(model, weight_decay):
+    """AdamW groups. A method model may define `optimizer_groups(weight_decay)`; otherwise decay applies to
+    matrices only, not to biases, norms and scalars (the usual rule; BiEfficient's code decays everything,
+    which its code_compat model states through optimizer_groups)."""
+    if hasattr(model, "optimizer_groups"):  # BiEfficient: which parameters decay (paper or authors' code)
+        groups = model.optimizer_groups()
+        for g in groups:
+            if g["weight_decay"] > 0:
+                g["weight_decay"] = weight_decay
+        return groups
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
 def amp_settings(precision, device, auto_cuda="bf16"):
     """(autocast dtype or None, use GradScaler). auto_cuda: what "auto" picks on a GPU ("bf16" where supported,
     else fp16; "fp16": BiEfficient code-compat, the authors' fp16 autocast + GradScaler)."""
@@ -812,95 +861,119 @@ def amp_settings(precision, device, auto_cuda="bf16"):
     return (torch.bfloat16, False) if precision == "bf16" else (torch.float16, True)
 
 
-CONTRASTIVE_LOSSES = {"multi_positive": text_branches.multi_positive_contrastive_loss,  # TPR Eq. (15)
-                      "multi_hot": text_branches.multi_hot_contrastive_loss}  # the BiEfficient authors' code
+# ==========================================================================================================
+# 4. The epoch: steps, progress lines, evaluation and checkpoints at its end
+# ==========================================================================================================
+
+def train_epoch(run):
+    """The rest of the current epoch, from run.epoch_step on: steps, progress lines, mid-epoch last.pt."""
+    args, spe = run.args, run.steps_per_epoch
+    run.train_set.set_epoch(run.epoch)
+    sampler = BatchSampler(len(run.train_set), args.batch_size, run.rank, run.world, args.seed, run.epoch,
+                           start=run.epoch_step)
+    run.speed.restart()  # after the evaluation and saving of the previous epoch
+    for batch in loader(run.train_set, batch_sampler=sampler, workers=args.workers):
+        loss, lr = optimizer_step(run, batch)
+        run.speed.step(args.batch_size)
+        run.step, run.epoch_step, run.clips_done = run.step + 1, run.epoch_step + 1, run.clips_done + args.batch_size
+        if run.epoch_step % args.print_every == 0 or run.epoch_step == spe:
+            now = time.time()
+            speed = run.speed.clips_per_s()
+            eta = run.speed.eta(run.total_steps - run.step, evaluations_left(args, run.epoch))
+            run.log(f"epoch {run.epoch + 1}/{args.epochs} step {run.epoch_step}/{spe} loss {loss.item():.4f} "
+                    f"lr {lr:.3e} {speed:.1f} clips/s ETA {_hms(eta)} peak mem {_peak_memory_mib(run.device):.0f} MiB")
+            write_metrics(run, dict(kind="train", epoch=run.epoch + 1, step=run.step, epoch_step=run.epoch_step,
+                                    loss=loss.item(), lr=lr, clips_per_s=speed, eta_s=eta, time_s=now - run.t_start))
+        if args.save_every and run.epoch_step % args.save_every == 0 and run.epoch_step < spe:
+            save(run, "last.pt")
+            run.speed.restart()
+        if stop_requested(run):
+            save(run, "last.pt")
+            raise preempted(run, f"after step {run.epoch_step}/{spe} of epoch {run.epoch + 1} (global step {run.step})")
 
 
-def contrastive_loss(logits, labels, candidates, label_smoothing=0.0, kind="multi_positive"):
-    if kind == "multi_hot":  # label smoothing is refused with it in resolve_training_rows
-        return text_branches.multi_hot_contrastive_loss(logits.float(), labels, candidates)
-    return text_branches.multi_positive_contrastive_loss(logits.float(), labels, candidates, label_smoothing)
+def end_epoch(run):
+    """After an epoch: report replaced videos, evaluate when due, save last.pt (and best.pt on a new best)."""
+    args = run.args
+    bad = run.train_set.bad_count()
+    if bad:
+        run.log(f"epoch {run.epoch + 1}: {bad} unreadable videos so far were replaced by others of their class")
+    result = None
+    if (args.eval_every and (run.epoch + 1) % args.eval_every == 0) or run.epoch + 1 == args.epochs:
+        try:
+            result = run_eval(run)
+        except EvaluationStopped:
+            save(run, "last.pt")  # every step of the epoch done, its evaluation not: a resume evaluates it
+            raise preempted(run, f"during the evaluation after epoch {run.epoch + 1} (global step {run.step})") from None
+    run.epoch, run.epoch_step = run.epoch + 1, 0
+    improved = result is not None and result["top1"] > run.best
+    if improved:
+        run.best = result["top1"]
+    last_eval = None if result is None else {k: result[k] for k in ("top1", "top5", "videos", "skipped")}
+    # best.pt first: a kill between the two writes leaves best.pt newer than last.pt, never older than what
+    # last.pt and the log claim (the resumed run redoes the epoch and writes both again).
+    names = ("best.pt", "last.pt") if improved else ("last.pt",)
+    save(run, names, last_eval)
 
 
-def _local_rows(x):
-    return x
+def write_metrics(run, record):
+    if run.metrics is not None:
+        run.metrics.write(json.dumps(record) + "\n")
+        run.metrics.flush()
 
 
-def train_step(ddp_model, model, video, labels, args, world, amp_dtype, scaler, device):
-    """Forward and backward of one global batch; returns the loss (identical on every rank).
+class Throughput:
+    """clips/s and ETA of the progress line, from the last `window` training steps only.
 
-    global contrastive batch: the loss over the global batch (TPR Eq. 17) is computed on every rank from the
-    gathered logits; each rank back-propagates only through its own rows, and DDP AVERAGES gradients over
-    ranks, so the loss is multiplied by the world size: the averaged gradient is then exactly the one-process
-    gradient. local (the BiEfficient authors' code): each rank's own B x B problem (its videos against its own
-    labels), nothing gathered; DDP's average of the per-rank gradients is the gradient of the mean of the
-    per-rank losses, and that mean is what is returned.
-    """
-    labels = labels.to(device, non_blocking=True)
-    local = getattr(args, "contrastive_batch", "global") == "local"
-    gather = _local_rows if local else gather_rows
-    kind = getattr(args, "loss", "multi_positive")
-    candidates = gather(labels)  # (B,) the contrastive batch's labels, duplicates kept (contract)
-    micro = args.micro_batch
-    smoothing = getattr(args, "label_smoothing", 0.0)  # absent from checkpoints of before the flag
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    if micro >= labels.shape[0]:
-        with autocast:
-            out = ddp_model(video.to(device, non_blocking=True), labels, candidates)
-        loss = sum(contrastive_loss(gather(out["logits"][k]), candidates, candidates, smoothing, kind)
-                   for k in model.loss_keys)  # Eq. (17)
-        scaler.scale(loss if local else loss * world).backward()
-    else:
-        loss = accumulate(ddp_model, model, video, labels, candidates, micro, world, autocast, scaler, device,
-                          smoothing, gather, kind)
-    loss = loss.detach()
-    if local and dist.is_initialized():
-        dist.all_reduce(loss)  # the mean of the per-rank losses, the same on every rank
-        loss = loss / world
-    return loss
+    Choice: a moving window of step durations whose clock restarts after every pause that is not a training
+    step (evaluation, writing checkpoints), so the speed is that of training now; a cumulative average would
+    mix in every evaluation and the slow start. The ETA adds the evaluations still due, each as long as the
+    last one measured."""
+
+    def __init__(self, window=SPEED_WINDOW):
+        self.steps = collections.deque(maxlen=window)  # (seconds, clips) of the recent steps
+        self.t = _now()
+        self.eval_s = 0.0  # the last evaluation's duration
+
+    def restart(self):
+        self.t = _now()
+
+    def step(self, clips):
+        now = _now()
+        self.steps.append((now - self.t, clips))
+        self.t = now
+
+    def clips_per_s(self):
+        return sum(c for _, c in self.steps) / max(sum(t for t, _ in self.steps), 1e-9)
+
+    def eta(self, steps_left, evals_left):
+        per_step = sum(t for t, _ in self.steps) / max(len(self.steps), 1)
+        return steps_left * per_step + evals_left * self.eval_s
 
 
-def accumulate(ddp_model, model, video, labels, candidates, micro, world, autocast, scaler, device,
-               label_smoothing=0.0, gather=gather_rows, kind="multi_positive"):
-    """Gradient accumulation that keeps the contrastive batch = the whole global batch.
-
-    Choice: accumulating per-micro-batch losses would shrink the contrastive batch (fewer negatives) and make
-    the objective depend on the micro-batch size. Instead (the "gradient cache" idea): 1) every micro-batch's
-    logits rows without a graph, gathered over ranks -> (B, A); 2) the loss on the whole matrix and its
-    gradient with respect to the logits; 3) each micro-batch again with a graph, back-propagating those
-    logit gradients. Rows of the logits depend only on their own video (and the candidates), so this is the
-    exact gradient of the global-batch loss for any micro-batch size and world size, at the price of one extra
-    forward pass (without a graph). It assumes the forward pass is deterministic (no dropout in the models).
-    """
-    chunks = list(zip(video.split(micro), labels.split(micro)))
-    with torch.no_grad(), autocast:
-        rows = [model(v.to(device, non_blocking=True), l, candidates)["logits"] for v, l in chunks]
-    full = {k: gather(torch.cat([r[k] for r in rows]).float()).requires_grad_(True) for k in model.loss_keys}
-    loss = sum(contrastive_loss(full[k], candidates, candidates, label_smoothing, kind)
-               for k in model.loss_keys)  # Eq. (17)
-    grads = torch.autograd.grad(loss, [full[k] for k in model.loss_keys])
-    b = labels.shape[0]
-    per_rank = gather is _local_rows  # the per-rank problem: the rows are this rank's own, the loss not replicated
-    rank = dist.get_rank() if dist.is_initialized() and not per_rank else 0
-    local = {k: g[rank * b:(rank + 1) * b].split(micro) for k, g in zip(model.loss_keys, grads)}
-    for i, (v, l) in enumerate(chunks):
-        sync = i == len(chunks) - 1
-        ctx = ddp_model.no_sync() if (isinstance(ddp_model, DDP) and not sync) else contextlib.nullcontext()
-        with ctx:
-            with autocast:
-                out = ddp_model(v.to(device, non_blocking=True), l, candidates)
-            surrogate = sum((out["logits"][k].float() * local[k][i]).sum() for k in model.loss_keys)
-            scaler.scale(surrogate if per_rank else surrogate * world).backward()
-    return loss.detach()
+def evaluations_left(args, epoch):
+    """Evaluations still due from epoch index `epoch` (0-based, not yet evaluated) to the end of the run."""
+    return sum(1 for e in range(epoch + 1, args.epochs + 1)
+               if (args.eval_every and e % args.eval_every == 0) or e == args.epochs)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Evaluation (exact under DDP; shared with evaluate.py)
-# ----------------------------------------------------------------------------------------------------------
+def _peak_memory_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's peak RSS
+
+
+def _now():
+    return time.monotonic()
+
+
+# ==========================================================================================================
+# 5. Evaluation (exact under DDP; shared with evaluate.py)
+# ==========================================================================================================
 
 @torch.no_grad()
 def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, return_indices=False,
-             stop_on_bad=False, progress=None):
+             stop_on_bad=False, progress=None, stop=None):
     """Top-1 / top-5 over a test dataset whose items hold all views of one video, (V, T, 3, H, W).
 
     Each rank takes videos rank, rank + W, ... (no padding: each video is scored exactly once, as
@@ -908,20 +981,29 @@ def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, re
     accuracies. Only real videos are scored: an unreadable one (item "skipped") is counted as skipped and
     named in `skipped_files`, or, with stop_on_bad, stops the evaluation. Returns dict(top1, top5 in % of the
     scored videos, videos (scored), skipped, skipped_files, correct1, correct5[, indices]); for TPR also
-    top1_by_fusion {"cosine": %, "prob": %}, top-1 under both readings of Eq. (18).
-    progress(done, total), if given, is called after each batch with this rank's counts."""
+    top1_by_fusion {"cosine": %, "prob": %}, top-1 under both readings of TPR Eq. (18).
+    progress(done, total), if given, is called after each batch with this rank's counts. stop(), if given, is
+    asked before every batch, as often on every rank (a collective under DDP: stop_requested), and a True
+    raises EvaluationStopped."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     indices = list(range(rank, len(dataset), world))
     was_training = model.training
     model.eval()
     counts = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, scored, skipped
-    # TPR: top-1 under both readings of Eq. (18) (the model's own is the one in `top1`)
+    # top-1 under both readings of TPR Eq. (18) (the model's own is the one in `top1`)
     variant_counts = dict.fromkeys(prompts.TPR_FUSIONS if isinstance(model, prompts.TPR) else (), 0)
     seen, skipped = [], []
     K = len(dataset.classes)
     candidates = torch.arange(K, device=device)
-    for batch in loader(dataset, batch_size=batch_size, workers=workers, indices=indices):
+    batches = iter(loader(dataset, batch_size=batch_size, workers=workers, indices=indices))
+    for _ in range(math.ceil(math.ceil(len(dataset) / world) / batch_size)):  # the largest share's batches
+        if stop is not None and stop():
+            model.train(was_training)
+            raise EvaluationStopped
+        batch = next(batches, None)
+        if batch is None:  # a rank with one video fewer than the others
+            continue
         real = batch["skipped"] == 0 if "skipped" in batch else torch.ones(len(batch["label"]), dtype=torch.bool)
         if not real.all():
             bad = [int(i) for i in batch["index"][~real]]
@@ -943,7 +1025,7 @@ def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, re
         B, V = video.shape[:2]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(video.flatten(0, 1), None, candidates)  # (B * V, T, 3, H, W)
-        # The model's final scores (TPR: Eq. (18) fusion of probabilities; BiEfficient: its logits), averaged
+        # The model's final scores (TPR Eq. (18): the fusion of probabilities; BiEfficient: its logits), averaged
         # over the views of each video (the multi-view protocol of TPR Sec. 4.1.1).
         probs = model.scores(out).float().view(B, V, K).mean(1)  # (B * V, K) -> (B, K)
         top = probs.topk(min(5, K), dim=-1).indices  # (B, 5)
@@ -985,7 +1067,7 @@ def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, re
 
 def protocol(args, dataset, views, split=None, dataset_name=None):
     """What an accuracy figure means: dataset, split, views, frames, number of videos, the test short side
-    (None: the crop size) and, for TPR, which reading of Eq. (18) `top1` uses."""
+    (None: the crop size) and, for TPR, which reading of TPR Eq. (18) `top1` uses."""
     proto = dict(dataset=dataset_name or args.dataset, split=split or args.split, views=views,
                  frames=args.frames, videos=len(dataset), classes=len(dataset.classes),
                  test_resize=getattr(args, "test_resize", None))
@@ -1000,7 +1082,7 @@ def describe(result, proto, random_init):
     names = f" ({', '.join(result['skipped_files'][:3])}{', ...' if skipped > 3 else ''})" if skipped else ""
     fusion = ""
     if "fusion" in proto and "top1_by_fusion" in result:
-        fusion = f", Eq. (18) fusion {proto['fusion']} (" + ", ".join(
+        fusion = f", TPR Eq. (18) fusion {proto['fusion']} (" + ", ".join(
             f"{k} {v:.2f}%" for k, v in result["top1_by_fusion"].items()) + ")"
     resize = f", short side {proto['test_resize']}" if proto.get("test_resize") else ""
     return (f"top1 {result['top1']:.2f}% top5 {result['top5']:.2f}% on {proto['dataset']} split {proto['split']}"
@@ -1008,9 +1090,69 @@ def describe(result, proto, random_init):
             f"{skipped} skipped as unreadable{names}{fusion}{tag}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints: trainable state only, atomic, weights_only-loadable
-# ----------------------------------------------------------------------------------------------------------
+def run_eval(run):
+    """Single-view evaluation on the test split (built once), logged and written to metrics.jsonl."""
+    args = run.args
+    if run.test_set is None:
+        run.test_set = build_dataset(args, "test", views="1x1")
+    t0 = _now()
+    result = evaluate(run.model, run.test_set, run.device, run.amp_dtype, args.eval_batch_size, args.workers,
+                      stop=lambda: stop_requested(run))
+    run.speed.eval_s = _now() - t0
+    proto = protocol(args, run.test_set, "1x1")
+    run.log(f"eval epoch {run.epoch + 1}: {describe(result, proto, args.random_init)}")
+    write_metrics(run, dict(kind="eval", epoch=run.epoch + 1, step=run.step, protocol=proto, top1=result["top1"],
+                            top5=result["top5"], scored=result["videos"], skipped=result["skipped"],
+                            skipped_files=result["skipped_files"], random_init=bool(args.random_init),
+                            **({"top1_by_fusion": result["top1_by_fusion"]} if "top1_by_fusion" in result else {}),
+                            **({"note": "RANDOM-INIT"} if args.random_init else {})))
+    return result
+
+
+def evaluate_only(run):
+    """--epochs 0: evaluate the untrained configuration (e.g. frozen CLIP with mean pooling) and save it."""
+    result = run_eval(run)
+    run.best = result["top1"]
+    save(run, ("best.pt", "last.pt"), {k: result[k] for k in ("top1", "top5", "videos", "skipped")})
+
+
+# ==========================================================================================================
+# 6. Checkpoints: trainable state only, atomic, weights_only-loadable
+# ==========================================================================================================
+
+def frozen_modules(model):
+    """Names of the frozen towers inside a method model (their parameters and buffers are never saved)."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, (clip.CLIP, text_branches.ChineseCLIPText)) and n]
+
+
+def trainable_state(model):
+    """Trainable parameters and the persistent buffers outside the frozen towers (e.g. norm statistics of
+    beta), as a plain dict of tensors."""
+    frozen = tuple(n + "." for n in frozen_modules(model))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    out = {}
+    for n, t in model.state_dict().items():
+        if n in trainable or (not n.startswith(frozen) and n not in dict(model.named_parameters())):
+            out[n] = t.detach().clone().cpu()
+    return out
+
+
+def load_trainable_state(model, state, source):
+    mine = trainable_state(model)
+    missing, unexpected = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
+    if missing or unexpected:
+        raise UsageError(f"{source} does not match this model: missing {missing[:10]}, unexpected "
+                         f"{unexpected[:10]} (was it trained with other flags?)")
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for n, t in state.items():
+            target = params.get(n, buffers.get(n))
+            if target.shape != t.shape:
+                raise UsageError(f"{source}: {n} has shape {tuple(t.shape)}, this model {tuple(target.shape)}")
+            target.copy_(t)
+
 
 def rng_state():
     py = random.getstate()
@@ -1032,6 +1174,29 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(run, names, last_eval=None):
+    """Write the run's trainable state to each file of `names` in the run folder, in that order (rank 0;
+    every rank's RNG state)."""
+    states = [None] * run.world
+    if dist.is_initialized():
+        dist.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    if run.rank != 0:
+        return
+    args = run.args
+    cadence = ("the BiEfficient authors' cadence (every 10th step)"
+               if getattr(args, "lr_schedule", "step") == "every10" else "per step")
+    state = dict(format=CHECKPOINT_FORMAT, method=args.method, args=_plain(vars(args)),
+                 trainable=trainable_state(run.model), optimizer=run.optimizer.state_dict(),
+                 scaler=run.scaler.state_dict(), schedule=dict(kind=f"linear warm-up then cosine, {cadence}",
+                                                               step=run.step, total_steps=run.total_steps),
+                 epoch=run.epoch, epoch_step=run.epoch_step, step=run.step, best_top1=run.best, rng=states,
+                 frozen_fingerprint=run.fingerprint, classes=list(run.train_set.classes), last_eval=last_eval)
+    for name in (names,) if isinstance(names, str) else names:
+        atomic_save(state, os.path.join(run.out, name))
 
 
 def atomic_save(obj, path):
@@ -1080,70 +1245,157 @@ def load_checkpoint(path, method=None):
     return ckpt, path
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Main: set up, resume, then per epoch train / evaluate / save (karpathy/nanoGPT's train.py, in named steps)
-# ----------------------------------------------------------------------------------------------------------
-
-def _peak_memory_mib(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's peak RSS
+def _plain(d):
+    """argparse values as builtins (tuples to lists), for weights_only loading."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def _run_signature(folder):
-    return [f for f in ("last.pt", "best.pt", "metrics.jsonl", "args.json") if os.path.exists(os.path.join(folder, f))]
+# ==========================================================================================================
+# 7. The run, start to end (karpathy/nanoGPT's train.py, in named steps)
+# ==========================================================================================================
+
+def main(argv=None):
+    with contextlib.ExitStack() as stack:  # closes metrics.jsonl, puts the signal handlers back, unlocks the folder
+        run, ckpt = setup(argv, stack)
+        if run is None:  # --dry-run
+            return None
+        if ckpt is not None:
+            resume(run, ckpt)
+        run.metrics = stack.enter_context(open(os.path.join(run.out, "metrics.jsonl"), "a")) if run.rank == 0 else None
+        stack.callback(restore_signals, catch_stop_signals(run))
+        while run.epoch < run.args.epochs:
+            train_epoch(run)
+            end_epoch(run)
+            if stop_requested(run):  # a signal while the epoch ended: last.pt was just saved
+                raise preempted(run, f"after epoch {run.epoch} (global step {run.step})")
+        if run.args.epochs == 0:
+            evaluate_only(run)
+        final = finish(run)
+    return dict(output=run.out, best_top1=run.best, final=final, model=run.model)
 
 
-def _now():
-    return time.monotonic()
+def finish(run):
+    """The closing line (best and last top-1 with their protocol). Returns the last evaluation record."""
+    if run.test_set is None:
+        return None
+    last = [json.loads(l) for l in open(os.path.join(run.out, "metrics.jsonl"))] if run.rank == 0 else []
+    final = next((r for r in reversed(last) if r["kind"] == "eval"), None)
+    if final is not None:
+        out = run.out
+        run.log(f"done: best top1 {run.best:.2f}%; last: top1 {final['top1']:.2f}% top5 {final['top5']:.2f}% "
+                f"({final['protocol']['dataset']} test, 1x1 view, {final.get('scored', final['protocol']['videos'])} "
+                f"videos scored, {final.get('skipped', 0)} skipped)"
+                f"{' RANDOM-INIT' if run.args.random_init else ''}. Checkpoints: {out}/last.pt, {out}/best.pt")
+    return final
 
 
-class Throughput:
-    """clips/s and ETA of the progress line, from the last `window` training steps only.
+# ==========================================================================================================
+# Run management: checks of the arguments, resume with an argument diff, restart, the frozen-tower fingerprint,
+# best.pt repair, signals, exit codes
+# ==========================================================================================================
 
-    Choice: a moving window of step durations whose clock restarts after every pause that is not a training
-    step (evaluation, writing checkpoints), so the speed is that of training now; a cumulative average would
-    mix in every evaluation and the slow start. The ETA adds the evaluations still due, each as long as the
-    last one measured."""
-
-    def __init__(self, window=SPEED_WINDOW):
-        self.steps = collections.deque(maxlen=window)  # (seconds, clips) of the recent steps
-        self.t = _now()
-        self.eval_s = 0.0  # the last evaluation's duration
-
-    def restart(self):
-        self.t = _now()
-
-    def step(self, clips):
-        now = _now()
-        self.steps.append((now - self.t, clips))
-        self.t = now
-
-    def clips_per_s(self):
-        return sum(c for _, c in self.steps) / max(sum(t for t, _ in self.steps), 1e-9)
-
-    def eta(self, steps_left, evals_left):
-        per_step = sum(t for t, _ in self.steps) / max(len(self.steps), 1)
-        return steps_left * per_step + evals_left * self.eval_s
+class UsageError(Exception):
+    """Bad input from the user: printed as one line by the command-line entry point."""
 
 
-def evaluations_left(args, epoch):
-    """Evaluations still due from epoch index `epoch` (0-based, not yet evaluated) to the end of the run."""
-    return sum(1 for e in range(epoch + 1, args.epochs + 1)
-               if (args.eval_every and e % args.eval_every == 0) or e == args.epochs)
+class Preempted(Exception):
+    """Stopped by SIGTERM or SIGINT; the message says where and what was saved. `code` is the exit code:
+    REQUEUE_EXIT for training (the step finished and last.pt was saved)."""
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        self.code = REQUEUE_EXIT if code is None else code
 
 
-class Run:
-    """What one training run holds: its arguments and ranks, model, optimiser, data, and where it stands in
-    the schedule (epoch, step within the epoch, global step, best top-1). The steps below read and advance it."""
+class EvaluationStopped(Exception):
+    """evaluate() was asked to stop (its `stop` said so) before a batch; nothing of it was counted."""
 
-    def __init__(self, args, rank, world, device):
-        self.args, self.rank, self.world, self.device = args, rank, world, device
-        self.log = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
-        self.epoch, self.epoch_step, self.step, self.best = 0, 0, 0, -1.0
-        self.test_set, self.metrics = None, None
-        self.t_start, self.clips_done = time.time(), 0
-        self.speed = Throughput()
+
+# Choice: a run stopped by SIGTERM / SIGINT after saving exits with EX_TEMPFAIL (sysexits.h: "temporary failure,
+# retry later"), the code SLURM --requeue wrappers and Kubernetes restart policies take as "run me again".
+REQUEUE_EXIT = 75
+
+
+DEBUG_ENV = "DEBUG"  # DEBUG=1 shows the traceback of a user-facing error, like --debug
+
+
+def cli_main(main, argv=None):
+    """Run a script's main(argv) as a command: a user-facing failure (UsageError, a data set's unreadable
+    class) is one line on stderr and exit code 2, Ctrl-C outside training one line and 130, a preempted run
+    one line and REQUEUE_EXIT; --debug or DEBUG=1 shows the traceback. Internal bugs still raise."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV) == "1"
+    code = 0
+    try:
+        main(argv)
+    except (UsageError, data.UnreadableClass) as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        code = e.code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted (Ctrl-C) outside a training step: nothing new was saved", file=sys.stderr)
+        code = 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return code
+
+
+# (flag, smallest valid value, strict): checked before any folder is created
+RANGES = (("frames", 1, False), ("batch_size", 1, False), ("micro_batch", 1, False), ("epochs", 0, False),
+          ("lr", 0, True), ("min_lr", 0, False), ("warmup_epochs", 0, False), ("weight_decay", 0, False),
+          ("grad_clip", 0, False), ("tau", 0, True), ("S", 0, False), ("M", 1, False), ("synthetic_videos", 1, False),
+          ("workers", 0, False), ("print_every", 1, False), ("save_every", 0, False), ("eval_every", 0, False),
+          ("eval_batch_size", 1, False), ("threads", 1, False))
+
+
+def validate_args(args):
+    """Ranges and paths of the arguments, each failure one line naming the flag, its value and what is valid."""
+    for key, low, strict in RANGES:
+        value = getattr(args, key, None)
+        if value is not None and (value <= low if strict else value < low):
+            raise UsageError(f"--{key.replace('_', '-')} {value}: must be {'>' if strict else '>='} {low}")
+    smoothing = getattr(args, "label_smoothing", 0.0)  # absent from checkpoints of before the flag
+    if smoothing is not None and not 0.0 <= smoothing < 1.0:
+        raise UsageError(f"--label-smoothing {smoothing}: must lie in [0, 1)")
+    size = clip.ARCHS[args.arch]["image_resolution"] if args.arch in clip.ARCHS else 0
+    if getattr(args, "test_resize", None) is not None and args.test_resize < size:
+        raise UsageError(f"--test-resize {args.test_resize}: smaller than the {size}-pixel crop of {args.arch}; "
+                         f"give a short side >= {size}")
+    if args.lam is not None and not 0 <= args.lam <= 1:
+        raise UsageError(f"--lam {args.lam}: lambda of TPR Eq. (18) weighs two probabilities, must be in [0, 1]")
+    if args.prefix is not None and args.prefix.count("{}") != 1:
+        raise UsageError(f"--prefix {args.prefix!r}: needs exactly one {{}} where the class name goes")
+    if args.root is not None and not os.path.isdir(args.root):
+        what = "is a file" if os.path.exists(args.root) else "does not exist"
+        raise UsageError(f"--root {args.root} {what}; pass the dataset folder ({data.LAYOUTS.get(args.dataset, '')})"
+                         if args.dataset != "synthetic" else f"--root {args.root} {what}; pass a folder")
+    for key in ("class_file", "chinese_labels"):
+        path = getattr(args, key, None)
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"--{key.replace('_', '-')} {path} is not a file")
+    for path in args.list_file or ():
+        if not os.path.isfile(path):
+            raise UsageError(f"--list-file {path} is not a file (give the TRAIN and TEST list files)")
+    if getattr(args, "output", None) is not None and os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise UsageError(f"--output {args.output} is an existing file; pass a folder (new, or a run's to resume)")
+
+
+# Flags a resumed run may change (they change neither the model nor the data); every other setting comes from
+# the run's own checkpoint, and another value given for one is refused by name.
+# --epochs continues the cosine as if the run had been launched with the new length (lr_at depends only on the
+# step and these arguments); --batch-size only where the epoch's sampler position maps (see resolve_run_args).
+RESUME_MAY_CHANGE = ("epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "betas", "grad_clip", "precision",
+                     "batch_size", "micro_batch", "workers", "threads", "print_every", "save_every", "eval_every",
+                     "eval_batch_size", "dry_run", "debug",
+                     # where the same data and weights are found now (the fingerprint check guards the weights)
+                     "root", "pretrained", "pretrained_chinese")
 
 
 def explicit_flags(argv):
@@ -1163,8 +1415,7 @@ def resume_args(cli, argv, saved):
             setattr(args, key, prompts.BIEFFICIENT_DEFAULTS[key][0])
     given = explicit_flags(argv)
     given.pop("resume", None)
-    if "output" in given and os.path.abspath(given.pop("output")) != os.path.abspath(cli.resume):
-        raise UsageError(f"--resume {cli.resume} continues the run in that folder; --output cannot move it")
+    given.pop("output", None)  # where the run goes on: resolve_run_args
     changed = []
     for key, value in given.items():
         value = list(value) if isinstance(value, tuple) else value  # saved arguments hold lists (_plain)
@@ -1177,7 +1428,7 @@ def resume_args(cli, argv, saved):
         raise UsageError(f"--resume {cli.resume}: these flags change the model or the data, so the run cannot "
                          f"continue with them: {'; '.join(changed)} (the run's value -> yours); start a new run "
                          f"with --output instead")
-    for key in ("dry_run", "debug", "kill_at_step", "kill_signal"):
+    for key in ("dry_run", "debug"):
         setattr(args, key, getattr(cli, key))
     args.resume, args.output = cli.resume, cli.resume
     return args, given
@@ -1199,9 +1450,9 @@ def resolve_run_args(cli, argv, world):
             args, _ = resume_args(cli, argv, saved)
             args.restart = True
         else:
-            ckpt, _ = load_checkpoint(cli.resume, cli.method if _explicit(argv, "--method") else None)
+            ckpt, path = load_checkpoint(cli.resume, cli.method if "method" in explicit_flags(argv) else None)
             args, given = resume_args(cli, argv, ckpt["args"])
-            args.resume_given = given
+            args.resume_given, args.resume_from = given, path
             old_b, consumed = ckpt["args"]["batch_size"], ckpt["epoch_step"] * ckpt["args"]["batch_size"]
             if args.batch_size != old_b and consumed % args.batch_size:
                 raise UsageError(f"--batch-size {args.batch_size}: the run stopped {consumed} videos into epoch "
@@ -1210,6 +1461,7 @@ def resolve_run_args(cli, argv, world):
                                  f"with a batch size that divides {consumed}, or change it at an epoch's start")
         if os.path.isfile(cli.resume):
             args.resume = args.output = folder
+        where_to_continue(cli, args, ckpt, folder)
         validate_args(args)
     else:
         args = resolve_args(cli)
@@ -1222,6 +1474,34 @@ def resolve_run_args(cli, argv, world):
         raise UsageError(f"--micro-batch {args.micro_batch} does not divide the per-rank batch {per_rank} "
                          f"(= --batch-size {args.batch_size} / {world} ranks)")
     return args, ckpt
+
+
+def where_to_continue(cli, args, ckpt, folder):
+    """A resumed run goes on in its folder; --output NEW branches a checkpoint file (e.g. best.pt) into a new
+    folder. A checkpoint older than its folder's last.pt is refused in the folder: the run went on after it,
+    and continuing it there would overwrite the later last.pt and log those epochs twice."""
+    if cli.output is None or os.path.abspath(cli.output) == os.path.abspath(folder):
+        last = os.path.join(folder, "last.pt")
+        if ckpt is None or not os.path.isfile(last) or os.path.samefile(args.resume_from, last):
+            return
+        try:
+            later = load_checkpoint(last)[0]["step"]
+        except UsageError:  # an unreadable last.pt: the older checkpoint is what is left of the run
+            return
+        if later > ckpt["step"]:
+            raise UsageError(f"--resume {cli.resume}: the run went on after it (step {ckpt['step']}; {last}: step "
+                             f"{later}); continuing it in {folder} would overwrite that last.pt. Pass --output NEW "
+                             f"to branch from it into a new folder, or --resume {folder} to continue the run")
+        return
+    if os.path.isdir(cli.resume) or ckpt is None:
+        raise UsageError(f"--resume {cli.resume} continues the run in that folder; --output cannot move it (to "
+                         f"branch from one of its checkpoints into a new folder: --resume {folder}/last.pt "
+                         f"--output NEW)")
+    held = _run_signature(cli.output) if os.path.isdir(cli.output) else []
+    if held:
+        raise UsageError(f"--output {cli.output} holds another run ({', '.join(held)}); to branch from "
+                         f"{cli.resume}, pass a new folder")
+    args.output, args.branch = cli.output, True
 
 
 def choose_output(args, rank):
@@ -1237,11 +1517,90 @@ def choose_output(args, rank):
     return out
 
 
+def _run_signature(folder):
+    return [f for f in ("last.pt", "best.pt", "metrics.jsonl", "args.json") if os.path.exists(os.path.join(folder, f))]
+
+
+LOCK = "run.lock"  # in the run folder while a run writes there: {"host", "pid", "since"}
+
+
+def lock_folder(run, stack):
+    """One run per folder: rank 0 creates run.lock in the run folder (refusing a folder whose lock belongs to
+    a live run, taking over one whose process is gone from this host); `stack` removes it at the end."""
+    error = None
+    if run.rank == 0:
+        error = _take_lock(run.out, run.log)
+        if error is None and stack is not None:
+            stack.callback(_release_lock, run.out)
+    error = broadcast_object(error)
+    if error:
+        raise UsageError(error)
+
+
+def _take_lock(out, log):
+    path = os.path.join(out, LOCK)
+    me = dict(host=socket.gethostname(), pid=os.getpid(), since=time.strftime("%Y-%m-%d %H:%M:%S"))
+    tmp = f"{path}.{me['pid']}"
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(me, f)
+    except OSError as e:  # e.g. a read-only file system: said now, before anything is built
+        return f"--output {out}: cannot write there ({e.strerror or e}); choose a folder you can write to"
+    try:
+        for _ in range(3):
+            try:
+                os.link(tmp, path)  # atomic, and the lock is complete the moment it exists
+                return None
+            except FileExistsError:
+                pass
+            try:
+                with open(path) as f:
+                    owner = json.load(f)
+            except (OSError, ValueError):
+                owner = {}
+            if owner.get("host") != me["host"] or _alive(owner.get("pid")):
+                return (f"--output {out} is in use by another run (pid {owner.get('pid')} on host "
+                        f"{owner.get('host')}, since {owner.get('since')}): one run per folder; wait for it to end "
+                        f"or choose another --output (if that run is gone, delete {path})")
+            log(f"{path}: its run (pid {owner.get('pid')} on this host) is gone; taking the folder over")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        return f"--output {out}: could not take {path} (another run keeps taking it)"
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+def _alive(pid):
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _release_lock(out):
+    path = os.path.join(out, LOCK)
+    with contextlib.suppress(OSError, ValueError):
+        with open(path) as f:
+            owner = json.load(f)
+        if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+            os.remove(path)
+    with contextlib.suppress(OSError):
+        os.rmdir(out)  # a start that failed before writing anything leaves no folder
+
+
 def take_restart(run):
     """A run folder stopped before its first checkpoint restarts from step 0 (its partial log removed); the
     resume bookkeeping flags move from the arguments to the run. Returns whether it restarts."""
     restart = getattr(run.args, "restart", False) or getattr(run.args, "fresh_start", False)
-    for key in ("restart", "fresh_start", "resume_given"):
+    run.branch, run.resume_from = False, None
+    for key in ("restart", "fresh_start", "resume_given", "branch", "resume_from"):
         if hasattr(run.args, key):
             setattr(run, key, getattr(run.args, key))
             delattr(run.args, key)
@@ -1250,78 +1609,6 @@ def take_restart(run):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(run.out, "metrics.jsonl"))  # its partial log would interleave with the new one
     return restart
-
-
-def setup(argv=None):
-    """Arguments, processes, seeds, output folder, data and model. Returns (run, checkpoint to resume or None),
-    or (None, None) after printing the parameter table for --dry-run."""
-    cli = build_parser().parse_args(argv)
-    rank, world, device = setup_distributed()
-    args, ckpt = resolve_run_args(cli, argv, world)
-    run = Run(args, rank, world, device)
-    run.amp_dtype, use_scaler = amp_settings(args.precision, device, getattr(args, "amp", "bf16"))
-    if getattr(args, "threads", None) and device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    if not cli.resume and not args.dry_run:
-        args.output = choose_output(args, rank)
-    run.out = args.output
-    restart = take_restart(run)
-    if restart:
-        ckpt = None
-
-    with rank0_only_warnings():
-        run.train_set = build_dataset(args, "train", shots_dir=None if args.dry_run else args.output)
-    texts, zh = class_names(args, run.train_set)
-    model = run.model = build_model(args, texts, zh).to(device)
-    if args.dry_run:
-        for line in describe_setup(args, model):
-            run.log(line)
-        print_parameter_table(model, run.log)
-        return None, None
-    torch.manual_seed(args.seed + rank)  # after the (identical) model init, each rank its own stream
-    if rank == 0 and (not cli.resume or restart):  # written once the model is built: a failed start leaves no "run"
-        os.makedirs(run.out, exist_ok=True)
-        with open(os.path.join(run.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
-    if dist.is_initialized():
-        dist.barrier()
-    per_rank = args.batch_size // world
-    run.log(f"{args.method} on {args.dataset} (split {args.split}{f', {args.shots}-shot' if args.shots else ''}): "
-            f"{len(run.train_set)} training videos, {len(run.train_set.classes)} classes, T={args.frames}, arch "
-            f"{args.arch}{' RANDOM-INIT' if args.random_init else ''}; {world} rank(s) on {device.type}, global "
-            f"batch {args.batch_size} = {world} x {per_rank // args.micro_batch} x {args.micro_batch}, precision "
-            f"{run.amp_dtype or 'fp32'}; run folder {run.out}")
-    for line in describe_setup(args, model):
-        run.log(line)
-    print_parameter_table(model, run.log)
-
-    build_training(run, use_scaler)
-    return run, ckpt
-
-
-def build_training(run, use_scaler):
-    """DDP wrapper, AdamW over the trainable parameters, GradScaler and the schedule length of a set-up run."""
-    args, model, device = run.args, run.model, run.device
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable and args.epochs:
-        raise UsageError("this configuration has no trainable parameters (e.g. TPR with --no-temporal-prompts "
-                         "--beta none --pooling mean: Fig. 5a's CLIP row); pass --epochs 0 to only evaluate it")
-    model.train()
-    # A model may hold trainable parameters that never get a gradient (BiEfficient code-compat: the LayerNorm
-    # used only to pick the top-1); DDP must then look for them every step.
-    run.ddp_model = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                         find_unused_parameters=getattr(model, "has_unused_parameters", False))
-                     if run.world > 1 and trainable else model)
-    run.optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas))
-    run.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    run.steps_per_epoch = len(run.train_set) // args.batch_size
-    if run.steps_per_epoch == 0:
-        raise UsageError(f"--batch-size {args.batch_size} is larger than the training set "
-                         f"({len(run.train_set)} videos)")
-    run.total_steps = args.epochs * run.steps_per_epoch
-    run.fingerprint = frozen_fingerprint(model)
 
 
 def resume(run, ckpt):
@@ -1367,6 +1654,32 @@ def resume(run, ckpt):
         repair_best(run, ckpt)
 
 
+def frozen_fingerprint(model):
+    """A short hash of the frozen towers' weights: a checkpoint only makes sense on the towers it was trained
+    with (they are not stored in it)."""
+    h = hashlib.sha256()
+    for name in frozen_modules(model):
+        for p in model.get_submodule(name).parameters():
+            flat = p.detach().float().flatten().cpu()
+            # 64 evenly spaced values, bit-exact (a sum would depend on the reduction order, i.e. the threads)
+            h.update(str(tuple(p.shape)).encode() + flat[:: max(1, flat.numel() // 64)].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def non_finite_loss(run, loss):
+    """The error that stops a run whose loss is NaN or infinite, with what to do next."""
+    args, last = run.args, os.path.join(run.out, "last.pt")
+    if os.path.isfile(last):
+        saved = torch.load(last, map_location="cpu", weights_only=True)
+        advice = (f"the last good checkpoint {last} (epoch {saved['epoch'] + 1}, step {saved['epoch_step']}) is "
+                  f"intact: continue it with --resume {run.out} --lr {args.lr / 10:g} (or --precision fp32)")
+    else:
+        advice = (f"no checkpoint was saved yet; start again with a lower --lr (e.g. {args.lr / 10:g}) or "
+                  f"--precision fp32")
+    return UsageError(f"non-finite loss ({loss.item()}) at epoch {run.epoch + 1}, step {run.epoch_step + 1}: "
+                      f"stopping; {advice}")
+
+
 def repair_best(run, ckpt):
     """best.pt must hold the model of the best evaluation that last.pt claims (best_top1); a run killed by an
     older version between its two writes may have left it behind, or missing."""
@@ -1383,119 +1696,13 @@ def repair_best(run, ckpt):
     if held is not None and held >= ckpt["best_top1"]:
         return
     if (ckpt.get("last_eval") or {}).get("top1") == ckpt["best_top1"]:
-        shutil.copyfile(os.path.join(run.out, "last.pt"), path + ".tmp")
+        shutil.copyfile(run.resume_from, path + ".tmp")
         os.replace(path + ".tmp", path)
-        run.log(f"repaired {path}: it held top1 {held}, last.pt's evaluation (top1 {ckpt['best_top1']:.2f}%) is "
-                f"the run's best, copied there")
+        run.log(f"repaired {path}: it held top1 {held}, the evaluation of {run.resume_from} (top1 "
+                f"{ckpt['best_top1']:.2f}%) is the run's best, copied there")
     else:
         run.log(f"WARNING: {path} holds top1 {held} but the run's best was {ckpt['best_top1']:.2f}%, whose weights "
                 f"are no longer saved; best.pt is left as it is and the next better evaluation replaces it")
-
-
-def save(run, names, last_eval=None):
-    """Write the run's trainable state to each file of `names` in the run folder, in that order (rank 0;
-    every rank's RNG state)."""
-    states = [None] * run.world
-    if dist.is_initialized():
-        dist.all_gather_object(states, rng_state())
-    else:
-        states = [rng_state()]
-    if run.rank != 0:
-        return
-    args = run.args
-    cadence = ("the BiEfficient authors' cadence (every 10th step)"
-               if getattr(args, "lr_schedule", "step") == "every10" else "per step")
-    state = dict(format=CHECKPOINT_FORMAT, method=args.method, args=_plain(vars(args)),
-                 trainable=trainable_state(run.model), optimizer=run.optimizer.state_dict(),
-                 scaler=run.scaler.state_dict(), schedule=dict(kind=f"linear warm-up then cosine, {cadence}",
-                                                               step=run.step, total_steps=run.total_steps),
-                 epoch=run.epoch, epoch_step=run.epoch_step, step=run.step, best_top1=run.best, rng=states,
-                 frozen_fingerprint=run.fingerprint, classes=list(run.train_set.classes), last_eval=last_eval)
-    for name in (names,) if isinstance(names, str) else names:
-        atomic_save(state, os.path.join(run.out, name))
-
-
-def write_metrics(run, record):
-    if run.metrics is not None:
-        run.metrics.write(json.dumps(record) + "\n")
-        run.metrics.flush()
-
-
-def run_eval(run):
-    """Single-view evaluation on the test split (built once), logged and written to metrics.jsonl."""
-    args = run.args
-    if run.test_set is None:
-        run.test_set = build_dataset(args, "test", views="1x1")
-    t0 = _now()
-    result = evaluate(run.model, run.test_set, run.device, run.amp_dtype, args.eval_batch_size, args.workers)
-    run.speed.eval_s = _now() - t0
-    proto = protocol(args, run.test_set, "1x1")
-    run.log(f"eval epoch {run.epoch + 1}: {describe(result, proto, args.random_init)}")
-    write_metrics(run, dict(kind="eval", epoch=run.epoch + 1, step=run.step, protocol=proto, top1=result["top1"],
-                            top5=result["top5"], scored=result["videos"], skipped=result["skipped"],
-                            skipped_files=result["skipped_files"], random_init=bool(args.random_init),
-                            **({"top1_by_fusion": result["top1_by_fusion"]} if "top1_by_fusion" in result else {}),
-                            **({"note": "RANDOM-INIT"} if args.random_init else {})))
-    return result
-
-
-def optimizer_step(run, batch):
-    """One global batch: learning rate of this step, forward + backward, clip, step. Returns the loss."""
-    args, opt = run.args, run.optimizer
-    lr = lr_at(run.step, args, run.steps_per_epoch)
-    for group in opt.param_groups:
-        group["lr"] = lr
-    loss = train_step(run.ddp_model, run.model, batch["video"], batch["label"], args, run.world, run.amp_dtype,
-                      run.scaler, run.device)
-    if not torch.isfinite(loss):
-        last = os.path.join(run.out, "last.pt")
-        if os.path.isfile(last):
-            saved = torch.load(last, map_location="cpu", weights_only=True)
-            advice = (f"the last good checkpoint {last} (epoch {saved['epoch'] + 1}, step {saved['epoch_step']}) is "
-                      f"intact: continue it with --resume {run.out} --lr {args.lr / 10:g} (or --precision fp32)")
-        else:
-            advice = (f"no checkpoint was saved yet; start again with a lower --lr (e.g. {args.lr / 10:g}) or "
-                      f"--precision fp32")
-        raise UsageError(f"non-finite loss ({loss.item()}) at epoch {run.epoch + 1}, step {run.epoch_step + 1}: "
-                         f"stopping; {advice}")
-    if args.grad_clip > 0:
-        run.scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
-    run.scaler.step(opt)
-    run.scaler.update()
-    opt.zero_grad(set_to_none=True)
-    return loss, lr
-
-
-def train_epoch(run):
-    """The rest of the current epoch, from run.epoch_step on: steps, progress lines, mid-epoch last.pt."""
-    args, spe = run.args, run.steps_per_epoch
-    run.train_set.set_epoch(run.epoch)
-    sampler = BatchSampler(len(run.train_set), args.batch_size, run.rank, run.world, args.seed, run.epoch,
-                           start=run.epoch_step)
-    run.speed.restart()  # after the evaluation and saving of the previous epoch
-    for batch in loader(run.train_set, batch_sampler=sampler, workers=args.workers):
-        loss, lr = optimizer_step(run, batch)
-        run.speed.step(args.batch_size)
-        run.step, run.epoch_step, run.clips_done = run.step + 1, run.epoch_step + 1, run.clips_done + args.batch_size
-        if run.epoch_step % args.print_every == 0 or run.epoch_step == spe:
-            now = time.time()
-            speed = run.speed.clips_per_s()
-            eta = run.speed.eta(run.total_steps - run.step, evaluations_left(args, run.epoch))
-            run.log(f"epoch {run.epoch + 1}/{args.epochs} step {run.epoch_step}/{spe} loss {loss.item():.4f} "
-                    f"lr {lr:.3e} {speed:.1f} clips/s ETA {_hms(eta)} peak mem {_peak_memory_mib(run.device):.0f} MiB")
-            write_metrics(run, dict(kind="train", epoch=run.epoch + 1, step=run.step, epoch_step=run.epoch_step,
-                                    loss=loss.item(), lr=lr, clips_per_s=speed, eta_s=eta, time_s=now - run.t_start))
-        if args.save_every and run.epoch_step % args.save_every == 0 and run.epoch_step < spe:
-            save(run, "last.pt")
-            run.speed.restart()
-        if args.kill_at_step and run.step == args.kill_at_step:
-            os.kill(os.getpid(), getattr(signal, args.kill_signal))  # testing only: a preempted job
-        if stop_requested(run):
-            save(run, "last.pt")
-            raise Preempted(f"{run.stop_signal} after step {run.epoch_step}/{spe} of epoch {run.epoch + 1} (global "
-                            f"step {run.step}); saved {os.path.join(run.out, 'last.pt')}; continue with --resume "
-                            f"{run.out} (exit code {REQUEUE_EXIT}: requeue)")
 
 
 def catch_stop_signals(run):
@@ -1507,7 +1714,18 @@ def catch_stop_signals(run):
         if run.stop_signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
         run.stop_signal = signal.Signals(signum).name
-    return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    return {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+
+
+def restore_signals(previous):
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def preempted(run, where):
+    """The one line of a run stopped by a signal, after last.pt was saved."""
+    return Preempted(f"{run.stop_signal} {where}; saved {os.path.join(run.out, 'last.pt')}; continue with --resume "
+                     f"{run.out} (exit code {REQUEUE_EXIT}: requeue)")
 
 
 def stop_requested(run):
@@ -1521,84 +1739,9 @@ def stop_requested(run):
     return flag
 
 
-def end_epoch(run):
-    """After an epoch: report replaced videos, evaluate when due, save last.pt (and best.pt on a new best)."""
-    args = run.args
-    bad = run.train_set.bad_count()
-    if bad:
-        run.log(f"epoch {run.epoch + 1}: {bad} unreadable videos so far were replaced by others of their class")
-    result = None
-    if (args.eval_every and (run.epoch + 1) % args.eval_every == 0) or run.epoch + 1 == args.epochs:
-        result = run_eval(run)
-    run.epoch, run.epoch_step = run.epoch + 1, 0
-    improved = result is not None and result["top1"] > run.best
-    if improved:
-        run.best = result["top1"]
-    last_eval = None if result is None else {k: result[k] for k in ("top1", "top5", "videos", "skipped")}
-    # best.pt first: a kill between the two writes leaves best.pt newer than last.pt, never older than what
-    # last.pt and the log claim (the resumed run redoes the epoch and writes both again).
-    names = ("best.pt", "last.pt") if improved else ("last.pt",)
-    save(run, names, last_eval)
-
-
-def evaluate_only(run):
-    """--epochs 0: evaluate the untrained configuration (e.g. frozen CLIP with mean pooling) and save it."""
-    result = run_eval(run)
-    run.best = result["top1"]
-    save(run, ("best.pt", "last.pt"), {k: result[k] for k in ("top1", "top5", "videos", "skipped")})
-
-
-def finish(run):
-    """The closing line (best and last top-1 with their protocol). Returns the last evaluation record."""
-    if run.test_set is None:
-        return None
-    last = [json.loads(l) for l in open(os.path.join(run.out, "metrics.jsonl"))] if run.rank == 0 else []
-    final = next((r for r in reversed(last) if r["kind"] == "eval"), None)
-    if final is not None:
-        out = run.out
-        run.log(f"done: best top1 {run.best:.2f}%; last: top1 {final['top1']:.2f}% top5 {final['top5']:.2f}% "
-                f"({final['protocol']['dataset']} test, 1x1 view, {final.get('scored', final['protocol']['videos'])} "
-                f"videos scored, {final.get('skipped', 0)} skipped)"
-                f"{' RANDOM-INIT' if run.args.random_init else ''}. Checkpoints: {out}/last.pt, {out}/best.pt")
-    return final
-
-
-def main(argv=None):
-    run, ckpt = setup(argv)
-    if run is None:  # --dry-run
-        return None
-    if ckpt is not None:
-        resume(run, ckpt)
-    run.metrics = open(os.path.join(run.out, "metrics.jsonl"), "a") if run.rank == 0 else None
-    previous = catch_stop_signals(run)
-    try:
-        while run.epoch < run.args.epochs:
-            train_epoch(run)
-            end_epoch(run)
-        if run.args.epochs == 0:
-            evaluate_only(run)
-        final = finish(run)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if run.metrics is not None:
-            run.metrics.close()
-    return dict(output=run.out, best_top1=run.best, final=final, model=run.model)
-
-
-def _explicit(argv, flag):
-    argv = sys.argv[1:] if argv is None else argv
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
-
-
-def _plain(d):
-    """argparse values as builtins (tuples to lists), for weights_only loading."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
 def _hms(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    """'H:MM:SS' of the progress lines ('1 day, H:MM:SS' beyond a day)."""
+    return str(datetime.timedelta(seconds=int(seconds)))
 
 
 if __name__ == "__main__":
