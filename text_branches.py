@@ -94,7 +94,7 @@ def multi_positive_contrastive_loss(logits, labels, candidates, label_smoothing=
     to_texts = positive / positive.sum(dim=1, keepdim=True)  # (B, A), rows sum to 1
     to_videos = (positive / positive.sum(dim=0, keepdim=True).clamp(min=1)).t()[has_pos]  # (A', B), rows sum to 1
     loss_rows = F.cross_entropy(logits, to_texts, label_smoothing=label_smoothing)  # TPR Eq. (15): L_T->V
-    loss_cols = F.cross_entropy(logits.t()[has_pos], to_videos, label_smoothing=label_smoothing)  # TPR Eq. (15): L_V->T
+    loss_cols = F.cross_entropy(logits.t()[has_pos], to_videos, label_smoothing=label_smoothing)  # TPR Eq. (15) L_V->T
     return (loss_rows + loss_cols) / 2  # TPR Eq. (15) / TPR Eq. (16)
 
 
