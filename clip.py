@@ -35,7 +35,7 @@ import urllib.request
 import warnings
 import zipfile
 from collections import OrderedDict
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import ftfy
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -180,18 +180,40 @@ class ResidualAttentionBlock(nn.Module):
         return x
 
 
+# Selective activation checkpointing: the outputs of these ops (matmuls, attention) are kept, everything else
+# in a block (LayerNorm, GELU, additions, casts: cheap element-wise work) is recomputed in backward.
+SAVED_IN_SELECTIVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                      torch.ops.aten._scaled_dot_product_flash_attention.default,
+                      torch.ops.aten._scaled_dot_product_efficient_attention.default,
+                      torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+                      torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_IN_SELECTIVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpoint_options(mode):
+    """Keyword arguments of torch.utils.checkpoint.checkpoint for a grad_checkpointing mode: True (recompute the
+    whole block) or "selective" (recompute only what SAVED_IN_SELECTIVE does not list)."""
+    if mode == "selective":
+        return dict(use_reentrant=False, context_fn=partial(create_selective_checkpoint_contexts, _selective_policy))
+    return dict(use_reentrant=False)
+
+
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, causal: bool = False):
         super().__init__()
         self.width = width
         self.layers = layers
         self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal) for _ in range(layers)])
-        self.grad_checkpointing = False  # recompute each block in backward instead of storing its activations
+        # recompute each block in backward instead of storing its activations: False, True or "selective"
+        self.grad_checkpointing = False
 
     def forward(self, x):
         for block in self.resblocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, **checkpoint_options(self.grad_checkpointing))
             else:
                 x = block(x)
         return x

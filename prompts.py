@@ -282,7 +282,7 @@ class TPR(nn.Module):
         x = visual.ln_pre(x)  # (B * T, 1 + N, D)
         if self.temporal_embedding is not None and self.temporal_embedding_site == "post_ln":
             x = (x.view(B, T, -1, D) + self.temporal_embedding.to(x.dtype)[:, None]).flatten(0, 1)  # TPR Eq. (1)
-        ckpt = (self.grad_checkpointing or visual.transformer.grad_checkpointing) and torch.is_grad_enabled()
+        ckpt = torch.is_grad_enabled() and (self.grad_checkpointing or visual.transformer.grad_checkpointing)
         for layer, block in enumerate(visual.transformer.resblocks):
             prompts = None
             if self.prompts is not None:
@@ -291,7 +291,7 @@ class TPR(nn.Module):
                     p = self.reparam(p, layer)  # P_R; TPR Eq. (12); (B, T, P, D)
                 prompts = p.flatten(0, 1).to(x.dtype)  # frame t's own P_R[t]; (B * T, P, D)
             if ckpt:
-                x = checkpoint(block, x, prompts, use_reentrant=False)  # TPR Eq. (2) as (13)-(14)
+                x = checkpoint(block, x, prompts, **clip.checkpoint_options(ckpt))  # TPR Eq. (2) as (13)-(14)
             else:
                 # TPR Eq. (2), with the prompts TPR Eq. (13) (they join the attention) and TPR Eq. (14) (dropped)
                 x = block(x, prompts)  # (B * T, 1 + N, D)
