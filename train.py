@@ -941,9 +941,16 @@ class StepCost(TorchDispatchMode):
         super().__init__()
         self.live = self.peak = self.flops = 0
         self._refs = {}  # storage id -> weak reference whose callback subtracts its bytes
+        self._unread = {}  # storage id -> bytes, of the given tensors that no op has read yet
         for t in tensors:
             if isinstance(t, torch.Tensor):
                 self.track(t)
+                self._unread[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+
+    @property
+    def unread(self):
+        """Bytes of the given tensors that no op read (e.g. text towers a training step never runs)."""
+        return sum(self._unread.values())
 
     def track(self, t):
         storage = t.untyped_storage()
@@ -959,6 +966,9 @@ class StepCost(TorchDispatchMode):
         self.live -= n
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and self._unread:
+                self._unread.pop(t.untyped_storage()._cdata, None)
         out = func(*args, **(kwargs or {}))
         if func._overloadpacket in FLOP_FORMULAS:
             self.flops += FLOP_FORMULAS[func._overloadpacket](*args, **(kwargs or {}), out_val=out)
@@ -983,7 +993,7 @@ class RealMasks(TorchDispatchMode):
 
 
 def estimate_step(model, args, device, amp_dtype, batch):
-    """(peak bytes, FLOPs) of one training step of `model` on one rank's `batch` videos: train_step (forward,
+    """The StepCost (.peak bytes, .flops, .unread bytes) of one training step of `model` on one rank's `batch` videos: train_step (forward,
     loss, backward) then the AdamW step, on fake tensors (torch._subclasses.fake_tensor: shapes and dtypes, no
     data, no arithmetic; seconds on a CPU for ViT-B/16). The model's parameters are swapped for fake ones and
     put back after. The peak counts every tensor: frozen and trainable weights, buffers, the batch, activations,
@@ -1022,18 +1032,18 @@ def estimate_step(model, args, device, amp_dtype, batch):
             train_step(model, model, video, labels, step_args, 1, amp_dtype, scaler, device)
             scaler.step(opt)
             opt.zero_grad(set_to_none=True)
-        return cost.peak, cost.flops
+        return cost
     finally:
         for m, name, p in swapped:
             m._parameters[name] = p
 
 
-def plan_checkpointing(model, args, device, amp_dtype, batch, available):
+def plan_checkpointing(model, args, device, amp_dtype, batch, available, estimate=estimate_step):
     """--grad-checkpointing auto: the first of off, selective, full whose estimated peak (estimate_step) fits
     AUTO_MEMORY_FRACTION of `available` bytes (full if none does), set on the model. Returns (mode, peak bytes)."""
     for mode in ("off", "selective", "full"):
         set_grad_checkpointing(model, mode)
-        peak, _ = estimate_step(model, args, device, amp_dtype, batch)
+        peak = estimate(model, args, device, amp_dtype, batch).peak
         if peak <= AUTO_MEMORY_FRACTION * available:
             break
     return mode, peak
