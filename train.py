@@ -946,6 +946,7 @@ class StepCost(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.track(t)
                 self._unread[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        self.start = self.live  # bytes of the given tensors
 
     @property
     def unread(self):

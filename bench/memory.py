@@ -96,18 +96,19 @@ def main(argv=None):
     what = (f"{args.method}{' code-compat' if args.biefficient_code_compat else ''} {args.arch}, T = {T}, batch "
             f"{args.batch_size} per GPU, {args.dataset} classes")
     print(f"One training step of {what} (fake tensors; GB = 1e9 bytes)\n")
-    print("| row | peak GB | TFLOPs | FLOPs vs no checkpointing |" + (" vs TPR Table 6 |" if ref else ""))
-    print("|---|---|---|---|" + ("---|" if ref else ""))
-    table = [(n, c.peak, c.flops) for n, c in rows]
+    print("| row | peak GB | of which weights, batch, AdamW state | TFLOPs | FLOPs vs no checkpointing |"
+          + (" vs TPR Table 6 |" if ref else ""))
+    print("|---|---|---|---|---|" + ("---|" if ref else ""))
+    table = [(n, c.peak, c.start, c.flops) for n, c in rows]
     table.append((f"{args.precision} + full, without the {full.unread / 1e9:.2f} GB of weights the step never "
-                  "reads", full.peak - full.unread, full.flops))
-    for name, peak, flops in table:
-        line = f"| {name} | {peak / 1e9:.2f} | {flops / 1e12:.2f} | {flops / off_flops:.2f}x |"
+                  "reads", full.peak - full.unread, full.start - full.unread, full.flops))
+    for name, peak, start, flops in table:
+        line = f"| {name} | {peak / 1e9:.2f} | {start / 1e9:.2f} | {flops / 1e12:.2f} | {flops / off_flops:.2f}x |"
         print(line + (f" {peak / 1e6 / ref:.2f}x of {ref:,} MB |" if ref else ""))
     print(f"\nauto plans a step to fit {train.AUTO_MEMORY_FRACTION:.0%} of {available / 1e9:.1f} GB "
           f"({args.device_gib:g} GiB less {CUDA_CONTEXT_BYTES / 2 ** 30:g} GiB of CUDA context); "
           f"{time.time() - t0:.1f} s wall, {time.process_time() - cpu0:.1f} s CPU")
-    return table
+    return [(name, peak, flops) for name, peak, _, flops in table]
 
 
 if __name__ == "__main__":
