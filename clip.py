@@ -180,22 +180,27 @@ class ResidualAttentionBlock(nn.Module):
         return x
 
 
-# Selective activation checkpointing: the outputs of these ops (matmuls, attention) are kept, everything else
-# in a block (LayerNorm, GELU, additions, casts: cheap element-wise work) is recomputed in backward.
-SAVED_IN_SELECTIVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-                      torch.ops.aten._scaled_dot_product_flash_attention.default,
-                      torch.ops.aten._scaled_dot_product_efficient_attention.default,
-                      torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-                      torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+# Selective activation checkpointing: keep the attention outputs and the outputs of the matmuls that widen the
+# token (the QKV projection, the MLP's first layer: what attention and GELU need in backward); recompute the
+# cheap element-wise ops (LayerNorm, GELU, additions, casts) and the matmuls back to the residual width, which
+# feed only an addition (whose backward needs nothing) and cost a twelfth of a block's matmuls.
+ATTENTION_OPS = {torch.ops.aten._scaled_dot_product_flash_attention.default,
+                 torch.ops.aten._scaled_dot_product_efficient_attention.default,
+                 torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+# op -> position of A in its arguments (A @ B; addmm: bias + A @ B)
+MATMUL_OPS = {torch.ops.aten.mm.default: 0, torch.ops.aten.bmm.default: 0, torch.ops.aten.addmm.default: 1}
 
 
 def _selective_policy(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in SAVED_IN_SELECTIVE else CheckpointPolicy.PREFER_RECOMPUTE
+    i = MATMUL_OPS.get(op)
+    widens = i is not None and args[i + 1].shape[-1] > args[i].shape[-1]  # (M, K) @ (K, N) with N > K
+    return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS or widens else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def checkpoint_options(mode):
     """Keyword arguments of torch.utils.checkpoint.checkpoint for a grad_checkpointing mode: True (recompute the
-    whole block) or "selective" (recompute only what SAVED_IN_SELECTIVE does not list)."""
+    whole block) or "selective" (recompute what _selective_policy does not keep)."""
     if mode == "selective":
         return dict(use_reentrant=False, context_fn=partial(create_selective_checkpoint_contexts, _selective_policy))
     return dict(use_reentrant=False)

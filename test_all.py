@@ -3608,9 +3608,9 @@ def test_memory_bench_prints_every_row(capsys):
                                "--precision", "fp32"])
     out = capsys.readouterr().out
     for row in ("| fp32 |", "selective checkpointing", "full checkpointing", "auto on a 24 GiB device: off",
-                "weights the step never reads"):
+                "attention and QKV only", "weights the step never reads"):
         assert row in out
-    assert len(table) == 6 and all(peak > 0 and flops > 0 for _, peak, flops in table)
+    assert len(table) == 7 and all(peak > 0 and flops > 0 for _, peak, flops in table)
 
 
 # ------------------------------------------------------------------------------------------------ evaluate.py

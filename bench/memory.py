@@ -8,7 +8,8 @@ the engine keeps them) and measures train.estimate_step for each row: forward, l
 step on fake tensors (shapes and dtypes, no data, no arithmetic), the batch of one GPU. Rows: fp32; the GPU's
 automatic precision (bf16 autocast; fp16 with --biefficient-code-compat) with checkpointing off, selective
 (clip.checkpoint_options) and full; what `--grad-checkpointing auto` (the default) picks on a device of
---device-gib; and full checkpointing without the frozen weights the step never reads. Peak = the most bytes of
+--device-gib; a selective policy that keeps less (attention and QKV: the MLP recomputed; not a flag); and full
+checkpointing without the frozen weights the step never reads (TPR's text towers: class features are cached). Peak = the most bytes of
 tensors alive at once (GB = 1e9 bytes); the CUDA context and the allocator's caching come on top on a GPU.
 FLOPs: torch.utils.flop_counter's formulas (matmuls, convolutions, attention), recomputation included.
 Other train.py flags (e.g. --no-chinese, --S 4, --micro-batch 8) pass through.
@@ -17,12 +18,15 @@ import argparse
 import os
 import sys
 import time
+from unittest import mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+from torch.utils.checkpoint import CheckpointPolicy  # noqa: E402
 
+import clip  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
 
@@ -31,6 +35,14 @@ TABLE6_MB = {8: 6601, 16: 10759}
 # Choice: what the CUDA context holds outside the tensors on a 24 GiB card (RTX 4090, CUDA 12: about 0.5 GiB)
 CUDA_CONTEXT_BYTES = 0.5 * 2 ** 30
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def keep_attention_and_qkv(ctx, op, *args, **kwargs):
+    """A selective policy that keeps less than clip._selective_policy: attention outputs and the matmuls that
+    triple the width (the QKV projection); the MLP is recomputed too."""
+    i = clip.MATMUL_OPS.get(op)
+    qkv = i is not None and args[i + 1].shape[-1] == 3 * args[i].shape[-1]
+    return CheckpointPolicy.MUST_SAVE if op in clip.ATTENTION_OPS or qkv else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def build(argv):
@@ -73,7 +85,7 @@ def main(argv=None):
     cache = {}
 
     def estimate(model, targs, device, amp_dtype, batch):  # each (checkpointing, precision) measured once
-        key = (next(m.grad_checkpointing for m in model.modules() if isinstance(m, train.clip.Transformer)), amp_dtype)
+        key = (next(m.grad_checkpointing for m in model.modules() if isinstance(m, clip.Transformer)), amp_dtype)
         if key not in cache:
             cache[key] = train.estimate_step(model, targs, device, amp_dtype, batch)
         return cache[key]
@@ -85,9 +97,14 @@ def main(argv=None):
                               (f"{args.precision} + full checkpointing", "full", amp)):
         train.set_grad_checkpointing(model, mode)
         rows.append((name, estimate(model, targs, device, dtype, args.batch_size)))
+    # Not a flag: selective checkpointing that recomputes the MLP too (what keeping less costs in FLOPs)
+    train.set_grad_checkpointing(model, "selective")
+    with mock.patch.object(clip, "_selective_policy", keep_attention_and_qkv):
+        rows.append((f"{args.precision} + selective keeping attention and QKV only (MLP recomputed; not a flag)",
+                     train.estimate_step(model, targs, device, amp, args.batch_size)))
     available = args.device_gib * 2 ** 30 - CUDA_CONTEXT_BYTES
     mode, _ = train.plan_checkpointing(model, targs, device, amp, args.batch_size, available, estimate)
-    rows.append((f"auto on a {args.device_gib:g} GiB device: {mode}", cache[(
+    rows.insert(4, (f"auto on a {args.device_gib:g} GiB device: {mode}", cache[(
         {"off": False, "full": True, "selective": "selective"}[mode], amp)]))
     full = rows[3][1]
     off_flops = rows[1][1].flops
