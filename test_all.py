@@ -3586,10 +3586,10 @@ def test_engine_estimate_and_auto_checkpointing(capsys):
         train.set_grad_checkpointing(model, mode)
         cost[mode] = train.estimate_step(model, args, torch.device("cpu"), None, 4)
     assert model.clip.visual.transformer.grad_checkpointing is True and model.clip.transformer.grad_checkpointing
-    assert [p for p in model.parameters()] == params and not any(isinstance(p, train.FakeTensor) for p in params)
+    assert all(a is b and not isinstance(a, train.FakeTensor) for a, b in zip(model.parameters(), params))
     assert all(p.grad is None for p in params)
     assert cost["full"].peak < cost["selective"].peak < cost["off"].peak
-    assert cost["full"].flops > cost["selective"].flops == cost["off"].flops > 0
+    assert cost["full"].flops > cost["selective"].flops > cost["off"].flops > 0  # selective: out_proj again
     assert cost["off"].unread > 0  # TPR's text towers: class features are cached, a step never runs them
     big = train.plan_checkpointing(model, args, torch.device("cpu"), None, 4, 10 * cost["off"].peak)
     small = train.plan_checkpointing(model, args, torch.device("cpu"), None, 4, cost["full"].peak)
