@@ -1057,8 +1057,14 @@ def auto_checkpointing(run):
         return
     free, _ = torch.cuda.mem_get_info(run.device)
     available = free + torch.cuda.memory_allocated(run.device)
-    mode, peak = plan_checkpointing(run.model, run.args, run.device, run.amp_dtype, run.args.batch_size // run.world,
-                                    available)
+    try:
+        mode, peak = plan_checkpointing(run.model, run.args, run.device, run.amp_dtype,
+                                        run.args.batch_size // run.world, available)
+    except Exception as e:  # Choice: a failed estimate must not stop training; full checkpointing is the safe side
+        set_grad_checkpointing(run.model, "full")
+        run.log(f"--grad-checkpointing auto: full (the memory estimate failed: {type(e).__name__}: {e}; pass "
+                f"--grad-checkpointing off|selective|full to choose)")
+        return
     run.log(f"--grad-checkpointing auto: {mode} (estimated step peak {peak / 1e9:.1f} GB; planned to fit "
             f"{AUTO_MEMORY_FRACTION:.0%} of the {available / 1e9:.1f} GB available)")
 
