@@ -3388,6 +3388,7 @@ import os
 import subprocess
 import sys
 import types
+from unittest import mock
 
 import pytest
 import torch
@@ -3598,6 +3599,19 @@ def test_engine_estimate_and_auto_checkpointing(capsys):
     train.set_grad_checkpointing(model, "off")
     train.auto_checkpointing(run)  # on a CPU: nothing estimated, checkpointing stays off
     assert model.clip.visual.transformer.grad_checkpointing is False
+    # On a GPU: one line with the estimate and the choice; an estimate that fails leaves full checkpointing on.
+    logs = []
+    run = types.SimpleNamespace(args=args, device=types.SimpleNamespace(type="cuda"), model=model, world=1,
+                                amp_dtype=None, log=logs.append)
+    with mock.patch.object(torch.cuda, "mem_get_info", return_value=(20e9, 24e9)), \
+            mock.patch.object(torch.cuda, "memory_allocated", return_value=1e9):
+        with mock.patch.object(train, "plan_checkpointing", return_value=("selective", 12.3e9)):
+            train.auto_checkpointing(run)
+        train.auto_checkpointing(run)  # the fake device above cannot hold tensors: the estimate fails
+    assert logs[0] == "--grad-checkpointing auto: selective (estimated step peak 12.3 GB; planned to fit 85% of the " \
+                      "21.0 GB available)"
+    assert logs[1].startswith("--grad-checkpointing auto: full (the memory estimate failed")
+    assert model.clip.visual.transformer.grad_checkpointing is True
 
 
 def test_memory_bench_prints_every_row(capsys):
