@@ -3625,6 +3625,10 @@ def test_memory_bench_prints_every_row(capsys):
                 "attention and QKV only", "weights the step never reads"):
         assert row in out
     assert len(table) == 7 and all(peak > 0 and flops > 0 for _, peak, flops in table)
+    table = memory_bench.main(["--method", "biefficient", "--biefficient-code-compat", "--arch", "tiny", "--frames",
+                               "2", "--batch-size", "2", "--precision", "fp32"])
+    authors = [row for row in table if row[0].startswith("the authors' way")]
+    assert len(authors) == 1 and authors[0][2] > table[1][2]  # their loop: more FLOPs than ours
 
 
 # ------------------------------------------------------------------------------------------------ evaluate.py
