@@ -3575,7 +3575,8 @@ def test_engine_step_cost_tracker_by_hand():
 def test_engine_estimate_and_auto_checkpointing(capsys):
     """train.estimate_step on fake tensors: checkpointing lowers the peak and adds recomputed FLOPs, the
     parameters come back real, and auto picks the first mode that fits (off on a CPU)."""
-    args = train.resolve_args(train.build_parser().parse_args(["--method", "tpr", "--random-init", "--batch-size", "4"]))
+    args = train.resolve_args(train.build_parser().parse_args(["--method", "tpr", "--random-init",
+                                                                "--batch-size", "4"]))
     assert args.grad_checkpointing == "auto"
     assert train.build_parser().parse_args(["--grad-checkpointing"]).grad_checkpointing == "full"
     args.micro_batch = 4

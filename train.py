@@ -994,11 +994,12 @@ class RealMasks(TorchDispatchMode):
 
 
 def estimate_step(model, args, device, amp_dtype, batch):
-    """The StepCost (.peak bytes, .flops, .unread bytes) of one training step of `model` on one rank's `batch` videos: train_step (forward,
-    loss, backward) then the AdamW step, on fake tensors (torch._subclasses.fake_tensor: shapes and dtypes, no
-    data, no arithmetic; seconds on a CPU for ViT-B/16). The model's parameters are swapped for fake ones and
-    put back after. The peak counts every tensor: frozen and trainable weights, buffers, the batch, activations,
-    gradients and the optimizer state (created beforehand, as a step after the first one finds it).
+    """The StepCost (.peak bytes, .flops, .unread bytes) of one training step of `model` on one rank's `batch`
+    videos: train_step (forward, loss, backward) then the AdamW step, on fake tensors (torch._subclasses.fake_tensor:
+    shapes and dtypes, no data, no arithmetic; seconds on a CPU for ViT-B/16). The model's parameters are swapped
+    for fake ones and put back after. The peak counts every tensor: frozen and trainable weights, buffers, the
+    batch, activations, gradients and the optimizer state (created beforehand, as a step after the first one
+    finds it); not the CUDA context nor the allocator's caching. The step is this rank's own (nothing gathered).
     Choice: labels of distinct classes (where batch <= classes): the most candidate texts a step can meet."""
     fake = FakeTensorMode(allow_non_fake_inputs=True)  # class features, labels and class ids stay real
     swapped, fakes = [], {}

@@ -8,8 +8,10 @@ the engine keeps them) and measures train.estimate_step for each row: forward, l
 step on fake tensors (shapes and dtypes, no data, no arithmetic), the batch of one GPU. Rows: fp32; the GPU's
 automatic precision (bf16 autocast; fp16 with --biefficient-code-compat) with checkpointing off, selective
 (clip.checkpoint_options) and full; what `--grad-checkpointing auto` (the default) picks on a device of
---device-gib; a selective policy that keeps less (attention and QKV: the MLP recomputed; not a flag); and full
-checkpointing without the frozen weights the step never reads (TPR's text towers: class features are cached). Peak = the most bytes of
+--device-gib; a selective policy that keeps less (attention and QKV: the MLP recomputed; not a flag); with
+--biefficient-code-compat, the authors' way (prompts._authors_logits: their loop, their checkpointing) through
+the same step; and full checkpointing without the frozen weights the step never reads (TPR's text towers: the
+class features are cached). Peak = the most bytes of
 tensors alive at once (GB = 1e9 bytes); the CUDA context and the allocator's caching come on top on a GPU.
 FLOPs: torch.utils.flop_counter's formulas (matmuls, convolutions, attention), recomputation included.
 Other train.py flags (e.g. --no-chinese, --S 4, --micro-batch 8) pass through.
