@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -180,14 +180,14 @@ class ResidualAttentionBlock(nn.Module):
         return x
 
 
-# Selective activation checkpointing: keep the attention outputs and the outputs of the matmuls that widen the
-# token (the QKV projection, the MLP's first layer: what attention and GELU need in backward); recompute the
-# cheap element-wise ops (LayerNorm, GELU, additions, casts) and the matmuls back to the residual width, which
-# feed only an addition (whose backward needs nothing) and cost a twelfth of a block's matmuls.
-ATTENTION_OPS = {torch.ops.aten._scaled_dot_product_flash_attention.default,
-                 torch.ops.aten._scaled_dot_product_efficient_attention.default,
-                 torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+# Selective activation checkpointing (torch >= 2.4): keep the attention outputs and the outputs of the matmuls
+# that widen the token (the QKV projection, the MLP's first layer: what attention and GELU need in backward);
+# recompute the cheap element-wise ops (LayerNorm, GELU, additions, casts) and the matmuls back to the residual
+# width, which feed only an addition (whose backward needs nothing) and cost a twelfth of a block's matmuls.
+ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name)}
 # op -> position of A in its arguments (A @ B; addmm: bias + A @ B)
 MATMUL_OPS = {torch.ops.aten.mm.default: 0, torch.ops.aten.bmm.default: 0, torch.ops.aten.addmm.default: 1}
 
@@ -195,14 +195,16 @@ MATMUL_OPS = {torch.ops.aten.mm.default: 0, torch.ops.aten.bmm.default: 0, torch
 def _selective_policy(ctx, op, *args, **kwargs):
     i = MATMUL_OPS.get(op)
     widens = i is not None and args[i + 1].shape[-1] > args[i].shape[-1]  # (M, K) @ (K, N) with N > K
-    return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS or widens else CheckpointPolicy.PREFER_RECOMPUTE
+    policy = torch.utils.checkpoint.CheckpointPolicy
+    return policy.MUST_SAVE if op in ATTENTION_OPS or widens else policy.PREFER_RECOMPUTE
 
 
 def checkpoint_options(mode):
     """Keyword arguments of torch.utils.checkpoint.checkpoint for a grad_checkpointing mode: True (recompute the
     whole block) or "selective" (recompute what _selective_policy does not keep)."""
     if mode == "selective":
-        return dict(use_reentrant=False, context_fn=partial(create_selective_checkpoint_contexts, _selective_policy))
+        contexts = torch.utils.checkpoint.create_selective_checkpoint_contexts
+        return dict(use_reentrant=False, context_fn=partial(contexts, _selective_policy))
     return dict(use_reentrant=False)
 
 

@@ -911,14 +911,6 @@ CHECKPOINTING = ("auto", "off", "full", "selective")
 # Choice: the estimate counts tensors only; the caching allocator's fragmentation, cuBLAS/cuDNN workspaces and
 # the loader's pinned batches come on top, so auto plans a step to fit 85% of the memory left for tensors.
 AUTO_MEMORY_FRACTION = 0.85
-# torch's flop counter names only the GPU attention kernels; the CPU's (fake tensors on a CPU) count the same.
-FLOP_FORMULAS = {**flop_counter.flop_registry, **{
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: flop_counter.shape_wrapper(
-        lambda q, k, v, *a, out_shape=None, **kw: flop_counter.sdpa_flop_count(q, k, v)),
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: flop_counter.shape_wrapper(
-        lambda g, q, k, v, *a, out_shape=None, **kw: flop_counter.sdpa_backward_flop_count(g, q, k, v))}}
-
-
 def set_grad_checkpointing(model, mode):
     """--grad-checkpointing on every CLIP transformer in `model`: "off", "full", "selective" (clip.checkpoint_options);
     "auto" starts off (plan_checkpointing decides before training); True / False: runs saved before the modes."""
@@ -940,6 +932,13 @@ class StepCost(TorchDispatchMode):
     def __init__(self, tensors=()):
         super().__init__()
         self.live = self.peak = self.flops = 0
+        self.formulas = dict(flop_counter.flop_registry)
+        aten = torch.ops.aten
+        if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):  # the CPU's attention counts as the GPU's
+            self.formulas[aten._scaled_dot_product_flash_attention_for_cpu] = flop_counter.shape_wrapper(
+                lambda q, k, v, *a, out_shape=None, **kw: flop_counter.sdpa_flop_count(q, k, v))
+            self.formulas[aten._scaled_dot_product_flash_attention_for_cpu_backward] = flop_counter.shape_wrapper(
+                lambda g, q, k, v, *a, out_shape=None, **kw: flop_counter.sdpa_backward_flop_count(g, q, k, v))
         self._refs = {}  # storage id -> weak reference whose callback subtracts its bytes
         self._unread = {}  # storage id -> bytes, of the given tensors that no op has read yet
         for t in tensors:
@@ -971,8 +970,8 @@ class StepCost(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and self._unread:
                 self._unread.pop(t.untyped_storage()._cdata, None)
         out = func(*args, **(kwargs or {}))
-        if func._overloadpacket in FLOP_FORMULAS:
-            self.flops += FLOP_FORMULAS[func._overloadpacket](*args, **(kwargs or {}), out_val=out)
+        if func._overloadpacket in self.formulas:
+            self.flops += self.formulas[func._overloadpacket](*args, **(kwargs or {}), out_val=out)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.track(t)
