@@ -911,6 +911,8 @@ CHECKPOINTING = ("auto", "off", "full", "selective")
 # Choice: the estimate counts tensors only; the caching allocator's fragmentation, cuBLAS/cuDNN workspaces and
 # the loader's pinned batches come on top, so auto plans a step to fit 85% of the memory left for tensors.
 AUTO_MEMORY_FRACTION = 0.85
+
+
 def set_grad_checkpointing(model, mode):
     """--grad-checkpointing on every CLIP transformer in `model`: "off", "full", "selective" (clip.checkpoint_options);
     "auto" starts off (plan_checkpointing decides before training); True / False: runs saved before the modes."""
