@@ -3172,6 +3172,27 @@ def test_tpr_autocast_bf16_and_checkpointing(tiny):
     assert torch.allclose(got, ref, atol=1e-4) and model.prompts.global_prompts.grad is not None
 
 
+@pytest.mark.parametrize("mode", [True, "selective"])
+def test_tpr_and_text_checkpointing_give_the_same_gradients(tiny, mode):
+    """Full and selective checkpointing (clip.checkpoint_options) recompute exactly what they drop: the same
+    gradients as no checkpointing, bit for bit, through TPR's prompted vision blocks and a text tower."""
+    model = tiny_tpr(tiny, T=2, S=2, chinese=False)
+    tower = clip.build_random("tiny").transformer.requires_grad_(True)
+    video, labels = torch.randn(2, 2, 3, 32, 32), torch.tensor([0, 1])
+    text = torch.randn(3, 5, tower.width, requires_grad=True)
+    grads = []
+    for ckpt in (False, mode):
+        model.clip.visual.transformer.grad_checkpointing = tower.grad_checkpointing = ckpt
+        model.zero_grad(set_to_none=True)
+        tower.zero_grad(set_to_none=True)
+        text.grad = None
+        (model(video, labels, labels)["logits"]["en"].sum() + tower(text).square().sum()).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad]
+                     + [p.grad.clone() for p in tower.parameters()] + [text.grad.clone()])
+    assert len(grads[0]) == len(grads[1]) > 10
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_tpr_vit_b16_shapes_one_step():
     torch.manual_seed(0)
     base = clip.build_random("ViT-B/16")
@@ -3928,10 +3949,13 @@ def test_bief_benchmark_checks_and_prints_both_rows(capsys):
 # - clear errors: unknown dataset / method / arch, a checkpoint of the other method, missing weights, an output
 #   folder holding another run.
 # ==============================================================================================================
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import types
+from unittest import mock
 
 import pytest
 import torch
@@ -3939,6 +3963,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import data  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
 from bench.loader import write_video  # noqa: E402
@@ -4140,6 +4165,84 @@ def test_engine_gradient_accumulation_is_exact(tmp_path):
     # One Adam step moves every weight by about lr = 1e-3 whatever its gradient's size, so a wrong gradient shows
     # as a difference of that order; float noise in near-zero gradients stays far below 1e-4.
     assert_same_weights(*(trainable(o)["trainable"] for o in outs), atol=1e-4, noisy_bound=5e-4)
+
+
+def test_engine_step_cost_tracker_by_hand():
+    """StepCost counts live tensor storage exactly: x (4, 8) through Linear(8, 16), ReLU, Linear(16, 4), fp32,
+    without autograd. Live at first: x 128 B + weights (16*8 + 16 + 4*16 + 4) * 4 = 848 B. The peak is during
+    the ReLU: its input and output, 4*16*4 = 256 B each, are alive together; then the first is freed."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = torch.randn(4, 8)
+    fake = train.FakeTensorMode()
+    for inputs in ((x, *net.parameters()), (fake.from_tensor(x), *(fake.from_tensor(p) for p in net.parameters()))):
+        with torch.no_grad(), train.StepCost(inputs) as cost:
+            y = torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(inputs[0], *inputs[1:3])),
+                                           *inputs[3:])
+            assert cost.live == 128 + 848 + 4 * 4 * 4  # y alone is left
+            del y
+        assert cost.peak == 128 + 848 + 2 * 256 and cost.live == 128 + 848
+        assert cost.flops == 2 * 4 * 8 * 16 + 2 * 4 * 16 * 4 and cost.unread == 0
+
+
+def test_engine_estimate_and_auto_checkpointing(capsys):
+    """train.estimate_step on fake tensors: checkpointing lowers the peak and adds recomputed FLOPs, the
+    parameters come back real, and auto picks the first mode that fits (off on a CPU)."""
+    args = train.resolve_args(train.build_parser().parse_args(["--method", "tpr", "--random-init",
+                                                                "--batch-size", "4"]))
+    assert args.grad_checkpointing == "auto"
+    assert train.build_parser().parse_args(["--grad-checkpointing"]).grad_checkpointing == "full"
+    args.micro_batch = 4
+    model = train.build_model(args, list(data.SYNTHETIC_CLASSES), list(data.SYNTHETIC_CHINESE.values()))
+    model.train()
+    params = [p for p in model.parameters()]
+    cost = {}
+    for mode in ("off", "selective", "full"):
+        train.set_grad_checkpointing(model, mode)
+        cost[mode] = train.estimate_step(model, args, torch.device("cpu"), None, 4)
+    assert model.clip.visual.transformer.grad_checkpointing is True and model.clip.transformer.grad_checkpointing
+    assert all(a is b and not isinstance(a, train.FakeTensor) for a, b in zip(model.parameters(), params))
+    assert all(p.grad is None for p in params)
+    assert cost["full"].peak < cost["selective"].peak < cost["off"].peak
+    assert cost["full"].flops > cost["selective"].flops > cost["off"].flops > 0  # selective: out_proj again
+    assert cost["off"].unread > 0  # TPR's text towers: class features are cached, a step never runs them
+    big = train.plan_checkpointing(model, args, torch.device("cpu"), None, 4, 10 * cost["off"].peak)
+    small = train.plan_checkpointing(model, args, torch.device("cpu"), None, 4, cost["full"].peak)
+    assert big == ("off", cost["off"].peak) and small[0] == "full"
+    run = types.SimpleNamespace(args=args, device=torch.device("cpu"), model=model)
+    train.set_grad_checkpointing(model, "off")
+    train.auto_checkpointing(run)  # on a CPU: nothing estimated, checkpointing stays off
+    assert model.clip.visual.transformer.grad_checkpointing is False
+    # On a GPU: one line with the estimate and the choice; an estimate that fails leaves full checkpointing on.
+    logs = []
+    run = types.SimpleNamespace(args=args, device=types.SimpleNamespace(type="cuda"), model=model, world=1,
+                                amp_dtype=None, log=logs.append)
+    with mock.patch.object(torch.cuda, "mem_get_info", return_value=(20e9, 24e9)), \
+            mock.patch.object(torch.cuda, "memory_allocated", return_value=1e9):
+        with mock.patch.object(train, "plan_checkpointing", return_value=("selective", 12.3e9)):
+            train.auto_checkpointing(run)
+        train.auto_checkpointing(run)  # the fake device above cannot hold tensors: the estimate fails
+    assert logs[0] == "--grad-checkpointing auto: selective (estimated step peak 12.3 GB; planned to fit 85% of the " \
+                      "21.0 GB available)"
+    assert logs[1].startswith("--grad-checkpointing auto: full (the memory estimate failed")
+    assert model.clip.visual.transformer.grad_checkpointing is True
+
+
+def test_memory_bench_prints_every_row(capsys):
+    spec = importlib.util.spec_from_file_location("memory_bench", os.path.join(HERE, "bench", "memory.py"))
+    memory_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory_bench)
+    table = memory_bench.main(["--method", "tpr", "--arch", "tiny", "--frames", "2", "--batch-size", "2",
+                               "--precision", "fp32"])
+    out = capsys.readouterr().out
+    for row in ("| fp32 |", "selective checkpointing", "full checkpointing", "auto on a 24 GiB device: off",
+                "attention and QKV only", "weights the step never reads"):
+        assert row in out
+    assert len(table) == 7 and all(peak > 0 and flops > 0 for _, peak, flops in table)
+    table = memory_bench.main(["--method", "biefficient", "--biefficient-code-compat", "--arch", "tiny", "--frames",
+                               "2", "--batch-size", "2", "--precision", "fp32"])
+    authors = [row for row in table if row[0].startswith("the authors' way")]
+    assert len(authors) == 1 and authors[0][2] > table[1][2]  # their loop: more FLOPs than ours
 
 
 # ------------------------------------------------------------------------------------------------ evaluate.py

@@ -45,11 +45,17 @@ import signal
 import socket
 import sys
 import time
+import weakref
+from unittest import mock
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import clip
 import data
@@ -214,7 +220,11 @@ def add_biefficient_flags(p):
     g.add_argument("--biefficient-kwargs", default="{}", help="extra BiEfficient keyword arguments as JSON, for "
                    "the ablations of Tables 5-10, e.g. '{\"alpha_init\": 0.01}'")
     g.add_argument("--tpr-kwargs", default="{}", help="extra TPR keyword arguments as JSON")
-    g.add_argument("--grad-checkpointing", action="store_true", help="checkpoint the frozen text tower's blocks")
+    g.add_argument("--grad-checkpointing", nargs="?", const="full", default="auto", choices=CHECKPOINTING,
+                   help="recompute the frozen towers' blocks in backward instead of storing their activations: full "
+                        "(the bare flag), selective (keep matmul and attention outputs, recompute the element-wise "
+                        "ops), off; auto: on a GPU, off unless the step's estimated peak memory (estimate_step) "
+                        "would not fit its free memory, then selective or full; off on a CPU")
 
 
 def add_optimisation_flags(p):
@@ -417,6 +427,7 @@ def setup(argv=None, stack=None):
             run.log(line)
         print_parameter_table(model, run.log)
         return None, None
+    auto_checkpointing(run)
     torch.manual_seed(args.seed + rank)  # after the (identical) model init, each rank its own stream
     if rank == 0 and (not cli.resume or restart or run.branch):  # once the model is built: a failed start leaves no run
         os.makedirs(run.out, exist_ok=True)
@@ -601,8 +612,6 @@ def build_model(args, class_texts, classes_zh=None):
     torch.manual_seed(args.seed)
     with rank0_only_warnings():  # errors still raise on every rank
         clip_model = build_clip(args)
-    if args.grad_checkpointing:
-        clip_model.transformer.grad_checkpointing = True
     if args.method == "tpr":
         kw = json.loads(args.tpr_kwargs)
         D = clip_model.visual.conv1.weight.shape[0]
@@ -631,6 +640,7 @@ def build_model(args, class_texts, classes_zh=None):
                                     post_prompt=not args.no_post_prompt, wgvp=not args.no_wgvp,
                                     code_compat=args.biefficient_code_compat, **kw)
         model.set_classes(class_texts)
+    set_grad_checkpointing(model, args.grad_checkpointing)
     return model
 
 
@@ -1393,7 +1403,7 @@ def validate_args(args):
 # step and these arguments); --batch-size only where the epoch's sampler position maps (see resolve_run_args).
 RESUME_MAY_CHANGE = ("epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "betas", "grad_clip", "precision",
                      "batch_size", "micro_batch", "workers", "threads", "print_every", "save_every", "eval_every",
-                     "eval_batch_size", "dry_run", "debug",
+                     "eval_batch_size", "dry_run", "debug", "grad_checkpointing",
                      # where the same data and weights are found now (the fingerprint check guards the weights)
                      "root", "pretrained", "pretrained_chinese")
 
@@ -1742,6 +1752,174 @@ def stop_requested(run):
 def _hms(seconds):
     """'H:MM:SS' of the progress lines ('1 day, H:MM:SS' beyond a day)."""
     return str(datetime.timedelta(seconds=int(seconds)))
+
+
+# ==========================================================================================================
+# Memory planning (--grad-checkpointing auto): a training step's peak tensor memory and FLOPs on fake tensors
+# ==========================================================================================================
+
+CHECKPOINTING = ("auto", "off", "full", "selective")
+# Choice: the estimate counts tensors only; the caching allocator's fragmentation, cuBLAS/cuDNN workspaces and
+# the loader's pinned batches come on top, so auto plans a step to fit 85% of the memory left for tensors.
+AUTO_MEMORY_FRACTION = 0.85
+
+
+def set_grad_checkpointing(model, mode):
+    """--grad-checkpointing on every CLIP transformer in `model`: "off", "full", "selective" (clip.checkpoint_options);
+    "auto" starts off (plan_checkpointing decides before training); True / False: runs saved before the modes."""
+    value = {"off": False, "auto": False, "full": True, "selective": "selective", True: True, False: False}[mode]
+    for m in model.modules():
+        if isinstance(m, clip.Transformer):
+            m.grad_checkpointing = value
+
+
+class StepCost(TorchDispatchMode):
+    """Peak tensor memory and FLOPs of the ops run under it.
+
+    peak: the most bytes of tensor storage alive at once: the storages of `tensors` and of every op's outputs,
+    each counted from when it is first seen until it is freed (a weak reference to the storage; a view shares its
+    base's storage and adds nothing). flops: torch.utils.flop_counter's formulas (matmuls, convolutions,
+    attention), forward, backward and recomputation alike. Works on fake tensors, whose storages have sizes.
+    Choice: not FlopCounterMode itself, whose module hooks keep checkpointed blocks' activations alive."""
+
+    def __init__(self, tensors=()):
+        super().__init__()
+        self.live = self.peak = self.flops = 0
+        self.formulas = dict(flop_counter.flop_registry)
+        aten = torch.ops.aten
+        if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):  # the CPU's attention counts as the GPU's
+            self.formulas[aten._scaled_dot_product_flash_attention_for_cpu] = flop_counter.shape_wrapper(
+                lambda q, k, v, *a, out_shape=None, **kw: flop_counter.sdpa_flop_count(q, k, v))
+            self.formulas[aten._scaled_dot_product_flash_attention_for_cpu_backward] = flop_counter.shape_wrapper(
+                lambda g, q, k, v, *a, out_shape=None, **kw: flop_counter.sdpa_backward_flop_count(g, q, k, v))
+        self._refs = {}  # storage id -> weak reference whose callback subtracts its bytes
+        self._unread = {}  # storage id -> bytes, of the given tensors that no op has read yet
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+                self._unread[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        self.start = self.live  # bytes of the given tensors
+
+    @property
+    def unread(self):
+        """Bytes of the given tensors that no op read (e.g. text towers a training step never runs)."""
+        return sum(self._unread.values())
+
+    def track(self, t):
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key not in self._refs:
+            n = storage.nbytes()
+            self._refs[key] = weakref.ref(storage, lambda _, key=key, n=n: self._free(key, n))
+            self.live += n
+            self.peak = max(self.peak, self.live)
+
+    def _free(self, key, n):
+        del self._refs[key]
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and self._unread:
+                self._unread.pop(t.untyped_storage()._cdata, None)
+        out = func(*args, **(kwargs or {}))
+        if func._overloadpacket in self.formulas:
+            self.flops += self.formulas[func._overloadpacket](*args, **(kwargs or {}), out_val=out)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
+
+
+class RealMasks(TorchDispatchMode):
+    """Fake tensors indexed by a real boolean mask (e.g. the loss's columns with a positive): the mask holds data,
+    so its positions are taken here (nonzero), where the fake tensor alone could not know the output's shape."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.index.Tensor and isinstance(args[0], FakeTensor):
+            indices = []
+            for i in args[1]:
+                real_mask = isinstance(i, torch.Tensor) and i.dtype == torch.bool and not isinstance(i, FakeTensor)
+                indices.extend(i.nonzero(as_tuple=True) if real_mask else [i])
+            args = (args[0], indices)
+        return func(*args, **(kwargs or {}))
+
+
+def estimate_step(model, args, device, amp_dtype, batch):
+    """The StepCost (.peak bytes, .flops, .unread bytes) of one training step of `model` on one rank's `batch`
+    videos: train_step (forward, loss, backward) then the AdamW step, on fake tensors (torch._subclasses.fake_tensor:
+    shapes and dtypes, no data, no arithmetic; seconds on a CPU for ViT-B/16). The model's parameters are swapped
+    for fake ones and put back after. The peak counts every tensor: frozen and trainable weights, buffers, the
+    batch, activations, gradients and the optimizer state (created beforehand, as a step after the first one
+    finds it); not the CUDA context nor the allocator's caching. The step is this rank's own (nothing gathered).
+    Choice: labels of distinct classes (where batch <= classes): the most candidate texts a step can meet."""
+    fake = FakeTensorMode(allow_non_fake_inputs=True)  # class features, labels and class ids stay real
+    swapped, fakes = [], {}
+    for m in model.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                if id(p) not in fakes:
+                    fakes[id(p)] = fake.from_tensor(p)
+                swapped.append((m, name, p))
+                m._parameters[name] = fakes[id(p)]
+    try:
+        R = next(m for m in model.modules() if isinstance(m, clip.VisionTransformer)).input_resolution
+        classes = len(model.class_names) if hasattr(model, "class_names") else model.text_en.shape[0]
+        with fake:
+            video = torch.empty(batch, args.frames, 3, R, R, device=device)  # (B, T, 3, H, W) as the loader's
+        labels = torch.arange(batch, device=device) % classes  # (B,)
+        step_args = argparse.Namespace(**vars(args))
+        step_args.micro_batch = min(args.micro_batch or batch, batch)
+        step_args.contrastive_batch = "local"  # one rank's own step: nothing gathered from the others
+        opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        for p in trainable:
+            p.grad = torch.zeros_like(p)
+        opt.step()  # the optimizer state (fake)
+        opt.zero_grad(set_to_none=True)
+        # Choice: no GradScaler: fp16's scaling works in place (no memory) and its inf check reads values.
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
+        tensors = [video, labels, *opt.state_dict()["state"].values()] + [
+            t for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+        with StepCost(tree_leaves(tensors)) as cost, RealMasks(), \
+                mock.patch.object(dist, "is_initialized", return_value=False):
+            train_step(model, model, video, labels, step_args, 1, amp_dtype, scaler, device)
+            scaler.step(opt)
+            opt.zero_grad(set_to_none=True)
+        return cost
+    finally:
+        for m, name, p in swapped:
+            m._parameters[name] = p
+
+
+def plan_checkpointing(model, args, device, amp_dtype, batch, available, estimate=estimate_step):
+    """--grad-checkpointing auto: the first of off, selective, full whose estimated peak (estimate_step) fits
+    AUTO_MEMORY_FRACTION of `available` bytes (full if none does), set on the model. Returns (mode, peak bytes)."""
+    for mode in ("off", "selective", "full"):
+        set_grad_checkpointing(model, mode)
+        peak = estimate(model, args, device, amp_dtype, batch).peak
+        if peak <= AUTO_MEMORY_FRACTION * available:
+            break
+    return mode, peak
+
+
+def auto_checkpointing(run):
+    """Before training: --grad-checkpointing auto on a GPU plans against the memory this process can still use
+    (free, plus what its tensors hold already: the estimate counts the weights) and says so in one line."""
+    if run.args.grad_checkpointing != "auto" or run.device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(run.device)
+    available = free + torch.cuda.memory_allocated(run.device)
+    try:
+        mode, peak = plan_checkpointing(run.model, run.args, run.device, run.amp_dtype,
+                                        run.args.batch_size // run.world, available)
+    except Exception as e:  # Choice: a failed estimate must not stop training; full checkpointing is the safe side
+        set_grad_checkpointing(run.model, "full")
+        run.log(f"--grad-checkpointing auto: full (the memory estimate failed: {type(e).__name__}: {e}; pass "
+                f"--grad-checkpointing off|selective|full to choose)")
+        return
+    run.log(f"--grad-checkpointing auto: {mode} (estimated step peak {peak / 1e9:.1f} GB; planned to fit "
+            f"{AUTO_MEMORY_FRACTION:.0%} of the {available / 1e9:.1f} GB available)")
 
 
 if __name__ == "__main__":
