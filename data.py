@@ -106,6 +106,7 @@ CROP_SCALES = (1.0, 0.875, 0.75, 0.66)  # mmaction2 MultiScaleCrop scales, max a
 GRAYSCALE_P = 0.2  # TPR Table 2
 FLIP_P = 0.5  # TPR Table 2
 LONG_GOP = 60  # frames per keyframe from which one process decodes with frame threads (see _thread_type)
+CHEAP_CODECS = ("mpeg4", "msmpeg4v2", "msmpeg4v3", "h263", "flv1", "mpeg1video", "mpeg2video", "mjpeg")  # _parallel
 SEEK_TRIES = 4  # seeks in a row that miss their keyframe before a file is decoded from its start (see _decode)
 SYNTHETIC_CLASSES = ("moving left", "moving right", "moving up", "moving down",
                      "growing", "shrinking", "getting brighter", "getting darker")
@@ -1037,17 +1038,19 @@ class VideoMeta:
                 at this size (see _Clip), turned by `rotation`
     rotation    degrees counter-clockwise the display matrix turns the frames (0, 90, 180, -90), as players
                 show them; None until a frame has been decoded (the matrix travels with the decoded frames)
-    stream      index of the video stream read (see _video_stream)
+    stream      index of the video stream read (see _video_streams); codec its decoder's name
     seeks       False once SEEK_TRIES seeks in a row missed (landed after their target or lost the frames'
                 timestamps): the decoder then runs forward from the start, the one position known good
     """
 
     __slots__ = ("pts", "num_frames", "key_pts", "key_idx", "header", "damage", "exact", "width", "height",
-                 "rotation", "stream", "seeks", "_lookup")
+                 "rotation", "stream", "codec", "seeks", "_lookup")
 
-    def __init__(self, pts, num_frames, key_pts, header, damage, exact, width, height, rotation=None, stream=None):
+    def __init__(self, pts, num_frames, key_pts, header, damage, exact, width, height, rotation=None, stream=None,
+                 codec=""):
         self.pts, self.num_frames, self.header, self.damage, self.exact = pts, num_frames, header, damage, exact
         self.width, self.height, self.rotation, self.stream, self.seeks = width, height, rotation, stream, True
+        self.codec = codec
         self.key_pts = np.asarray(key_pts if pts is not None else [], dtype=np.int64)
         self.key_idx = np.searchsorted(pts, self.key_pts) if pts is not None else self.key_pts
         self._lookup = None
@@ -1093,14 +1096,26 @@ def _open(path, threads=None, index=None):
 
 def _thread_type(meta=None):
     # Choice: measured with `python bench/loader.py` (README): frame threads ("AUTO") refill their pipeline after
-    # every seek and cost 20-35% more CPU time per clip; in DataLoader workers, which keep every core busy, the
-    # decoder runs one thread ("NONE"). In one process (evaluate.py --video, num_workers 0) frame threads are
-    # used on files with long GOPs (LONG_GOP frames or more per keyframe), where decoding runs long stretches
-    # without a seek; on short GOPs decode_frames runs one single-threaded decoder per core instead, each on
-    # its own stretch between seeks. Slice threads add nothing to single-slice H.264 and to mpeg4.
+    # every seek and cost up to 25% more CPU time per clip; in DataLoader workers, which keep every core busy,
+    # the decoder runs one thread ("NONE"; CPU ms per T = 16 clip in 2 workers, NONE | SLICE | AUTO: mpeg4 .avi
+    # 21 | 20 | 26, x264 640x360 GOP 250 67 | 69 | 73, MPEG-2 39 | 39 | 38, MJPEG 15 | 15 | 15). In one process
+    # (evaluate.py --video, num_workers 0) frame threads are used on files with long GOPs (LONG_GOP frames or
+    # more per keyframe), where decoding runs long stretches without a seek (x264 GOP 250, wall ms: AUTO 65,
+    # NONE 110); on short GOPs one single-threaded decoder, or one per core (see _parallel). Slice threads add
+    # nothing to single-slice H.264 and to mpeg4.
     if torch.utils.data.get_worker_info() is not None or meta is None or meta.pts is None:
         return "NONE"
     return "AUTO" if meta.num_frames >= LONG_GOP * max(len(meta.key_pts), 1) else "NONE"
+
+
+def _parallel(meta):
+    """Whether decode_frames in one process splits a clip's stretches between seeks over the cores."""
+    # Choice: measured with bench/loader.py's threading rows (T = 16 test clips, 2 cores, wall ms per clip in
+    # one process, stretches split over the cores | one decoder thread): codecs that decode a frame in well under
+    # a millisecond at these sizes lose to one thread, which opens the file once: mpeg4 .avi 14 | 13, MPEG-2
+    # .mpg 63 | 34, MJPEG 9 | 10 (issue 21: 0.42-0.92x on .avi, MJPEG and MPEG-2). H.264, HEVC and VP9 keep it
+    # (x264 640x360 GOP 12 in one process: 1.42x / 1.66x torchcodec with it, README, quiet machine).
+    return _thread_type(meta) == "NONE" and meta.seeks and meta.codec not in CHEAP_CODECS
 
 
 def _frames(container, stream, needed=None):
@@ -1208,7 +1223,7 @@ def _probe(path, container, stream, exact=False):
         exact = first is None or first.pts != shown[0]
     if not exact:
         return VideoMeta(np.asarray(shown, dtype=np.int64), len(shown), key_pts, header, "", False, width, height,
-                         stream=stream.index)
+                         stream=stream.index, codec=stream.codec_context.name)
     plain = _Decoded(path, stream.index)
     n = plain.n
     if n == 0:
@@ -1220,7 +1235,8 @@ def _probe(path, container, stream, exact=False):
     elif n < len(shown):
         damage = f"damaged: {len(shown)} frames in the packets, {n} decode"
     width, height = plain.changes[0][1:]  # the first frame's size
-    return VideoMeta(plain.pts, n, key_pts, header, damage, True, width, height, plain.rotation, stream.index)
+    return VideoMeta(plain.pts, n, key_pts, header, damage, True, width, height, plain.rotation, stream.index,
+                     stream.codec_context.name)
 
 
 def video_verdict(meta, T):
@@ -1281,7 +1297,7 @@ def decode_frames(path, indices, meta=None, threads=None, skip=True):
     if threads is None and cores > 1 and torch.utils.data.get_worker_info() is None:
         meta = meta or probe_video(path)
         _check_range(path, meta, indices)
-        runs = _runs(meta, clip.positions) if _thread_type(meta) == "NONE" and meta.seeks else []
+        runs = _runs(meta, clip.positions) if _parallel(meta) else []
         if len(runs) > 1:  # one process, short GOPs: the runs between seeks decode in parallel, one per core
             chunks = [sum(runs[c::cores], []) for c in range(min(cores, len(runs)))]
             with ThreadPoolExecutor(len(chunks)) as pool:  # PyAV releases the GIL while it decodes
