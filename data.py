@@ -62,8 +62,8 @@ decode, refused otherwise; --check applies the same rule.
 CLI: `python data.py --dataset NAME --root DIR [--split K] [--frames T] --check` reads every video as training
 does (one plain decode of every frame, then a seek to every keyframe and the last frame) and lists the bad ones
 (exit 1 if any), the damaged ones used, the ones the loader adapts (a frame size change, a rotation) and the
-videos of hmdb51 / ucf101 class folders that no split file names (video files: those named in VIDEO_EXTS). The loader benchmark (against a decode-everything loader, decord and torchcodec) is
-`python bench/loader.py`.
+videos of hmdb51 / ucf101 class folders that no split file names (video files: those named in VIDEO_EXTS).
+The loader benchmark (against a decode-everything loader, decord and torchcodec) is `python bench/loader.py`.
 
 Files it needs beside it (copy them with data.py): assets/classes/{hmdb51,ucf101,kinetics400,ssv1}.txt (the
 official class lists, `official_classes`) and assets/chinese_labels/<dataset>.json (TPR's Chinese labels,
