@@ -1212,9 +1212,12 @@ def atomic_save(obj, path):
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "write" in str(e)):  # torch wraps some
+        # torch's zip writer reports a short write (a full disk, a quota) as RuntimeError "... unexpected pos N"
+        short = isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "write" in str(e))
+        if isinstance(e, OSError) or short:
             full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
-            why = "the disk is full" if full else (getattr(e, "strerror", None) or str(e).splitlines()[0])
+            why = ("the disk is full" if full else "the disk is full or over quota (torch: a short write)"
+                   if "unexpected pos" in str(e) else (getattr(e, "strerror", None) or str(e).splitlines()[0]))
             raise UsageError(f"cannot write checkpoint {path}: {why}; any earlier {os.path.basename(path)} is "
                              f"intact and {tmp} was removed. Free space in {os.path.dirname(path) or '.'} (or fix "
                              f"it), then continue with --resume {os.path.dirname(path) or '.'}") from None
@@ -1261,6 +1264,8 @@ def main(argv=None):
             return None
         if ckpt is not None:
             resume(run, ckpt)
+        if run.rank == 0:
+            repair_metrics(run)
         run.metrics = stack.enter_context(open(os.path.join(run.out, "metrics.jsonl"), "a")) if run.rank == 0 else None
         stack.callback(restore_signals, catch_stop_signals(run))
         while run.epoch < run.args.epochs:
@@ -1406,9 +1411,64 @@ def explicit_flags(argv):
     return vars(p.parse_args(argv))
 
 
-def resume_args(cli, argv, saved):
+# Flags added after checkpoint format 1 (their code reads them with the old behaviour as the default) and the
+# internal values that are not flags; every other flag must be in a run's saved arguments.
+LATER_FLAGS = ("label_smoothing", "test_resize", "fusion", "threads", "contrastive_batch", "kill_at_step",
+               "kill_signal")
+# Flags whose None default is filled in by resolve_args: a saved run always holds a value for them.
+RESOLVED = ("arch", "frames", "batch_size", "micro_batch", "epochs", "lr", "warmup_epochs", "weight_decay",
+            "eval_batch_size", "prefix", "pretrained_chinese", "randaugment", "random_erasing")
+
+
+def check_saved_args(saved, source):
+    """The arguments saved with a run (a checkpoint's, or a hand-edited args.json) before any is used: every
+    flag of this train.py present with a value its flag accepts; one line naming each problem otherwise."""
+    if not isinstance(saved, dict):
+        raise UsageError(f"{source}: the saved arguments are a {type(saved).__name__}, not a dict of flags")
+    problems = []
+    for action in build_parser()._actions:
+        key = action.dest
+        if key == "help":
+            continue
+        if key not in saved:
+            if key not in LATER_FLAGS:
+                problems.append(f"{key} missing")
+            continue
+        value = saved[key]
+        if value is None and (action.default is None and key not in RESOLVED):
+            continue
+        if not _fits(action, value):
+            want = action.choices or getattr(action.type, "__name__", None) or (
+                "true/false" if action.nargs == 0 else "a string")
+            problems.append(f"{key} = {value!r} (expected {want}{f' x {action.nargs}' if action.nargs else ''})")
+    if problems:
+        raise UsageError(f"{source}: its saved arguments do not fit this train.py: {'; '.join(problems[:6])}"
+                         f"{' ...' if len(problems) > 6 else ''}; restore the file, or start a new run")
+
+
+def _fits(action, value):
+    if isinstance(action.nargs, int) and action.nargs > 0 or action.nargs == "+":
+        return (isinstance(value, (list, tuple)) and (action.nargs == "+" or len(value) == action.nargs)
+                and all(_fits_one(action, v) for v in value))
+    if action.nargs == 0:  # store_true
+        return isinstance(value, bool)
+    return _fits_one(action, value)
+
+
+def _fits_one(action, value):
+    if action.type is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif action.type is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, str)
+    return ok and (action.choices is None or value in action.choices)
+
+
+def resume_args(cli, argv, saved, source):
     """The arguments of a resumed run: the saved ones, with the flags of RESUME_MAY_CHANGE given now; any other
     flag given with a different value is refused, each named with both values."""
+    check_saved_args(saved, source)
     args = argparse.Namespace(**saved)
     for key in TRAINING_ROWS:  # runs saved before these rows existed trained with the paper column
         if not hasattr(args, key):
@@ -1445,13 +1505,17 @@ def resolve_run_args(cli, argv, world):
         if os.path.isdir(cli.resume) and not os.path.exists(os.path.join(folder, "last.pt")) and \
                 os.path.isfile(os.path.join(folder, "args.json")):
             # Killed before its first checkpoint: nothing to continue, so it starts again from its args.json.
-            with open(os.path.join(folder, "args.json")) as f:
-                saved = json.load(f)
-            args, _ = resume_args(cli, argv, saved)
+            path = os.path.join(folder, "args.json")
+            try:
+                with open(path) as f:
+                    saved = json.load(f)
+            except (OSError, ValueError) as e:
+                raise UsageError(f"{path} is not readable JSON ({e}); restore it, or start a new run") from None
+            args, _ = resume_args(cli, argv, saved, path)
             args.restart = True
         else:
             ckpt, path = load_checkpoint(cli.resume, cli.method if "method" in explicit_flags(argv) else None)
-            args, given = resume_args(cli, argv, ckpt["args"])
+            args, given = resume_args(cli, argv, ckpt["args"], path)
             args.resume_given, args.resume_from = given, path
             old_b, consumed = ckpt["args"]["batch_size"], ckpt["epoch_step"] * ckpt["args"]["batch_size"]
             if args.batch_size != old_b and consumed % args.batch_size:
@@ -1678,6 +1742,30 @@ def non_finite_loss(run, loss):
                   f"--precision fp32")
     return UsageError(f"non-finite loss ({loss.item()}) at epoch {run.epoch + 1}, step {run.epoch_step + 1}: "
                       f"stopping; {advice}")
+
+
+def repair_metrics(run):
+    """A run killed while appending to metrics.jsonl leaves a torn last line; the resumed run would append onto
+    it. The torn line goes (its step is redone and logged again)."""
+    path = os.path.join(run.out, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb") as f:
+        text = f.read()
+    if not text:
+        return
+    keep = text.rfind(b"\n", 0, len(text) - 1) + 1  # where the last line starts
+    last = text[keep:]
+    try:
+        json.loads(last)
+    except ValueError:
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        run.log(f"repaired {path}: removed a torn last line ({len(last)} bytes) left by a run that was killed")
+        return
+    if not last.endswith(b"\n"):  # whole, only its newline missing
+        with open(path, "ab") as f:
+            f.write(b"\n")
 
 
 def repair_best(run, ckpt):
