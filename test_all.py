@@ -4342,6 +4342,72 @@ def test_engine_dry_run_prints_the_resolved_setup_before_the_table(capsys):
     assert "prefix '{}.' (paper 'This is a video about {}.')" in head
 
 
+def test_engine_dry_run_needs_no_weights(monkeypatch, capsys):
+    """The parameter table depends on the shapes only: --dry-run builds the towers of --arch without weights."""
+    import clip
+    import text_branches
+
+    def download(*a, **k):
+        raise AssertionError("a dry run loads no weights")
+    monkeypatch.setattr(clip, "load", download)
+    monkeypatch.setattr(text_branches, "load_chinese_clip", download)
+    train.main(["--dataset", "synthetic", "--arch", "ViT-B/16", "--frames", "8", "--no-chinese", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "nothing downloaded" in out and out.splitlines()[-1].split() == ["total", "37,158,720"]  # README, T = 8
+
+
+def test_engine_checks_that_need_no_model_come_before_the_towers(tmp_path, monkeypatch, capsys):
+    """A batch larger than the training set, a test split without videos: one line before any tower is built;
+    every training video shorter than T: a warning."""
+    import data
+    monkeypatch.setattr(train, "build_model", None)  # never reached
+    code, err = cli(capsys, train.main, SMALL + ["--batch-size", "32", "--output", str(tmp_path / "a")])
+    assert_one_line(code, err, "--batch-size 32 is larger than the training set (16 videos)", "--batch-size 16")
+    g = __import__("numpy").random.default_rng(0)
+    (tmp_path / "classes.txt").write_text("moving left\nmoving right\n")
+    lines = []
+    for i, label in enumerate((0, 1, 0, 1)):
+        path = tmp_path / f"v{i}.avi"
+        data.write_video(str(path), data.render_synthetic(label, [t / 11 for t in range(12)], data.g_state(g), 32, 32))
+        lines.append(f"{path} {label}")
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "test.txt").write_text("")
+    flags = ["--dataset", "list", "--list-file", str(tmp_path / "train.txt"), str(tmp_path / "test.txt"),
+             "--class-file", str(tmp_path / "classes.txt"), "--random-init", "--no-chinese", "--batch-size", "2",
+             "--workers", "0", "--frames", "16"]
+    code, err = cli(capsys, train.main, flags + ["--output", str(tmp_path / "b")])
+    assert_one_line(code, err, "list split 1 test", "no videos")  # data.py's words, now before the towers
+    (tmp_path / "test.txt").write_text("\n".join(lines[:2]) + "\n")
+    monkeypatch.undo()
+    train.main(flags + ["--epochs", "1", "--output", str(tmp_path / "c")])
+    assert "WARNING: every training video probed (4 of 4) has fewer frames than T = 16 (at most 12)" in \
+        capsys.readouterr().out
+
+
+def test_engine_silent_cases_are_said(tpr_run, tmp_path, capsys):
+    """A warm-up longer than the run, a repeated key in --tpr-kwargs, hand edits of a resumed run's args.json,
+    a UTF-8 BOM before a TSV label file's first label."""
+    import shutil
+    import data
+    train.main(SMALL + ["--epochs", "1", "--warmup-epochs", "3", "--eval-every", "0", "--output", str(tmp_path / "w")])
+    assert "WARNING: --warmup-epochs 3 is not shorter than --epochs 1: the learning rate warms up for the whole " \
+           "run and peaks at" in capsys.readouterr().out
+    code, err = cli(capsys, train.main, SMALL + ["--tpr-kwargs", '{"lam": 0.3, "lam": 0.7}'])
+    assert_one_line(code, err, "'lam' given more than once")
+    out = str(tmp_path / "r")
+    shutil.copytree(tpr_run, out)
+    with open(os.path.join(out, "args.json")) as f:
+        saved = json.load(f)
+    with open(os.path.join(out, "args.json"), "w") as f:
+        json.dump(dict(saved, lr=0.5), f)
+    train.main(["--resume", out, "--workers", "0"])
+    assert f"WARNING: {out}/args.json was edited (lr {saved['lr']!r} -> 0.5)" in capsys.readouterr().out
+    with open(os.path.join(out, "args.json")) as f:
+        assert json.load(f)["lr"] == saved["lr"]  # args.json holds what the run goes on with
+    (tmp_path / "zh.tsv").write_bytes("\ufeffjump\t跳\nrun\t跑\n".encode("utf-8"))
+    assert data.chinese_labels("custom", ["jump", "run"], str(tmp_path / "zh.tsv")) == ["跳", "跑"]
+
+
 def test_engine_synthetic_without_random_init_says_what_to_pass():
     with pytest.raises(train.UsageError, match="synthetic demo needs --random-init.*--pretrained"):
         train.main(["--dataset", "synthetic", "--dry-run"])

@@ -292,9 +292,11 @@ def resolve_args(args):
                          f"see data.py)")
     for flag in ("tpr_kwargs", "biefficient_kwargs"):
         try:
-            value = json.loads(getattr(args, flag))
+            value = json.loads(getattr(args, flag), object_pairs_hook=_no_repeated_keys)
         except json.JSONDecodeError as e:
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r} is not JSON: {e}") from None
+        except ValueError as e:  # a repeated key: which of its values was meant?
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: {e}") from None
         if not isinstance(value, dict):
             raise UsageError(f"--{flag.replace('_', '-')} must be a JSON object, got {getattr(args, flag)!r}")
     if args.eval_batch_size is None:
@@ -410,9 +412,15 @@ def setup(argv=None, stack=None):
 
     with rank0_only_warnings():
         run.train_set = build_dataset(args, "train", shots_dir=None if args.dry_run else args.output)
+        if not args.dry_run:  # what needs no model is checked before the towers are built
+            run.test_set = build_dataset(args, "test", views="1x1")
+            check_data(run)
     texts, zh = class_names(args, run.train_set)
     model = run.model = build_model(args, texts, zh).to(device)
     if args.dry_run:
+        if not args.random_init:
+            run.log(f"dry run: the towers of {args.arch} built without their weights (nothing downloaded; the "
+                    f"trainable parameters depend on the shapes only)")
         for line in describe_setup(args, model):
             run.log(line)
         print_parameter_table(model, run.log)
@@ -453,11 +461,9 @@ def build_training(run, use_scaler):
                      if run.world > 1 and trainable else model)
     run.optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas))
     run.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    run.steps_per_epoch = len(run.train_set) // args.batch_size
-    if run.steps_per_epoch == 0:
-        raise UsageError(f"--batch-size {args.batch_size} is larger than the training set "
-                         f"({len(run.train_set)} videos)")
+    run.steps_per_epoch = len(run.train_set) // args.batch_size  # >= 1: check_data
     run.total_steps = args.epochs * run.steps_per_epoch
+    warn_short_warmup(run)
     run.fingerprint = frozen_fingerprint(model)
 
 
@@ -556,6 +562,9 @@ def _weights_error(what, name, where, flag, error):
 def build_clip(args):
     if args.random_init:
         return clip.build_random(args.arch)
+    if args.dry_run:  # the parameter table depends on the shapes only: no weights, no download
+        with contextlib.redirect_stderr(io.StringIO()):
+            return clip.build_random(args.arch)
     name = args.pretrained or args.arch
     try:
         model, _ = clip.load(name, device="cpu", dtype=torch.float32)  # fp32 master weights; autocast does AMP
@@ -572,8 +581,10 @@ def build_clip(args):
 
 def build_chinese(args, embed_dim):
     """TPR's frozen Chinese tower for --pretrained-chinese; its projection width must equal CLIP's."""
-    if args.random_init:
-        tower = text_branches.build_random_chinese("tiny" if args.arch == "tiny" else "base", embed_dim=embed_dim)
+    if args.random_init or args.dry_run:  # --dry-run: shapes only, no download (build_clip)
+        with contextlib.redirect_stderr(io.StringIO()) if args.dry_run else contextlib.nullcontext():
+            tower = text_branches.build_random_chinese("tiny" if args.arch == "tiny" else "base",
+                                                       embed_dim=embed_dim)
     else:
         try:
             tower = text_branches.load_chinese_clip(args.pretrained_chinese)
@@ -1360,6 +1371,14 @@ RANGES = (("frames", 1, False), ("batch_size", 1, False), ("micro_batch", 1, Fal
           ("eval_batch_size", 1, False), ("threads", 1, False))
 
 
+def _no_repeated_keys(pairs):
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"{', '.join(map(repr, twice))} given more than once; give each key once")
+    return dict(pairs)
+
+
 def validate_args(args):
     """Ranges and paths of the arguments, each failure one line naming the flag, its value and what is valid."""
     for key, low, strict in RANGES:
@@ -1716,6 +1735,8 @@ def resume(run, ckpt):
             f"(global step {run.step})")
     if run.rank == 0:
         repair_best(run, ckpt)
+        if not run.branch:
+            warn_edited_args_json(run, ckpt)
 
 
 def frozen_fingerprint(model):
@@ -1803,6 +1824,65 @@ def catch_stop_signals(run):
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
         run.stop_signal = signal.Signals(signum).name
     return {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+
+
+def check_data(run):
+    """Before any tower is built: a training set smaller than one batch, a test split without videos; a warning
+    when every video probed is shorter than T (its frames would repeat in every clip)."""
+    args, train_set, test_set = run.args, run.train_set, run.test_set
+    if len(train_set) < args.batch_size:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_set)} "
+                         f"videos); pass --batch-size {max(1, len(train_set))} or less")
+    if len(test_set) == 0:  # (data.py refuses its own empty splits; this covers any other)
+        raise UsageError(f"the test split of {args.dataset} (split {args.split}) holds no videos: nothing to evaluate "
+                         f"the run on; check the split or list file")
+    if run.rank == 0 and hasattr(train_set, "probe"):
+        paths = [train_set.samples[i][0] for i in range(0, len(train_set), max(1, len(train_set) // 16))][:16]
+        counts = []
+        for path in paths:
+            try:
+                meta = train_set.probe(path)
+            except Exception:  # unreadable: the loader replaces it and says so
+                continue
+            counts.append(meta if isinstance(meta, int) else meta.num_frames)
+        if counts and max(counts) < args.frames:
+            run.log(f"WARNING: every training video probed ({len(counts)} of {len(train_set)}) has fewer frames than "
+                    f"T = {args.frames} (at most {max(counts)}): frames repeat in every clip; a smaller --frames "
+                    f"may suit this dataset")
+
+
+def warn_short_warmup(run):
+    """The warm-up of --warmup-epochs is longer than the run: say where the learning rate peaks."""
+    args = run.args
+    if args.epochs and args.warmup_epochs >= args.epochs:
+        lrs = [lr_at(s, args, run.steps_per_epoch) for s in range(run.total_steps)]
+        top = max(range(len(lrs)), key=lrs.__getitem__)
+        run.log(f"WARNING: --warmup-epochs {args.warmup_epochs:g} is not shorter than --epochs {args.epochs}: the "
+                f"learning rate warms up for the whole run and peaks at {lrs[top]:.3g} (--lr {args.lr:g}) at step "
+                f"{top + 1} of {run.total_steps}; pass --warmup-epochs below --epochs for the papers' schedule")
+
+
+def warn_edited_args_json(run, ckpt):
+    """args.json is only read to restart a run stopped before its first checkpoint; a resumed run takes the
+    checkpoint's arguments. Hand edits are named (not silently ignored), and args.json is rewritten with the
+    arguments the run goes on with."""
+    path = os.path.join(run.out, "args.json")
+    try:
+        with open(path) as f:
+            written = json.load(f)
+    except (OSError, ValueError):
+        written = {}
+    skip = ("resume", "output", "debug", "dry_run")
+    edited = sorted(k for k, v in written.items() if k in ckpt["args"] and k not in skip and v != ckpt["args"][k])
+    if edited:
+        saved = ckpt["args"]
+        changes = ", ".join(f"{k} {saved[k]!r} -> {written[k]!r}" for k in edited)
+        run.log(f"WARNING: {path} was edited ({changes}): "
+                f"a resumed run takes the arguments saved in its checkpoint, so these edits are ignored; pass a "
+                f"flag that may change ({', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE[:6])}, ...) "
+                f"with --resume instead")
+    with open(path, "w") as f:
+        json.dump(vars(run.args), f, indent=1)
 
 
 def restore_signals(previous):
