@@ -4373,8 +4373,8 @@ def test_engine_checks_that_need_no_model_come_before_the_towers(tmp_path, monke
     (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
     (tmp_path / "test.txt").write_text("")
     flags = ["--dataset", "list", "--list-file", str(tmp_path / "train.txt"), str(tmp_path / "test.txt"),
-             "--class-file", str(tmp_path / "classes.txt"), "--random-init", "--no-chinese", "--batch-size", "2",
-             "--workers", "0", "--frames", "16"]
+             "--class-file", str(tmp_path / "classes.txt"), "--arch", "tiny", "--random-init", "--no-chinese",
+             "--batch-size", "2", "--workers", "0", "--frames", "16"]
     code, err = cli(capsys, train.main, flags + ["--output", str(tmp_path / "b")])
     assert_one_line(code, err, "list split 1 test", "no videos")  # data.py's words, now before the towers
     (tmp_path / "test.txt").write_text("\n".join(lines[:2]) + "\n")
