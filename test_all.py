@@ -3777,7 +3777,8 @@ def test_engine_bad_split_files_are_one_line(tmp_path, capsys):
         assert_one_line(*cli(capsys, train.main, base), *words)
     # a class whose every training video is unreadable: one line, from inside the training loop
     (root / "jump" / "a.avi").write_bytes(b"")
-    split.write_text("a.avi 1\n")
+    (root / "jump" / "b.avi").write_bytes(b"")  # a test video: a split without one is refused before training
+    split.write_text("a.avi 1\nb.avi 2\n")
     assert_one_line(*cli(capsys, train.main, base + ["--batch-size", "1", "--epochs", "1"]),
                     "every training video of class 'jump' is unreadable")
 

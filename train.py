@@ -183,16 +183,18 @@ def add_tpr_flags(p):
     """TPR's ablation switches (Fig. 5, Tables 3-5, 7)."""
     g = p.add_argument_group("TPR (ablations: Fig. 5, Tables 3-5, 7)")
     g.add_argument("--S", type=int, default=8, help="global prompts per frame (Fig. 5c)")
-    g.add_argument("--beta", default="r2plus1d", choices=reparam.BETAS + ("none",), help="reparameterization network beta of TPR Eq. (12), Table 3; "
-                   "'none' = no beta (the '+TP' row)")
+    g.add_argument("--beta", default="r2plus1d", choices=reparam.BETAS + ("none",),
+                   help="reparameterization network beta of TPR Eq. (12), Table 3; 'none' = no beta (the '+TP' row)")
     g.add_argument("--no-residual", action="store_true", help="P_R = beta(P) without + P (Table 4)")
     g.add_argument("--no-temporal-prompts", action="store_true", help="no temporal prompts (Fig. 5a baseline)")
     g.add_argument("--no-chinese", action="store_true", help="no Chinese label branch (Fig. 5a, Table 7)")
     g.add_argument("--pooling", default="word", choices=("word", "mean"), help="word-guided (TPR Eq. 6-7) or mean "
                    "pooling (TPR Eq. 4) of the frame features")
-    g.add_argument("--test-words", default=None, choices=prompts.TPR_TEST_WORDS, help="whose words weight the frames at test time (TPR issue: "
-                   "class-conditional or top-1); default: the model's")
-    g.add_argument("--prefix", default=None, help="text template with one {} (Table 5); default: the paper's 'This is a video about {}.' (Sec. 3.4), '{}.' on the synthetic set")
+    g.add_argument("--test-words", default=None, choices=prompts.TPR_TEST_WORDS,
+                   help="whose words weight the frames at test time (TPR issue: class-conditional or top-1); "
+                        "default: the model's")
+    g.add_argument("--prefix", default=None, help="text template with one {} (Table 5); default: the paper's "
+                   "'This is a video about {}.' (Sec. 3.4), '{}.' on the synthetic set")
     g.add_argument("--lam", type=float, default=None, help="lambda of TPR Eq. (18); default: the model's")
     g.add_argument("--fusion", default="prob", choices=prompts.TPR_FUSIONS,
                    help="what S of TPR Eq. (18) fuses: softmax probabilities (prob) or the cosines of TPR Eq. (5) "
@@ -915,7 +917,8 @@ def end_epoch(run):
             result = run_eval(run)
         except EvaluationStopped:
             save(run, "last.pt")  # every step of the epoch done, its evaluation not: a resume evaluates it
-            raise preempted(run, f"during the evaluation after epoch {run.epoch + 1} (global step {run.step})") from None
+            where = f"during the evaluation after epoch {run.epoch + 1} (global step {run.step})"
+            raise preempted(run, where) from None
     run.epoch, run.epoch_step = run.epoch + 1, 0
     improved = result is not None and result["top1"] > run.best
     if improved:
@@ -1363,6 +1366,8 @@ def cli_main(main, argv=None):
     return code
 
 
+# --- checks: user input, the data, the schedule
+
 # (flag, smallest valid value, strict): checked before any folder is created
 RANGES = (("frames", 1, False), ("batch_size", 1, False), ("micro_batch", 1, False), ("epochs", 0, False),
           ("lr", 0, True), ("min_lr", 0, False), ("warmup_epochs", 0, False), ("weight_decay", 0, False),
@@ -1411,6 +1416,44 @@ def validate_args(args):
         raise UsageError(f"--output {args.output} is an existing file; pass a folder (new, or a run's to resume)")
 
 
+def check_data(run):
+    """Before any tower is built: a training set smaller than one batch, a test split without videos; a warning
+    when every video probed is shorter than T (its frames would repeat in every clip)."""
+    args, train_set, test_set = run.args, run.train_set, run.test_set
+    if len(train_set) < args.batch_size:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_set)} "
+                         f"videos); pass --batch-size {max(1, len(train_set))} or less")
+    if len(test_set) == 0:  # (data.py refuses its own empty splits; this covers any other)
+        raise UsageError(f"the test split of {args.dataset} (split {args.split}) holds no videos: nothing to evaluate "
+                         f"the run on; check the split or list file")
+    if run.rank == 0 and hasattr(train_set, "probe"):
+        paths = [train_set.samples[i][0] for i in range(0, len(train_set), max(1, len(train_set) // 16))][:16]
+        counts = []
+        for path in paths:
+            try:
+                meta = train_set.probe(path)
+            except Exception:  # unreadable: the loader replaces it and says so
+                continue
+            counts.append(meta if isinstance(meta, int) else meta.num_frames)
+        if counts and max(counts) < args.frames:
+            run.log(f"WARNING: every training video probed ({len(counts)} of {len(train_set)}) has fewer frames than "
+                    f"T = {args.frames} (at most {max(counts)}): frames repeat in every clip; a smaller --frames "
+                    f"may suit this dataset")
+
+
+def warn_short_warmup(run):
+    """The warm-up of --warmup-epochs is longer than the run: say where the learning rate peaks."""
+    args = run.args
+    if args.epochs and args.warmup_epochs >= args.epochs:
+        lrs = [lr_at(s, args, run.steps_per_epoch) for s in range(run.total_steps)]
+        top = max(range(len(lrs)), key=lrs.__getitem__)
+        run.log(f"WARNING: --warmup-epochs {args.warmup_epochs:g} is not shorter than --epochs {args.epochs}: the "
+                f"learning rate warms up for the whole run and peaks at {lrs[top]:.3g} (--lr {args.lr:g}) at step "
+                f"{top + 1} of {run.total_steps}; pass --warmup-epochs below --epochs for the papers' schedule")
+
+
+# --- resume: the run's own arguments, where it goes on, the state it restores
+
 # Flags a resumed run may change (they change neither the model nor the data); every other setting comes from
 # the run's own checkpoint, and another value given for one is refused by name.
 # --epochs continues the cosine as if the run had been launched with the new length (lr_at depends only on the
@@ -1430,10 +1473,9 @@ def explicit_flags(argv):
     return vars(p.parse_args(argv))
 
 
-# Flags added after checkpoint format 1 (their code reads them with the old behaviour as the default) and the
-# internal values that are not flags; every other flag must be in a run's saved arguments.
-LATER_FLAGS = ("label_smoothing", "test_resize", "fusion", "threads", "contrastive_batch", "kill_at_step",
-               "kill_signal")
+# Flags added after checkpoint format 1 (their code reads them with the old behaviour as the default); every
+# other flag must be in a run's saved arguments.
+LATER_FLAGS = ("label_smoothing", "test_resize", "fusion", "threads", "contrastive_batch")
 # Flags whose None default is filled in by resolve_args: a saved run always holds a value for them.
 RESOLVED = ("arch", "frames", "batch_size", "micro_batch", "epochs", "lr", "warmup_epochs", "weight_decay",
             "eval_batch_size", "prefix", "pretrained_chinese", "randaugment", "random_erasing")
@@ -1603,6 +1645,8 @@ def choose_output(args, rank):
 def _run_signature(folder):
     return [f for f in ("last.pt", "best.pt", "metrics.jsonl", "args.json") if os.path.exists(os.path.join(folder, f))]
 
+
+# --- one run per folder
 
 LOCK = "run.lock"  # in the run folder while a run writes there: {"host", "pid", "since"}
 
@@ -1814,54 +1858,6 @@ def repair_best(run, ckpt):
                 f"are no longer saved; best.pt is left as it is and the next better evaluation replaces it")
 
 
-def catch_stop_signals(run):
-    """SIGTERM (what SLURM and Kubernetes send before preemption) and SIGINT (Ctrl-C) only ask the training
-    loop to stop after the step in progress; returns the previous handlers."""
-    run.stop_signal = None
-
-    def handler(signum, frame):
-        if run.stop_signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
-        run.stop_signal = signal.Signals(signum).name
-    return {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-
-
-def check_data(run):
-    """Before any tower is built: a training set smaller than one batch, a test split without videos; a warning
-    when every video probed is shorter than T (its frames would repeat in every clip)."""
-    args, train_set, test_set = run.args, run.train_set, run.test_set
-    if len(train_set) < args.batch_size:
-        raise UsageError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_set)} "
-                         f"videos); pass --batch-size {max(1, len(train_set))} or less")
-    if len(test_set) == 0:  # (data.py refuses its own empty splits; this covers any other)
-        raise UsageError(f"the test split of {args.dataset} (split {args.split}) holds no videos: nothing to evaluate "
-                         f"the run on; check the split or list file")
-    if run.rank == 0 and hasattr(train_set, "probe"):
-        paths = [train_set.samples[i][0] for i in range(0, len(train_set), max(1, len(train_set) // 16))][:16]
-        counts = []
-        for path in paths:
-            try:
-                meta = train_set.probe(path)
-            except Exception:  # unreadable: the loader replaces it and says so
-                continue
-            counts.append(meta if isinstance(meta, int) else meta.num_frames)
-        if counts and max(counts) < args.frames:
-            run.log(f"WARNING: every training video probed ({len(counts)} of {len(train_set)}) has fewer frames than "
-                    f"T = {args.frames} (at most {max(counts)}): frames repeat in every clip; a smaller --frames "
-                    f"may suit this dataset")
-
-
-def warn_short_warmup(run):
-    """The warm-up of --warmup-epochs is longer than the run: say where the learning rate peaks."""
-    args = run.args
-    if args.epochs and args.warmup_epochs >= args.epochs:
-        lrs = [lr_at(s, args, run.steps_per_epoch) for s in range(run.total_steps)]
-        top = max(range(len(lrs)), key=lrs.__getitem__)
-        run.log(f"WARNING: --warmup-epochs {args.warmup_epochs:g} is not shorter than --epochs {args.epochs}: the "
-                f"learning rate warms up for the whole run and peaks at {lrs[top]:.3g} (--lr {args.lr:g}) at step "
-                f"{top + 1} of {run.total_steps}; pass --warmup-epochs below --epochs for the papers' schedule")
-
-
 def warn_edited_args_json(run, ckpt):
     """args.json is only read to restart a run stopped before its first checkpoint; a resumed run takes the
     checkpoint's arguments. Hand edits are named (not silently ignored), and args.json is rewritten with the
@@ -1883,6 +1879,20 @@ def warn_edited_args_json(run, ckpt):
                 f"with --resume instead")
     with open(path, "w") as f:
         json.dump(vars(run.args), f, indent=1)
+
+
+# --- signals: stop after the step, save, exit 75
+
+def catch_stop_signals(run):
+    """SIGTERM (what SLURM and Kubernetes send before preemption) and SIGINT (Ctrl-C) only ask the training
+    loop to stop after the step in progress; returns the previous handlers."""
+    run.stop_signal = None
+
+    def handler(signum, frame):
+        if run.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
+        run.stop_signal = signal.Signals(signum).name
+    return {s: signal.signal(s, handler) for s in STOP_SIGNALS}
 
 
 def restore_signals(previous):
