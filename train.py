@@ -584,7 +584,7 @@ def build_clip(args):
 def build_chinese(args, embed_dim):
     """TPR's frozen Chinese tower for --pretrained-chinese; its projection width must equal CLIP's."""
     if args.random_init or args.dry_run:  # --dry-run: shapes only, no download (build_clip)
-        with contextlib.redirect_stderr(io.StringIO()) if args.dry_run else contextlib.nullcontext():
+        with contextlib.redirect_stderr(io.StringIO()) if not args.random_init else contextlib.nullcontext():
             tower = text_branches.build_random_chinese("tiny" if args.arch == "tiny" else "base",
                                                        embed_dim=embed_dim)
     else:
