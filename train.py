@@ -24,8 +24,9 @@ The run folder (--output) receives args.json, metrics.jsonl (one JSON object per
 every evaluation with its protocol), last.pt and best.pt (trainable parameters only, never the frozen towers).
 
 Exit codes: 0 done; 2 a user-facing failure, printed as one line (bad flag value or path, split file,
-checkpoint, full disk, non-finite loss; --debug or DEBUG=1 shows the traceback); 75 stopped by SIGTERM or
-Ctrl-C after finishing the step and saving last.pt (requeue, then --resume); 130 Ctrl-C before training.
+checkpoint, a run folder in use by another run, full disk, non-finite loss; --debug or DEBUG=1 shows the
+traceback); 75 stopped by SIGTERM or Ctrl-C after finishing the step and saving last.pt, on every rank, loader
+workers included (requeue, then --resume); 130 Ctrl-C before training.
 """
 import argparse
 import collections
