@@ -640,7 +640,7 @@ def chinese_labels(dataset, class_names, path=None):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Chinese label file {path} not found; expected a JSON object "
                                     "{english: chinese} or english<TAB>chinese lines")
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a BOM (Windows editors) is not part of the first label
             text = f.read()
         try:
             table = json.loads(text)

@@ -4448,7 +4448,8 @@ def test_engine_bad_split_files_are_one_line(tmp_path, capsys):
         assert_one_line(*cli(capsys, train.main, base), *words)
     # a class whose every training video is unreadable: one line, from inside the training loop
     (root / "jump" / "a.avi").write_bytes(b"")
-    split.write_text("a.avi 1\n")
+    (root / "jump" / "b.avi").write_bytes(b"")  # a test video: a split without one is refused before training
+    split.write_text("a.avi 1\nb.avi 2\n")
     assert_one_line(*cli(capsys, train.main, base + ["--batch-size", "1", "--epochs", "1"]),
                     "every training video of class 'jump' is unreadable")
 
@@ -4671,6 +4672,75 @@ def test_engine_full_disk_is_one_line_and_leaves_no_tmp(tmp_path, monkeypatch):
         train.main(SMALL + ["--epochs", "1", "--eval-every", "0", "--output", str(out)])
     monkeypatch.setattr(torch, "save", real)
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_engine_full_disk_in_torchs_zip_writer_is_one_line_and_leaves_no_tmp(tmp_path, monkeypatch):
+    """torch's zip writer reports a short write as RuntimeError "... unexpected pos N vs M" (a full disk, a quota)."""
+    out = tmp_path / "r"
+
+    def short_write(obj, f, *a, **k):
+        f.write(b"PK partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4352 vs 4244")
+    monkeypatch.setattr(torch, "save", short_write)
+    with pytest.raises(train.UsageError, match=r"cannot write checkpoint \S*\.pt: the disk is full or over quota"
+                                               r".*intact.*removed"):
+        train.main(SMALL + ["--epochs", "1", "--eval-every", "0", "--output", str(out)])
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_engine_resume_repairs_a_torn_metrics_line(tpr_run, tmp_path):
+    """A kill mid-append leaves half a JSON line: the resumed run removes it instead of appending onto it (and
+    dying in finish() at the very end)."""
+    import shutil
+    out = str(tmp_path / "r")
+    shutil.copytree(tpr_run, out)
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"kind": "train", "epoch": 4, "st')
+    train.main(["--resume", out, "--epochs", "4", "--workers", "0"])
+    records = metrics(out)  # every line parses
+    assert [r["epoch"] for r in records if r["kind"] == "eval"][-1] == 4 and records[-1]["kind"] == "eval"
+
+
+def test_engine_read_only_output_is_one_line_before_anything_is_built(tpr_run, tmp_path, monkeypatch, capsys):
+    import errno
+    ro = str(tmp_path / "ro")
+    real = os.makedirs
+
+    def makedirs(path, *a, **k):
+        if str(path).startswith(ro):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(path, *a, **k)
+    monkeypatch.setattr(os, "makedirs", makedirs)
+    monkeypatch.setattr(train, "build_model", None)  # never reached
+    monkeypatch.setattr(train, "evaluate", None)
+    code, err = cli(capsys, train.main, SMALL + ["--epochs", "1", "--output", os.path.join(ro, "run")])
+    assert_one_line(code, err, f"--output {ro}/run: cannot write there (Read-only file system)")
+    code, err = cli(capsys, evaluate.main, ["--checkpoint", tpr_run, "--views", "1x1", "--output", ro])
+    assert_one_line(code, err, f"--output {ro}: metrics.json cannot be written there (Read-only file system)")
+
+
+def test_engine_saved_arguments_missing_a_flag_or_of_the_wrong_type_are_one_line(tpr_run, tmp_path, capsys):
+    import shutil
+    out = str(tmp_path / "r")
+    shutil.copytree(tpr_run, out)
+    ck = trainable(out)
+    del ck["args"]["frames"]
+    ck["args"]["betas"] = "0.9"
+    torch.save(ck, os.path.join(out, "last.pt"))
+    code, err = cli(capsys, train.main, ["--resume", out, "--epochs", "4"])
+    assert_one_line(code, err, f"{out}/last.pt: its saved arguments", "frames missing", "betas = '0.9'")
+    code, err = cli(capsys, evaluate.main, ["--checkpoint", out, "--views", "1x1"])
+    assert_one_line(code, err, "frames missing")
+    fresh = str(tmp_path / "fresh")  # a run stopped before its first checkpoint, its args.json edited by hand
+    os.makedirs(fresh)
+    with open(os.path.join(tpr_run, "args.json")) as f:
+        saved = json.load(f)
+    for edit, words in ((dict(saved, lr="fast"), ["args.json: its saved arguments", "lr = 'fast' (expected float)"]),
+                        (None, ["args.json is not readable JSON"])):
+        with open(os.path.join(fresh, "args.json"), "w") as f:
+            f.write(json.dumps(edit) if edit else '{"lr": ')
+        code, err = cli(capsys, train.main, ["--resume", fresh])
+        assert_one_line(code, err, *words)
 
 
 def test_engine_nan_stop_is_true_and_one_line(tmp_path, monkeypatch, capsys):
@@ -4944,6 +5014,72 @@ def test_engine_dry_run_prints_the_resolved_setup_before_the_table(capsys):
     assert "prefix '{}.' (paper 'This is a video about {}.')" in head
 
 
+def test_engine_dry_run_needs_no_weights(monkeypatch, capsys):
+    """The parameter table depends on the shapes only: --dry-run builds the towers of --arch without weights."""
+    import clip
+    import text_branches
+
+    def download(*a, **k):
+        raise AssertionError("a dry run loads no weights")
+    monkeypatch.setattr(clip, "load", download)
+    monkeypatch.setattr(text_branches, "load_chinese_clip", download)
+    train.main(["--dataset", "synthetic", "--arch", "ViT-B/16", "--frames", "8", "--no-chinese", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "nothing downloaded" in out and out.splitlines()[-1].split() == ["total", "37,158,720"]  # README, T = 8
+
+
+def test_engine_checks_that_need_no_model_come_before_the_towers(tmp_path, monkeypatch, capsys):
+    """A batch larger than the training set, a test split without videos: one line before any tower is built;
+    every training video shorter than T: a warning."""
+    import data
+    monkeypatch.setattr(train, "build_model", None)  # never reached
+    code, err = cli(capsys, train.main, SMALL + ["--batch-size", "32", "--output", str(tmp_path / "a")])
+    assert_one_line(code, err, "--batch-size 32 is larger than the training set (16 videos)", "--batch-size 16")
+    g = __import__("numpy").random.default_rng(0)
+    (tmp_path / "classes.txt").write_text("moving left\nmoving right\n")
+    lines = []
+    for i, label in enumerate((0, 1, 0, 1)):
+        path = tmp_path / f"v{i}.avi"
+        data.write_video(str(path), data.render_synthetic(label, [t / 11 for t in range(12)], data.g_state(g), 32, 32))
+        lines.append(f"{path} {label}")
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "test.txt").write_text("")
+    flags = ["--dataset", "list", "--list-file", str(tmp_path / "train.txt"), str(tmp_path / "test.txt"),
+             "--class-file", str(tmp_path / "classes.txt"), "--arch", "tiny", "--random-init", "--no-chinese",
+             "--batch-size", "2", "--workers", "0", "--frames", "16"]
+    code, err = cli(capsys, train.main, flags + ["--output", str(tmp_path / "b")])
+    assert_one_line(code, err, "list split 1 test", "no videos")  # data.py's words, now before the towers
+    (tmp_path / "test.txt").write_text("\n".join(lines[:2]) + "\n")
+    monkeypatch.undo()
+    train.main(flags + ["--epochs", "1", "--output", str(tmp_path / "c")])
+    assert "WARNING: every training video probed (4 of 4) has fewer frames than T = 16 (at most 12)" in \
+        capsys.readouterr().out
+
+
+def test_engine_silent_cases_are_said(tpr_run, tmp_path, capsys):
+    """A warm-up longer than the run, a repeated key in --tpr-kwargs, hand edits of a resumed run's args.json,
+    a UTF-8 BOM before a TSV label file's first label."""
+    import shutil
+    import data
+    train.main(SMALL + ["--epochs", "1", "--warmup-epochs", "3", "--eval-every", "0", "--output", str(tmp_path / "w")])
+    assert "WARNING: --warmup-epochs 3 is not shorter than --epochs 1: the learning rate warms up for the whole " \
+           "run and peaks at" in capsys.readouterr().out
+    code, err = cli(capsys, train.main, SMALL + ["--tpr-kwargs", '{"lam": 0.3, "lam": 0.7}'])
+    assert_one_line(code, err, "'lam' given more than once")
+    out = str(tmp_path / "r")
+    shutil.copytree(tpr_run, out)
+    with open(os.path.join(out, "args.json")) as f:
+        saved = json.load(f)
+    with open(os.path.join(out, "args.json"), "w") as f:
+        json.dump(dict(saved, lr=0.5), f)
+    train.main(["--resume", out, "--workers", "0"])
+    assert f"WARNING: {out}/args.json was edited (lr {saved['lr']!r} -> 0.5)" in capsys.readouterr().out
+    with open(os.path.join(out, "args.json")) as f:
+        assert json.load(f)["lr"] == saved["lr"]  # args.json holds what the run goes on with
+    (tmp_path / "zh.tsv").write_bytes("\ufeffjump\t跳\nrun\t跑\n".encode("utf-8"))
+    assert data.chinese_labels("custom", ["jump", "run"], str(tmp_path / "zh.tsv")) == ["跳", "跑"]
+
+
 def test_engine_synthetic_without_random_init_says_what_to_pass():
     with pytest.raises(train.UsageError, match="synthetic demo needs --random-init.*--pretrained"):
         train.main(["--dataset", "synthetic", "--dry-run"])
@@ -5135,6 +5271,30 @@ def test_engine_attention_png_one_row_per_checkpoint(tpr_run, tmp_path, capsys):
     assert "2 row(s)" in capsys.readouterr().out
     with pytest.raises(train.UsageError, match="--video"):
         evaluate.main(["--checkpoint", base, "--attention", png])
+
+
+def test_engine_own_video_misuse_is_one_line_or_done_right(tpr_run, tmp_path, capsys):
+    """--labels given twice or too long, a picture into a missing folder: one line, before any model runs;
+    --visualize with --attention draws both (and prints the scores); a one-frame video is scored with a warning."""
+    import data
+    g = __import__("numpy").random.default_rng(0)
+    video, still = str(tmp_path / "mine.avi"), str(tmp_path / "still.avi")
+    data.write_video(video, data.render_synthetic(0, [i / 15 for i in range(16)], data.g_state(g), 48, 64))
+    data.write_video(still, data.render_synthetic(0, [0.5], data.g_state(g), 48, 64))
+    base = ["--checkpoint", tpr_run, "--video", video, "--workers", "0"]
+    for argv, words in ((["--labels", "run,jump,run"], ["--labels 'run,jump,run'", "run given more than once"]),
+                        (["--labels", "run," + "jump " * 80], ["does not fit the text tower's 77 tokens"]),
+                        (["--visualize", str(tmp_path / "no" / "v.png")], [f"{tmp_path}/no does not exist"]),
+                        (["--attention", str(tmp_path / "no" / "a.png")], [f"{tmp_path}/no does not exist"])):
+        code, err = cli(capsys, evaluate.main, base + argv)
+        assert_one_line(code, err, *words)
+    png, fig7 = str(tmp_path / "v.png"), str(tmp_path / "fig7.png")
+    maps = evaluate.main(base + ["--visualize", png, "--attention", fig7])
+    out = capsys.readouterr().out
+    assert os.path.isfile(png) and os.path.isfile(fig7) and len(maps) == 1
+    assert f"wrote {png}" in out and f"wrote {fig7}" in out and "top-5 of 8 classes" in out
+    ranked, _ = evaluate.main(["--checkpoint", tpr_run, "--video", still, "--workers", "0"])
+    assert len(ranked) == 5 and f"WARNING: {still} has one frame" in capsys.readouterr().err
 
 
 def _readme_tpr_rows():

@@ -24,8 +24,9 @@ The run folder (--output) receives args.json, metrics.jsonl (one JSON object per
 every evaluation with its protocol), last.pt and best.pt (trainable parameters only, never the frozen towers).
 
 Exit codes: 0 done; 2 a user-facing failure, printed as one line (bad flag value or path, split file,
-checkpoint, full disk, non-finite loss; --debug or DEBUG=1 shows the traceback); 75 stopped by SIGTERM or
-Ctrl-C after finishing the step and saving last.pt (requeue, then --resume); 130 Ctrl-C before training.
+checkpoint, a run folder in use by another run, full disk, non-finite loss; --debug or DEBUG=1 shows the
+traceback); 75 stopped by SIGTERM or Ctrl-C after finishing the step and saving last.pt, on every rank, loader
+workers included (requeue, then --resume); 130 Ctrl-C before training.
 """
 import argparse
 import collections
@@ -189,16 +190,18 @@ def add_tpr_flags(p):
     """TPR's ablation switches (Fig. 5, Tables 3-5, 7)."""
     g = p.add_argument_group("TPR (ablations: Fig. 5, Tables 3-5, 7)")
     g.add_argument("--S", type=int, default=8, help="global prompts per frame (Fig. 5c)")
-    g.add_argument("--beta", default="r2plus1d", choices=reparam.BETAS + ("none",), help="reparameterization network beta of TPR Eq. (12), Table 3; "
-                   "'none' = no beta (the '+TP' row)")
+    g.add_argument("--beta", default="r2plus1d", choices=reparam.BETAS + ("none",),
+                   help="reparameterization network beta of TPR Eq. (12), Table 3; 'none' = no beta (the '+TP' row)")
     g.add_argument("--no-residual", action="store_true", help="P_R = beta(P) without + P (Table 4)")
     g.add_argument("--no-temporal-prompts", action="store_true", help="no temporal prompts (Fig. 5a baseline)")
     g.add_argument("--no-chinese", action="store_true", help="no Chinese label branch (Fig. 5a, Table 7)")
     g.add_argument("--pooling", default="word", choices=("word", "mean"), help="word-guided (TPR Eq. 6-7) or mean "
                    "pooling (TPR Eq. 4) of the frame features")
-    g.add_argument("--test-words", default=None, choices=prompts.TPR_TEST_WORDS, help="whose words weight the frames at test time (TPR issue: "
-                   "class-conditional or top-1); default: the model's")
-    g.add_argument("--prefix", default=None, help="text template with one {} (Table 5); default: the paper's 'This is a video about {}.' (Sec. 3.4), '{}.' on the synthetic set")
+    g.add_argument("--test-words", default=None, choices=prompts.TPR_TEST_WORDS,
+                   help="whose words weight the frames at test time (TPR issue: class-conditional or top-1); "
+                        "default: the model's")
+    g.add_argument("--prefix", default=None, help="text template with one {} (Table 5); default: the paper's "
+                   "'This is a video about {}.' (Sec. 3.4), '{}.' on the synthetic set")
     g.add_argument("--lam", type=float, default=None, help="lambda of TPR Eq. (18); default: the model's")
     g.add_argument("--fusion", default="prob", choices=prompts.TPR_FUSIONS,
                    help="what S of TPR Eq. (18) fuses: softmax probabilities (prob) or the cosines of TPR Eq. (5) "
@@ -302,9 +305,11 @@ def resolve_args(args):
                          f"see data.py)")
     for flag in ("tpr_kwargs", "biefficient_kwargs"):
         try:
-            value = json.loads(getattr(args, flag))
+            value = json.loads(getattr(args, flag), object_pairs_hook=_no_repeated_keys)
         except json.JSONDecodeError as e:
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r} is not JSON: {e}") from None
+        except ValueError as e:  # a repeated key: which of its values was meant?
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: {e}") from None
         if not isinstance(value, dict):
             raise UsageError(f"--{flag.replace('_', '-')} must be a JSON object, got {getattr(args, flag)!r}")
     if args.eval_batch_size is None:
@@ -420,9 +425,15 @@ def setup(argv=None, stack=None):
 
     with rank0_only_warnings():
         run.train_set = build_dataset(args, "train", shots_dir=None if args.dry_run else args.output)
+        if not args.dry_run:  # what needs no model is checked before the towers are built
+            run.test_set = build_dataset(args, "test", views="1x1")
+            check_data(run)
     texts, zh = class_names(args, run.train_set)
     model = run.model = build_model(args, texts, zh).to(device)
     if args.dry_run:
+        if not args.random_init:
+            run.log(f"dry run: the towers of {args.arch} built without their weights (nothing downloaded; the "
+                    f"trainable parameters depend on the shapes only)")
         for line in describe_setup(args, model):
             run.log(line)
         print_parameter_table(model, run.log)
@@ -464,11 +475,9 @@ def build_training(run, use_scaler):
                      if run.world > 1 and trainable else model)
     run.optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas))
     run.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    run.steps_per_epoch = len(run.train_set) // args.batch_size
-    if run.steps_per_epoch == 0:
-        raise UsageError(f"--batch-size {args.batch_size} is larger than the training set "
-                         f"({len(run.train_set)} videos)")
+    run.steps_per_epoch = len(run.train_set) // args.batch_size  # >= 1: check_data
     run.total_steps = args.epochs * run.steps_per_epoch
+    warn_short_warmup(run)
     run.fingerprint = frozen_fingerprint(model)
 
 
@@ -567,6 +576,9 @@ def _weights_error(what, name, where, flag, error):
 def build_clip(args):
     if args.random_init:
         return clip.build_random(args.arch)
+    if args.dry_run:  # the parameter table depends on the shapes only: no weights, no download
+        with contextlib.redirect_stderr(io.StringIO()):
+            return clip.build_random(args.arch)
     name = args.pretrained or args.arch
     try:
         model, _ = clip.load(name, device="cpu", dtype=torch.float32)  # fp32 master weights; autocast does AMP
@@ -583,8 +595,10 @@ def build_clip(args):
 
 def build_chinese(args, embed_dim):
     """TPR's frozen Chinese tower for --pretrained-chinese; its projection width must equal CLIP's."""
-    if args.random_init:
-        tower = text_branches.build_random_chinese("tiny" if args.arch == "tiny" else "base", embed_dim=embed_dim)
+    if args.random_init or args.dry_run:  # --dry-run: shapes only, no download (build_clip)
+        with contextlib.redirect_stderr(io.StringIO()) if not args.random_init else contextlib.nullcontext():
+            tower = text_branches.build_random_chinese("tiny" if args.arch == "tiny" else "base",
+                                                       embed_dim=embed_dim)
     else:
         try:
             tower = text_branches.load_chinese_clip(args.pretrained_chinese)
@@ -914,7 +928,8 @@ def end_epoch(run):
             result = run_eval(run)
         except EvaluationStopped:
             save(run, "last.pt")  # every step of the epoch done, its evaluation not: a resume evaluates it
-            raise preempted(run, f"during the evaluation after epoch {run.epoch + 1} (global step {run.step})") from None
+            where = f"during the evaluation after epoch {run.epoch + 1} (global step {run.step})"
+            raise preempted(run, where) from None
     run.epoch, run.epoch_step = run.epoch + 1, 0
     improved = result is not None and result["top1"] > run.best
     if improved:
@@ -1222,9 +1237,12 @@ def atomic_save(obj, path):
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "write" in str(e)):  # torch wraps some
+        # torch's zip writer reports a short write (a full disk, a quota) as RuntimeError "... unexpected pos N"
+        short = isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "write" in str(e))
+        if isinstance(e, OSError) or short:
             full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
-            why = "the disk is full" if full else (getattr(e, "strerror", None) or str(e).splitlines()[0])
+            why = ("the disk is full" if full else "the disk is full or over quota (torch: a short write)"
+                   if "unexpected pos" in str(e) else (getattr(e, "strerror", None) or str(e).splitlines()[0]))
             raise UsageError(f"cannot write checkpoint {path}: {why}; any earlier {os.path.basename(path)} is "
                              f"intact and {tmp} was removed. Free space in {os.path.dirname(path) or '.'} (or fix "
                              f"it), then continue with --resume {os.path.dirname(path) or '.'}") from None
@@ -1271,6 +1289,8 @@ def main(argv=None):
             return None
         if ckpt is not None:
             resume(run, ckpt)
+        if run.rank == 0:
+            repair_metrics(run)
         run.metrics = stack.enter_context(open(os.path.join(run.out, "metrics.jsonl"), "a")) if run.rank == 0 else None
         stack.callback(restore_signals, catch_stop_signals(run))
         while run.epoch < run.args.epochs:
@@ -1357,12 +1377,22 @@ def cli_main(main, argv=None):
     return code
 
 
+# --- checks: user input, the data, the schedule
+
 # (flag, smallest valid value, strict): checked before any folder is created
 RANGES = (("frames", 1, False), ("batch_size", 1, False), ("micro_batch", 1, False), ("epochs", 0, False),
           ("lr", 0, True), ("min_lr", 0, False), ("warmup_epochs", 0, False), ("weight_decay", 0, False),
           ("grad_clip", 0, False), ("tau", 0, True), ("S", 0, False), ("M", 1, False), ("synthetic_videos", 1, False),
           ("workers", 0, False), ("print_every", 1, False), ("save_every", 0, False), ("eval_every", 0, False),
           ("eval_batch_size", 1, False), ("threads", 1, False))
+
+
+def _no_repeated_keys(pairs):
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"{', '.join(map(repr, twice))} given more than once; give each key once")
+    return dict(pairs)
 
 
 def validate_args(args):
@@ -1397,6 +1427,44 @@ def validate_args(args):
         raise UsageError(f"--output {args.output} is an existing file; pass a folder (new, or a run's to resume)")
 
 
+def check_data(run):
+    """Before any tower is built: a training set smaller than one batch, a test split without videos; a warning
+    when every video probed is shorter than T (its frames would repeat in every clip)."""
+    args, train_set, test_set = run.args, run.train_set, run.test_set
+    if len(train_set) < args.batch_size:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_set)} "
+                         f"videos); pass --batch-size {max(1, len(train_set))} or less")
+    if len(test_set) == 0:  # (data.py refuses its own empty splits; this covers any other)
+        raise UsageError(f"the test split of {args.dataset} (split {args.split}) holds no videos: nothing to evaluate "
+                         f"the run on; check the split or list file")
+    if run.rank == 0 and hasattr(train_set, "probe"):
+        paths = [train_set.samples[i][0] for i in range(0, len(train_set), max(1, len(train_set) // 16))][:16]
+        counts = []
+        for path in paths:
+            try:
+                meta = train_set.probe(path)
+            except Exception:  # unreadable: the loader replaces it and says so
+                continue
+            counts.append(meta if isinstance(meta, int) else meta.num_frames)
+        if counts and max(counts) < args.frames:
+            run.log(f"WARNING: every training video probed ({len(counts)} of {len(train_set)}) has fewer frames than "
+                    f"T = {args.frames} (at most {max(counts)}): frames repeat in every clip; a smaller --frames "
+                    f"may suit this dataset")
+
+
+def warn_short_warmup(run):
+    """The warm-up of --warmup-epochs is longer than the run: say where the learning rate peaks."""
+    args = run.args
+    if args.epochs and args.warmup_epochs >= args.epochs:
+        lrs = [lr_at(s, args, run.steps_per_epoch) for s in range(run.total_steps)]
+        top = max(range(len(lrs)), key=lrs.__getitem__)
+        run.log(f"WARNING: --warmup-epochs {args.warmup_epochs:g} is not shorter than --epochs {args.epochs}: the "
+                f"learning rate warms up for the whole run and peaks at {lrs[top]:.3g} (--lr {args.lr:g}) at step "
+                f"{top + 1} of {run.total_steps}; pass --warmup-epochs below --epochs for the papers' schedule")
+
+
+# --- resume: the run's own arguments, where it goes on, the state it restores
+
 # Flags a resumed run may change (they change neither the model nor the data); every other setting comes from
 # the run's own checkpoint, and another value given for one is refused by name.
 # --epochs continues the cosine as if the run had been launched with the new length (lr_at depends only on the
@@ -1416,9 +1484,63 @@ def explicit_flags(argv):
     return vars(p.parse_args(argv))
 
 
-def resume_args(cli, argv, saved):
+# Flags added after checkpoint format 1 (their code reads them with the old behaviour as the default); every
+# other flag must be in a run's saved arguments.
+LATER_FLAGS = ("label_smoothing", "test_resize", "fusion", "threads", "contrastive_batch")
+# Flags whose None default is filled in by resolve_args: a saved run always holds a value for them.
+RESOLVED = ("arch", "frames", "batch_size", "micro_batch", "epochs", "lr", "warmup_epochs", "weight_decay",
+            "eval_batch_size", "prefix", "pretrained_chinese", "randaugment", "random_erasing")
+
+
+def check_saved_args(saved, source):
+    """The arguments saved with a run (a checkpoint's, or a hand-edited args.json) before any is used: every
+    flag of this train.py present with a value its flag accepts; one line naming each problem otherwise."""
+    if not isinstance(saved, dict):
+        raise UsageError(f"{source}: the saved arguments are a {type(saved).__name__}, not a dict of flags")
+    problems = []
+    for action in build_parser()._actions:
+        key = action.dest
+        if key == "help":
+            continue
+        if key not in saved:
+            if key not in LATER_FLAGS:
+                problems.append(f"{key} missing")
+            continue
+        value = saved[key]
+        if value is None and (action.default is None and key not in RESOLVED):
+            continue
+        if not _fits(action, value):
+            want = action.choices or getattr(action.type, "__name__", None) or (
+                "true/false" if action.nargs == 0 else "a string")
+            problems.append(f"{key} = {value!r} (expected {want}{f' x {action.nargs}' if action.nargs else ''})")
+    if problems:
+        raise UsageError(f"{source}: its saved arguments do not fit this train.py: {'; '.join(problems[:6])}"
+                         f"{' ...' if len(problems) > 6 else ''}; restore the file, or start a new run")
+
+
+def _fits(action, value):
+    if isinstance(action.nargs, int) and action.nargs > 0 or action.nargs == "+":
+        return (isinstance(value, (list, tuple)) and (action.nargs == "+" or len(value) == action.nargs)
+                and all(_fits_one(action, v) for v in value))
+    if action.nargs == 0:  # store_true
+        return isinstance(value, bool)
+    return _fits_one(action, value)
+
+
+def _fits_one(action, value):
+    if action.type is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif action.type is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, str)
+    return ok and (action.choices is None or value in action.choices)
+
+
+def resume_args(cli, argv, saved, source):
     """The arguments of a resumed run: the saved ones, with the flags of RESUME_MAY_CHANGE given now; any other
     flag given with a different value is refused, each named with both values."""
+    check_saved_args(saved, source)
     args = argparse.Namespace(**saved)
     for key in TRAINING_ROWS:  # runs saved before these rows existed trained with the paper column
         if not hasattr(args, key):
@@ -1455,13 +1577,17 @@ def resolve_run_args(cli, argv, world):
         if os.path.isdir(cli.resume) and not os.path.exists(os.path.join(folder, "last.pt")) and \
                 os.path.isfile(os.path.join(folder, "args.json")):
             # Killed before its first checkpoint: nothing to continue, so it starts again from its args.json.
-            with open(os.path.join(folder, "args.json")) as f:
-                saved = json.load(f)
-            args, _ = resume_args(cli, argv, saved)
+            path = os.path.join(folder, "args.json")
+            try:
+                with open(path) as f:
+                    saved = json.load(f)
+            except (OSError, ValueError) as e:
+                raise UsageError(f"{path} is not readable JSON ({e}); restore it, or start a new run") from None
+            args, _ = resume_args(cli, argv, saved, path)
             args.restart = True
         else:
             ckpt, path = load_checkpoint(cli.resume, cli.method if "method" in explicit_flags(argv) else None)
-            args, given = resume_args(cli, argv, ckpt["args"])
+            args, given = resume_args(cli, argv, ckpt["args"], path)
             args.resume_given, args.resume_from = given, path
             old_b, consumed = ckpt["args"]["batch_size"], ckpt["epoch_step"] * ckpt["args"]["batch_size"]
             if args.batch_size != old_b and consumed % args.batch_size:
@@ -1530,6 +1656,8 @@ def choose_output(args, rank):
 def _run_signature(folder):
     return [f for f in ("last.pt", "best.pt", "metrics.jsonl", "args.json") if os.path.exists(os.path.join(folder, f))]
 
+
+# --- one run per folder
 
 LOCK = "run.lock"  # in the run folder while a run writes there: {"host", "pid", "since"}
 
@@ -1662,6 +1790,8 @@ def resume(run, ckpt):
             f"(global step {run.step})")
     if run.rank == 0:
         repair_best(run, ckpt)
+        if not run.branch:
+            warn_edited_args_json(run, ckpt)
 
 
 def frozen_fingerprint(model):
@@ -1690,6 +1820,30 @@ def non_finite_loss(run, loss):
                       f"stopping; {advice}")
 
 
+def repair_metrics(run):
+    """A run killed while appending to metrics.jsonl leaves a torn last line; the resumed run would append onto
+    it. The torn line goes (its step is redone and logged again)."""
+    path = os.path.join(run.out, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb") as f:
+        text = f.read()
+    if not text:
+        return
+    keep = text.rfind(b"\n", 0, len(text) - 1) + 1  # where the last line starts
+    last = text[keep:]
+    try:
+        json.loads(last)
+    except ValueError:
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        run.log(f"repaired {path}: removed a torn last line ({len(last)} bytes) left by a run that was killed")
+        return
+    if not last.endswith(b"\n"):  # whole, only its newline missing
+        with open(path, "ab") as f:
+            f.write(b"\n")
+
+
 def repair_best(run, ckpt):
     """best.pt must hold the model of the best evaluation that last.pt claims (best_top1); a run killed by an
     older version between its two writes may have left it behind, or missing."""
@@ -1714,6 +1868,31 @@ def repair_best(run, ckpt):
         run.log(f"WARNING: {path} holds top1 {held} but the run's best was {ckpt['best_top1']:.2f}%, whose weights "
                 f"are no longer saved; best.pt is left as it is and the next better evaluation replaces it")
 
+
+def warn_edited_args_json(run, ckpt):
+    """args.json is only read to restart a run stopped before its first checkpoint; a resumed run takes the
+    checkpoint's arguments. Hand edits are named (not silently ignored), and args.json is rewritten with the
+    arguments the run goes on with."""
+    path = os.path.join(run.out, "args.json")
+    try:
+        with open(path) as f:
+            written = json.load(f)
+    except (OSError, ValueError):
+        written = {}
+    skip = ("resume", "output", "debug", "dry_run")
+    edited = sorted(k for k, v in written.items() if k in ckpt["args"] and k not in skip and v != ckpt["args"][k])
+    if edited:
+        saved = ckpt["args"]
+        changes = ", ".join(f"{k} {saved[k]!r} -> {written[k]!r}" for k in edited)
+        run.log(f"WARNING: {path} was edited ({changes}): "
+                f"a resumed run takes the arguments saved in its checkpoint, so these edits are ignored; pass a "
+                f"flag that may change ({', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE[:6])}, ...) "
+                f"with --resume instead")
+    with open(path, "w") as f:
+        json.dump(vars(run.args), f, indent=1)
+
+
+# --- signals: stop after the step, save, exit 75
 
 def catch_stop_signals(run):
     """SIGTERM (what SLURM and Kubernetes send before preemption) and SIGINT (Ctrl-C) only ask the training
