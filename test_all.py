@@ -938,6 +938,26 @@ def test_clip_bytearray_pickle_is_refused_in_little_memory(tmp_path):
         assert rss < 2 ** 30, f"{call}: peak RSS {rss / 2 ** 30:.1f} GiB"
 
 
+def test_engine_bytearray_pickle_checkpoint_is_one_line(tmp_path):
+    # The same ~920-byte bomb as a checkpoint a user resumes or evaluates: one line, exit 2, under 1 GiB.
+    bomb = tmp_path / "bomb.pt"
+    clip_crafted_zip(bomb, pickle.dumps({"format": 1, "trainable": ClipBytearrayBomb()}, protocol=2))
+    import subprocess
+    for script, flags in (("train.py", ["--resume", str(bomb)]), ("evaluate.py", ["--checkpoint", str(bomb)])):
+        code = ("import re, runpy, sys\n"
+                f"sys.argv = [{script!r}] + {flags!r}\n"
+                f"try:\n    runpy.run_path({script!r}, run_name='__main__')\n"
+                "except SystemExit as e:\n    print('EXIT', e.code)\n"
+                "print('RSS', int(re.search(r'VmHWM:\\s*(\\d+) kB', open('/proc/self/status').read())[1]) * 1024)\n")
+        p = subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).resolve().parent,
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        exit_line, rss_line = p.stdout.strip().splitlines()[-2:]
+        assert exit_line == "EXIT 2", (script, p.stdout, p.stderr[-2000:])
+        err = p.stderr.strip().splitlines()
+        assert len(err) == 1 and "bytearray" in err[0] and str(bomb) in err[0], (script, err)
+        assert int(rss_line.split()[1]) < 2 ** 30, (script, rss_line)
+
+
 @pytest.mark.parametrize("claim,compressed", [(3 * 10 ** 9, False), (4 * 10 ** 12, True)])  # zip64 sizes both
 def test_clip_zip_entry_that_lies_about_its_size_is_refused(tmp_path, claim, compressed):
     path = tmp_path / "lies.pt"  # a TorchScript-format archive: 16 real bytes, the central directory claims more

@@ -1256,7 +1256,11 @@ def load_checkpoint(path, method=None):
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # clip.read_checkpoint: torch.load(weights_only=True)'s result, with the sizes the file declares checked
+        # against what it holds before anything is allocated (issue: a 1 KB pickle must not take gigabytes)
+        ckpt = clip.read_checkpoint(path)
+    except clip.FileRefused as e:
+        raise UsageError(str(e)) from None
     except Exception as e:  # truncated, empty, garbage, or a pickle that weights_only refuses: never run it
         if isinstance(e, pickle.UnpicklingError):  # torch's text would advise weights_only=False: not here
             why = "not a torch file of plain tensors and builtins"
