@@ -1701,6 +1701,129 @@ def test_data_tsn_indices_hand_computed():
     assert dense == [37, 45, 53, 61]  # span 25, start 75 // 2
 
 
+def _their_train_offsets(n, T):
+    """The BiEfficient authors' Video_dataset._sample_indices (datasets/video.py:97-104), sparse branch,
+    re-stated: their global `random` module and NumPy's rounding."""
+    seg_size = float(n - 1) / T
+    return [random.randint(int(np.round(seg_size * i)), int(np.round(seg_size * (i + 1)))) for i in range(T)]
+
+
+def _their_test_offsets(n, T, clips):
+    """Their _get_test_indices (datasets/video.py:135-145), uniform branch, re-stated (one list per clip); with
+    clips = 1 it equals their _get_val_indices (115-119), checked below."""
+    tick = n / float(T)
+    # linspace(..., dtype=int) truncated toward zero up to NumPy 1.26 (their Python 3.9 environment); NumPy 2
+    # floors, which differs only for videos shorter than T frames (tick - 1 < 0): the float form, then astype.
+    starts = np.linspace(0, tick - 1, num=clips).astype(int).tolist()
+    return [[int(s + tick * x) % n for x in range(T)] for s in starts]
+
+
+def test_data_authors_frame_indices_are_their_functions():
+    """frame_sampling / test_sampling 'authors' against the authors' functions re-stated by hand: training
+    frames at fixed seeds (the same draws from the same generator state), validation frames (first frame of each
+    segment) and the 3 test clips' starts linspace(0, tick - 1, 3)."""
+    for n in (1, 5, 7, 8, 9, 16, 50, 77, 301):
+        for T in (8, 16):
+            for seed in range(20):
+                random.seed(seed)
+                theirs = _their_train_offsets(n, T)
+                ours = data.sample_indices(n, T, "train", random.Random(seed), frame_sampling="authors")
+                assert ours == theirs, (n, T, seed)
+            tick = n / T
+            assert data.sample_indices(n, T, "test", frame_sampling="authors") == \
+                [int(tick * x) % n for x in range(T)] == _their_test_offsets(n, T, 1)[0], (n, T)
+            for clips in (2, 3, 4):
+                got = [data.sample_indices(n, T, "test", clips=clips, clip=c, frame_sampling="authors")
+                       for c in range(clips)]
+                assert got == _their_test_offsets(n, T, clips), (n, T, clips)
+    # Hand values: n = 50, T = 8: seg 6.125, segment 0 draws from 0..6 (both ends), segment 7 from 43..49.
+    assert data.sample_indices(50, 8, "test", clips=3, clip=2, frame_sampling="authors") == \
+        [5, 11, 17, 23, 30, 36, 42, 48]  # tick 6.25, start int(5.25) = 5
+    with pytest.raises(ValueError, match="frame_sampling 'middle'; valid: 'tsn', 'authors'"):
+        data.sample_indices(50, 8, "test", frame_sampling="middle")
+
+
+def test_data_authors_sampling_reaches_the_frames_read(layouts):
+    """The dataset keywords: training frames, the validation clip and the 3 x 1 test views read back from the
+    video are the authors' indices."""
+    n = N_FRAMES
+    ds = data.build_dataset("hmdb51", layouts["hmdb51"], mode="train", frames=8, input_size=32,
+                            frame_sampling="authors")
+    for e in range(3):
+        ds.set_epoch(e)
+        idx = read_index(ds[0]["video"])
+        seg = (n - 1) / 8
+        assert all(round(seg * t) <= i <= round(seg * (t + 1)) for t, i in enumerate(idx)), idx
+    val = data.build_dataset("hmdb51", layouts["hmdb51"], mode="test", frames=8, input_size=32,
+                             test_sampling="authors", test_resize=36)
+    assert read_index(val[0]["video"][0]) == _their_test_offsets(n, 8, 1)[0] and val.test_resize == 36
+    test = data.build_dataset("hmdb51", layouts["hmdb51"], mode="test", frames=8, input_size=32, views="3x1",
+                              test_sampling="authors")
+    video = test[0]["video"]  # (3, T, 3, S, S)
+    assert [read_index(v) for v in video] == _their_test_offsets(n, 8, 3)
+    with pytest.raises(ValueError, match="test_sampling 'authors' is the authors' sparse sampling"):
+        data.build_dataset("hmdb51", layouts["hmdb51"], mode="test", sampling="dense", test_sampling="authors")
+    with pytest.raises(ValueError, match="train_crop 'random'; valid: 'multiscale', 'inception'"):
+        data.build_dataset("hmdb51", layouts["hmdb51"], train_crop="random")
+
+
+def _their_crop_box(h, w, size):
+    """GroupRandomSizedCrop (datasets/transforms.py:343-390 of the BiEfficient authors' code) re-stated on an
+    h x w frame that GroupScale has already brought to short side 256: the box (x1, y1, w, h) it crops, with
+    their global `random` module; the fallback scales the short side to `size` (torchvision's Resize) and takes
+    GroupRandomCrop's box in that frame, returned with the flag."""
+    for attempt in range(10):
+        area = w * h
+        target_area = random.uniform(0.08, 1.0) * area
+        aspect_ratio = random.uniform(3. / 4, 4. / 3)
+        cw = int(round(math.sqrt(target_area * aspect_ratio)))
+        ch = int(round(math.sqrt(target_area / aspect_ratio)))
+        if random.random() < 0.5:
+            cw, ch = ch, cw
+        if cw <= w and ch <= h:
+            x1 = random.randint(0, w - cw)
+            y1 = random.randint(0, h - ch)
+            return (x1, y1, cw, ch), False
+    sw, sh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    return (random.randint(0, sw - size), random.randint(0, sh - size), size, size), True
+
+
+def test_data_authors_crop_boxes_are_their_random_sized_crop():
+    """train_crop 'inception': the boxes of the authors' GroupScale(256) + GroupRandomSizedCrop at fixed seeds,
+    the fallback (10 misses on a very wide frame) included; on a frame of another size the box is theirs mapped
+    back to the original pixels."""
+    fallbacks = 0
+    for H, W in ((256, 340), (340, 256), (256, 2000)):
+        for seed in range(200):
+            random.seed(seed)
+            (x1, y1, cw, ch), fell = _their_crop_box(H, W, 224)
+            fallbacks += fell
+            if fell:  # their fallback box lives in the frame scaled to short side 224
+                f = 256 / 224
+                x1, y1, cw, ch = round(x1 * f), round(y1 * f), round(cw * f), round(ch * f)
+            assert data._inception_box(H, W, 224, random.Random(seed)) == (y1, x1, ch, cw), (H, W, seed)
+    assert fallbacks > 0
+    for seed in range(50):  # a 240 x 320 frame: GroupScale makes it 256 x 341
+        random.seed(seed)
+        (x1, y1, cw, ch), fell = _their_crop_box(256, 341, 224)
+        if not fell:
+            f = 240 / 256
+            assert data._inception_box(240, 320, 224, random.Random(seed)) == \
+                (round(y1 * f), round(x1 * f), round(ch * f), round(cw * f)), seed
+    # train_transform crops that box: a seed whose next draw (grayscale; no flip drawn) keeps the colours
+    frames = np.random.default_rng(0).integers(0, 256, (2, 256, 340, 3), dtype=np.uint8)
+    def keeps_colours(seed):
+        r = random.Random(seed)
+        data._inception_box(256, 340, 224, r)
+        return r.random() >= data.GRAYSCALE_P
+    seed = next(s for s in range(20) if keeps_colours(s))
+    y0, x0, h, w = data._inception_box(256, 340, 224, random.Random(seed))
+    got = data.train_transform(frames, random.Random(seed), 224, flip=False, crop="inception")
+    crop = torch.from_numpy(np.ascontiguousarray(frames[:, y0:y0 + h, x0:x0 + w])).permute(0, 3, 1, 2)
+    want = torch.nn.functional.interpolate(crop, size=(224, 224), mode="bilinear", antialias=True).float()
+    assert torch.equal(got, data._normalise(want))
+
+
 @pytest.mark.parametrize("key,name", [("hmdb51", "hmdb51"), ("ucf101", "ucf101"), ("k400", "k400"),
                                       ("k400csv", "k400"), ("ssv1", "ssv1"), ("lists", "list")])
 def test_data_frames_read_back_are_tsn_indices(layouts, key, name):
