@@ -91,6 +91,20 @@ CHINESE_FOR_ARCH = {"ViT-B/16": "ViT-B-16", "ViT-B/32": "ViT-B-16", "ViT-L/14": 
                     "ViT-L/14@336px": "ViT-L-14-336"}
 
 
+# --preset NAME: (defaults, what it is). Flags given on the command line win over a preset's values.
+PRESETS = {
+    # The BiEfficient authors' HMDB51 fine-tuning (configs/hmdb51/hmdb_k400_finetune.yaml of their code: lr 5e-5,
+    # weight decay 0.2, 16 frames, batch 16 per GPU, 20 epochs, evaluation every 2 epochs), their pipeline.
+    # Paper: their config fine-tunes a Kinetics-400 model; which weights it starts from is not in their
+    # public copy (`pretrain:` is empty), so this run starts from the frozen CLIP as every run here does.
+    "biefficient-hmdb51-finetune": (
+        dict(method="biefficient", dataset="hmdb51", biefficient_code_compat=True, lr=5e-5, weight_decay=0.2,
+             frames=16, batch_per_gpu=16, epochs=20, eval_every=2),
+        "the BiEfficient authors' HMDB51 fine-tuning config (code-compat, lr 5e-5, weight decay 0.2, 16 frames, "
+        "16 per GPU, 20 epochs, evaluation every 2)"),
+}
+
+
 def paper_defaults(method, dataset, shots, arch=None):
     """The hyper-parameters of the chosen method and protocol (see the comments above); `arch` is --arch when
     given (TPR's epochs depend on it)."""
@@ -136,6 +150,16 @@ def build_parser():
     return p
 
 
+def parse_args(argv=None):
+    """The command line, a --preset's values as the defaults of the flags not given."""
+    p = build_parser()
+    cli = p.parse_args(argv)
+    if cli.preset:
+        p.set_defaults(**PRESETS[cli.preset][0])
+        cli = p.parse_args(argv)
+    return cli
+
+
 def add_data_flags(p):
     """What to train on: method, dataset, split, sampling, augmentation."""
     g = p.add_argument_group("what to train")
@@ -159,7 +183,31 @@ def add_data_flags(p):
     g.add_argument("--synthetic-videos", type=int, default=64, help="synthetic: videos per class and split")
     g.add_argument("--no-flip", action="store_true", help="no horizontal flip (always off for ssv1 and synthetic)")
     g.add_argument("--test-resize", type=int, default=None, metavar="PIXELS",
-                   help="short side before the test crops (TPR Sec. 4.1.1: 256); default: the crop size, as X-CLIP")
+                   help="short side before the crops of every evaluation; default: 256 for 224 crops with TPR "
+                        "(Sec. 4.1.1) and with the BiEfficient authors' validation and test (--val-clip first, "
+                        "--test-protocol authors), else the crop size (X-CLIP's test pipeline; the synthetic set)")
+    # The data-pipeline rows of prompts.BIEFFICIENT_DEFAULTS (default: the column of the method's mode; TPR and
+    # BiEfficient's paper mode take the paper column). A flag given here wins over --biefficient-kwargs.
+    g.add_argument("--train-crop", default=None, choices=data.TRAIN_CROPS,
+                   help="training crop: MultiScaleCrop, or the BiEfficient authors' GroupScale(256) + Inception-style "
+                        "random sized crop. Default: multiscale, inception with --biefficient-code-compat")
+    g.add_argument("--frame-sampling", default=None, choices=data.FRAME_SAMPLINGS,
+                   help="training frames: TSN's, or the BiEfficient authors' (seg = (n - 1) / T, both segment ends "
+                        "included). Default: tsn, authors with --biefficient-code-compat")
+    g.add_argument("--val-clip", default=None, choices=prompts.BIEFFICIENT_CHOICES["val_clip"],
+                   help="the evaluation during training (picks best.pt): the segment centres, or the BiEfficient "
+                        "authors' first frame of each segment at short side 256. Default: centre, first with "
+                        "--biefficient-code-compat")
+    g.add_argument("--test-protocol", default=None, choices=prompts.BIEFFICIENT_CHOICES["test_protocol"],
+                   help="evaluate.py's default views: this project's (1x1 and 4x3, TSN clips), or the BiEfficient "
+                        "authors' (3x1, clip starts linspace(0, tick - 1, 3), short side 256). Default: paper, "
+                        "authors with --biefficient-code-compat")
+    g.add_argument("--view-average", default=None, choices=prompts.BIEFFICIENT_CHOICES["view_average"],
+                   help="what is averaged over the views of a video: each view's softmax probabilities (X-CLIP's "
+                        "and the BiEfficient authors' test code) or its logits (default: prob)")
+    g.add_argument("--preset", default=None, choices=tuple(PRESETS),
+                   help="a published configuration as defaults (flags given win): " +
+                        "; ".join(f"{k}: {v[1]}" for k, v in PRESETS.items()))
 
 
 def add_backbone_flags(p):
@@ -222,7 +270,10 @@ def add_optimisation_flags(p):
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help="training epochs (default: the paper's)")
     g.add_argument("--batch-size", type=int, default=None, help="GLOBAL batch (all ranks together); the "
-                   "contrastive loss sees all of it (default: the paper's)")
+                   "contrastive loss sees all of it (default: the paper's, or --batch-per-gpu x the processes)")
+    g.add_argument("--batch-per-gpu", type=int, default=None, help="videos per process; the global batch is this "
+                   "times the number of processes (default: none, --batch-size is global; 32 with "
+                   "--biefficient-code-compat, as the authors' code)")
     g.add_argument("--micro-batch", type=int, default=None, help="videos per rank per forward; smaller than "
                    "batch-size/world-size turns on gradient accumulation (exact, see accumulate(); default: the "
                    "per-rank batch, no accumulation)")
@@ -272,8 +323,13 @@ def default_workers():
     return max(1, min(4, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
-def resolve_args(args):
-    """Fill the None defaults from the papers' values for the chosen method and protocol; validate."""
+def resolve_args(args, world=1):
+    """Fill the None defaults from the papers' values for the chosen method and protocol (`world` processes);
+    validate. A value the user gave always wins over a method, preset or code-compat default."""
+    batch_given, decay_given = args.batch_size is not None, args.weight_decay is not None
+    if batch_given and args.batch_per_gpu is not None and args.batch_size != global_batch(args.batch_per_gpu, world):
+        raise UsageError(f"--batch-size {args.batch_size} (global) and --batch-per-gpu {args.batch_per_gpu} x {world} "
+                         f"process(es) disagree; give one of them")
     for k, v in paper_defaults(args.method, args.dataset, args.shots, args.arch).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -285,8 +341,6 @@ def resolve_args(args):
         args.randaugment = args.dataset == "ssv1"
     if args.random_erasing is None:
         args.random_erasing = args.dataset == "ssv1"
-    if args.method == "biefficient" and args.biefficient_code_compat and args.weight_decay == 0.2:
-        args.weight_decay = 0.05  # the authors' code (prompts.BIEFFICIENT_DEFAULTS["weight_decay"])
     if args.dataset not in ("synthetic",) and args.dataset != "list" and args.root is None:
         raise UsageError(f"--dataset {args.dataset} needs --root DIR (the dataset folder in its authors' layout; "
                          f"see data.py)")
@@ -297,9 +351,16 @@ def resolve_args(args):
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r} is not JSON: {e}") from None
         if not isinstance(value, dict):
             raise UsageError(f"--{flag.replace('_', '-')} must be a JSON object, got {getattr(args, flag)!r}")
+    if args.method == "biefficient" and not decay_given and args.dataset != "synthetic":
+        # --weight-decay, else --biefficient-kwargs, else the mode's column (Sec. 4.1: 0.2; code 0.05)
+        column = int(bool(args.biefficient_code_compat))
+        args.weight_decay = json.loads(args.biefficient_kwargs).get(
+            "weight_decay", prompts.BIEFFICIENT_DEFAULTS["weight_decay"][column])
+    resolve_training_rows(args)
+    if args.batch_per_gpu is not None and not batch_given:
+        args.batch_size = global_batch(args.batch_per_gpu, world)
     if args.eval_batch_size is None:
         args.eval_batch_size = max(1, args.batch_size // 4)
-    resolve_training_rows(args)
     validate_args(args)  # value ranges first: a bad value is named even on the synthetic set
     if args.arch == "tiny" and not args.random_init:
         # The tiny towers exist only as random ones: say so instead of "unknown CLIP model 'tiny'".
@@ -313,27 +374,49 @@ def resolve_args(args):
 # The training-step rows of prompts.BIEFFICIENT_DEFAULTS; TPR (and runs saved before these existed) use the
 # paper column.
 TRAINING_ROWS = ("loss", "contrastive_batch", "lr_schedule", "amp")
+# The data-pipeline and protocol rows (data.py, evaluation), each also a flag of the same name.
+PIPELINE_ROWS = ("train_crop", "frame_sampling", "val_clip", "test_protocol", "view_average", "batch_per_gpu")
+ROW_FLAGS = ("contrastive_batch",) + PIPELINE_ROWS  # the rows a flag sets (it wins over --biefficient-kwargs)
 
 
 def resolve_training_rows(args):
-    """args.loss, .contrastive_batch, .lr_schedule, .amp: an explicit --contrastive-batch, else a value given in
-    --biefficient-kwargs, else BiEfficient's column for its mode (paper or code-compat); TPR: the paper's."""
+    """args.loss, .contrastive_batch, .lr_schedule, .amp and the PIPELINE_ROWS: the flag of that name when
+    given, else a value given in --biefficient-kwargs, else BiEfficient's column for its mode (paper or
+    code-compat); TPR: the paper's."""
     kw = json.loads(args.biefficient_kwargs) if args.method == "biefficient" else {}
     column = int(args.method == "biefficient" and bool(args.biefficient_code_compat))
-    flag = args.contrastive_batch
-    for key in TRAINING_ROWS:
-        valid = prompts.BIEFFICIENT_CHOICES[key]
+    flags = {key: getattr(args, key, None) for key in ROW_FLAGS}
+    for key in TRAINING_ROWS + PIPELINE_ROWS:
+        valid = prompts.BIEFFICIENT_CHOICES.get(key)
         value = kw.get(key, prompts.BIEFFICIENT_DEFAULTS[key][column])
-        if value not in valid:
+        if valid is not None and value not in valid:
             raise UsageError(f"--biefficient-kwargs {key}={value!r}; valid: {', '.join(map(repr, valid))}")
-        setattr(args, key, value)
-    if flag is not None:
-        args.contrastive_batch = flag
+        setattr(args, key, value if flags.get(key) is None else flags[key])
+    if args.batch_per_gpu is not None and (not isinstance(args.batch_per_gpu, int) or args.batch_per_gpu < 1):
+        raise UsageError(f"--batch-per-gpu {args.batch_per_gpu}: must be an integer >= 1")
+    authors = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k, v in (("frame_sampling", "authors"),
+               ("val_clip", "first"), ("test_protocol", "authors")) if getattr(args, k) == v]
+    if getattr(args, "sampling", "sparse") != "sparse" and authors:
+        raise UsageError(f"--sampling {args.sampling}: {', '.join(authors)} is the BiEfficient authors' sparse "
+                         f"sampling; with dense sampling pass --frame-sampling tsn --val-clip centre --test-protocol paper")
     if args.loss == "multi_hot" and getattr(args, "label_smoothing", 0.0):
         raise UsageError(f"--label-smoothing {args.label_smoothing}: smooths the multi-positive loss only; the "
                          f"authors' multi-hot loss (--biefficient-code-compat) has none: pass --biefficient-kwargs "
                          f"'{{\"loss\": \"multi_positive\"}}' or --label-smoothing 0")
     return args
+
+
+def global_batch(batch_per_gpu, world):
+    """The global batch of `batch_per_gpu` videos on each of `world` processes (the BiEfficient authors' batch
+    follows the number of GPUs: 32 per GPU on their 4, 128 in all)."""
+    return batch_per_gpu * world
+
+
+def batch_line(args, world):
+    """One line at the start: the per-GPU and the global batch, and where they come from."""
+    where = (f"--batch-per-gpu {args.batch_per_gpu} x {world} process(es)" if args.batch_per_gpu is not None and
+             args.batch_size == global_batch(args.batch_per_gpu, world) else "--batch-size, global")
+    return f"batch: {args.batch_size // world} per GPU, {args.batch_size} global ({where})"
 
 
 def setup_distributed():
@@ -390,7 +473,7 @@ def setup(argv=None, stack=None):
     """Arguments, processes, seeds, output folder (locked for this run until `stack` closes), data and model.
     Returns (run, checkpoint to resume or None), or (None, None) after printing the parameter table for
     --dry-run."""
-    cli = build_parser().parse_args(argv)
+    cli = parse_args(argv)
     rank, world, device = setup_distributed()
     args, ckpt = resolve_run_args(cli, argv, world)
     run = Run(args, rank, world, device)
@@ -413,7 +496,7 @@ def setup(argv=None, stack=None):
     texts, zh = class_names(args, run.train_set)
     model = run.model = build_model(args, texts, zh).to(device)
     if args.dry_run:
-        for line in describe_setup(args, model):
+        for line in describe_setup(args, model) + [batch_line(args, world)]:
             run.log(line)
         print_parameter_table(model, run.log)
         return None, None
@@ -430,7 +513,7 @@ def setup(argv=None, stack=None):
             f"{args.arch}{' RANDOM-INIT' if args.random_init else ''}; {world} rank(s) on {device.type}, global "
             f"batch {args.batch_size} = {world} x {per_rank // args.micro_batch} x {args.micro_batch}, precision "
             f"{run.amp_dtype or 'fp32'}; run folder {run.out}")
-    for line in describe_setup(args, model):
+    for line in describe_setup(args, model) + [batch_line(args, world)]:
         run.log(line)
     print_parameter_table(model, run.log)
 
@@ -465,8 +548,9 @@ def build_training(run, use_scaler):
 # 2. Model and data
 # ==========================================================================================================
 
-def build_dataset(args, mode, views="1x1", split=None, dataset=None, shots_dir=None):
-    """A dataset of data.py for this run's settings; mode 'train', 'test' or 'all' (every labelled video)."""
+def build_dataset(args, mode, views="1x1", split=None, dataset=None, shots_dir=None, stage="test"):
+    """A dataset of data.py for this run's settings; mode 'train', 'test' or 'all' (every labelled video); stage:
+    the evaluation a test set serves, 'val' (during training: --val-clip) or 'test' (evaluate.py: --test-protocol)."""
     name = dataset or args.dataset
     list_file = None
     if args.list_file is not None:
@@ -478,13 +562,47 @@ def build_dataset(args, mode, views="1x1", split=None, dataset=None, shots_dir=N
             shots=args.shots if (mode == "train" and args.shots) else None, seed=args.seed, shots_dir=shots_dir,
             flip=not args.no_flip, randaugment=args.randaugment, random_erasing=args.random_erasing,
             list_file=list_file, class_file=args.class_file, filename_tmpl=args.filename_tmpl,
-            videos_per_class=args.synthetic_videos)
+            videos_per_class=args.synthetic_videos, **pipeline_kwargs(args, stage, name))
     except (OSError, ValueError, KeyError) as e:  # layout, split and list files: data.py names file:line
         raise UsageError(e.args[0] if isinstance(e, KeyError) else str(e)) from None
-    # Paper: TPR Sec. 4.1.1 scales the short side to 256 before the 224 crops; by default (None) the short side
-    # is resized to the crop (X-CLIP's test pipeline). A checkpoint from before the flag has no test_resize.
-    ds.test_resize = getattr(args, "test_resize", None)
     return ds
+
+
+def row(args, key):
+    """A resolved row of prompts.BIEFFICIENT_DEFAULTS; runs saved before the row existed used the paper column."""
+    return getattr(args, key, prompts.BIEFFICIENT_DEFAULTS[key][0])
+
+
+def pipeline_kwargs(args, stage="test", dataset=None):
+    """data.build_dataset's keywords for the data-pipeline rows: the training crop and frames, and for an
+    evaluation ('val' during training, 'test' in evaluate.py) its frames and short side."""
+    authors = row(args, "val_clip") == "first" if stage == "val" else row(args, "test_protocol") == "authors"
+    return dict(train_crop=row(args, "train_crop"), frame_sampling=row(args, "frame_sampling"),
+                test_sampling="authors" if authors else "tsn", test_resize=eval_short_side(args, stage, dataset))
+
+
+def eval_short_side(args, stage="test", dataset=None):
+    """The short side before the crops of an evaluation: --test-resize when given, else
+    TPR: 256 for 224 crops (256/224 of other crops), every evaluation (Sec. 4.1.1: "Unless otherwise stated, we
+    spatially scale the short side ... to 256");
+    BiEfficient: the authors' GroupScale under their validation clip / test protocol (256 for 224 crops, the crop
+    size for others: utils/Augmentation.py:29, test.py:70-74), else the crop size (X-CLIP's test pipeline;
+    Choice: the paper gives no test scale)."""
+    if getattr(args, "test_resize", None) is not None:
+        return args.test_resize
+    size = clip.ARCHS[args.arch]["image_resolution"]
+    if (dataset or args.dataset) == "synthetic":
+        return size  # Choice: the synthetic frames are drawn at the crop size; there is no larger frame to scale
+    if args.method == "tpr":
+        return data.SCALE_SIZE * size // 224
+    authors = row(args, "val_clip") == "first" if stage == "val" else row(args, "test_protocol") == "authors"
+    return (data.SCALE_SIZE if size == 224 else size) if authors else size
+
+
+def test_views(args):
+    """evaluate.py's views when --views is not given: the BiEfficient authors' 3 clips x 1 crop
+    (--test-protocol authors: test.py:40-41), else this project's 1x1 and 4x3 (TPR Sec. 4.1.1)."""
+    return ["3x1"] if row(args, "test_protocol") == "authors" else list(data.VIEWS)
 
 
 class BatchSampler:
@@ -626,7 +744,10 @@ def build_model(args, class_texts, classes_zh=None):
         kw = json.loads(args.biefficient_kwargs)
         if args.M is not None:
             kw["M"] = args.M
-        kw.update({key: getattr(args, key) for key in TRAINING_ROWS})  # model.config states what the engine does
+        # model.config states what the engine does (runs saved before a row existed: the paper column)
+        kw.update({key: getattr(args, key, prompts.BIEFFICIENT_DEFAULTS[key][0])
+                   for key in TRAINING_ROWS + PIPELINE_ROWS})
+        kw["weight_decay"] = args.weight_decay
         model = prompts.BiEfficient(clip_model, T=args.frames, pre_prompt=not args.no_pre_prompt,
                                     post_prompt=not args.no_post_prompt, wgvp=not args.no_wgvp,
                                     code_compat=args.biefficient_code_compat, **kw)
@@ -971,9 +1092,30 @@ def _now():
 # 5. Evaluation (exact under DDP; shared with evaluate.py)
 # ==========================================================================================================
 
+def view_scores(model, out, B, V, fusion=None, view_average="prob"):
+    """The scores of B videos from the model's output on their B * V views (clip-major per video): (B, K).
+
+    One rule for both methods: each view's softmax probabilities over the candidates, averaged over the views.
+    X-CLIP's test code, whose multi-view protocol TPR Sec. 4.1.1 follows ("the average score of all views"),
+    averages softmax probabilities, and so does the BiEfficient authors' test.py:179-180; a mean of logits would
+    let one confident view outvote the others. TPR: a view's probabilities are Eq. (18)'s S under the "prob"
+    fusion (a mix of two softmaxes), and softmax(S / tau) under the paper's "cosine" reading (the same ranking
+    within the view). view_average "logit" averages the raw scores instead (TPR: S; BiEfficient: its logits)."""
+    if isinstance(model, prompts.TPR):
+        fusion = fusion or model.fusion
+        s = model.scores(out, fusion).float()  # (B * V, K)
+        if view_average == "prob" and fusion == "cosine":
+            s = (s / model.tau).softmax(dim=-1)
+    else:
+        s = model.scores(out).float()  # BiEfficient: the logits of BiEfficient Eq. (10)
+        if view_average == "prob":
+            s = s.softmax(dim=-1)
+    return s.view(B, V, -1).mean(1)  # (B * V, K) -> (B, V, K) -> (B, K)
+
+
 @torch.no_grad()
 def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, return_indices=False,
-             stop_on_bad=False, progress=None, stop=None):
+             stop_on_bad=False, progress=None, stop=None, view_average="prob"):
     """Top-1 / top-5 over a test dataset whose items hold all views of one video, (V, T, 3, H, W).
 
     Each rank takes videos rank, rank + W, ... (no padding: each video is scored exactly once, as
@@ -1025,15 +1167,14 @@ def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, re
         B, V = video.shape[:2]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(video.flatten(0, 1), None, candidates)  # (B * V, T, 3, H, W)
-        # The model's final scores (TPR Eq. (18): the fusion of probabilities; BiEfficient: its logits), averaged
-        # over the views of each video (the multi-view protocol of TPR Sec. 4.1.1).
-        probs = model.scores(out).float().view(B, V, K).mean(1)  # (B * V, K) -> (B, K)
+        # Each view's probabilities, averaged over the views of each video (view_scores).
+        probs = view_scores(model, out, B, V, view_average=view_average)  # (B, K)
         top = probs.topk(min(5, K), dim=-1).indices  # (B, 5)
         counts[0] += (top[:, 0] == labels).sum().item()
         counts[1] += (top == labels[:, None]).any(-1).sum().item()
         counts[2] += B
         for name in variant_counts:
-            hit = model.scores(out, name).float().view(B, V, K).mean(1).argmax(-1) == labels  # (B,)
+            hit = view_scores(model, out, B, V, name, view_average).argmax(-1) == labels  # (B,)
             variant_counts[name] += int(hit.sum())
         seen += batch["index"].tolist()
         if progress is not None:
@@ -1066,11 +1207,13 @@ def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, re
 
 
 def protocol(args, dataset, views, split=None, dataset_name=None):
-    """What an accuracy figure means: dataset, split, views, frames, number of videos, the test short side
-    (None: the crop size) and, for TPR, which reading of TPR Eq. (18) `top1` uses."""
+    """What an accuracy figure means: dataset, split, views, frames, number of videos, the test short side, the
+    frames of each view (TSN centres or the BiEfficient authors' clip starts), what is averaged over the views
+    and, for TPR, which reading of TPR Eq. (18) `top1` uses."""
     proto = dict(dataset=dataset_name or args.dataset, split=split or args.split, views=views,
                  frames=args.frames, videos=len(dataset), classes=len(dataset.classes),
-                 test_resize=getattr(args, "test_resize", None))
+                 test_resize=dataset.test_resize or clip.ARCHS[args.arch]["image_resolution"],
+                 test_sampling=dataset.test_sampling, view_average=row(args, "view_average"))
     if args.method == "tpr":
         proto["fusion"] = getattr(args, "fusion", "prob")
     return proto
@@ -1085,6 +1228,8 @@ def describe(result, proto, random_init):
         fusion = f", TPR Eq. (18) fusion {proto['fusion']} (" + ", ".join(
             f"{k} {v:.2f}%" for k, v in result["top1_by_fusion"].items()) + ")"
     resize = f", short side {proto['test_resize']}" if proto.get("test_resize") else ""
+    if proto.get("test_sampling") == "authors":
+        resize += ", the BiEfficient authors' clip starts"
     return (f"top1 {result['top1']:.2f}% top5 {result['top5']:.2f}% on {proto['dataset']} split {proto['split']}"
             f" test, {proto['views']} views, {proto['frames']} frames{resize}, {result['videos']} videos scored, "
             f"{skipped} skipped as unreadable{names}{fusion}{tag}")
@@ -1094,10 +1239,10 @@ def run_eval(run):
     """Single-view evaluation on the test split (built once), logged and written to metrics.jsonl."""
     args = run.args
     if run.test_set is None:
-        run.test_set = build_dataset(args, "test", views="1x1")
+        run.test_set = build_dataset(args, "test", views="1x1", stage="val")
     t0 = _now()
     result = evaluate(run.model, run.test_set, run.device, run.amp_dtype, args.eval_batch_size, args.workers,
-                      stop=lambda: stop_requested(run))
+                      stop=lambda: stop_requested(run), view_average=row(args, "view_average"))
     run.speed.eval_s = _now() - t0
     proto = protocol(args, run.test_set, "1x1")
     run.log(f"eval epoch {run.epoch + 1}: {describe(result, proto, args.random_init)}")
@@ -1410,7 +1555,7 @@ def resume_args(cli, argv, saved):
     """The arguments of a resumed run: the saved ones, with the flags of RESUME_MAY_CHANGE given now; any other
     flag given with a different value is refused, each named with both values."""
     args = argparse.Namespace(**saved)
-    for key in TRAINING_ROWS:  # runs saved before these rows existed trained with the paper column
+    for key in TRAINING_ROWS + PIPELINE_ROWS:  # runs saved before these rows existed trained with the paper column
         if not hasattr(args, key):
             setattr(args, key, prompts.BIEFFICIENT_DEFAULTS[key][0])
     given = explicit_flags(argv)
@@ -1464,7 +1609,7 @@ def resolve_run_args(cli, argv, world):
         where_to_continue(cli, args, ckpt, folder)
         validate_args(args)
     else:
-        args = resolve_args(cli)
+        args = resolve_args(cli, world)
     if args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} (global) is not divisible by the {world} ranks")
     per_rank = args.batch_size // world
