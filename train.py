@@ -75,7 +75,8 @@ SPEED_WINDOW = 50  # training steps behind the clips/s and ETA of the progress l
 # BiEfficient Sec. 4.1: AdamW, batch 32, 50 epochs, weight decay 0.2, lr 5e-4, 5 warm-up epochs then cosine
 # to zero, T = 8 (its ablation default), temperature 0.01.
 # Paper: BiEfficient's authors' code runs 32 per GPU on 4 GPUs (global 128) with weight decay 0.05; the paper's
-# "batch size of 32" is taken as the global batch; --biefficient-code-compat switches weight decay to 0.05.
+# "batch size of 32" is taken as the global batch; --biefficient-code-compat takes the code's column of both
+# (BIEFFICIENT_DEFAULTS "weight_decay" and "batch_per_gpu") unless --weight-decay / --batch-size is given.
 SYNTHETIC = dict(arch="tiny", frames=8, batch_size=16, epochs=None, lr=None, warmup_epochs=1, weight_decay=0.0,
                  prefix="{}.", label_smoothing=0.0, threads=1)
 # Choice: the synthetic demo (random frozen tiny towers) prompts TPR with the bare label "{}.", gives BiEfficient
@@ -821,6 +822,9 @@ def optimizer_step(run, batch):
         group["lr"] = lr
     loss = train_step(run.ddp_model, run.model, batch["video"], batch["label"], args, run.world, run.amp_dtype,
                       run.scaler, run.device)
+    # Choice: a non-finite loss stops the run (one line, exit 2). The BiEfficient authors' fp16 GradScaler skips
+    # that step, lowers its scale and goes on (train.py:344-349 of their code); here only inf/NaN gradients
+    # with a finite loss are skipped that way (GradScaler under --precision fp16).
     if not torch.isfinite(loss):
         raise non_finite_loss(run, loss)
     if args.grad_clip > 0:
@@ -935,10 +939,10 @@ CODE_LR_EVERY = 10
 def code_lr_at(step, args, steps_per_epoch):
     """The BiEfficient authors' learning rate at global step `step`: their train.py calls
     `lr_scheduler.step(epoch + i / len(train_loader))` when i == 0 or (i + 1) % 10 == 0 (i the iteration within
-    the epoch), and the value holds until the next call. Their WarmupCosineAnnealingLR (solver.py; the file
-    itself, utils/lr_scheduler.py, is not in their public copy) is ActionCLIP's: lr * e / warmup for a
-    fractional epoch e < warmup, then a cosine from lr to --min-lr over the remaining epochs. Hence lr 0 for
-    the first 9 steps of a run."""
+    the epoch), and the value holds until the next call. Their WarmupCosineAnnealingLR (built in
+    utils/solver.py, defined in utils/lr_scheduler.py) is ActionCLIP's: lr * e / warmup for a fractional epoch
+    e < warmup, then a cosine from lr to --min-lr over the remaining epochs; this function matches it at every
+    step. Hence lr 0 for the first 9 steps of a run."""
     epoch, i = divmod(step, steps_per_epoch)
     i_set = 0 if i + 1 < CODE_LR_EVERY else (i + 1) // CODE_LR_EVERY * CODE_LR_EVERY - 1  # last call's iteration
     e = epoch + i_set / steps_per_epoch  # fractional epoch the scheduler was last stepped with
