@@ -3926,6 +3926,115 @@ def test_bief_data_pipeline_rows_pick_the_mode_and_refuse_bad_values(bief_tiny):
         BiEfficient(bief_tiny, T=2, M=2, val_clip="middle")
 
 
+# A value other than the code column for every row of BIEFFICIENT_DEFAULTS (rows equal in both columns: another
+# valid value; None, "the mode's column", is no value), and the flag that sets it where there is one (else only
+# --biefficient-kwargs).
+_ROW_OTHER = {"wgvp_tau": 0.05, "view_average": "logit", "batch_per_gpu": 8, "weight_decay": 0.2, "post_heads": 2}
+_ROW_FLAG = {"M": "--M", "weight_decay": "--weight-decay", "contrastive_batch": "--contrastive-batch",
+             "train_crop": "--train-crop", "frame_sampling": "--frame-sampling", "val_clip": "--val-clip",
+             "test_protocol": "--test-protocol", "view_average": "--view-average", "batch_per_gpu": "--batch-per-gpu"}
+
+
+def test_bief_every_row_a_value_the_user_gives_wins_over_code_compat(tmp_path):
+    """Over every row of BIEFFICIENT_DEFAULTS, under --biefficient-code-compat: a value given in
+    --biefficient-kwargs replaces the code column, and a flag given replaces both (the model's config, the
+    engine's arguments and the data pipeline all take it)."""
+    import train
+    import prompts
+    rows = prompts.BIEFFICIENT_DEFAULTS
+    other = {k: _ROW_OTHER.get(k, paper) for k, (paper, code) in rows.items()}
+    assert all(other[k] != code for k, (paper, code) in rows.items()), "each row must differ from the code column"
+    assert set(_ROW_FLAG) <= set(rows)
+    # every row through --biefficient-kwargs (real dataset: the synthetic demo keeps its own weight decay)
+    root = str(tmp_path)
+    via_kwargs = train.resolve_args(train.build_parser().parse_args(
+        ["--method", "biefficient", "--dataset", "k400", "--root", root, "--arch", "tiny", "--random-init",
+         "--biefficient-code-compat", "--biefficient-kwargs", json.dumps(other)]))
+    model = train.build_model(via_kwargs, ["a", "b"])
+    for key, value in other.items():
+        assert model.config[key] == value, key
+        if key in train.TRAINING_ROWS + train.PIPELINE_ROWS + ("weight_decay",):
+            assert getattr(via_kwargs, key) == value, key
+    assert via_kwargs.batch_size == 8  # batch_per_gpu 8 on one process
+    # every row that has a flag: the flag wins over --biefficient-kwargs too
+    flagged = {k: v for k, v in other.items() if k in _ROW_FLAG}
+    clash = {k: rows[k][1] for k in _ROW_FLAG}  # the kwargs say the code column
+    argv = ["--method", "biefficient", "--dataset", "k400", "--root", root, "--arch", "tiny", "--random-init",
+            "--biefficient-code-compat", "--biefficient-kwargs", json.dumps(clash)]
+    for key, value in flagged.items():
+        argv += [_ROW_FLAG[key], str(value)]
+    via_flags = train.resolve_args(train.build_parser().parse_args(argv))
+    model = train.build_model(via_flags, ["a", "b"])
+    for key, value in flagged.items():
+        assert model.config[key] == value and getattr(via_flags, key) == value, key
+    assert via_flags.batch_size == 8 and via_flags.M == 16 and via_flags.weight_decay == 0.2
+    # the data pipeline takes the rows: the code's by default, the flag's when given
+    code = train.resolve_args(train.build_parser().parse_args(
+        ["--method", "biefficient", "--dataset", "k400", "--root", root, "--biefficient-code-compat"]))
+    assert train.pipeline_kwargs(code, "train") == dict(train_crop="inception", frame_sampling="authors",
+                                                        test_sampling="authors", test_resize=256)
+    assert train.pipeline_kwargs(code, "val")["test_sampling"] == "authors" and train.test_views(code) == ["3x1"]
+    assert train.pipeline_kwargs(via_flags, "val") == dict(train_crop="multiscale", frame_sampling="tsn",
+                                                           test_sampling="tsn", test_resize=32)
+    assert train.test_views(via_flags) == ["1x1", "4x3"]
+    with pytest.raises(train.UsageError, match="--sampling dense: --frame-sampling authors, --val-clip first"):
+        _bief_train_args("--biefficient-code-compat", "--sampling", "dense")
+
+
+def test_bief_weight_decay_given_trains_with_that_value_under_code_compat(tmp_path):
+    """An explicit --weight-decay 0.2 with --biefficient-code-compat is not changed to the code's 0.05: the
+    run's args.json and its optimizer say 0.2; without the flag the code column (0.05) on a real dataset."""
+    import train
+    out = str(tmp_path / "wd")
+    train.main(["--method", "biefficient", "--dataset", "synthetic", "--random-init", "--synthetic-videos", "1",
+                "--batch-size", "8", "--frames", "2", "--epochs", "1", "--eval-every", "0", "--workers", "0",
+                "--biefficient-code-compat", "--weight-decay", "0.2", "--output", out])
+    assert json.load(open(os.path.join(out, "args.json")))["weight_decay"] == 0.2
+    groups = trainable(out)["optimizer"]["param_groups"]
+    assert {g["weight_decay"] for g in groups if g["params"]} == {0.2}  # the code decays every parameter
+    root = str(tmp_path)
+    k400 = ["--method", "biefficient", "--dataset", "k400", "--root", root, "--biefficient-code-compat"]
+    assert train.resolve_args(train.build_parser().parse_args(k400)).weight_decay == 0.05
+    assert train.resolve_args(train.build_parser().parse_args(k400 + ["--weight-decay", "0.2"])).weight_decay == 0.2
+    assert train.resolve_args(train.build_parser().parse_args(k400[:-1])).weight_decay == 0.2  # the paper's
+
+
+def test_bief_code_compat_batch_is_32_per_gpu_the_global_batch_follows_the_processes(tmp_path, capsys):
+    """batch_per_gpu 32 (the authors' 32 per GPU): 128 global on 4 processes, 32 on 1, said in one line at the
+    start (the dry run at world 1 here); an explicit --batch-size stays the global batch."""
+    import train
+    assert [train.global_batch(32, w) for w in (1, 2, 4)] == [32, 64, 128]
+    argv = ["--method", "biefficient", "--dataset", "k400", "--root", str(tmp_path), "--biefficient-code-compat"]
+    four = train.resolve_args(train.build_parser().parse_args(argv), world=4)
+    assert four.batch_size == 128 and train.batch_line(four, 4).startswith("batch: 32 per GPU, 128 global")
+    given = train.resolve_args(train.build_parser().parse_args(argv + ["--batch-size", "64"]), world=4)
+    assert given.batch_size == 64 and train.batch_line(given, 4).startswith("batch: 16 per GPU, 64 global")
+    paper = train.resolve_args(train.build_parser().parse_args(argv[:-1]), world=4)
+    assert paper.batch_size == 32 and paper.batch_per_gpu is None  # the paper's global 32
+    with pytest.raises(train.UsageError, match="--batch-size 64 .global. and --batch-per-gpu 32 x 4"):
+        train.resolve_args(train.build_parser().parse_args(argv + ["--batch-size", "64", "--batch-per-gpu", "32"]),
+                           world=4)
+    train.main(["--method", "biefficient", "--dataset", "synthetic", "--random-init", "--dry-run",
+                "--biefficient-code-compat"])
+    out = capsys.readouterr().out
+    assert "batch: 32 per GPU, 32 global (--batch-per-gpu 32 x 1 process(es))" in out.split("component")[0]
+
+
+def test_bief_preset_hmdb51_finetune_is_the_authors_config_and_flags_win(tmp_path):
+    """--preset biefficient-hmdb51-finetune: configs/hmdb51/hmdb_k400_finetune.yaml of the authors' code (lr 5e-5,
+    weight decay 0.2, 16 frames, 16 per GPU, 20 epochs, evaluation every 2) under code-compat; a flag given wins."""
+    import train
+    root = str(tmp_path)
+    args = train.resolve_args(train.parse_args(["--preset", "biefficient-hmdb51-finetune", "--root", root]), world=4)
+    assert (args.method, args.dataset, args.biefficient_code_compat) == ("biefficient", "hmdb51", True)
+    assert (args.lr, args.weight_decay, args.frames, args.batch_size, args.epochs, args.eval_every) == \
+        (5e-5, 0.2, 16, 64, 20, 2)
+    assert (args.train_crop, args.frame_sampling, args.val_clip) == ("inception", "authors", "first")
+    mine = train.resolve_args(train.parse_args(["--preset", "biefficient-hmdb51-finetune", "--root", root,
+                                                "--lr", "1e-4", "--frames", "8", "--eval-every", "1"]))
+    assert (mine.lr, mine.frames, mine.eval_every, mine.batch_size) == (1e-4, 8, 1, 16)
+
+
 _BIEF_DDP_WORKER = r"""
 import json, os, sys, argparse
 import torch, torch.distributed as dist
