@@ -5189,9 +5189,95 @@ def test_engine_evaluate_reports_both_eq18_fusions_and_test_resize(tpr_run, tmp_
                          "--fusion", "cosine", "--test-resize", "48"])
     (c,) = res["results"]
     assert c["protocol"]["fusion"] == "cosine" and c["top1"] == c["top1_by_fusion"]["cosine"]
-    assert c["protocol"]["test_resize"] == 48 and r["protocol"]["test_resize"] is None
+    # the synthetic set (frames drawn at the crop size) tests at the crop size unless told
+    assert c["protocol"]["test_resize"] == 48 and r["protocol"]["test_resize"] == 32
     with pytest.raises(train.UsageError, match="--test-resize 16: smaller than the 32-pixel crop"):
         evaluate.main(["--checkpoint", tpr_run, "--workers", "0", "--test-resize", "16"])
+
+
+def test_engine_tpr_tests_at_short_side_256_by_default(tmp_path, capsys):
+    """TPR Sec. 4.1.1: every evaluation of a TPR run (during training and evaluate.py) scales the short side to
+    256 before the 224 crop unless told otherwise, and the metrics line says so; --test-resize 224 is the X-CLIP
+    pipeline. (ViT-B/16 geometry with random towers, Fig. 5a's CLIP row: nothing to train.)"""
+    import data
+    g = np.random.default_rng(0)
+    (tmp_path / "classes.txt").write_text("moving left\nmoving right\n")
+    lines = []
+    for i, label in enumerate((0, 1)):
+        path = tmp_path / f"v{i}.avi"
+        write_video(str(path), data.render_synthetic(label, [t / 7 for t in range(8)], data.g_state(g), 48, 64))
+        lines.append(f"{path} {label}")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    out = str(tmp_path / "run")
+    lists = ["--list-file", str(tmp_path / "list.txt"), str(tmp_path / "list.txt")]
+    train.main(["--method", "tpr", "--dataset", "list", "--class-file", str(tmp_path / "classes.txt"), *lists,
+                "--random-init", "--arch", "ViT-B/16", "--frames", "2", "--no-chinese", "--no-temporal-prompts",
+                "--beta", "none", "--pooling", "mean", "--epochs", "0", "--batch-size", "2", "--workers", "0",
+                "--output", out])
+    assert "short side 256," in capsys.readouterr().out.split("eval epoch")[1]
+    assert [m["protocol"]["test_resize"] for m in metrics(out) if m["kind"] == "eval"] == [256]
+    res = evaluate.main(["--checkpoint", out, "--views", "1x1", "--workers", "0", "--output", str(tmp_path)])
+    assert res["results"][0]["protocol"]["test_resize"] == 256
+    assert "1x1 views, 2 frames, short side 256," in capsys.readouterr().out
+    res = evaluate.main(["--checkpoint", out, "--views", "1x1", "--workers", "0", "--output", str(tmp_path),
+                         "--test-resize", "224"])
+    assert res["results"][0]["protocol"]["test_resize"] == 224 and "short side 224," in capsys.readouterr().out
+
+
+def test_engine_views_average_probabilities_one_rule_per_method(bief_tiny):
+    """What is averaged over the views: each view's softmax probabilities, for both methods (X-CLIP's and the
+    BiEfficient authors' test code). A hand example where averaging logits would rank the other way: view 1 is
+    sure of class 0 (logits 10, 0), views 2 and 3 prefer class 1 (0, 3). Mean logits (3.33, 2) pick class 0;
+    mean probabilities (0.365, 0.635) pick class 1."""
+    import prompts
+    logits = torch.tensor([[10.0, 0.0], [0.0, 3.0], [0.0, 3.0]])  # (V, K) of one video
+    p = logits.softmax(-1).mean(0)
+    assert p[1] > p[0] and logits.mean(0).argmax() == 0  # the two rules disagree here
+    bief = BiEfficient(bief_tiny, T=2, M=2)
+    out = {"logits": {"en": logits}}
+    assert torch.allclose(train.view_scores(bief, out, 1, 3)[0], p)
+    assert torch.allclose(train.view_scores(bief, out, 1, 3, view_average="logit")[0], logits.mean(0))
+    assert BiEfficient(bief_tiny, T=2, M=2, code_compat=True).config["view_average"] == "prob"
+    # TPR: Eq. (18)'s S per view. "prob": a mix of softmaxes, already probabilities; "cosine": softmax(S / tau).
+    tpr = prompts.TPR(bief_tiny, T=2, temporal_prompts=False, tau=0.1)
+    out = {"logits": {"en": logits * 2}}  # logits = cosine / tau
+    assert torch.allclose(train.view_scores(tpr, out, 1, 3, "prob")[0], (logits * 2).softmax(-1).mean(0))
+    cos = logits * 2 * 0.1  # the cosines S of the "cosine" reading
+    assert torch.allclose(train.view_scores(tpr, out, 1, 3, "cosine")[0], (cos / 0.1).softmax(-1).mean(0))
+    assert train.view_scores(tpr, {"logits": {"en": logits}}, 1, 3, "cosine").argmax() == 1
+
+    class Views(torch.utils.data.Dataset):  # one video of 3 views, label 1
+        classes, samples = ["a", "b"], [("v", 1)]
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return {"video": torch.zeros(3, 2, 3, 32, 32), "label": 1, "index": 0, "skipped": 0}
+
+    bief.set_classes(["a", "b"])
+    bief.forward = lambda video, labels, candidates: {"logits": {"en": logits}}  # the 3 views' logits
+    assert train.evaluate(bief, Views(), torch.device("cpu"), batch_size=1)["top1"] == 100.0
+    assert train.evaluate(bief, Views(), torch.device("cpu"), batch_size=1, view_average="logit")["top1"] == 0.0
+
+
+def test_engine_few_shot_sees_every_video_every_epoch(tmp_path):
+    """--shots K: the last incomplete global batch is kept, filled up from the epoch's start, so every training
+    video is in every epoch, every batch has B videos and the ranks equal shares; full training drops it."""
+    for world in (1, 2):
+        for epoch in range(3):
+            parts = [list(train.BatchSampler(102, 64, r, world, 0, epoch, keep_last=True)) for r in range(world)]
+            assert all(len(p) == 2 and all(len(b) == 64 // world for b in p) for p in parts)
+            assert {i for p in parts for b in p for i in b} == set(range(102))  # HMDB51 2-shot: all 102 videos
+    dropped = list(train.BatchSampler(102, 64, 0, 1, 0, 0))
+    assert len(dropped) == 1 and len({i for b in dropped for i in b}) == 64
+    shots = train.resolve_args(train.build_parser().parse_args(["--random-init", "--shots", "2", "--batch-size", "64"]))
+    full = train.resolve_args(train.build_parser().parse_args(["--random-init", "--batch-size", "64"]))
+    assert train.epoch_steps(102, shots) == 2 and train.epoch_steps(102, full) == 1
+    out = str(tmp_path / "few")  # 8 classes x 2 shots = 16 videos, batch 12: 2 steps an epoch
+    train.main(SMALL + ["--shots", "2", "--batch-size", "12", "--frames", "2", "--epochs", "2", "--eval-every", "0",
+                        "--output", out])
+    assert [m["step"] for m in metrics(out) if m["kind"] == "train"] == [1, 2, 3, 4]
 
 
 def _single_patch_attention(model_clip, target):
