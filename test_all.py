@@ -5391,7 +5391,7 @@ def test_engine_readme_tpr_commands_run_one_step(paper, variants, evals, tmp_pat
         r = train.main(base + extra + flags)
         assert r["final"] is not None, (paper, flags)
         steps = [m for m in metrics(out) if m["kind"] == "train"]
-        assert len(steps) == (0 if "--epochs" in flags and flags[flags.index("--epochs") + 1] == "0" else 1)
+        assert len(steps) == (int(flags[flags.index("--epochs") + 1]) if "--epochs" in flags else 1)  # 1 an epoch
         # Every README flag reached the run's arguments.
         given = parser.parse_args(flags)
         saved = json.load(open(os.path.join(out, "args.json")))
