@@ -200,9 +200,9 @@ def add_data_flags(p):
                         "authors' first frame of each segment at short side 256. Default: centre, first with "
                         "--biefficient-code-compat")
     g.add_argument("--test-protocol", default=None, choices=prompts.BIEFFICIENT_CHOICES["test_protocol"],
-                   help="evaluate.py's default views: this project's (1x1 and 4x3, TSN clips), or the BiEfficient "
-                        "authors' (3x1, clip starts linspace(0, tick - 1, 3), short side 256). Default: paper, "
-                        "authors with --biefficient-code-compat")
+                   help="the views evaluate.py tests when not told: this project's (1x1 and 4x3, TSN clips), or the "
+                        "BiEfficient authors' (3x1, clip starts linspace(0, tick - 1, 3), short side 256). Default: "
+                        "paper, authors with --biefficient-code-compat")
     g.add_argument("--view-average", default=None, choices=prompts.BIEFFICIENT_CHOICES["view_average"],
                    help="what is averaged over the views of a video: each view's softmax probabilities (X-CLIP's "
                         "and the BiEfficient authors' test code) or its logits (default: prob)")
