@@ -187,7 +187,7 @@ def authors_indices(n, T, mode="train", rng=None, clips=1, clip=0):
     elif clip == clips - 1:
         start = int(tick - 1)  # linspace's endpoint is `stop` itself, not start + (C - 1) * step
     else:
-        start = int(clip * ((tick - 1) / (clips - 1)))  # linspace's (index * step), truncated toward zero as .astype(int)
+        start = int(clip * ((tick - 1) / (clips - 1)))  # linspace's index * step, truncated toward zero
     return [int(start + tick * t) % n for t in range(T)]
 
 

@@ -399,7 +399,8 @@ def resolve_training_rows(args):
                ("val_clip", "first"), ("test_protocol", "authors")) if getattr(args, k) == v]
     if getattr(args, "sampling", "sparse") != "sparse" and authors:
         raise UsageError(f"--sampling {args.sampling}: {', '.join(authors)} is the BiEfficient authors' sparse "
-                         f"sampling; with dense sampling pass --frame-sampling tsn --val-clip centre --test-protocol paper")
+                         f"sampling; with dense sampling pass --frame-sampling tsn --val-clip centre "
+                         f"--test-protocol paper")
     if args.loss == "multi_hot" and getattr(args, "label_smoothing", 0.0):
         raise UsageError(f"--label-smoothing {args.label_smoothing}: smooths the multi-positive loss only; the "
                          f"authors' multi-hot loss (--biefficient-code-compat) has none: pass --biefficient-kwargs "
@@ -1112,8 +1113,8 @@ def view_scores(model, out, B, V, fusion=None, view_average="prob"):
     """The scores of B videos from the model's output on their B * V views (clip-major per video): (B, K).
 
     One rule for both methods: each view's softmax probabilities over the candidates, averaged over the views.
-    X-CLIP's test code, whose multi-view protocol TPR Sec. 4.1.1 follows ("the average score of all views"),
-    averages softmax probabilities, and so does the BiEfficient authors' test.py:179-180; a mean of logits would
+    X-CLIP's test code (main.py, validate: the softmax of each view summed), whose multi-view protocol TPR Sec.
+    4.1.1 follows ("the average score of all views"), averages softmax probabilities, and so does the BiEfficient authors' test.py:179-180; a mean of logits would
     let one confident view outvote the others. TPR: a view's probabilities are Eq. (18)'s S under the "prob"
     fusion (a mix of two softmaxes), and softmax(S / tau) under the paper's "cosine" reading (the same ranking
     within the view). view_average "logit" averages the raw scores instead (TPR: S; BiEfficient: its logits)."""
