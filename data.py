@@ -4,7 +4,9 @@ Implements the data side of TPR (Electronics 2024, Sec. 4 and Table 2: TSN spars
 RandomSizedCrop 224, flip 0.5, grayscale 0.2; RandAugment and random erasing on SSv1, Sec. 4.4; K-shot
 training, Sec. 4.3; 1 and 4x3 test views) and BiEfficient (ACCV 2024, Sec. 4: Kinetics-400 closed set,
 zero-shot transfer to HMDB-51 / UCF-101 over their three splits). Sampling mirrors TSN / mmaction2
-`SampleFrames`; the training crop mirrors mmaction2 `MultiScaleCrop` as used by X-CLIP and ActionCLIP.
+`SampleFrames`; the training crop mirrors mmaction2 `MultiScaleCrop` as used by X-CLIP and ActionCLIP. The
+BiEfficient authors' own pipeline (their crop, frame sampling, validation clip and test clips) is re-stated
+behind keywords of build_dataset (train_crop, frame_sampling, test_sampling, test_resize).
 
 Datasets, each read in the layout its authors distribute (no frame pre-extraction, no list files to write):
   hmdb51     <root>/<class>/*.avi + <root>/testTrainMulti_7030_splits/<class>_test_split{1,2,3}.txt
@@ -21,7 +23,8 @@ Datasets, each read in the layout its authors distribute (no frame pre-extractio
 
 Interface used by the training engine:
   build_dataset(name, root, split, mode, frames, input_size, views, sampling, shots, seed, flip, randaugment,
-                random_erasing, list_file, class_file, filename_tmpl, ...) -> torch Dataset with
+                random_erasing, list_file, class_file, filename_tmpl, ..., train_crop, frame_sampling,
+                test_sampling, test_resize) -> torch Dataset with
     .classes      official class names, index = label
     .class_texts  readable English names ('brush_hair' -> 'brush hair', 'ApplyEyeMakeup' -> 'apply eye makeup')
     .samples      list of (path, label)
