@@ -5238,6 +5238,14 @@ def test_engine_views_average_probabilities_one_rule_per_method(bief_tiny):
     assert torch.allclose(train.view_scores(bief, out, 1, 3)[0], p)
     assert torch.allclose(train.view_scores(bief, out, 1, 3, view_average="logit")[0], logits.mean(0))
     assert BiEfficient(bief_tiny, T=2, M=2, code_compat=True).config["view_average"] == "prob"
+    # The authors' validate() (test.py:179-182 of their code) re-stated: softmax per view, mean over the views,
+    # a second softmax over the classes, mean over a singleton axis; the second softmax keeps the ranking.
+    g = torch.Generator().manual_seed(0)
+    many = torch.randn(4 * 3, 5, generator=g) * 5  # (B * V, K), B = 4 videos of V = 3 views
+    theirs = many.softmax(dim=-1).reshape(4, 3, -1).mean(dim=1).view(4, -1, 5).softmax(dim=-1).mean(dim=1)
+    ours = train.view_scores(bief, {"logits": {"en": many}}, 4, 3)
+    assert torch.equal(ours.argsort(-1), theirs.argsort(-1))
+    assert torch.allclose(ours.softmax(-1), theirs)
     # TPR: Eq. (18)'s S per view. "prob": a mix of softmaxes, already probabilities; "cosine": softmax(S / tau).
     tpr = prompts.TPR(bief_tiny, T=2, temporal_prompts=False, tau=0.1)
     out = {"logits": {"en": logits * 2}}  # logits = cosine / tau
