@@ -40,7 +40,7 @@ import sys
 import warnings
 import zipfile
 from collections import OrderedDict
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import ftfy
@@ -170,17 +170,48 @@ class ResidualAttentionBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))  # TPR Eq. (14)
 
 
+# Selective activation checkpointing (torch >= 2.4): keep the attention outputs and the outputs of the matmuls
+# that widen the token (the QKV projection, the MLP's first layer: what attention and GELU need in backward);
+# recompute the cheap element-wise ops (LayerNorm, GELU, additions, casts) and the matmuls back to the residual
+# width, which feed only an addition (whose backward needs nothing) and cost a twelfth of a block's matmuls.
+ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name)}
+# op -> position of A in its arguments (A @ B; addmm: bias + A @ B)
+MATMUL_OPS = {torch.ops.aten.mm.default: 0, torch.ops.aten.bmm.default: 0, torch.ops.aten.addmm.default: 1}
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    i = MATMUL_OPS.get(op)
+    widens = i is not None and args[i + 1].shape[-1] > args[i].shape[-1]  # (M, K) @ (K, N) with N > K
+    policy = torch.utils.checkpoint.CheckpointPolicy
+    return policy.MUST_SAVE if op in ATTENTION_OPS or widens else policy.PREFER_RECOMPUTE
+
+
+def checkpoint_options(mode):
+    """Keyword arguments of torch.utils.checkpoint.checkpoint for a grad_checkpointing mode: True (recompute the
+    whole block) or "selective" (recompute what _selective_policy does not keep)."""
+    if mode == "selective":
+        contexts = torch.utils.checkpoint.create_selective_checkpoint_contexts
+        return dict(use_reentrant=False, context_fn=partial(contexts, _selective_policy))
+    return dict(use_reentrant=False)
+
+
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, causal: bool = False):
         super().__init__()
         self.width, self.layers = width, layers
         self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal) for _ in range(layers)])
-        self.grad_checkpointing = False  # recompute each block in backward instead of storing its activations
+        # recompute each block in backward instead of storing its activations: False, True or "selective"
+        self.grad_checkpointing = False
 
     def forward(self, x):
         for block in self.resblocks:
-            checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
-            x = checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, **checkpoint_options(self.grad_checkpointing))
+            else:
+                x = block(x)
         return x
 
 
@@ -311,7 +342,7 @@ def build_model(state_dict: dict, copy: bool = True, source: str = "checkpoint")
     try:  # keys and shapes are compared on the meta device first: nothing is widened for a file that fails
         model.load_state_dict({k: v.to("meta") for k, v in state_dict.items()}, strict=True, assign=True)
     except RuntimeError as e:
-        raise ValueError(f"{source} does not match the CLIP ViT built from its shapes: {' '.join(str(e).split())}") from None
+        raise ValueError(f"{source} does not match the CLIP ViT built from its shapes: {_one_line(e)}") from None
     # Choice: the tensors are widened to fp32 (exact for fp16 values) and assigned, not copied into a model.
     model.load_state_dict({k: v.to(torch.float32, copy=copy) for k, v in state_dict.items()}, strict=True, assign=True)
     return model.eval()
@@ -465,7 +496,8 @@ class _BoundedUnpickler(pickle._Unpickler):
         numel = math.prod(size)  # Python integers: no wrap
         last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if numel else -1
         if last >= storage.numel():
-            raise pickle.UnpicklingError(f"a tensor of shape {list(size)} reaches past its storage of {storage.numel()}")
+            raise pickle.UnpicklingError(f"a tensor of shape {list(size)} reaches past its storage of "
+                                         f"{storage.numel()} elements")
         _charge(self.budget, numel * storage.element_size(), f"a tensor of shape {list(size)}")
         return storage.as_strided(size, stride, offset)  # a view, no copy
 
@@ -504,7 +536,8 @@ def _zip_entry(archive, name, file_size, budget, path, expected=None) -> bytearr
         raise FileRefused(f"{path}: {name} is missing from the archive") from None
     stored = info.compress_type == zipfile.ZIP_STORED
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-        raise FileRefused(f"{path}: {name} uses zip compression method {info.compress_type}; torch writes stored entries")
+        raise FileRefused(f"{path}: {name} uses zip compression method {info.compress_type}; torch writes stored "
+                          f"entries")
     if info.header_offset + info.compress_size > file_size or (stored and info.file_size != info.compress_size):
         raise FileRefused(f"{path}: zip entry {name} claims {info.file_size} bytes ({info.compress_size} in the file) "
                           f"but the file has {file_size} bytes; refusing it")
@@ -512,7 +545,8 @@ def _zip_entry(archive, name, file_size, budget, path, expected=None) -> bytearr
         raise FileRefused(f"{path}: {name} holds {info.file_size} bytes, not the {expected} its tensors need")
     if not stored:
         try:
-            _charge(budget, info.file_size, f"zip entry {name} ({info.file_size} bytes deflated from {info.compress_size})")
+            _charge(budget, info.file_size, f"zip entry {name} ({info.file_size} bytes deflated from "
+                                            f"{info.compress_size})")
         except pickle.UnpicklingError as e:
             raise FileRefused(f"{path}: {e}; refusing it (a zip bomb?)") from None
     buffer = bytearray(info.file_size)
@@ -548,7 +582,7 @@ def _read_zip(path, max_bytes=None, script=False):
                 raise FileRefused(f"{path} is a zip file but not a torch file (no data.pkl"
                                   f"{' beside constants.pkl' if script else ''})")
             if prefix + "byteorder" in archive.namelist():
-                order = bytes(_zip_entry(archive, prefix + "byteorder", file_size, budget, path)).decode(errors="replace")
+                order = _zip_entry(archive, prefix + "byteorder", file_size, budget, path).decode(errors="replace")
                 if order.strip() != sys.byteorder:
                     raise FileRefused(f"{path} was written on a {order.strip()[:20]}-endian machine; this one is "
                                       f"{sys.byteorder}-endian")
@@ -563,7 +597,8 @@ def _read_zip(path, max_bytes=None, script=False):
         raise
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, TypeError,
             KeyError, IndexError, AttributeError, OverflowError, MemoryError) as e:
-        raise FileRefused(f"{path}: unreadable {'TorchScript archive' if script else 'torch file'}: {_one_line(e)}") from None
+        what = "TorchScript archive" if script else "torch file"
+        raise FileRefused(f"{path}: unreadable {what}: {_one_line(e)}") from None
     _count_objects(value, path)
     return value
 
@@ -580,7 +615,8 @@ def _read_legacy(path, max_bytes=None):
     def storage(key, dtype, numel):  # filled from the end of the file once the object is read
         claimed[0] += numel * dtype.itemsize
         if claimed[0] > len(raw):
-            raise pickle.UnpicklingError(f"storage {key} claims {numel} x {dtype}, more than the file's {len(raw)} bytes")
+            raise pickle.UnpicklingError(f"storage {key} claims {numel} x {dtype}, more than the file's "
+                                         f"{len(raw)} bytes")
         storages[key] = (dtype, numel, bytearray(numel * dtype.itemsize))
         return torch.frombuffer(storages[key][2], dtype=dtype) if numel else torch.empty(0, dtype=dtype)
 
@@ -598,7 +634,8 @@ def _read_legacy(path, max_bytes=None):
         for key in keys:
             dtype, numel, buffer = storages[key]
             if int.from_bytes(stream.read(8), "little") != numel or stream.readinto(buffer) != len(buffer):
-                raise pickle.UnpicklingError(f"storage {key} is not the {numel} x {dtype} its tensors need (truncated?)")
+                raise pickle.UnpicklingError(f"storage {key} is not the {numel} x {dtype} its tensors need "
+                                             f"(truncated?)")
     except FileRefused:
         raise
     except Exception as e:  # noqa: BLE001  any pickle-level failure of a file from outside is one line
@@ -642,7 +679,9 @@ def _holds_tensor(value) -> bool:
         return any(_holds_tensor(v) for v in value)
     if isinstance(value, dict):
         return any(_holds_tensor(v) for v in value.values())
-    return isinstance(value, torch.Tensor) or (isinstance(value, _ScriptObject) and _holds_tensor(getattr(value, "state", None)))
+    if isinstance(value, _ScriptObject):
+        return _holds_tensor(getattr(value, "state", None))
+    return isinstance(value, torch.Tensor)
 
 
 def read_torchscript(path: str) -> dict:
@@ -769,8 +808,9 @@ class SimpleTokenizer:
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
         if not os.path.isfile(bpe_path):
-            raise FileNotFoundError(f"the BPE vocabulary {bpe_path} is missing: copy assets/bpe_simple_vocab_16e6.txt.gz "
-                                    f"of this repository into an assets/ folder beside clip.py")
+            raise FileNotFoundError(f"the BPE vocabulary {bpe_path} is missing: copy "
+                                    f"assets/bpe_simple_vocab_16e6.txt.gz of this repository into an assets/ folder "
+                                    f"beside clip.py")
         merges = gzip.open(bpe_path).read().decode("utf-8").split("\n")
         merges = [tuple(m.split()) for m in merges[1:49152 - 256 - 2 + 1]]
         vocab = list(bytes_to_unicode().values())

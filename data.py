@@ -53,15 +53,20 @@ process (packets only, no decoding, a few ms; cached): the shown frames' timesta
 an edit list's pre-roll and the undecodable packets before the first keyframe; a file whose packets cannot tell
 (cut short, damaged, no timestamps, a decoder that shows what the packets do not promise) is decoded in full
 once instead. For each needed frame the decoder seeks to the keyframe before it, unless it is already past that
-keyframe, decodes forward skipping the non-reference frames not asked for, and maps frames to indices by their
-timestamps; only needed frames are converted to RGB (full size), and the transforms crop and resize the whole
-clip at once in torch. A truncated file is used (and logged) when at least T frames decode, refused otherwise;
---check applies the same rule.
+keyframe (a seek that lands late, at the end or without timestamps, as on MPEG-TS and MPEG-PS, steps back a
+keyframe; a file whose seeks keep missing is decoded forward from its start), decodes forward skipping the
+non-reference frames not asked for, and maps frames to indices by their timestamps; only needed frames are
+converted to RGB, into a clip allocated once, and the transforms crop and resize the whole clip at once in
+torch. The stream read is FFmpeg's best video stream, never cover art nor a one-frame still while a real video
+exists; frames are turned as the display matrix says (phones' portrait video), and a stream whose frame size
+changes comes out at its first frame's size. A truncated file is used (and logged) when at least T frames
+decode, refused otherwise; --check applies the same rule.
 
-CLI: `python data.py --dataset NAME --root DIR [--split K] [--frames T] --check` decodes every video once and
-lists the bad ones (exit 1 if any), the damaged ones used and the videos of hmdb51 / ucf101 class folders that
-no split file names. The loader benchmark (against a decode-everything loader, decord and torchcodec) is
-`python bench/loader.py`.
+CLI: `python data.py --dataset NAME --root DIR [--split K] [--frames T] --check` reads every video as training
+does (one plain decode of every frame, then a seek to every keyframe and the last frame) and lists the bad ones
+(exit 1 if any), the damaged ones used, the ones the loader adapts (a frame size change, a rotation) and the
+videos of hmdb51 / ucf101 class folders that no split file names (video files: those named in VIDEO_EXTS).
+The loader benchmark (against a decode-everything loader, decord and torchcodec) is `python bench/loader.py`.
 
 Files it needs beside it (copy them with data.py): assets/classes/{hmdb51,ucf101,kinetics400,ssv1}.txt (the
 official class lists, `official_classes`) and assets/chinese_labels/<dataset>.json (TPR's Chinese labels,
@@ -111,6 +116,7 @@ CROP_SCALES = (1.0, 0.875, 0.75, 0.66)  # mmaction2 MultiScaleCrop scales, max a
 GRAYSCALE_P = 0.2  # TPR Table 2
 FLIP_P = 0.5  # TPR Table 2
 LONG_GOP = 60  # frames per keyframe from which one process decodes with frame threads (see _thread_type)
+CHEAP_CODECS = ("mpeg4", "msmpeg4v2", "msmpeg4v3", "h263", "flv1", "mpeg1video", "mpeg2video", "mjpeg")  # _parallel
 SEEK_TRIES = 4  # seeks in a row that miss their keyframe before a file is decoded from its start (see _decode)
 SYNTHETIC_CLASSES = ("moving left", "moving right", "moving up", "moving down",
                      "growing", "shrinking", "getting brighter", "getting darker")
@@ -720,7 +726,7 @@ def chinese_labels(dataset, class_names, path=None):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Chinese label file {path} not found; expected a JSON object "
                                     "{english: chinese} or english<TAB>chinese lines")
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a BOM (Windows editors) is not part of the first label
             text = f.read()
         try:
             table = json.loads(text)
@@ -1130,8 +1136,8 @@ class VideoMeta:
 
     pts         (num_frames,) int64 ascending, the timestamp of the frame at each index (stream time base);
                 None when the decoded frames carry no usable timestamps (frames are then counted from the start)
-    key_pts     ascending timestamps of the keyframes, the seek targets; key_idx the index of the first frame
-                shown at or after each
+    key_pts     ascending timestamps of the keyframes; key_idx the index of the first frame shown at or after
+                each; key_dts their decode timestamps (the seek targets once by_dts: see _decode)
     header      the frame count the container claims (0 when it claims none)
     damage      '' for a sound file, else why fewer frames decode than the file should hold (truncated, ...)
     exact       pts come from a full decode (True) or from the packets (False)
@@ -1139,18 +1145,23 @@ class VideoMeta:
                 at this size (see _Clip), turned by `rotation`
     rotation    degrees counter-clockwise the display matrix turns the frames (0, 90, 180, -90), as players
                 show them; None until a frame has been decoded (the matrix travels with the decoded frames)
-    stream      index of the video stream read (see _video_stream)
+    stream      index of the video stream read (see _video_streams); codec its decoder's name
     seeks       False once SEEK_TRIES seeks in a row missed (landed after their target or lost the frames'
                 timestamps): the decoder then runs forward from the start, the one position known good
+    by_dts      True once a seek to a keyframe's timestamp landed after it: later seeks aim at its decode
+                timestamp (MPEG-TS and -PS seek by decode timestamps)
     """
 
-    __slots__ = ("pts", "num_frames", "key_pts", "key_idx", "header", "damage", "exact", "width", "height",
-                 "rotation", "stream", "seeks", "_lookup")
+    __slots__ = ("pts", "num_frames", "key_pts", "key_idx", "key_dts", "header", "damage", "exact", "width",
+                 "height", "rotation", "stream", "codec", "seeks", "by_dts", "_lookup")
 
-    def __init__(self, pts, num_frames, key_pts, header, damage, exact, width, height, rotation=None, stream=None):
+    def __init__(self, pts, num_frames, key_pts, header, damage, exact, width, height, rotation=None, stream=None,
+                 codec="", key_dts=None):
         self.pts, self.num_frames, self.header, self.damage, self.exact = pts, num_frames, header, damage, exact
         self.width, self.height, self.rotation, self.stream, self.seeks = width, height, rotation, stream, True
+        self.codec, self.by_dts = codec, False
         self.key_pts = np.asarray(key_pts if pts is not None else [], dtype=np.int64)
+        self.key_dts = self.key_pts if key_dts is None or pts is None else np.asarray(key_dts, dtype=np.int64)
         self.key_idx = np.searchsorted(pts, self.key_pts) if pts is not None else self.key_pts
         self._lookup = None
 
@@ -1195,14 +1206,26 @@ def _open(path, threads=None, index=None):
 
 def _thread_type(meta=None):
     # Choice: measured with `python bench/loader.py` (README): frame threads ("AUTO") refill their pipeline after
-    # every seek and cost 20-35% more CPU time per clip; in DataLoader workers, which keep every core busy, the
-    # decoder runs one thread ("NONE"). In one process (evaluate.py --video, num_workers 0) frame threads are
-    # used on files with long GOPs (LONG_GOP frames or more per keyframe), where decoding runs long stretches
-    # without a seek; on short GOPs decode_frames runs one single-threaded decoder per core instead, each on
-    # its own stretch between seeks. Slice threads add nothing to single-slice H.264 and to mpeg4.
+    # every seek and cost up to 25% more CPU time per clip; in DataLoader workers, which keep every core busy,
+    # the decoder runs one thread ("NONE"; CPU ms per T = 16 clip in 2 workers, NONE | SLICE | AUTO: mpeg4 .avi
+    # 21 | 20 | 26, x264 640x360 GOP 250 67 | 69 | 73, MPEG-2 39 | 39 | 38, MJPEG 15 | 15 | 15). In one process
+    # (evaluate.py --video, num_workers 0) frame threads are used on files with long GOPs (LONG_GOP frames or
+    # more per keyframe), where decoding runs long stretches without a seek (x264 GOP 250, wall ms: AUTO 65,
+    # NONE 110); on short GOPs one single-threaded decoder, or one per core (see _parallel). Slice threads add
+    # nothing to single-slice H.264 and to mpeg4.
     if torch.utils.data.get_worker_info() is not None or meta is None or meta.pts is None:
         return "NONE"
     return "AUTO" if meta.num_frames >= LONG_GOP * max(len(meta.key_pts), 1) else "NONE"
+
+
+def _parallel(meta):
+    """Whether decode_frames in one process splits a clip's stretches between seeks over the cores."""
+    # Choice: measured with bench/loader.py's threading rows (T = 16 test clips, 2 cores, wall ms per clip in
+    # one process, stretches split over the cores | one decoder thread): codecs that decode a frame in well under
+    # a millisecond at these sizes lose to one thread, which opens the file once: mpeg4 .avi 14 | 13, MPEG-2
+    # .mpg 63 | 34, MJPEG 9 | 10 (issue 21: 0.42-0.92x on .avi, MJPEG and MPEG-2). H.264, HEVC and VP9 keep it
+    # (x264 640x360 GOP 12 in one process: 1.42x / 1.66x torchcodec with it, README, quiet machine).
+    return _thread_type(meta) == "NONE" and meta.seeks and meta.codec not in CHEAP_CODECS
 
 
 def _frames(container, stream, needed=None):
@@ -1274,12 +1297,12 @@ def probe_video(path, exact=False):
 def _probe(path, container, stream, exact=False):
     """probe_video on an open container (left at its end)."""
     videos = _video_streams(container)
-    found = {s.index: [] for s in videos}  # stream -> [(pts, keyframe, discard)] in decode order
+    found = {s.index: [] for s in videos}  # stream -> [(pts, keyframe, discard, dts)] in decode order
     broken, corrupt, empty = False, False, 0
     try:
         for packet in container.demux(*videos):
             if packet.size:  # not the end marker nor an AVI's empty 'dropped frame' chunk
-                found[packet.stream.index].append((packet.pts, packet.is_keyframe, packet.is_discard))
+                found[packet.stream.index].append((packet.pts, packet.is_keyframe, packet.is_discard, packet.dts))
                 corrupt |= packet.is_corrupt and packet.stream is stream
             elif packet.pts is not None and packet.stream is stream:
                 empty += 1
@@ -1296,7 +1319,8 @@ def _probe(path, container, stream, exact=False):
     width, height = stream.codec_context.width, stream.codec_context.height
     first_key = next((i for i, p in enumerate(packets) if p[1]), None)
     shown = sorted(p[0] for p in packets[first_key or 0:] if not p[2] and p[0] is not None)
-    key_pts = sorted(p[0] for p in packets if p[1] and p[0] is not None)
+    keys = sorted((p[0], p[0] if p[3] is None else p[3]) for p in packets if p[1] and p[0] is not None)
+    key_pts, key_dts = [k[0] for k in keys], [k[1] for k in keys]
     cut = broken or corrupt or len(packets) + empty < header
     exact = (exact or cut or first_key is None or not shown or any(p[0] is None for p in packets)
              or len(set(shown)) < len(shown) or not width or not height)
@@ -1310,7 +1334,7 @@ def _probe(path, container, stream, exact=False):
         exact = first is None or first.pts != shown[0]
     if not exact:
         return VideoMeta(np.asarray(shown, dtype=np.int64), len(shown), key_pts, header, "", False, width, height,
-                         stream=stream.index)
+                         stream=stream.index, codec=stream.codec_context.name, key_dts=key_dts)
     plain = _Decoded(path, stream.index)
     n = plain.n
     if n == 0:
@@ -1322,7 +1346,8 @@ def _probe(path, container, stream, exact=False):
     elif n < len(shown):
         damage = f"damaged: {len(shown)} frames in the packets, {n} decode"
     width, height = plain.changes[0][1:]  # the first frame's size
-    return VideoMeta(plain.pts, n, key_pts, header, damage, True, width, height, plain.rotation, stream.index)
+    return VideoMeta(plain.pts, n, key_pts, header, damage, True, width, height, plain.rotation, stream.index,
+                     stream.codec_context.name, key_dts)
 
 
 def video_verdict(meta, T):
@@ -1383,7 +1408,7 @@ def decode_frames(path, indices, meta=None, threads=None, skip=True):
     if threads is None and cores > 1 and torch.utils.data.get_worker_info() is None:
         meta = meta or probe_video(path)
         _check_range(path, meta, indices)
-        runs = _runs(meta, clip.positions) if _thread_type(meta) == "NONE" and meta.seeks else []
+        runs = _runs(meta, clip.positions) if _parallel(meta) else []
         if len(runs) > 1:  # one process, short GOPs: the runs between seeks decode in parallel, one per core
             chunks = [sum(runs[c::cores], []) for c in range(min(cores, len(runs)))]
             with ThreadPoolExecutor(len(chunks)) as pool:  # PyAV releases the GIL while it decodes
@@ -1391,6 +1416,16 @@ def decode_frames(path, indices, meta=None, threads=None, skip=True):
             return clip.array
     _decode_all(path, sorted(clip.positions), clip, meta, threads, skip)
     return clip.array
+
+
+def _missed(meta, back):
+    """After a seek that missed: aim at decode timestamps from now on, else one keyframe earlier; after
+    SEEK_TRIES misses in a row no seek in this file is trusted, it is decoded forward from its start."""
+    if not meta.by_dts and (meta.key_dts != meta.key_pts).any():
+        meta.by_dts = True
+        return back
+    meta.seeks = back + 1 < SEEK_TRIES
+    return back + 1
 
 
 def _check_range(path, meta, indices):
@@ -1458,21 +1493,20 @@ def _decode(path, pending, clip, meta, threads, skip):
             key = int(meta.key_idx[k]) if k >= 0 else 0
             if frames is None or key > pos + 1:  # seeking helps only if the keyframe lies ahead of the decoder
                 if k >= 0 and (key > 0 or opened):
-                    container.seek(int(meta.key_pts[k]), stream=stream, backward=True)
+                    at = meta.key_dts[k] if meta.by_dts else meta.key_pts[k]
+                    container.seek(int(at), stream=stream, backward=True)
                 elif opened:  # from the very start: reopen (a seek may land on a later keyframe)
                     container.close()
                     container, stream = _open(path, stream.thread_type, meta.stream)
                 frames, opened, pos, fresh = _frames(container, stream, needed), True, key - 1, k >= 0
             for frame in frames:
                 i = where.get(frame.pts, -1)
-                lost = i < 0 or (frame.key_frame and frame.pts not in keys)
-                if fresh and (lost or i > target):
-                    # The seek landed after the target (MPEG-TS and -PS land a keyframe or two late), or it lost
-                    # the timestamps (MPEG-PS resumes inside a packet and guesses them): one keyframe earlier;
-                    # after SEEK_TRIES such seeks in a row no seek in this file is trusted: from the start.
-                    back += 1
-                    meta.seeks = back < SEEK_TRIES
-                    frames = None
+                if fresh and (not frame.key_frame or frame.pts not in keys or i > target):
+                    # The seek missed: it landed after the target (MPEG-TS and -PS seek by decode timestamps and
+                    # land a keyframe late when aimed at a presentation timestamp), or it lost the timestamps
+                    # (MPEG-PS resumes inside a packet and guesses them, whole frames off at times: the first
+                    # frame after a seek must be a keyframe shown at a keyframe's timestamp).
+                    back, frames = _missed(meta, back), None
                     break
                 if i < 0:
                     raise MetaMismatch(f"the decoder shows a frame at pts {frame.pts}, which the packets lack")
@@ -1485,9 +1519,7 @@ def _decode(path, pending, clip, meta, threads, skip):
             else:  # the end of the stream before `target`
                 if not fresh:
                     raise MetaMismatch(f"frame {target} of {n} not decodable")
-                back += 1  # the seek landed at the end (MPEG-TS at its last keyframe): one keyframe earlier
-                meta.seeks = back < SEEK_TRIES
-                frames = None
+                back, frames = _missed(meta, back), None  # the seek landed at the end (MPEG-TS, last keyframe)
     except av.FFmpegError as e:
         raise BadVideo(f"decode error: {e}") from None
     finally:
@@ -1606,8 +1638,9 @@ def unlisted_videos(name, root):
 
 def check(name, root, split=1, workers=None, list_file=None, class_file=None, filename_tmpl="img_{:05d}.jpg",
           out=None, frames=8):
-    """Print each split's size and frame counts, decode every video once; return the number of bad files.
-    A damaged video is listed as used or bad by the rule training applies with T = `frames`."""
+    """Print each split's size and frame counts, read every video as training does (check_video); return the
+    number of bad files. A damaged video is listed as used or bad by the rule training applies with T =
+    `frames`; a video the loader adapts (frame size change, rotation) is listed as used, with what it does."""
     out = out or sys.stdout
     workers = os.cpu_count() if workers is None else workers
     # list_file: (TRAIN, TEST) list files of dataset 'list', as train.py --list-file
@@ -1663,7 +1696,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes for --check")
     p.add_argument("--frames", type=int, default=8,
                    help="T you train with (TPR 16, BiEfficient 8): a damaged video is used if T frames decode")
-    p.add_argument("--check", action="store_true", help="decode every video once, list bad files, exit 1 if any")
+    p.add_argument("--check", action="store_true",
+                   help="read every video as training does, list bad files, exit 1 if any")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (also: DEBUG=1)")
     args = p.parse_args(argv)
     if not args.check or args.dataset is None:

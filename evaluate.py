@@ -35,6 +35,7 @@ run it again).
     python evaluate.py --checkpoint runs/baseline/best.pt runs/full/best.pt --video clip.mp4 --attention fig7.png
 """
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -133,11 +134,39 @@ def validate(cli):
         raise train.UsageError(f"--attention {cli.attention} draws the attention maps of one video: give --video FILE")
     if cli.test_resize is not None and cli.test_resize < 1:
         raise train.UsageError(f"--test-resize {cli.test_resize}: must be >= the model's crop size (224 for ViT-B)")
+    for flag in ("visualize", "attention"):
+        path = getattr(cli, flag)
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            raise train.UsageError(f"--{flag} {path}: the folder {folder} does not exist; create it or name a PNG "
+                                   f"in an existing folder")
+    if cli.video is None:
+        writable_or_refuse(output_folder(cli))
+
+
+def output_folder(cli):
+    """Where metrics.json goes: --output, else the first checkpoint's run folder."""
+    first = cli.checkpoint[0]
+    return cli.output or (first if os.path.isdir(first) else os.path.dirname(os.path.abspath(first)))
+
+
+def writable_or_refuse(folder):
+    """metrics.json is written after the whole evaluation: a folder it cannot go to is said before."""
+    probe = os.path.join(folder, f".metrics.json.{os.getpid()}.probe")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise train.UsageError(f"--output {folder}: metrics.json cannot be written there ({e.strerror or e}); "
+                               f"pass --output FOLDER you can write to") from None
 
 
 def load_run(path, cli):
     """(checkpoint dict, the training arguments with the evaluation overrides)."""
     ckpt, path = train.load_checkpoint(path, cli.method)
+    train.check_saved_args(ckpt["args"], path)
     args = argparse.Namespace(**ckpt["args"])
     for key in OVERRIDABLE:
         value = getattr(cli, key, None)
@@ -303,6 +332,9 @@ def load_video(path, T, size, resize=None):
     and the uint8 frames (T, H, W, 3)."""
     try:
         meta = data.probe_video(path)
+        if meta.num_frames == 1:
+            print(f"WARNING: {path} has one frame: all {T} frames the model sees are that one, so the scores are "
+                  f"those of a still image", file=sys.stderr)
         idx = data.sample_indices(meta.num_frames, T, "test")
         frames = data.decode_frames(path, idx, meta)
     except data.BadVideo as e:
@@ -364,6 +396,10 @@ def predict_video(cli, device, amp_dtype):
         texts = [t.strip() for t in cli.labels.split(",") if t.strip()]
         if not texts:
             raise train.UsageError(f"--labels {cli.labels!r} holds no class name; give e.g. 'run,jump,swim'")
+        twice = sorted({t for t in texts if texts.count(t) > 1})
+        if twice:
+            raise train.UsageError(f"--labels {cli.labels!r}: {', '.join(twice)} given more than once (a repeated "
+                                   f"label splits its probability); give each label once")
         zh = None
         if train.uses_chinese(args):
             if cli.chinese_labels is not None:
@@ -377,14 +413,15 @@ def predict_video(cli, device, amp_dtype):
                 note = (f"Chinese labels from {source}" if zh is not None else
                         "no Chinese labels for these --labels: scoring with the English branch alone "
                         "(TPR Eq. 18 with lambda = 1); pass --chinese-labels FILE to use both branches")
-        if train.uses_chinese(args) and zh is None:
-            # The model is rebuilt with its training classes (they have Chinese labels), then drops the branch.
-            classes = list(ckpt["classes"])
-            ds = types.SimpleNamespace(classes=classes, class_texts=[data.class_text(c) for c in classes])
-            model = english_only(restore(ckpt, args, *train.class_names(args, ds), device, path))
-            model.set_classes(texts)
-        else:
-            model = restore(ckpt, args, texts, zh, device, path)
+        with labels_fit(texts):
+            if train.uses_chinese(args) and zh is None:
+                # The model is rebuilt with its training classes (they have Chinese labels), then drops the branch.
+                classes = list(ckpt["classes"])
+                ds = types.SimpleNamespace(classes=classes, class_texts=[data.class_text(c) for c in classes])
+                model = english_only(restore(ckpt, args, *train.class_names(args, ds), device, path))
+                model.set_classes(texts)
+            else:
+                model = restore(ckpt, args, texts, zh, device, path)
     else:
         name = cli.dataset or args.dataset
         if name in data.ASSET_NAMES or name == "synthetic":
@@ -430,6 +467,20 @@ def predict_video(cli, device, amp_dtype):
              weights_caption(args, weights, texts[int(guide)]))
         print(f"wrote {cli.visualize}")
     return ranked, weights
+
+
+@contextlib.contextmanager
+def labels_fit(texts):
+    """--labels that do not fit the text tower's 77 positions (with the model's prompt) are one line."""
+    try:
+        yield
+    except (RuntimeError, ValueError) as e:
+        if "too long" not in str(e):
+            raise
+        longest = max(texts, key=len)
+        raise train.UsageError(f"--labels: {longest[:50]!r}{'...' if len(longest) > 50 else ''} ({len(longest)} "
+                               f"characters) does not fit the text tower's 77 tokens together with the model's prompt; "
+                               f"shorten it") from None
 
 
 def weights_caption(args, weights, guide):
@@ -589,6 +640,8 @@ def main(argv=None):
     log = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
     amp_dtype, _ = train.amp_settings(cli.precision, device)
     if cli.attention:
+        if cli.visualize:  # both pictures: the first checkpoint's scores and frames, then Fig. 7
+            predict_video(cli, device, amp_dtype)
         return attention_figure(cli, device, amp_dtype)
     if cli.video:
         return predict_video(cli, device, amp_dtype)
@@ -607,8 +660,7 @@ def main(argv=None):
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     summary = summarise(records, log)
-    first = cli.checkpoint[0]
-    out = cli.output or (first if os.path.isdir(first) else os.path.dirname(os.path.abspath(first)))
+    out = output_folder(cli)
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         result = dict(results=records, summary=summary)

@@ -285,8 +285,9 @@ class TPR(nn.Module):
 
     def _run_block(self, block, x, prompts):
         """One frozen block; recomputed in backward instead of stored under gradient checkpointing."""
-        if (self.grad_checkpointing or self.clip.visual.transformer.grad_checkpointing) and torch.is_grad_enabled():
-            return checkpoint(block, x, prompts, use_reentrant=False)
+        mode = self.grad_checkpointing or self.clip.visual.transformer.grad_checkpointing  # False, True, "selective"
+        if mode and torch.is_grad_enabled():
+            return checkpoint(block, x, prompts, **clip.checkpoint_options(mode))
         return block(x, prompts)
 
     def parameter_table(self):

@@ -910,13 +910,14 @@ def clip_crafted_zip(path, pkl, storages=(), claims=None, deflate=(), script=Fal
 
 def clip_read_in_subprocess(path, call):
     """Run `call` (e.g. "clip.load(PATH, device='cpu')") on the file in a fresh Python; returns (the one-line
-    refusal or 'READ', peak RSS in bytes)."""
+    refusal or 'READ', its peak RSS in bytes). The peak is the process's own VmHWM: getrusage's ru_maxrss
+    would count the pages of this (pytest) process at the fork, gigabytes after the parity tests."""
     import subprocess
-    code = ("import resource, sys, clip, text_branches\n"
+    code = ("import re, sys, clip, text_branches\n"
             f"PATH = {str(path)!r}\n"
             f"try:\n    {call}\n    print('READ')\n"
             "except (ValueError, RuntimeError) as e:\n    print('REFUSED', type(e).__name__, e)\n"
-            "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
+            "print('RSS', int(re.search(r'VmHWM:\\s*(\\d+) kB', open('/proc/self/status').read())[1]) * 1024)\n")
     p = subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).resolve().parent, capture_output=True,
                        text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-2000:]
@@ -1332,7 +1333,7 @@ def test_chinese_unexpected_key_and_foreign_checkpoint(tmp_path):
     _, ckpt = _small_official_checkpoint()
     ckpt["state_dict"]["module.bert.encoder.layer.0.attention.self.extra"] = torch.zeros(3)
     torch.save(ckpt, tmp_path / "extra.pt")
-    with pytest.raises(RuntimeError, match="unexpected keys.*self.extra"):
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: .*self\.extra"):
         tb.load_chinese_clip(str(tmp_path / "extra.pt"))
     torch.save({"state_dict": {"transformer.resblocks.0.ln_1.weight": torch.ones(3)}}, tmp_path / "openai.pt")
     with pytest.raises(ValueError, match="'bert.'.*'text_model.'"):
@@ -3213,6 +3214,8 @@ def test_tpr_eq18_fusion_by_hand(tiny):
     cosine = torch.tensor([[model.tau * (0.3 * 1.0 + 0.7 * 0.0), model.tau * (0.3 * 2.0 + 0.7 * -1.0)]])
     assert torch.allclose(model.scores(out, fusion="cosine"), cosine, atol=1e-7)
     assert torch.allclose(model.scores({"logits": {"en": out["logits"]["en"]}}), torch.tensor([e]), atol=1e-6)
+    with pytest.raises(ValueError, match="lam"):
+        TPR(tiny, T=2, lam=1.5)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -3290,6 +3293,27 @@ def test_tpr_autocast_bf16_and_checkpointing(tiny):
     got = model(video, labels, labels)["logits"]["en"]
     got.sum().backward()
     assert torch.allclose(got, ref, atol=1e-4) and model.prompts.global_prompts.grad is not None
+
+
+@pytest.mark.parametrize("mode", [True, "selective"])
+def test_tpr_and_text_checkpointing_give_the_same_gradients(tiny, mode):
+    """Full and selective checkpointing (clip.checkpoint_options) recompute exactly what they drop: the same
+    gradients as no checkpointing, bit for bit, through TPR's prompted vision blocks and a text tower."""
+    model = tiny_tpr(tiny, T=2, S=2, chinese=False)
+    tower = clip.build_random("tiny").transformer.requires_grad_(True)
+    video, labels = torch.randn(2, 2, 3, 32, 32), torch.tensor([0, 1])
+    text = torch.randn(3, 5, tower.width, requires_grad=True)
+    grads = []
+    for ckpt in (False, mode):
+        model.clip.visual.transformer.grad_checkpointing = tower.grad_checkpointing = ckpt
+        model.zero_grad(set_to_none=True)
+        tower.zero_grad(set_to_none=True)
+        text.grad = None
+        (model(video, labels, labels)["logits"]["en"].sum() + tower(text).square().sum()).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad]
+                     + [p.grad.clone() for p in tower.parameters()] + [text.grad.clone()])
+    assert len(grads[0]) == len(grads[1]) > 10
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 def test_tpr_vit_b16_shapes_one_step():
@@ -4157,10 +4181,13 @@ def test_bief_benchmark_checks_and_prints_both_rows(capsys):
 # - clear errors: unknown dataset / method / arch, a checkpoint of the other method, missing weights, an output
 #   folder holding another run.
 # ==============================================================================================================
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import types
+from unittest import mock
 
 import pytest
 import torch
@@ -4168,6 +4195,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import data  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
 from bench.loader import write_video  # noqa: E402
@@ -4369,6 +4397,84 @@ def test_engine_gradient_accumulation_is_exact(tmp_path):
     # One Adam step moves every weight by about lr = 1e-3 whatever its gradient's size, so a wrong gradient shows
     # as a difference of that order; float noise in near-zero gradients stays far below 1e-4.
     assert_same_weights(*(trainable(o)["trainable"] for o in outs), atol=1e-4, noisy_bound=5e-4)
+
+
+def test_engine_step_cost_tracker_by_hand():
+    """StepCost counts live tensor storage exactly: x (4, 8) through Linear(8, 16), ReLU, Linear(16, 4), fp32,
+    without autograd. Live at first: x 128 B + weights (16*8 + 16 + 4*16 + 4) * 4 = 848 B. The peak is during
+    the ReLU: its input and output, 4*16*4 = 256 B each, are alive together; then the first is freed."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    x = torch.randn(4, 8)
+    fake = train.FakeTensorMode()
+    for inputs in ((x, *net.parameters()), (fake.from_tensor(x), *(fake.from_tensor(p) for p in net.parameters()))):
+        with torch.no_grad(), train.StepCost(inputs) as cost:
+            y = torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(inputs[0], *inputs[1:3])),
+                                           *inputs[3:])
+            assert cost.live == 128 + 848 + 4 * 4 * 4  # y alone is left
+            del y
+        assert cost.peak == 128 + 848 + 2 * 256 and cost.live == 128 + 848
+        assert cost.flops == 2 * 4 * 8 * 16 + 2 * 4 * 16 * 4 and cost.unread == 0
+
+
+def test_engine_estimate_and_auto_checkpointing(capsys):
+    """train.estimate_step on fake tensors: checkpointing lowers the peak and adds recomputed FLOPs, the
+    parameters come back real, and auto picks the first mode that fits (off on a CPU)."""
+    args = train.resolve_args(train.build_parser().parse_args(["--method", "tpr", "--random-init",
+                                                                "--batch-size", "4"]))
+    assert args.grad_checkpointing == "auto"
+    assert train.build_parser().parse_args(["--grad-checkpointing"]).grad_checkpointing == "full"
+    args.micro_batch = 4
+    model = train.build_model(args, list(data.SYNTHETIC_CLASSES), list(data.SYNTHETIC_CHINESE.values()))
+    model.train()
+    params = [p for p in model.parameters()]
+    cost = {}
+    for mode in ("off", "selective", "full"):
+        train.set_grad_checkpointing(model, mode)
+        cost[mode] = train.estimate_step(model, args, torch.device("cpu"), None, 4)
+    assert model.clip.visual.transformer.grad_checkpointing is True and model.clip.transformer.grad_checkpointing
+    assert all(a is b and not isinstance(a, train.FakeTensor) for a, b in zip(model.parameters(), params))
+    assert all(p.grad is None for p in params)
+    assert cost["full"].peak < cost["selective"].peak < cost["off"].peak
+    assert cost["full"].flops > cost["selective"].flops > cost["off"].flops > 0  # selective: out_proj again
+    assert cost["off"].unread > 0  # TPR's text towers: class features are cached, a step never runs them
+    big = train.plan_checkpointing(model, args, torch.device("cpu"), None, 4, 10 * cost["off"].peak)
+    small = train.plan_checkpointing(model, args, torch.device("cpu"), None, 4, cost["full"].peak)
+    assert big == ("off", cost["off"].peak) and small[0] == "full"
+    run = types.SimpleNamespace(args=args, device=torch.device("cpu"), model=model)
+    train.set_grad_checkpointing(model, "off")
+    train.auto_checkpointing(run)  # on a CPU: nothing estimated, checkpointing stays off
+    assert model.clip.visual.transformer.grad_checkpointing is False
+    # On a GPU: one line with the estimate and the choice; an estimate that fails leaves full checkpointing on.
+    logs = []
+    run = types.SimpleNamespace(args=args, device=types.SimpleNamespace(type="cuda"), model=model, world=1,
+                                amp_dtype=None, log=logs.append)
+    with mock.patch.object(torch.cuda, "mem_get_info", return_value=(20e9, 24e9)), \
+            mock.patch.object(torch.cuda, "memory_allocated", return_value=1e9):
+        with mock.patch.object(train, "plan_checkpointing", return_value=("selective", 12.3e9)):
+            train.auto_checkpointing(run)
+        train.auto_checkpointing(run)  # the fake device above cannot hold tensors: the estimate fails
+    assert logs[0] == "--grad-checkpointing auto: selective (estimated step peak 12.3 GB; planned to fit 85% of the " \
+                      "21.0 GB available)"
+    assert logs[1].startswith("--grad-checkpointing auto: full (the memory estimate failed")
+    assert model.clip.visual.transformer.grad_checkpointing is True
+
+
+def test_memory_bench_prints_every_row(capsys):
+    spec = importlib.util.spec_from_file_location("memory_bench", os.path.join(HERE, "bench", "memory.py"))
+    memory_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory_bench)
+    table = memory_bench.main(["--method", "tpr", "--arch", "tiny", "--frames", "2", "--batch-size", "2",
+                               "--precision", "fp32"])
+    out = capsys.readouterr().out
+    for row in ("| fp32 |", "selective checkpointing", "full checkpointing", "auto on a 24 GiB device: off",
+                "attention and QKV only", "weights the step never reads"):
+        assert row in out
+    assert len(table) == 7 and all(peak > 0 and flops > 0 for _, peak, flops in table)
+    table = memory_bench.main(["--method", "biefficient", "--biefficient-code-compat", "--arch", "tiny", "--frames",
+                               "2", "--batch-size", "2", "--precision", "fp32"])
+    authors = [row for row in table if row[0].startswith("the authors' way")]
+    assert len(authors) == 1 and authors[0][2] > table[1][2]  # their loop: more FLOPs than ours
 
 
 # ------------------------------------------------------------------------------------------------ evaluate.py
@@ -4574,7 +4680,8 @@ def test_engine_bad_split_files_are_one_line(tmp_path, capsys):
         assert_one_line(*cli(capsys, train.main, base), *words)
     # a class whose every training video is unreadable: one line, from inside the training loop
     (root / "jump" / "a.avi").write_bytes(b"")
-    split.write_text("a.avi 1\n")
+    (root / "jump" / "b.avi").write_bytes(b"")  # a test video: a split without one is refused before training
+    split.write_text("a.avi 1\nb.avi 2\n")
     assert_one_line(*cli(capsys, train.main, base + ["--batch-size", "1", "--epochs", "1"]),
                     "every training video of class 'jump' is unreadable")
 
@@ -4797,6 +4904,75 @@ def test_engine_full_disk_is_one_line_and_leaves_no_tmp(tmp_path, monkeypatch):
         train.main(SMALL + ["--epochs", "1", "--eval-every", "0", "--output", str(out)])
     monkeypatch.setattr(torch, "save", real)
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_engine_full_disk_in_torchs_zip_writer_is_one_line_and_leaves_no_tmp(tmp_path, monkeypatch):
+    """torch's zip writer reports a short write as RuntimeError "... unexpected pos N vs M" (a full disk, a quota)."""
+    out = tmp_path / "r"
+
+    def short_write(obj, f, *a, **k):
+        f.write(b"PK partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4352 vs 4244")
+    monkeypatch.setattr(torch, "save", short_write)
+    with pytest.raises(train.UsageError, match=r"cannot write checkpoint \S*\.pt: the disk is full or over quota"
+                                               r".*intact.*removed"):
+        train.main(SMALL + ["--epochs", "1", "--eval-every", "0", "--output", str(out)])
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_engine_resume_repairs_a_torn_metrics_line(tpr_run, tmp_path):
+    """A kill mid-append leaves half a JSON line: the resumed run removes it instead of appending onto it (and
+    dying in finish() at the very end)."""
+    import shutil
+    out = str(tmp_path / "r")
+    shutil.copytree(tpr_run, out)
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"kind": "train", "epoch": 4, "st')
+    train.main(["--resume", out, "--epochs", "4", "--workers", "0"])
+    records = metrics(out)  # every line parses
+    assert [r["epoch"] for r in records if r["kind"] == "eval"][-1] == 4 and records[-1]["kind"] == "eval"
+
+
+def test_engine_read_only_output_is_one_line_before_anything_is_built(tpr_run, tmp_path, monkeypatch, capsys):
+    import errno
+    ro = str(tmp_path / "ro")
+    real = os.makedirs
+
+    def makedirs(path, *a, **k):
+        if str(path).startswith(ro):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(path, *a, **k)
+    monkeypatch.setattr(os, "makedirs", makedirs)
+    monkeypatch.setattr(train, "build_model", None)  # never reached
+    monkeypatch.setattr(train, "evaluate", None)
+    code, err = cli(capsys, train.main, SMALL + ["--epochs", "1", "--output", os.path.join(ro, "run")])
+    assert_one_line(code, err, f"--output {ro}/run: cannot write there (Read-only file system)")
+    code, err = cli(capsys, evaluate.main, ["--checkpoint", tpr_run, "--views", "1x1", "--output", ro])
+    assert_one_line(code, err, f"--output {ro}: metrics.json cannot be written there (Read-only file system)")
+
+
+def test_engine_saved_arguments_missing_a_flag_or_of_the_wrong_type_are_one_line(tpr_run, tmp_path, capsys):
+    import shutil
+    out = str(tmp_path / "r")
+    shutil.copytree(tpr_run, out)
+    ck = trainable(out)
+    del ck["args"]["frames"]
+    ck["args"]["betas"] = "0.9"
+    torch.save(ck, os.path.join(out, "last.pt"))
+    code, err = cli(capsys, train.main, ["--resume", out, "--epochs", "4"])
+    assert_one_line(code, err, f"{out}/last.pt: its saved arguments", "frames missing", "betas = '0.9'")
+    code, err = cli(capsys, evaluate.main, ["--checkpoint", out, "--views", "1x1"])
+    assert_one_line(code, err, "frames missing")
+    fresh = str(tmp_path / "fresh")  # a run stopped before its first checkpoint, its args.json edited by hand
+    os.makedirs(fresh)
+    with open(os.path.join(tpr_run, "args.json")) as f:
+        saved = json.load(f)
+    for edit, words in ((dict(saved, lr="fast"), ["args.json: its saved arguments", "lr = 'fast' (expected float)"]),
+                        (None, ["args.json is not readable JSON"])):
+        with open(os.path.join(fresh, "args.json"), "w") as f:
+            f.write(json.dumps(edit) if edit else '{"lr": ')
+        code, err = cli(capsys, train.main, ["--resume", fresh])
+        assert_one_line(code, err, *words)
 
 
 def test_engine_nan_stop_is_true_and_one_line(tmp_path, monkeypatch, capsys):
@@ -5068,6 +5244,72 @@ def test_engine_dry_run_prints_the_resolved_setup_before_the_table(capsys):
     head = capsys.readouterr().out.split("component")[0]
     assert "T = 4" in head and "S = 8" in head and "frames" not in head.split("instead of the paper's:")[1]
     assert "prefix '{}.' (paper 'This is a video about {}.')" in head
+
+
+def test_engine_dry_run_needs_no_weights(monkeypatch, capsys):
+    """The parameter table depends on the shapes only: --dry-run builds the towers of --arch without weights."""
+    import clip
+    import text_branches
+
+    def download(*a, **k):
+        raise AssertionError("a dry run loads no weights")
+    monkeypatch.setattr(clip, "load", download)
+    monkeypatch.setattr(text_branches, "load_chinese_clip", download)
+    train.main(["--dataset", "synthetic", "--arch", "ViT-B/16", "--frames", "8", "--no-chinese", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "nothing downloaded" in out and out.splitlines()[-1].split() == ["total", "37,158,720"]  # README, T = 8
+
+
+def test_engine_checks_that_need_no_model_come_before_the_towers(tmp_path, monkeypatch, capsys):
+    """A batch larger than the training set, a test split without videos: one line before any tower is built;
+    every training video shorter than T: a warning."""
+    import data
+    monkeypatch.setattr(train, "build_model", None)  # never reached
+    code, err = cli(capsys, train.main, SMALL + ["--batch-size", "32", "--output", str(tmp_path / "a")])
+    assert_one_line(code, err, "--batch-size 32 is larger than the training set (16 videos)", "--batch-size 16")
+    g = __import__("numpy").random.default_rng(0)
+    (tmp_path / "classes.txt").write_text("moving left\nmoving right\n")
+    lines = []
+    for i, label in enumerate((0, 1, 0, 1)):
+        path = tmp_path / f"v{i}.avi"
+        data.write_video(str(path), data.render_synthetic(label, [t / 11 for t in range(12)], data.g_state(g), 32, 32))
+        lines.append(f"{path} {label}")
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "test.txt").write_text("")
+    flags = ["--dataset", "list", "--list-file", str(tmp_path / "train.txt"), str(tmp_path / "test.txt"),
+             "--class-file", str(tmp_path / "classes.txt"), "--arch", "tiny", "--random-init", "--no-chinese",
+             "--batch-size", "2", "--workers", "0", "--frames", "16"]
+    code, err = cli(capsys, train.main, flags + ["--output", str(tmp_path / "b")])
+    assert_one_line(code, err, "list split 1 test", "no videos")  # data.py's words, now before the towers
+    (tmp_path / "test.txt").write_text("\n".join(lines[:2]) + "\n")
+    monkeypatch.undo()
+    train.main(flags + ["--epochs", "1", "--output", str(tmp_path / "c")])
+    assert "WARNING: every training video probed (4 of 4) has fewer frames than T = 16 (at most 12)" in \
+        capsys.readouterr().out
+
+
+def test_engine_silent_cases_are_said(tpr_run, tmp_path, capsys):
+    """A warm-up longer than the run, a repeated key in --tpr-kwargs, hand edits of a resumed run's args.json,
+    a UTF-8 BOM before a TSV label file's first label."""
+    import shutil
+    import data
+    train.main(SMALL + ["--epochs", "1", "--warmup-epochs", "3", "--eval-every", "0", "--output", str(tmp_path / "w")])
+    assert "WARNING: --warmup-epochs 3 is not shorter than --epochs 1: the learning rate warms up for the whole " \
+           "run and peaks at" in capsys.readouterr().out
+    code, err = cli(capsys, train.main, SMALL + ["--tpr-kwargs", '{"lam": 0.3, "lam": 0.7}'])
+    assert_one_line(code, err, "'lam' given more than once")
+    out = str(tmp_path / "r")
+    shutil.copytree(tpr_run, out)
+    with open(os.path.join(out, "args.json")) as f:
+        saved = json.load(f)
+    with open(os.path.join(out, "args.json"), "w") as f:
+        json.dump(dict(saved, lr=0.5), f)
+    train.main(["--resume", out, "--workers", "0"])
+    assert f"WARNING: {out}/args.json was edited (lr {saved['lr']!r} -> 0.5)" in capsys.readouterr().out
+    with open(os.path.join(out, "args.json")) as f:
+        assert json.load(f)["lr"] == saved["lr"]  # args.json holds what the run goes on with
+    (tmp_path / "zh.tsv").write_bytes("\ufeffjump\t跳\nrun\t跑\n".encode("utf-8"))
+    assert data.chinese_labels("custom", ["jump", "run"], str(tmp_path / "zh.tsv")) == ["跳", "跑"]
 
 
 def test_engine_synthetic_without_random_init_says_what_to_pass():
@@ -5355,6 +5597,30 @@ def test_engine_attention_png_one_row_per_checkpoint(tpr_run, tmp_path, capsys):
     assert "2 row(s)" in capsys.readouterr().out
     with pytest.raises(train.UsageError, match="--video"):
         evaluate.main(["--checkpoint", base, "--attention", png])
+
+
+def test_engine_own_video_misuse_is_one_line_or_done_right(tpr_run, tmp_path, capsys):
+    """--labels given twice or too long, a picture into a missing folder: one line, before any model runs;
+    --visualize with --attention draws both (and prints the scores); a one-frame video is scored with a warning."""
+    import data
+    g = __import__("numpy").random.default_rng(0)
+    video, still = str(tmp_path / "mine.avi"), str(tmp_path / "still.avi")
+    data.write_video(video, data.render_synthetic(0, [i / 15 for i in range(16)], data.g_state(g), 48, 64))
+    data.write_video(still, data.render_synthetic(0, [0.5], data.g_state(g), 48, 64))
+    base = ["--checkpoint", tpr_run, "--video", video, "--workers", "0"]
+    for argv, words in ((["--labels", "run,jump,run"], ["--labels 'run,jump,run'", "run given more than once"]),
+                        (["--labels", "run," + "jump " * 80], ["does not fit the text tower's 77 tokens"]),
+                        (["--visualize", str(tmp_path / "no" / "v.png")], [f"{tmp_path}/no does not exist"]),
+                        (["--attention", str(tmp_path / "no" / "a.png")], [f"{tmp_path}/no does not exist"])):
+        code, err = cli(capsys, evaluate.main, base + argv)
+        assert_one_line(code, err, *words)
+    png, fig7 = str(tmp_path / "v.png"), str(tmp_path / "fig7.png")
+    maps = evaluate.main(base + ["--visualize", png, "--attention", fig7])
+    out = capsys.readouterr().out
+    assert os.path.isfile(png) and os.path.isfile(fig7) and len(maps) == 1
+    assert f"wrote {png}" in out and f"wrote {fig7}" in out and "top-5 of 8 classes" in out
+    ranked, _ = evaluate.main(["--checkpoint", tpr_run, "--video", still, "--workers", "0"])
+    assert len(ranked) == 5 and f"WARNING: {still} has one frame" in capsys.readouterr().err
 
 
 def _readme_tpr_rows():

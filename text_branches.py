@@ -94,7 +94,7 @@ def multi_positive_contrastive_loss(logits, labels, candidates, label_smoothing=
     to_texts = positive / positive.sum(dim=1, keepdim=True)  # (B, A), rows sum to 1
     to_videos = (positive / positive.sum(dim=0, keepdim=True).clamp(min=1)).t()[has_pos]  # (A', B), rows sum to 1
     loss_rows = F.cross_entropy(logits, to_texts, label_smoothing=label_smoothing)  # TPR Eq. (15): L_T->V
-    loss_cols = F.cross_entropy(logits.t()[has_pos], to_videos, label_smoothing=label_smoothing)  # TPR Eq. (15): L_V->T
+    loss_cols = F.cross_entropy(logits.t()[has_pos], to_videos, label_smoothing=label_smoothing)  # TPR Eq. (15) L_V->T
     return (loss_rows + loss_cols) / 2  # TPR Eq. (15) / TPR Eq. (16)
 
 
@@ -390,12 +390,11 @@ def _build_and_load(sd, source, heads=None):
         model = ChineseCLIPText(embed_dim=projection.shape[1], width=width, layers=layers, heads=heads,
                                 intermediate=intermediate.shape[0], vocab_size=word.shape[0],
                                 max_positions=positions.shape[0], type_vocab_size=types.shape[0])
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
-    if missing or unexpected:
-        raise RuntimeError(f"{source}: checkpoint does not match the Chinese-CLIP text tower "
-                           f"(width {width}, {layers} layers): missing keys {missing}; "
-                           f"unexpected keys {unexpected}")
+    try:  # keys and shapes compared on the meta device first: nothing is widened for a file that fails
+        model.load_state_dict({k: v.to("meta") for k, v in sd.items()}, strict=True, assign=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"{source}: checkpoint does not match the Chinese-CLIP text tower (width {width}, "
+                           f"{layers} layers): {clip._one_line(e)}") from None
     # Choice: fp32 weights whatever the file holds (the official files are fp16); use autocast for bf16/fp16.
     model.load_state_dict({k: v.float().contiguous() for k, v in sd.items()}, strict=True, assign=True)
     return model.eval()

@@ -24,8 +24,9 @@ The run folder (--output) receives args.json, metrics.jsonl (one JSON object per
 every evaluation with its protocol), last.pt and best.pt (trainable parameters only, never the frozen towers).
 
 Exit codes: 0 done; 2 a user-facing failure, printed as one line (bad flag value or path, split file,
-checkpoint, full disk, non-finite loss; --debug or DEBUG=1 shows the traceback); 75 stopped by SIGTERM or
-Ctrl-C after finishing the step and saving last.pt (requeue, then --resume); 130 Ctrl-C before training.
+checkpoint, a run folder in use by another run, full disk, non-finite loss; --debug or DEBUG=1 shows the
+traceback); 75 stopped by SIGTERM or Ctrl-C after finishing the step and saving last.pt, on every rank, loader
+workers included (requeue, then --resume); 130 Ctrl-C before training.
 """
 import argparse
 import collections
@@ -45,11 +46,17 @@ import signal
 import socket
 import sys
 import time
+import weakref
+from unittest import mock
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import clip
 import data
@@ -232,16 +239,18 @@ def add_tpr_flags(p):
     """TPR's ablation switches (Fig. 5, Tables 3-5, 7)."""
     g = p.add_argument_group("TPR (ablations: Fig. 5, Tables 3-5, 7)")
     g.add_argument("--S", type=int, default=8, help="global prompts per frame (Fig. 5c)")
-    g.add_argument("--beta", default="r2plus1d", choices=reparam.BETAS + ("none",), help="reparameterization network beta of TPR Eq. (12), Table 3; "
-                   "'none' = no beta (the '+TP' row)")
+    g.add_argument("--beta", default="r2plus1d", choices=reparam.BETAS + ("none",),
+                   help="reparameterization network beta of TPR Eq. (12), Table 3; 'none' = no beta (the '+TP' row)")
     g.add_argument("--no-residual", action="store_true", help="P_R = beta(P) without + P (Table 4)")
     g.add_argument("--no-temporal-prompts", action="store_true", help="no temporal prompts (Fig. 5a baseline)")
     g.add_argument("--no-chinese", action="store_true", help="no Chinese label branch (Fig. 5a, Table 7)")
     g.add_argument("--pooling", default="word", choices=("word", "mean"), help="word-guided (TPR Eq. 6-7) or mean "
                    "pooling (TPR Eq. 4) of the frame features")
-    g.add_argument("--test-words", default=None, choices=prompts.TPR_TEST_WORDS, help="whose words weight the frames at test time (TPR issue: "
-                   "class-conditional or top-1); default: the model's")
-    g.add_argument("--prefix", default=None, help="text template with one {} (Table 5); default: the paper's 'This is a video about {}.' (Sec. 3.4), '{}.' on the synthetic set")
+    g.add_argument("--test-words", default=None, choices=prompts.TPR_TEST_WORDS,
+                   help="whose words weight the frames at test time (TPR issue: class-conditional or top-1); "
+                        "default: the model's")
+    g.add_argument("--prefix", default=None, help="text template with one {} (Table 5); default: the paper's "
+                   "'This is a video about {}.' (Sec. 3.4), '{}.' on the synthetic set")
     g.add_argument("--lam", type=float, default=None, help="lambda of TPR Eq. (18); default: the model's")
     g.add_argument("--fusion", default="prob", choices=prompts.TPR_FUSIONS,
                    help="what S of TPR Eq. (18) fuses: softmax probabilities (prob) or the cosines of TPR Eq. (5) "
@@ -263,7 +272,11 @@ def add_biefficient_flags(p):
     g.add_argument("--biefficient-kwargs", default="{}", help="extra BiEfficient keyword arguments as JSON, for "
                    "the ablations of Tables 5-10, e.g. '{\"alpha_init\": 0.01}'")
     g.add_argument("--tpr-kwargs", default="{}", help="extra TPR keyword arguments as JSON")
-    g.add_argument("--grad-checkpointing", action="store_true", help="checkpoint the frozen text tower's blocks")
+    g.add_argument("--grad-checkpointing", nargs="?", const="full", default="auto", choices=CHECKPOINTING,
+                   help="recompute the frozen towers' blocks in backward instead of storing their activations: full "
+                        "(the bare flag), selective (keep matmul and attention outputs, recompute the element-wise "
+                        "ops), off; auto: on a GPU, off unless the step's estimated peak memory (estimate_step) "
+                        "would not fit its free memory, then selective or full; off on a CPU")
 
 
 def add_optimisation_flags(p):
@@ -347,9 +360,11 @@ def resolve_args(args, world=1):
                          f"see data.py)")
     for flag in ("tpr_kwargs", "biefficient_kwargs"):
         try:
-            value = json.loads(getattr(args, flag))
+            value = json.loads(getattr(args, flag), object_pairs_hook=_no_repeated_keys)
         except json.JSONDecodeError as e:
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r} is not JSON: {e}") from None
+        except ValueError as e:  # a repeated key: which of its values was meant?
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: {e}") from None
         if not isinstance(value, dict):
             raise UsageError(f"--{flag.replace('_', '-')} must be a JSON object, got {getattr(args, flag)!r}")
     if args.method == "biefficient" and not decay_given and args.dataset != "synthetic":
@@ -495,13 +510,20 @@ def setup(argv=None, stack=None):
 
     with rank0_only_warnings():
         run.train_set = build_dataset(args, "train", shots_dir=None if args.dry_run else args.output)
+        if not args.dry_run:  # what needs no model is checked before the towers are built
+            run.test_set = build_dataset(args, "test", views="1x1", stage="val")
+            check_data(run)
     texts, zh = class_names(args, run.train_set)
     model = run.model = build_model(args, texts, zh).to(device)
     if args.dry_run:
+        if not args.random_init:
+            run.log(f"dry run: the towers of {args.arch} built without their weights (nothing downloaded; the "
+                    f"trainable parameters depend on the shapes only)")
         for line in describe_setup(args, model) + [batch_line(args, world)]:
             run.log(line)
         print_parameter_table(model, run.log)
         return None, None
+    auto_checkpointing(run)
     torch.manual_seed(args.seed + rank)  # after the (identical) model init, each rank its own stream
     if rank == 0 and (not cli.resume or restart or run.branch):  # once the model is built: a failed start leaves no run
         os.makedirs(run.out, exist_ok=True)
@@ -538,11 +560,9 @@ def build_training(run, use_scaler):
                      if run.world > 1 and trainable else model)
     run.optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas))
     run.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    run.steps_per_epoch = epoch_steps(len(run.train_set), args)
-    if run.steps_per_epoch == 0:
-        raise UsageError(f"--batch-size {args.batch_size} is larger than the training set "
-                         f"({len(run.train_set)} videos)")
+    run.steps_per_epoch = epoch_steps(len(run.train_set), args)  # >= 1: check_data
     run.total_steps = args.epochs * run.steps_per_epoch
+    warn_short_warmup(run)
     run.fingerprint = frozen_fingerprint(model)
 
 
@@ -688,6 +708,9 @@ def _weights_error(what, name, where, flag, error):
 def build_clip(args):
     if args.random_init:
         return clip.build_random(args.arch)
+    if args.dry_run:  # the parameter table depends on the shapes only: no weights, no download
+        with contextlib.redirect_stderr(io.StringIO()):
+            return clip.build_random(args.arch)
     name = args.pretrained or args.arch
     try:
         model, _ = clip.load(name, device="cpu", dtype=torch.float32)  # fp32 master weights; autocast does AMP
@@ -704,8 +727,10 @@ def build_clip(args):
 
 def build_chinese(args, embed_dim):
     """TPR's frozen Chinese tower for --pretrained-chinese; its projection width must equal CLIP's."""
-    if args.random_init:
-        tower = text_branches.build_random_chinese("tiny" if args.arch == "tiny" else "base", embed_dim=embed_dim)
+    if args.random_init or args.dry_run:  # --dry-run: shapes only, no download (build_clip)
+        with contextlib.redirect_stderr(io.StringIO()) if not args.random_init else contextlib.nullcontext():
+            tower = text_branches.build_random_chinese("tiny" if args.arch == "tiny" else "base",
+                                                       embed_dim=embed_dim)
     else:
         try:
             tower = text_branches.load_chinese_clip(args.pretrained_chinese)
@@ -733,8 +758,6 @@ def build_model(args, class_texts, classes_zh=None):
     torch.manual_seed(args.seed)
     with rank0_only_warnings():  # errors still raise on every rank
         clip_model = build_clip(args)
-    if args.grad_checkpointing:
-        clip_model.transformer.grad_checkpointing = True
     if args.method == "tpr":
         kw = json.loads(args.tpr_kwargs)
         D = clip_model.visual.conv1.weight.shape[0]
@@ -766,6 +789,7 @@ def build_model(args, class_texts, classes_zh=None):
                                     post_prompt=not args.no_post_prompt, wgvp=not args.no_wgvp,
                                     code_compat=args.biefficient_code_compat, **kw)
         model.set_classes(class_texts)
+    set_grad_checkpointing(model, args.grad_checkpointing)
     return model
 
 
@@ -1042,7 +1066,8 @@ def end_epoch(run):
             result = run_eval(run)
         except EvaluationStopped:
             save(run, "last.pt")  # every step of the epoch done, its evaluation not: a resume evaluates it
-            raise preempted(run, f"during the evaluation after epoch {run.epoch + 1} (global step {run.step})") from None
+            where = f"during the evaluation after epoch {run.epoch + 1} (global step {run.step})"
+            raise preempted(run, where) from None
     run.epoch, run.epoch_step = run.epoch + 1, 0
     improved = result is not None and result["top1"] > run.best
     if improved:
@@ -1374,9 +1399,12 @@ def atomic_save(obj, path):
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "write" in str(e)):  # torch wraps some
+        # torch's zip writer reports a short write (a full disk, a quota) as RuntimeError "... unexpected pos N"
+        short = isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "write" in str(e))
+        if isinstance(e, OSError) or short:
             full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
-            why = "the disk is full" if full else (getattr(e, "strerror", None) or str(e).splitlines()[0])
+            why = ("the disk is full" if full else "the disk is full or over quota (torch: a short write)"
+                   if "unexpected pos" in str(e) else (getattr(e, "strerror", None) or str(e).splitlines()[0]))
             raise UsageError(f"cannot write checkpoint {path}: {why}; any earlier {os.path.basename(path)} is "
                              f"intact and {tmp} was removed. Free space in {os.path.dirname(path) or '.'} (or fix "
                              f"it), then continue with --resume {os.path.dirname(path) or '.'}") from None
@@ -1423,6 +1451,8 @@ def main(argv=None):
             return None
         if ckpt is not None:
             resume(run, ckpt)
+        if run.rank == 0:
+            repair_metrics(run)
         run.metrics = stack.enter_context(open(os.path.join(run.out, "metrics.jsonl"), "a")) if run.rank == 0 else None
         stack.callback(restore_signals, catch_stop_signals(run))
         while run.epoch < run.args.epochs:
@@ -1509,12 +1539,22 @@ def cli_main(main, argv=None):
     return code
 
 
+# --- checks: user input, the data, the schedule
+
 # (flag, smallest valid value, strict): checked before any folder is created
 RANGES = (("frames", 1, False), ("batch_size", 1, False), ("micro_batch", 1, False), ("epochs", 0, False),
           ("lr", 0, True), ("min_lr", 0, False), ("warmup_epochs", 0, False), ("weight_decay", 0, False),
           ("grad_clip", 0, False), ("tau", 0, True), ("S", 0, False), ("M", 1, False), ("synthetic_videos", 1, False),
           ("workers", 0, False), ("print_every", 1, False), ("save_every", 0, False), ("eval_every", 0, False),
           ("eval_batch_size", 1, False), ("threads", 1, False))
+
+
+def _no_repeated_keys(pairs):
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"{', '.join(map(repr, twice))} given more than once; give each key once")
+    return dict(pairs)
 
 
 def validate_args(args):
@@ -1549,13 +1589,51 @@ def validate_args(args):
         raise UsageError(f"--output {args.output} is an existing file; pass a folder (new, or a run's to resume)")
 
 
+def check_data(run):
+    """Before any tower is built: a training set smaller than one batch, a test split without videos; a warning
+    when every video probed is shorter than T (its frames would repeat in every clip)."""
+    args, train_set, test_set = run.args, run.train_set, run.test_set
+    if len(train_set) < args.batch_size:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the training set ({len(train_set)} "
+                         f"videos); pass --batch-size {max(1, len(train_set))} or less")
+    if len(test_set) == 0:  # (data.py refuses its own empty splits; this covers any other)
+        raise UsageError(f"the test split of {args.dataset} (split {args.split}) holds no videos: nothing to evaluate "
+                         f"the run on; check the split or list file")
+    if run.rank == 0 and hasattr(train_set, "probe"):
+        paths = [train_set.samples[i][0] for i in range(0, len(train_set), max(1, len(train_set) // 16))][:16]
+        counts = []
+        for path in paths:
+            try:
+                meta = train_set.probe(path)
+            except Exception:  # unreadable: the loader replaces it and says so
+                continue
+            counts.append(meta if isinstance(meta, int) else meta.num_frames)
+        if counts and max(counts) < args.frames:
+            run.log(f"WARNING: every training video probed ({len(counts)} of {len(train_set)}) has fewer frames than "
+                    f"T = {args.frames} (at most {max(counts)}): frames repeat in every clip; a smaller --frames "
+                    f"may suit this dataset")
+
+
+def warn_short_warmup(run):
+    """The warm-up of --warmup-epochs is longer than the run: say where the learning rate peaks."""
+    args = run.args
+    if args.epochs and args.warmup_epochs >= args.epochs:
+        lrs = [lr_at(s, args, run.steps_per_epoch) for s in range(run.total_steps)]
+        top = max(range(len(lrs)), key=lrs.__getitem__)
+        run.log(f"WARNING: --warmup-epochs {args.warmup_epochs:g} is not shorter than --epochs {args.epochs}: the "
+                f"learning rate warms up for the whole run and peaks at {lrs[top]:.3g} (--lr {args.lr:g}) at step "
+                f"{top + 1} of {run.total_steps}; pass --warmup-epochs below --epochs for the papers' schedule")
+
+
+# --- resume: the run's own arguments, where it goes on, the state it restores
+
 # Flags a resumed run may change (they change neither the model nor the data); every other setting comes from
 # the run's own checkpoint, and another value given for one is refused by name.
 # --epochs continues the cosine as if the run had been launched with the new length (lr_at depends only on the
 # step and these arguments); --batch-size only where the epoch's sampler position maps (see resolve_run_args).
 RESUME_MAY_CHANGE = ("epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "betas", "grad_clip", "precision",
                      "batch_size", "micro_batch", "workers", "threads", "print_every", "save_every", "eval_every",
-                     "eval_batch_size", "dry_run", "debug",
+                     "eval_batch_size", "dry_run", "debug", "grad_checkpointing",
                      # where the same data and weights are found now (the fingerprint check guards the weights)
                      "root", "pretrained", "pretrained_chinese")
 
@@ -1568,9 +1646,63 @@ def explicit_flags(argv):
     return vars(p.parse_args(argv))
 
 
-def resume_args(cli, argv, saved):
+# Flags added after checkpoint format 1 (their code reads them with the old behaviour as the default); every
+# other flag must be in a run's saved arguments.
+LATER_FLAGS = ("label_smoothing", "test_resize", "fusion", "threads", "contrastive_batch") + PIPELINE_ROWS + ("preset",)
+# Flags whose None default is filled in by resolve_args: a saved run always holds a value for them.
+RESOLVED = ("arch", "frames", "batch_size", "micro_batch", "epochs", "lr", "warmup_epochs", "weight_decay",
+            "eval_batch_size", "prefix", "pretrained_chinese", "randaugment", "random_erasing")
+
+
+def check_saved_args(saved, source):
+    """The arguments saved with a run (a checkpoint's, or a hand-edited args.json) before any is used: every
+    flag of this train.py present with a value its flag accepts; one line naming each problem otherwise."""
+    if not isinstance(saved, dict):
+        raise UsageError(f"{source}: the saved arguments are a {type(saved).__name__}, not a dict of flags")
+    problems = []
+    for action in build_parser()._actions:
+        key = action.dest
+        if key == "help":
+            continue
+        if key not in saved:
+            if key not in LATER_FLAGS:
+                problems.append(f"{key} missing")
+            continue
+        value = saved[key]
+        if value is None and (action.default is None and key not in RESOLVED):
+            continue
+        if not _fits(action, value):
+            want = action.choices or getattr(action.type, "__name__", None) or (
+                "true/false" if action.nargs == 0 else "a string")
+            problems.append(f"{key} = {value!r} (expected {want}{f' x {action.nargs}' if action.nargs else ''})")
+    if problems:
+        raise UsageError(f"{source}: its saved arguments do not fit this train.py: {'; '.join(problems[:6])}"
+                         f"{' ...' if len(problems) > 6 else ''}; restore the file, or start a new run")
+
+
+def _fits(action, value):
+    if isinstance(action.nargs, int) and action.nargs > 0 or action.nargs == "+":
+        return (isinstance(value, (list, tuple)) and (action.nargs == "+" or len(value) == action.nargs)
+                and all(_fits_one(action, v) for v in value))
+    if action.nargs == 0:  # store_true
+        return isinstance(value, bool)
+    return _fits_one(action, value)
+
+
+def _fits_one(action, value):
+    if action.type is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif action.type is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, str)
+    return ok and (action.choices is None or value in action.choices)
+
+
+def resume_args(cli, argv, saved, source):
     """The arguments of a resumed run: the saved ones, with the flags of RESUME_MAY_CHANGE given now; any other
     flag given with a different value is refused, each named with both values."""
+    check_saved_args(saved, source)
     args = argparse.Namespace(**saved)
     for key in TRAINING_ROWS + PIPELINE_ROWS:  # runs saved before these rows existed trained with the paper column
         if not hasattr(args, key):
@@ -1607,13 +1739,17 @@ def resolve_run_args(cli, argv, world):
         if os.path.isdir(cli.resume) and not os.path.exists(os.path.join(folder, "last.pt")) and \
                 os.path.isfile(os.path.join(folder, "args.json")):
             # Killed before its first checkpoint: nothing to continue, so it starts again from its args.json.
-            with open(os.path.join(folder, "args.json")) as f:
-                saved = json.load(f)
-            args, _ = resume_args(cli, argv, saved)
+            path = os.path.join(folder, "args.json")
+            try:
+                with open(path) as f:
+                    saved = json.load(f)
+            except (OSError, ValueError) as e:
+                raise UsageError(f"{path} is not readable JSON ({e}); restore it, or start a new run") from None
+            args, _ = resume_args(cli, argv, saved, path)
             args.restart = True
         else:
             ckpt, path = load_checkpoint(cli.resume, cli.method if "method" in explicit_flags(argv) else None)
-            args, given = resume_args(cli, argv, ckpt["args"])
+            args, given = resume_args(cli, argv, ckpt["args"], path)
             args.resume_given, args.resume_from = given, path
             old_b, consumed = ckpt["args"]["batch_size"], ckpt["epoch_step"] * ckpt["args"]["batch_size"]
             if args.batch_size != old_b and consumed % args.batch_size:
@@ -1682,6 +1818,8 @@ def choose_output(args, rank):
 def _run_signature(folder):
     return [f for f in ("last.pt", "best.pt", "metrics.jsonl", "args.json") if os.path.exists(os.path.join(folder, f))]
 
+
+# --- one run per folder
 
 LOCK = "run.lock"  # in the run folder while a run writes there: {"host", "pid", "since"}
 
@@ -1814,6 +1952,8 @@ def resume(run, ckpt):
             f"(global step {run.step})")
     if run.rank == 0:
         repair_best(run, ckpt)
+        if not run.branch:
+            warn_edited_args_json(run, ckpt)
 
 
 def frozen_fingerprint(model):
@@ -1842,6 +1982,30 @@ def non_finite_loss(run, loss):
                       f"stopping; {advice}")
 
 
+def repair_metrics(run):
+    """A run killed while appending to metrics.jsonl leaves a torn last line; the resumed run would append onto
+    it. The torn line goes (its step is redone and logged again)."""
+    path = os.path.join(run.out, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb") as f:
+        text = f.read()
+    if not text:
+        return
+    keep = text.rfind(b"\n", 0, len(text) - 1) + 1  # where the last line starts
+    last = text[keep:]
+    try:
+        json.loads(last)
+    except ValueError:
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        run.log(f"repaired {path}: removed a torn last line ({len(last)} bytes) left by a run that was killed")
+        return
+    if not last.endswith(b"\n"):  # whole, only its newline missing
+        with open(path, "ab") as f:
+            f.write(b"\n")
+
+
 def repair_best(run, ckpt):
     """best.pt must hold the model of the best evaluation that last.pt claims (best_top1); a run killed by an
     older version between its two writes may have left it behind, or missing."""
@@ -1866,6 +2030,31 @@ def repair_best(run, ckpt):
         run.log(f"WARNING: {path} holds top1 {held} but the run's best was {ckpt['best_top1']:.2f}%, whose weights "
                 f"are no longer saved; best.pt is left as it is and the next better evaluation replaces it")
 
+
+def warn_edited_args_json(run, ckpt):
+    """args.json is only read to restart a run stopped before its first checkpoint; a resumed run takes the
+    checkpoint's arguments. Hand edits are named (not silently ignored), and args.json is rewritten with the
+    arguments the run goes on with."""
+    path = os.path.join(run.out, "args.json")
+    try:
+        with open(path) as f:
+            written = json.load(f)
+    except (OSError, ValueError):
+        written = {}
+    skip = ("resume", "output", "debug", "dry_run")
+    edited = sorted(k for k, v in written.items() if k in ckpt["args"] and k not in skip and v != ckpt["args"][k])
+    if edited:
+        saved = ckpt["args"]
+        changes = ", ".join(f"{k} {saved[k]!r} -> {written[k]!r}" for k in edited)
+        run.log(f"WARNING: {path} was edited ({changes}): "
+                f"a resumed run takes the arguments saved in its checkpoint, so these edits are ignored; pass a "
+                f"flag that may change ({', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE[:6])}, ...) "
+                f"with --resume instead")
+    with open(path, "w") as f:
+        json.dump(vars(run.args), f, indent=1)
+
+
+# --- signals: stop after the step, save, exit 75
 
 def catch_stop_signals(run):
     """SIGTERM (what SLURM and Kubernetes send before preemption) and SIGINT (Ctrl-C) only ask the training
@@ -1904,6 +2093,174 @@ def stop_requested(run):
 def _hms(seconds):
     """'H:MM:SS' of the progress lines ('1 day, H:MM:SS' beyond a day)."""
     return str(datetime.timedelta(seconds=int(seconds)))
+
+
+# ==========================================================================================================
+# Memory planning (--grad-checkpointing auto): a training step's peak tensor memory and FLOPs on fake tensors
+# ==========================================================================================================
+
+CHECKPOINTING = ("auto", "off", "full", "selective")
+# Choice: the estimate counts tensors only; the caching allocator's fragmentation, cuBLAS/cuDNN workspaces and
+# the loader's pinned batches come on top, so auto plans a step to fit 85% of the memory left for tensors.
+AUTO_MEMORY_FRACTION = 0.85
+
+
+def set_grad_checkpointing(model, mode):
+    """--grad-checkpointing on every CLIP transformer in `model`: "off", "full", "selective" (clip.checkpoint_options);
+    "auto" starts off (plan_checkpointing decides before training); True / False: runs saved before the modes."""
+    value = {"off": False, "auto": False, "full": True, "selective": "selective", True: True, False: False}[mode]
+    for m in model.modules():
+        if isinstance(m, clip.Transformer):
+            m.grad_checkpointing = value
+
+
+class StepCost(TorchDispatchMode):
+    """Peak tensor memory and FLOPs of the ops run under it.
+
+    peak: the most bytes of tensor storage alive at once: the storages of `tensors` and of every op's outputs,
+    each counted from when it is first seen until it is freed (a weak reference to the storage; a view shares its
+    base's storage and adds nothing). flops: torch.utils.flop_counter's formulas (matmuls, convolutions,
+    attention), forward, backward and recomputation alike. Works on fake tensors, whose storages have sizes.
+    Choice: not FlopCounterMode itself, whose module hooks keep checkpointed blocks' activations alive."""
+
+    def __init__(self, tensors=()):
+        super().__init__()
+        self.live = self.peak = self.flops = 0
+        self.formulas = dict(flop_counter.flop_registry)
+        aten = torch.ops.aten
+        if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):  # the CPU's attention counts as the GPU's
+            self.formulas[aten._scaled_dot_product_flash_attention_for_cpu] = flop_counter.shape_wrapper(
+                lambda q, k, v, *a, out_shape=None, **kw: flop_counter.sdpa_flop_count(q, k, v))
+            self.formulas[aten._scaled_dot_product_flash_attention_for_cpu_backward] = flop_counter.shape_wrapper(
+                lambda g, q, k, v, *a, out_shape=None, **kw: flop_counter.sdpa_backward_flop_count(g, q, k, v))
+        self._refs = {}  # storage id -> weak reference whose callback subtracts its bytes
+        self._unread = {}  # storage id -> bytes, of the given tensors that no op has read yet
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+                self._unread[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        self.start = self.live  # bytes of the given tensors
+
+    @property
+    def unread(self):
+        """Bytes of the given tensors that no op read (e.g. text towers a training step never runs)."""
+        return sum(self._unread.values())
+
+    def track(self, t):
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key not in self._refs:
+            n = storage.nbytes()
+            self._refs[key] = weakref.ref(storage, lambda _, key=key, n=n: self._free(key, n))
+            self.live += n
+            self.peak = max(self.peak, self.live)
+
+    def _free(self, key, n):
+        del self._refs[key]
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and self._unread:
+                self._unread.pop(t.untyped_storage()._cdata, None)
+        out = func(*args, **(kwargs or {}))
+        if func._overloadpacket in self.formulas:
+            self.flops += self.formulas[func._overloadpacket](*args, **(kwargs or {}), out_val=out)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
+
+
+class RealMasks(TorchDispatchMode):
+    """Fake tensors indexed by a real boolean mask (e.g. the loss's columns with a positive): the mask holds data,
+    so its positions are taken here (nonzero), where the fake tensor alone could not know the output's shape."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.index.Tensor and isinstance(args[0], FakeTensor):
+            indices = []
+            for i in args[1]:
+                real_mask = isinstance(i, torch.Tensor) and i.dtype == torch.bool and not isinstance(i, FakeTensor)
+                indices.extend(i.nonzero(as_tuple=True) if real_mask else [i])
+            args = (args[0], indices)
+        return func(*args, **(kwargs or {}))
+
+
+def estimate_step(model, args, device, amp_dtype, batch):
+    """The StepCost (.peak bytes, .flops, .unread bytes) of one training step of `model` on one rank's `batch`
+    videos: train_step (forward, loss, backward) then the AdamW step, on fake tensors (torch._subclasses.fake_tensor:
+    shapes and dtypes, no data, no arithmetic; seconds on a CPU for ViT-B/16). The model's parameters are swapped
+    for fake ones and put back after. The peak counts every tensor: frozen and trainable weights, buffers, the
+    batch, activations, gradients and the optimizer state (created beforehand, as a step after the first one
+    finds it); not the CUDA context nor the allocator's caching. The step is this rank's own (nothing gathered).
+    Choice: labels of distinct classes (where batch <= classes): the most candidate texts a step can meet."""
+    fake = FakeTensorMode(allow_non_fake_inputs=True)  # class features, labels and class ids stay real
+    swapped, fakes = [], {}
+    for m in model.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                if id(p) not in fakes:
+                    fakes[id(p)] = fake.from_tensor(p)
+                swapped.append((m, name, p))
+                m._parameters[name] = fakes[id(p)]
+    try:
+        R = next(m for m in model.modules() if isinstance(m, clip.VisionTransformer)).input_resolution
+        classes = len(model.class_names) if hasattr(model, "class_names") else model.text_en.shape[0]
+        with fake:
+            video = torch.empty(batch, args.frames, 3, R, R, device=device)  # (B, T, 3, H, W) as the loader's
+        labels = torch.arange(batch, device=device) % classes  # (B,)
+        step_args = argparse.Namespace(**vars(args))
+        step_args.micro_batch = min(args.micro_batch or batch, batch)
+        step_args.contrastive_batch = "local"  # one rank's own step: nothing gathered from the others
+        opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        for p in trainable:
+            p.grad = torch.zeros_like(p)
+        opt.step()  # the optimizer state (fake)
+        opt.zero_grad(set_to_none=True)
+        # Choice: no GradScaler: fp16's scaling works in place (no memory) and its inf check reads values.
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
+        tensors = [video, labels, *opt.state_dict()["state"].values()] + [
+            t for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+        with StepCost(tree_leaves(tensors)) as cost, RealMasks(), \
+                mock.patch.object(dist, "is_initialized", return_value=False):
+            train_step(model, model, video, labels, step_args, 1, amp_dtype, scaler, device)
+            scaler.step(opt)
+            opt.zero_grad(set_to_none=True)
+        return cost
+    finally:
+        for m, name, p in swapped:
+            m._parameters[name] = p
+
+
+def plan_checkpointing(model, args, device, amp_dtype, batch, available, estimate=estimate_step):
+    """--grad-checkpointing auto: the first of off, selective, full whose estimated peak (estimate_step) fits
+    AUTO_MEMORY_FRACTION of `available` bytes (full if none does), set on the model. Returns (mode, peak bytes)."""
+    for mode in ("off", "selective", "full"):
+        set_grad_checkpointing(model, mode)
+        peak = estimate(model, args, device, amp_dtype, batch).peak
+        if peak <= AUTO_MEMORY_FRACTION * available:
+            break
+    return mode, peak
+
+
+def auto_checkpointing(run):
+    """Before training: --grad-checkpointing auto on a GPU plans against the memory this process can still use
+    (free, plus what its tensors hold already: the estimate counts the weights) and says so in one line."""
+    if run.args.grad_checkpointing != "auto" or run.device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(run.device)
+    available = free + torch.cuda.memory_allocated(run.device)
+    try:
+        mode, peak = plan_checkpointing(run.model, run.args, run.device, run.amp_dtype,
+                                        run.args.batch_size // run.world, available)
+    except Exception as e:  # Choice: a failed estimate must not stop training; full checkpointing is the safe side
+        set_grad_checkpointing(run.model, "full")
+        run.log(f"--grad-checkpointing auto: full (the memory estimate failed: {type(e).__name__}: {e}; pass "
+                f"--grad-checkpointing off|selective|full to choose)")
+        return
+    run.log(f"--grad-checkpointing auto: {mode} (estimated step peak {peak / 1e9:.1f} GB; planned to fit "
+            f"{AUTO_MEMORY_FRACTION:.0%} of the {available / 1e9:.1f} GB available)")
 
 
 if __name__ == "__main__":

@@ -280,7 +280,7 @@ def bench_threads(tmp, kinds, T, rounds, workers, out):
             continue
         metas = {p: data.probe_video(p) for p in paths}
         idx = {p: data.sample_indices(metas[p].num_frames, T, "test") for p in paths}
-        rows = {}
+        rows = {"1 default": lambda: timed(lambda: [data.decode_frames(p, idx[p], metas[p]) for p in paths])}
         for thr in modes:
             rows[f"1 {thr}"] = lambda thr=thr: timed(
                 lambda: [data.decode_frames(p, idx[p], metas[p], threads=thr) for p in paths])
@@ -288,12 +288,12 @@ def bench_threads(tmp, kinds, T, rounds, workers, out):
         got = interleaved(rows, rounds)
         n = len(paths)
         one = "  ".join(f"{thr} {1e3 * got['1 ' + thr][0] / n:4.0f} | {1e3 * got['1 ' + thr][1] / n:4.0f}"
-                        for thr in modes)
+                        for thr in ("default",) + modes)
         many = "  ".join(f"{thr} {1e3 * got['w ' + thr][0] / (4 * n):4.0f} | "
                          f"{1e3 * got['w ' + thr][1] / (4 * n):4.0f}" for thr in modes)
         print(f"  {kind[0]:50s} {one}  ||  {many}", file=out)
-    print(f"  (the loader uses NONE in workers; in one process AUTO from {data.LONG_GOP} frames per keyframe, else "
-          "one NONE decoder per core)", file=out)
+    print(f"  (default: the loader's choice in one process, AUTO from {data.LONG_GOP} frames per keyframe, else one "
+          "NONE decoder per core on the stretches between seeks; in workers it uses NONE)", file=out)
 
 
 def _pil_crop_resize(frames, box, size):
