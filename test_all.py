@@ -4032,7 +4032,8 @@ def test_bief_code_compat_batch_is_32_per_gpu_the_global_batch_follows_the_proce
     four = train.resolve_args(train.build_parser().parse_args(argv), world=4)
     assert four.batch_size == 128 and train.batch_line(four, 4).startswith("batch: 32 per GPU, 128 global")
     given = train.resolve_args(train.build_parser().parse_args(argv + ["--batch-size", "64"]), world=4)
-    assert given.batch_size == 64 and train.batch_line(given, 4).startswith("batch: 16 per GPU, 64 global")
+    assert given.batch_size == 64 and train.batch_line(given, 4) == "batch: 16 per GPU, 64 global (--batch-size, global)"
+    assert given.batch_per_gpu is None  # the run's arguments say what it does
     paper = train.resolve_args(train.build_parser().parse_args(argv[:-1]), world=4)
     assert paper.batch_size == 32 and paper.batch_per_gpu is None  # the paper's global 32
     with pytest.raises(train.UsageError, match="--batch-size 64 .global. and --batch-per-gpu 32 x 4"):

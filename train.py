@@ -373,7 +373,9 @@ def resolve_args(args, world=1):
         args.weight_decay = json.loads(args.biefficient_kwargs).get(
             "weight_decay", prompts.BIEFFICIENT_DEFAULTS["weight_decay"][column])
     resolve_training_rows(args)
-    if args.batch_per_gpu is not None and not batch_given:
+    if batch_given:
+        args.batch_per_gpu = None  # --batch-size given: the global batch, whatever the mode's per-GPU row says
+    elif args.batch_per_gpu is not None:
         args.batch_size = global_batch(args.batch_per_gpu, world)
     if args.eval_batch_size is None:
         args.eval_batch_size = max(1, args.batch_size // 4)
