@@ -263,8 +263,8 @@ def _inception_box(H, W, size, rng):
             x0 = rng.randint(0, ws - w)
             y0 = rng.randint(0, hs - h)
             break
-    else:  # their fallback: GroupScale(size), then GroupRandomCrop(size)
-        hs, ws = _scaled_size(H, W, size)
+    else:  # their fallback: GroupScale(size) of the scaled frame, then GroupRandomCrop(size)
+        hs, ws = _scaled_size(hs, ws, size)
         h = w = size
         x0 = rng.randint(0, ws - w)
         y0 = rng.randint(0, hs - h)
