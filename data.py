@@ -4,7 +4,9 @@ Implements the data side of TPR (Electronics 2024, Sec. 4 and Table 2: TSN spars
 RandomSizedCrop 224, flip 0.5, grayscale 0.2; RandAugment and random erasing on SSv1, Sec. 4.4; K-shot
 training, Sec. 4.3; 1 and 4x3 test views) and BiEfficient (ACCV 2024, Sec. 4: Kinetics-400 closed set,
 zero-shot transfer to HMDB-51 / UCF-101 over their three splits). Sampling mirrors TSN / mmaction2
-`SampleFrames`; the training crop mirrors mmaction2 `MultiScaleCrop` as used by X-CLIP and ActionCLIP.
+`SampleFrames`; the training crop mirrors mmaction2 `MultiScaleCrop` as used by X-CLIP and ActionCLIP. The
+BiEfficient authors' own pipeline (their crop, frame sampling, validation clip and test clips) is re-stated
+behind keywords of build_dataset (train_crop, frame_sampling, test_sampling, test_resize).
 
 Datasets, each read in the layout its authors distribute (no frame pre-extraction, no list files to write):
   hmdb51     <root>/<class>/*.avi + <root>/testTrainMulti_7030_splits/<class>_test_split{1,2,3}.txt
@@ -21,7 +23,8 @@ Datasets, each read in the layout its authors distribute (no frame pre-extractio
 
 Interface used by the training engine:
   build_dataset(name, root, split, mode, frames, input_size, views, sampling, shots, seed, flip, randaugment,
-                random_erasing, list_file, class_file, filename_tmpl, ...) -> torch Dataset with
+                random_erasing, list_file, class_file, filename_tmpl, ..., train_crop, frame_sampling,
+                test_sampling, test_resize) -> torch Dataset with
     .classes      official class names, index = label
     .class_texts  readable English names ('brush_hair' -> 'brush hair', 'ApplyEyeMakeup' -> 'apply eye makeup')
     .samples      list of (path, label)
@@ -100,6 +103,8 @@ log = logging.getLogger("data")
 DATASETS = ("hmdb51", "ucf101", "ssv1", "k400", "list", "synthetic")
 MODES = ("train", "test")
 SAMPLINGS = ("sparse", "dense")
+FRAME_SAMPLINGS = ("tsn", "authors")  # sparse sampling: TSN's, or the BiEfficient authors' (authors_indices)
+TRAIN_CROPS = ("multiscale", "inception")  # MultiScaleCrop (TSN / X-CLIP), or the BiEfficient authors' crop
 VIEWS = ("1x1", "4x3")
 SHOTS = (2, 4, 8, 16)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP preprocessing
@@ -137,14 +142,23 @@ class UnreadableClass(Exception):
 
 
 # ------------------------------------------------------------------------------------------------- sampling
-def sample_indices(num_frames, T, mode="train", rng=None, clips=1, clip=0, sampling="sparse", interval=None):
+def sample_indices(num_frames, T, mode="train", rng=None, clips=1, clip=0, sampling="sparse", interval=None,
+                   frame_sampling="tsn"):
     """Frame indices of one clip of T frames from a video of `num_frames` frames.
 
     sparse (TSN): the video is cut into T equal segments; training takes a random frame of each segment,
     testing the centre of each segment, shifted to (clip + 0.5) / clips of it for multi-clip testing.
+    frame_sampling "authors" (sparse only): the BiEfficient authors' sparse sampling instead (authors_indices).
     dense: T frames `interval` apart; random start in training, `clips` starts spread evenly in testing."""
     n = num_frames
     assert n > 0 and T > 0, f"need frames, got num_frames={n}, T={T}"
+    if frame_sampling not in FRAME_SAMPLINGS:
+        raise ValueError(f"frame_sampling {frame_sampling!r}; valid: {', '.join(map(repr, FRAME_SAMPLINGS))}")
+    if frame_sampling == "authors":
+        if sampling != "sparse":
+            raise ValueError(f"frame_sampling 'authors' is the authors' sparse sampling; sampling {sampling!r} has "
+                             f"its own: use frame_sampling 'tsn' with it")
+        return authors_indices(n, T, mode, rng, clips, clip)
     if sampling == "sparse":
         if mode == "train":
             idx = [int((t + rng.random()) * n / T) for t in range(T)]
@@ -161,6 +175,29 @@ def sample_indices(num_frames, T, mode="train", rng=None, clips=1, clip=0, sampl
     else:
         raise ValueError(f"sampling {sampling!r} not in {SAMPLINGS}")
     return [min(i, n - 1) for i in idx]
+
+
+def authors_indices(n, T, mode="train", rng=None, clips=1, clip=0):
+    """The BiEfficient authors' sparse sampling (datasets/video.py:97-104, 115-119, 135-145 of their code), 0-based
+    frame positions (their index_bias 1 is undone by their video_list[p - 1]).
+
+    train: seg = (n - 1) / T; frame t is drawn uniformly from round(seg * t) .. round(seg * (t + 1)), both ends
+    included (Python's round and NumPy's both round halves to even), so neighbouring segments share an end.
+    test: tick = n / T; clip c of C starts at int(c * (tick - 1) / (C - 1)) (NumPy's linspace(0, tick - 1, C)
+    cast to int, truncated toward zero as NumPy 1.x did; the last start is tick - 1 itself), frame t is
+    int(start + tick * t) mod n. With C = 1 this is
+    their validation clip: the first frame of each segment, int(tick * t)."""
+    if mode == "train":
+        seg = (n - 1) / T
+        return [rng.randint(round(seg * t), round(seg * (t + 1))) for t in range(T)]
+    tick = n / T
+    if clips == 1:
+        start = 0
+    elif clip == clips - 1:
+        start = int(tick - 1)  # linspace's endpoint is `stop` itself, not start + (C - 1) * step
+    else:
+        start = int(clip * ((tick - 1) / (clips - 1)))  # linspace's index * step, truncated toward zero
+    return [int(start + tick * t) % n for t in range(T)]
 
 
 # ------------------------------------------------------------------------------------------------ transforms
@@ -196,6 +233,46 @@ def _multiscale_box(H, W, size, rng):
     ch, cw = rng.choice(pairs)
     ch, cw = min(H, max(1, round(ch * s))), min(W, max(1, round(cw * s)))
     return rng.randint(0, H - ch), rng.randint(0, W - cw), ch, cw
+
+
+def _scaled_size(H, W, short):
+    """(h, w) of an H x W frame whose short side is scaled to `short`, as torchvision's Resize(short) computes
+    it (the long side truncated to an int)."""
+    return (short, int(short * W / H)) if H <= W else (int(short * H / W), short)
+
+
+def _inception_box(H, W, size, rng):
+    """The BiEfficient authors' training crop as a box (y0, x0, h, w) of the original H x W frame: GroupScale to
+    short side 256 (the input size itself for other sizes; utils/Augmentation.py:29-33 of their code), then
+    GroupRandomSizedCrop (datasets/transforms.py:343-390), resized to size x size by _crop_resize.
+
+    The random sized crop, in the scaled frame (h_s, w_s): up to 10 tries of an area of U(0.08, 1) of the frame
+    and an aspect ratio w/h of U(3/4, 4/3), w = round(sqrt(area * ratio)), h = round(sqrt(area / ratio)), w and
+    h swapped with probability 1/2; the first that fits is placed at x0 = randint(0, w_s - w), then
+    y0 = randint(0, h_s - h). If none fits: scale the short side to `size` and take a random size x size crop
+    (x0 first, then y0). Draws come from `rng` in their order (random.uniform, uniform, random, randint, randint)."""
+    short = SCALE_SIZE if size == 224 else size
+    hs, ws = _scaled_size(H, W, short)
+    for _ in range(10):
+        area = rng.uniform(0.08, 1.0) * hs * ws
+        ratio = rng.uniform(3 / 4, 4 / 3)
+        w, h = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
+        if rng.random() < 0.5:
+            w, h = h, w
+        if w <= ws and h <= hs:
+            x0 = rng.randint(0, ws - w)
+            y0 = rng.randint(0, hs - h)
+            break
+    else:  # their fallback: GroupScale(size) of the scaled frame, then GroupRandomCrop(size)
+        hs, ws = _scaled_size(hs, ws, size)
+        h = w = size
+        x0 = rng.randint(0, ws - w)
+        y0 = rng.randint(0, hs - h)
+    # Choice: as _multiscale_box, the box is mapped back to the original frame (scale min(H, W) / short side) and
+    # cropped there, then resized once: equal to scale-then-crop up to interpolation and whole-pixel rounding.
+    f = min(H, W) / min(hs, ws)
+    y0, x0 = min(H - 1, round(y0 * f)), min(W - 1, round(x0 * f))
+    return y0, x0, max(1, min(H - y0, round(h * f))), max(1, min(W - x0, round(w * f)))
 
 
 def _randaugment(x, rng, n=2, m=9):
@@ -258,10 +335,15 @@ def _random_erase(x, rng, p=0.25, area=(0.02, 1 / 3), log_ratio=(math.log(0.3), 
     return x
 
 
-def train_transform(frames, rng, size=224, flip=True, randaugment=False, random_erasing=False):
-    """uint8 (T, H, W, 3) -> (T, 3, size, size) normalised; one augmentation draw shared by all frames."""
+def train_transform(frames, rng, size=224, flip=True, randaugment=False, random_erasing=False, crop="multiscale"):
+    """uint8 (T, H, W, 3) -> (T, 3, size, size) normalised; one augmentation draw shared by all frames.
+    crop: "multiscale" (TSN's MultiScaleCrop, TPR Table 2's RandomSizedCrop as X-CLIP does it) or "inception"
+    (the BiEfficient authors' crop, _inception_box)."""
     H, W = frames.shape[1:3]
-    x = _crop_resize(frames, _multiscale_box(H, W, size, rng), size)  # (T, 3, S, S)
+    if crop not in TRAIN_CROPS:
+        raise ValueError(f"train_crop {crop!r}; valid: {', '.join(map(repr, TRAIN_CROPS))}")
+    box = _multiscale_box(H, W, size, rng) if crop == "multiscale" else _inception_box(H, W, size, rng)
+    x = _crop_resize(frames, box, size)  # (T, 3, S, S)
     if flip and rng.random() < FLIP_P:
         x = x.flip(-1)
     if randaugment:
@@ -317,6 +399,9 @@ class _Base(torch.utils.data.Dataset):
     """Shared parts: options, epoch seeding, views, bad-file bookkeeping across worker processes."""
 
     test_resize = None  # short side before the test crops (test_crops' resize); None = the crop size
+    train_crop = "multiscale"  # TRAIN_CROPS: the training crop (train_transform)
+    frame_sampling = "tsn"  # FRAME_SAMPLINGS: the training frames (sample_indices)
+    test_sampling = "tsn"  # FRAME_SAMPLINGS: the test frames, TSN's segment centres or the authors' clip starts
 
     def _setup(self, name, classes, samples, mode, frames, input_size, views, sampling, seed, flip, randaugment,
                random_erasing, interval):
@@ -444,15 +529,16 @@ class _Base(torch.utils.data.Dataset):
 
     def _clip_indices(self, n, rng):
         if self.mode == "train":
-            return [sample_indices(n, self.T, "train", rng, sampling=self.sampling, interval=self.interval)]
+            return [sample_indices(n, self.T, "train", rng, sampling=self.sampling, interval=self.interval,
+                                   frame_sampling=self.frame_sampling)]
         return [sample_indices(n, self.T, "test", clips=self.clips, clip=c, sampling=self.sampling,
-                               interval=self.interval) for c in range(self.clips)]
+                               interval=self.interval, frame_sampling=self.test_sampling) for c in range(self.clips)]
 
     def _views(self, frames_per_clip, rng):
         """frames_per_clip: list of uint8 (T, H, W, 3) -> train (T, 3, S, S) or test (V, T, 3, S, S)."""
         if self.mode == "train":
             return train_transform(frames_per_clip[0], rng, self.input_size, self.flip, self.randaugment,
-                                   self.random_erasing)
+                                   self.random_erasing, self.train_crop)
         views = [test_crops(f, self.input_size, self.crops, self.test_resize)
                  for f in frames_per_clip]  # C x (crops, T, 3, S, S)
         return torch.cat(views)  # (V, T, 3, S, S), V = clips * crops, clip-major
@@ -914,17 +1000,30 @@ def _list(root, list_file, class_file):
 def build_dataset(name, root=None, split=1, mode="train", frames=8, input_size=224, views="1x1", sampling="sparse",
                   shots=None, seed=0, flip=True, randaugment=False, random_erasing=False, list_file=None,
                   class_file=None, filename_tmpl="img_{:05d}.jpg", interval=None, videos_per_class=16,
-                  shots_dir=None):
+                  shots_dir=None, train_crop="multiscale", frame_sampling="tsn", test_sampling="tsn", test_resize=None):
     """One split of a dataset as a torch Dataset (see the module docstring for the items).
 
     name: one of DATASETS; root: the dataset folder in its authors' layout (LAYOUTS); split: 1..3 for hmdb51 and
     ucf101; mode: 'train' (random TSN offsets, augmentation) or 'test' (segment centres, `views` clips x crops);
     mode 'all' (zero-shot) reads every labelled video of split 1 with test sampling; frames: T; shots: K videos
-    per class drawn with `seed` (list written to `shots_dir`); interval: dense sampling stride."""
+    per class drawn with `seed` (list written to `shots_dir`); interval: dense sampling stride.
+    The BiEfficient authors' pipeline, one keyword each: train_crop "inception" (their crop, _inception_box);
+    frame_sampling "authors" (their training frames) and test_sampling "authors" (their clip starts; one clip:
+    their validation clip), see authors_indices; test_resize: the short side before the test crops (None: the
+    crop size; their test and validation: 256 for 224 crops)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid: {DATASETS}")
     if mode not in MODES + ("all",):
         raise ValueError(f"mode {mode!r} not in {MODES + ('all',)}")
+    for key, value, valid in (("train_crop", train_crop, TRAIN_CROPS), ("frame_sampling", frame_sampling,
+                              FRAME_SAMPLINGS), ("test_sampling", test_sampling, FRAME_SAMPLINGS)):
+        if value not in valid:
+            raise ValueError(f"{key} {value!r}; valid: {', '.join(map(repr, valid))}")
+        if value == "authors" and sampling != "sparse":
+            raise ValueError(f"{key} 'authors' is the authors' sparse sampling; sampling {sampling!r} has its own: "
+                             f"use {key} 'tsn' with it")
+    if test_resize is not None and test_resize < input_size:
+        raise ValueError(f"test resize {test_resize} is smaller than the crop size {input_size}")
     opts = dict(mode="test" if mode == "all" else mode, frames=frames, input_size=input_size, views=views,
                 sampling=sampling, seed=seed)
     if name == "synthetic":
@@ -960,6 +1059,9 @@ def build_dataset(name, root=None, split=1, mode="train", frames=8, input_size=2
             flip = False
         ds = VideoDataset(name, classes, samples, flip=flip, randaugment=randaugment, random_erasing=random_erasing,
                           interval=interval, frame_dirs=frame_dirs, num_frames=counts, filename_tmpl=tmpl, **opts)
+    # Choice: the synthetic set renders its frames at the crop size, so train_crop does not apply to it.
+    ds.train_crop, ds.frame_sampling, ds.test_sampling, ds.test_resize = train_crop, frame_sampling, test_sampling, \
+        test_resize
     if shots is not None:
         ds = few_shot(ds, shots, seed, shots_dir, tag=f"{name}_split{split}")
     return ds

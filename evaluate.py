@@ -1,8 +1,11 @@
 """Evaluation of a trained TPR or BiEfficient checkpoint: every protocol of both papers, exact under DDP.
 
 - Closed set (TPR Sec. 4.1.1 and Table 8; BiEfficient Table 1): single view (1 clip x 1 centre crop) and
-  multi-view (4 clips x 3 crops) top-1 / top-5, the model's scores averaged over the views of a video (TPR:
-  the TPR Eq. (18) fusion S = lambda S_VT + (1 - lambda) S_VC, lambda overridable with --lam).
+  multi-view (4 clips x 3 crops; the BiEfficient authors' 3 clips x 1 crop for a run with --test-protocol
+  authors) top-1 / top-5, each view's softmax probabilities averaged over the views of a video (train.view_scores;
+  TPR: the TPR Eq. (18) fusion S = lambda S_VT + (1 - lambda) S_VC, lambda overridable with --lam). The short
+  side before the crops: 256 for TPR (Sec. 4.1.1) and for the BiEfficient authors' protocol, --test-resize
+  otherwise (train.eval_short_side); every metrics line says it.
 - Zero-shot (BiEfficient Table 2): a checkpoint trained on one dataset scored on another's classes: the three
   official test splits with mean and standard deviation, or BIKE's half-classes x 10.
 - Few-shot (TPR Sec. 4.3, Table 7): K-shot runs are trained by train.py --shots K --seed s; pass all their
@@ -67,7 +70,8 @@ def build_parser():
     p.add_argument("--root", default=None, help="dataset folder (default: the training run's)")
     p.add_argument("--split", type=int, nargs="+", default=None, choices=(1, 2, 3),
                    help="split(s) (default: the training run's)")
-    p.add_argument("--views", nargs="+", default=list(data.VIEWS), help="test views CLIPSxCROPS, e.g. 1x1 4x3")
+    p.add_argument("--views", nargs="+", default=None, help="test views CLIPSxCROPS, e.g. 1x1 4x3 (default: 1x1 "
+                   "and 4x3; 3x1 for a run with the BiEfficient authors' --test-protocol authors)")
     p.add_argument("--zero-shot", default=None, choices=ZERO_SHOT,
                    help="zero-shot protocol on --dataset: the three official splits (mean +- std) or BIKE's "
                         "half-classes x --halves")
@@ -94,7 +98,8 @@ def build_parser():
                    help="with --video: TPR Fig. 7, each checkpoint's last-layer class-token attention over the "
                         "patches of every sampled frame, one row per checkpoint (e.g. the baseline and the full model)")
     p.add_argument("--test-resize", type=int, default=None, metavar="PIXELS",
-                   help="short side before the test crops (TPR Sec. 4.1.1: 256; default: the training run's)")
+                   help="short side before the test crops (default: the training run's --test-resize, else 256 "
+                        "for TPR, Sec. 4.1.1, and for the BiEfficient authors' protocol, else the crop size)")
     p.add_argument("--fusion", default=None, choices=("prob", "cosine"),
                    help="which reading of TPR Eq. (18) gives `top1` (both are reported; default: the training run's)")
     p.add_argument("--stop-on-bad-video", action="store_true",
@@ -106,7 +111,7 @@ def build_parser():
 
 def validate(cli):
     """Flag values checked before any model is loaded: one line naming the value and what is valid."""
-    for v in cli.views:
+    for v in cli.views or ():
         try:
             data._parse_views(v)
         except ValueError as e:
@@ -216,11 +221,12 @@ class Progress:
                  f"ETA {train._hms(eta)}")
 
 
-def score(model, ds, cli, device, amp_dtype, log, what):
+def score(model, ds, cli, device, amp_dtype, log, what, view_average="prob"):
     """train.evaluate with progress lines."""
     progress = Progress(what, len(ds), cli.print_every, log)
     return train.evaluate(model, ds, device, amp_dtype, cli.batch_size, cli.workers,
-                          stop_on_bad=cli.stop_on_bad_video, progress=progress, stop=getattr(cli, "stop", None))
+                          stop_on_bad=cli.stop_on_bad_video, progress=progress, stop=getattr(cli, "stop", None),
+                          view_average=view_average)
 
 
 def mean_std(values):
@@ -235,10 +241,13 @@ def evaluate_run(path, cli, device, amp_dtype, log):
     name = cli.dataset or args.dataset
     tag = " RANDOM-INIT" if args.random_init else ""
     records = []
+    views = cli.views or train.test_views(args)
+    average = train.row(args, "view_average")  # what is averaged over the views (train.view_scores)
     if cli.zero_shot:
-        kw = dict(frames=args.frames, input_size=clip.ARCHS[args.arch]["image_resolution"], sampling=args.sampling)
+        kw = dict(frames=args.frames, input_size=clip.ARCHS[args.arch]["image_resolution"], sampling=args.sampling,
+                  **train.pipeline_kwargs(args, "test", name))
         model = None
-        for view in cli.views:
+        for view in views:
             try:
                 evals = data.zero_shot_protocol(name, args.root, cli.zero_shot, halves=cli.halves, seed=args.seed,
                                                 views=view, **kw)
@@ -250,7 +259,7 @@ def evaluate_run(path, cli, device, amp_dtype, log):
                     texts, zh = train.class_names(args, ds, name)
                     model = restore(ckpt, args, texts, zh, device, path)
                 set_classes(model, args, ds, name)
-                r = score(model, ds, cli, device, amp_dtype, log, f"zero-shot {ev['name']} {view}")
+                r = score(model, ds, cli, device, amp_dtype, log, f"zero-shot {ev['name']} {view}", average)
                 proto = dict(train.protocol(args, ds, view, dataset_name=name), zero_shot=cli.zero_shot,
                              part=ev["name"], trained_on=args.dataset)
                 log(f"zero-shot {ev['name']} (trained on {args.dataset}): {train.describe(r, proto, args.random_init)}")
@@ -267,7 +276,7 @@ def evaluate_run(path, cli, device, amp_dtype, log):
     splits = cli.split or [args.split]
     model = None
     for split in splits:
-        for view in cli.views:
+        for view in views:
             try:
                 ds = train.build_dataset(args, "test", views=view, split=split, dataset=name)
             except (ValueError, OSError) as e:
@@ -276,7 +285,7 @@ def evaluate_run(path, cli, device, amp_dtype, log):
                 texts, zh = train.class_names(args, ds, name)
                 model = restore(ckpt, args, texts, zh, device, path)
             set_classes(model, args, ds, name)
-            r = score(model, ds, cli, device, amp_dtype, log, f"{name} split {split} {view}")
+            r = score(model, ds, cli, device, amp_dtype, log, f"{name} split {split} {view}", average)
             proto = train.protocol(args, ds, view, split=split, dataset_name=name)
             if name != args.dataset:
                 proto.update(zero_shot="classes of another dataset", trained_on=args.dataset)
@@ -426,7 +435,7 @@ def predict_video(cli, device, amp_dtype):
     if not os.path.isfile(cli.video):
         raise train.UsageError(f"--video {cli.video} does not exist")
     video, frames = load_video(cli.video, args.frames, clip.ARCHS[args.arch]["image_resolution"],
-                               getattr(args, "test_resize", None))  # (1, T, 3, S, S)
+                               train.eval_short_side(args))  # (1, T, 3, S, S)
     K = len(texts)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         out = model(video.to(device), None, torch.arange(K, device=device))
@@ -602,7 +611,7 @@ def attention_figure(cli, device, amp_dtype):
         texts, zh = train.class_names(args, ds, args.dataset)
         model = restore(ckpt, args, texts, zh, device, path)
         size = clip.ARCHS[args.arch]["image_resolution"]
-        video, _ = load_video(cli.video, args.frames, size, getattr(args, "test_resize", None))  # (1, T, 3, S, S)
+        video, _ = load_video(cli.video, args.frames, size, train.eval_short_side(args))  # (1, T, 3, S, S)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             maps = attention_maps(model, video.to(device))[0].float().cpu()  # (T, h, w)
         mean = torch.tensor(data.CLIP_MEAN).view(3, 1, 1) * 255

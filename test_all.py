@@ -1722,6 +1722,129 @@ def test_data_tsn_indices_hand_computed():
     assert dense == [37, 45, 53, 61]  # span 25, start 75 // 2
 
 
+def _their_train_offsets(n, T):
+    """The BiEfficient authors' Video_dataset._sample_indices (datasets/video.py:97-104), sparse branch,
+    re-stated: their global `random` module and NumPy's rounding."""
+    seg_size = float(n - 1) / T
+    return [random.randint(int(np.round(seg_size * i)), int(np.round(seg_size * (i + 1)))) for i in range(T)]
+
+
+def _their_test_offsets(n, T, clips):
+    """Their _get_test_indices (datasets/video.py:135-145), uniform branch, re-stated (one list per clip); with
+    clips = 1 it equals their _get_val_indices (115-119), checked below."""
+    tick = n / float(T)
+    # linspace(..., dtype=int) truncated toward zero up to NumPy 1.26 (their Python 3.9 environment); NumPy 2
+    # floors, which differs only for videos shorter than T frames (tick - 1 < 0): the float form, then astype.
+    starts = np.linspace(0, tick - 1, num=clips).astype(int).tolist()
+    return [[int(s + tick * x) % n for x in range(T)] for s in starts]
+
+
+def test_data_authors_frame_indices_are_their_functions():
+    """frame_sampling / test_sampling 'authors' against the authors' functions re-stated by hand: training
+    frames at fixed seeds (the same draws from the same generator state), validation frames (first frame of each
+    segment) and the 3 test clips' starts linspace(0, tick - 1, 3)."""
+    for n in (1, 5, 7, 8, 9, 16, 50, 77, 301):
+        for T in (8, 16):
+            for seed in range(20):
+                random.seed(seed)
+                theirs = _their_train_offsets(n, T)
+                ours = data.sample_indices(n, T, "train", random.Random(seed), frame_sampling="authors")
+                assert ours == theirs, (n, T, seed)
+            tick = n / T
+            assert data.sample_indices(n, T, "test", frame_sampling="authors") == \
+                [int(tick * x) % n for x in range(T)] == _their_test_offsets(n, T, 1)[0], (n, T)
+            for clips in (2, 3, 4):
+                got = [data.sample_indices(n, T, "test", clips=clips, clip=c, frame_sampling="authors")
+                       for c in range(clips)]
+                assert got == _their_test_offsets(n, T, clips), (n, T, clips)
+    # Hand values: n = 50, T = 8: seg 6.125, segment 0 draws from 0..6 (both ends), segment 7 from 43..49.
+    assert data.sample_indices(50, 8, "test", clips=3, clip=2, frame_sampling="authors") == \
+        [5, 11, 17, 23, 30, 36, 42, 48]  # tick 6.25, start int(5.25) = 5
+    with pytest.raises(ValueError, match="frame_sampling 'middle'; valid: 'tsn', 'authors'"):
+        data.sample_indices(50, 8, "test", frame_sampling="middle")
+
+
+def test_data_authors_sampling_reaches_the_frames_read(layouts):
+    """The dataset keywords: training frames, the validation clip and the 3 x 1 test views read back from the
+    video are the authors' indices."""
+    n = N_FRAMES
+    ds = data.build_dataset("hmdb51", layouts["hmdb51"], mode="train", frames=8, input_size=32,
+                            frame_sampling="authors")
+    for e in range(3):
+        ds.set_epoch(e)
+        idx = read_index(ds[0]["video"])
+        seg = (n - 1) / 8
+        assert all(round(seg * t) <= i <= round(seg * (t + 1)) for t, i in enumerate(idx)), idx
+    val = data.build_dataset("hmdb51", layouts["hmdb51"], mode="test", frames=8, input_size=32,
+                             test_sampling="authors", test_resize=36)
+    assert read_index(val[0]["video"][0]) == _their_test_offsets(n, 8, 1)[0] and val.test_resize == 36
+    test = data.build_dataset("hmdb51", layouts["hmdb51"], mode="test", frames=8, input_size=32, views="3x1",
+                              test_sampling="authors")
+    video = test[0]["video"]  # (3, T, 3, S, S)
+    assert [read_index(v) for v in video] == _their_test_offsets(n, 8, 3)
+    with pytest.raises(ValueError, match="test_sampling 'authors' is the authors' sparse sampling"):
+        data.build_dataset("hmdb51", layouts["hmdb51"], mode="test", sampling="dense", test_sampling="authors")
+    with pytest.raises(ValueError, match="train_crop 'random'; valid: 'multiscale', 'inception'"):
+        data.build_dataset("hmdb51", layouts["hmdb51"], train_crop="random")
+
+
+def _their_crop_box(h, w, size):
+    """GroupRandomSizedCrop (datasets/transforms.py:343-390 of the BiEfficient authors' code) re-stated on an
+    h x w frame that GroupScale has already brought to short side 256: the box (x1, y1, w, h) it crops, with
+    their global `random` module; the fallback scales the short side to `size` (torchvision's Resize) and takes
+    GroupRandomCrop's box in that frame, returned with the flag."""
+    for attempt in range(10):
+        area = w * h
+        target_area = random.uniform(0.08, 1.0) * area
+        aspect_ratio = random.uniform(3. / 4, 4. / 3)
+        cw = int(round(math.sqrt(target_area * aspect_ratio)))
+        ch = int(round(math.sqrt(target_area / aspect_ratio)))
+        if random.random() < 0.5:
+            cw, ch = ch, cw
+        if cw <= w and ch <= h:
+            x1 = random.randint(0, w - cw)
+            y1 = random.randint(0, h - ch)
+            return (x1, y1, cw, ch), False
+    sw, sh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    return (random.randint(0, sw - size), random.randint(0, sh - size), size, size), True
+
+
+def test_data_authors_crop_boxes_are_their_random_sized_crop():
+    """train_crop 'inception': the boxes of the authors' GroupScale(256) + GroupRandomSizedCrop at fixed seeds,
+    the fallback (10 misses on a very wide frame) included; on a frame of another size the box is theirs mapped
+    back to the original pixels."""
+    fallbacks = 0
+    for H, W in ((256, 340), (340, 256), (256, 2000)):
+        for seed in range(200):
+            random.seed(seed)
+            (x1, y1, cw, ch), fell = _their_crop_box(H, W, 224)
+            fallbacks += fell
+            if fell:  # their fallback box lives in the frame scaled to short side 224
+                f = 256 / 224
+                x1, y1, cw, ch = round(x1 * f), round(y1 * f), round(cw * f), round(ch * f)
+            assert data._inception_box(H, W, 224, random.Random(seed)) == (y1, x1, ch, cw), (H, W, seed)
+    assert fallbacks > 0
+    for seed in range(50):  # a 240 x 320 frame: GroupScale makes it 256 x 341
+        random.seed(seed)
+        (x1, y1, cw, ch), fell = _their_crop_box(256, 341, 224)
+        if not fell:
+            f = 240 / 256
+            assert data._inception_box(240, 320, 224, random.Random(seed)) == \
+                (round(y1 * f), round(x1 * f), round(ch * f), round(cw * f)), seed
+    # train_transform crops that box: a seed whose next draw (grayscale; no flip drawn) keeps the colours
+    frames = np.random.default_rng(0).integers(0, 256, (2, 256, 340, 3), dtype=np.uint8)
+    def keeps_colours(seed):
+        r = random.Random(seed)
+        data._inception_box(256, 340, 224, r)
+        return r.random() >= data.GRAYSCALE_P
+    seed = next(s for s in range(20) if keeps_colours(s))
+    y0, x0, h, w = data._inception_box(256, 340, 224, random.Random(seed))
+    got = data.train_transform(frames, random.Random(seed), 224, flip=False, crop="inception")
+    crop = torch.from_numpy(np.ascontiguousarray(frames[:, y0:y0 + h, x0:x0 + w])).permute(0, 3, 1, 2)
+    want = torch.nn.functional.interpolate(crop, size=(224, 224), mode="bilinear", antialias=True).float()
+    assert torch.equal(got, data._normalise(want))
+
+
 @pytest.mark.parametrize("key,name", [("hmdb51", "hmdb51"), ("ucf101", "ucf101"), ("k400", "k400"),
                                       ("k400csv", "k400"), ("ssv1", "ssv1"), ("lists", "list")])
 def test_data_frames_read_back_are_tsn_indices(layouts, key, name):
@@ -3847,6 +3970,116 @@ def test_bief_data_pipeline_rows_pick_the_mode_and_refuse_bad_values(bief_tiny):
         BiEfficient(bief_tiny, T=2, M=2, val_clip="middle")
 
 
+# A value other than the code column for every row of BIEFFICIENT_DEFAULTS (rows equal in both columns: another
+# valid value; None, "the mode's column", is no value), and the flag that sets it where there is one (else only
+# --biefficient-kwargs).
+_ROW_OTHER = {"wgvp_tau": 0.05, "view_average": "logit", "batch_per_gpu": 8, "weight_decay": 0.2, "post_heads": 2}
+_ROW_FLAG = {"M": "--M", "weight_decay": "--weight-decay", "contrastive_batch": "--contrastive-batch",
+             "train_crop": "--train-crop", "frame_sampling": "--frame-sampling", "val_clip": "--val-clip",
+             "test_protocol": "--test-protocol", "view_average": "--view-average", "batch_per_gpu": "--batch-per-gpu"}
+
+
+def test_bief_every_row_a_value_the_user_gives_wins_over_code_compat(tmp_path):
+    """Over every row of BIEFFICIENT_DEFAULTS, under --biefficient-code-compat: a value given in
+    --biefficient-kwargs replaces the code column, and a flag given replaces both (the model's config, the
+    engine's arguments and the data pipeline all take it)."""
+    import train
+    import prompts
+    rows = prompts.BIEFFICIENT_DEFAULTS
+    other = {k: _ROW_OTHER.get(k, paper) for k, (paper, code) in rows.items()}
+    assert all(other[k] != code for k, (paper, code) in rows.items()), "each row must differ from the code column"
+    assert set(_ROW_FLAG) <= set(rows)
+    # every row through --biefficient-kwargs (real dataset: the synthetic demo keeps its own weight decay)
+    root = str(tmp_path)
+    via_kwargs = train.resolve_args(train.build_parser().parse_args(
+        ["--method", "biefficient", "--dataset", "k400", "--root", root, "--arch", "tiny", "--random-init",
+         "--biefficient-code-compat", "--biefficient-kwargs", json.dumps(other)]))
+    model = train.build_model(via_kwargs, ["a", "b"])
+    for key, value in other.items():
+        assert model.config[key] == value, key
+        if key in train.TRAINING_ROWS + train.PIPELINE_ROWS + ("weight_decay",):
+            assert getattr(via_kwargs, key) == value, key
+    assert via_kwargs.batch_size == 8  # batch_per_gpu 8 on one process
+    # every row that has a flag: the flag wins over --biefficient-kwargs too
+    flagged = {k: v for k, v in other.items() if k in _ROW_FLAG}
+    clash = {k: rows[k][1] for k in _ROW_FLAG}  # the kwargs say the code column
+    argv = ["--method", "biefficient", "--dataset", "k400", "--root", root, "--arch", "tiny", "--random-init",
+            "--biefficient-code-compat", "--biefficient-kwargs", json.dumps(clash)]
+    for key, value in flagged.items():
+        argv += [_ROW_FLAG[key], str(value)]
+    via_flags = train.resolve_args(train.build_parser().parse_args(argv))
+    model = train.build_model(via_flags, ["a", "b"])
+    for key, value in flagged.items():
+        assert model.config[key] == value and getattr(via_flags, key) == value, key
+    assert via_flags.batch_size == 8 and via_flags.M == 16 and via_flags.weight_decay == 0.2
+    # the data pipeline takes the rows: the code's by default, the flag's when given
+    code = train.resolve_args(train.build_parser().parse_args(
+        ["--method", "biefficient", "--dataset", "k400", "--root", root, "--biefficient-code-compat"]))
+    assert train.pipeline_kwargs(code, "train") == dict(train_crop="inception", frame_sampling="authors",
+                                                        test_sampling="authors", test_resize=256)
+    assert train.pipeline_kwargs(code, "val")["test_sampling"] == "authors" and train.test_views(code) == ["3x1"]
+    assert train.pipeline_kwargs(via_flags, "val") == dict(train_crop="multiscale", frame_sampling="tsn",
+                                                           test_sampling="tsn", test_resize=32)
+    assert train.test_views(via_flags) == ["1x1", "4x3"]
+    with pytest.raises(train.UsageError, match="--sampling dense: --frame-sampling authors, --val-clip first"):
+        _bief_train_args("--biefficient-code-compat", "--sampling", "dense")
+
+
+def test_bief_weight_decay_given_trains_with_that_value_under_code_compat(tmp_path):
+    """An explicit --weight-decay 0.2 with --biefficient-code-compat is not changed to the code's 0.05: the
+    run's args.json and its optimizer say 0.2; without the flag the code column (0.05) on a real dataset."""
+    import train
+    out = str(tmp_path / "wd")
+    train.main(["--method", "biefficient", "--dataset", "synthetic", "--random-init", "--synthetic-videos", "1",
+                "--batch-size", "8", "--frames", "2", "--epochs", "1", "--eval-every", "0", "--workers", "0",
+                "--biefficient-code-compat", "--weight-decay", "0.2", "--output", out])
+    assert json.load(open(os.path.join(out, "args.json")))["weight_decay"] == 0.2
+    groups = trainable(out)["optimizer"]["param_groups"]
+    assert {g["weight_decay"] for g in groups if g["params"]} == {0.2}  # the code decays every parameter
+    root = str(tmp_path)
+    k400 = ["--method", "biefficient", "--dataset", "k400", "--root", root, "--biefficient-code-compat"]
+    assert train.resolve_args(train.build_parser().parse_args(k400)).weight_decay == 0.05
+    assert train.resolve_args(train.build_parser().parse_args(k400 + ["--weight-decay", "0.2"])).weight_decay == 0.2
+    assert train.resolve_args(train.build_parser().parse_args(k400[:-1])).weight_decay == 0.2  # the paper's
+
+
+def test_bief_code_compat_batch_is_32_per_gpu_the_global_batch_follows_the_processes(tmp_path, capsys):
+    """batch_per_gpu 32 (the authors' 32 per GPU): 128 global on 4 processes, 32 on 1, said in one line at the
+    start (the dry run at world 1 here); an explicit --batch-size stays the global batch."""
+    import train
+    assert [train.global_batch(32, w) for w in (1, 2, 4)] == [32, 64, 128]
+    argv = ["--method", "biefficient", "--dataset", "k400", "--root", str(tmp_path), "--biefficient-code-compat"]
+    four = train.resolve_args(train.build_parser().parse_args(argv), world=4)
+    assert four.batch_size == 128 and train.batch_line(four, 4).startswith("batch: 32 per GPU, 128 global")
+    given = train.resolve_args(train.build_parser().parse_args(argv + ["--batch-size", "64"]), world=4)
+    assert given.batch_size == 64 and train.batch_line(given, 4) == "batch: 16 per GPU, 64 global (--batch-size, global)"
+    assert given.batch_per_gpu is None  # the run's arguments say what it does
+    paper = train.resolve_args(train.build_parser().parse_args(argv[:-1]), world=4)
+    assert paper.batch_size == 32 and paper.batch_per_gpu is None  # the paper's global 32
+    with pytest.raises(train.UsageError, match="--batch-size 64 .global. and --batch-per-gpu 32 x 4"):
+        train.resolve_args(train.build_parser().parse_args(argv + ["--batch-size", "64", "--batch-per-gpu", "32"]),
+                           world=4)
+    train.main(["--method", "biefficient", "--dataset", "synthetic", "--random-init", "--dry-run",
+                "--biefficient-code-compat"])
+    out = capsys.readouterr().out
+    assert "batch: 32 per GPU, 32 global (--batch-per-gpu 32 x 1 process(es))" in out.split("component")[0]
+
+
+def test_bief_preset_hmdb51_finetune_is_the_authors_config_and_flags_win(tmp_path):
+    """--preset biefficient-hmdb51-finetune: configs/hmdb51/hmdb_k400_finetune.yaml of the authors' code (lr 5e-5,
+    weight decay 0.2, 16 frames, 16 per GPU, 20 epochs, evaluation every 2) under code-compat; a flag given wins."""
+    import train
+    root = str(tmp_path)
+    args = train.resolve_args(train.parse_args(["--preset", "biefficient-hmdb51-finetune", "--root", root]), world=4)
+    assert (args.method, args.dataset, args.biefficient_code_compat) == ("biefficient", "hmdb51", True)
+    assert (args.lr, args.weight_decay, args.frames, args.batch_size, args.epochs, args.eval_every) == \
+        (5e-5, 0.2, 16, 64, 20, 2)
+    assert (args.train_crop, args.frame_sampling, args.val_clip) == ("inception", "authors", "first")
+    mine = train.resolve_args(train.parse_args(["--preset", "biefficient-hmdb51-finetune", "--root", root,
+                                                "--lr", "1e-4", "--frames", "8", "--eval-every", "1"]))
+    assert (mine.lr, mine.frames, mine.eval_every, mine.batch_size) == (1e-4, 8, 1, 16)
+
+
 _BIEF_DDP_WORKER = r"""
 import json, os, sys, argparse
 import torch, torch.distributed as dist
@@ -5219,9 +5452,103 @@ def test_engine_evaluate_reports_both_eq18_fusions_and_test_resize(tpr_run, tmp_
                          "--fusion", "cosine", "--test-resize", "48"])
     (c,) = res["results"]
     assert c["protocol"]["fusion"] == "cosine" and c["top1"] == c["top1_by_fusion"]["cosine"]
-    assert c["protocol"]["test_resize"] == 48 and r["protocol"]["test_resize"] is None
+    # the synthetic set (frames drawn at the crop size) tests at the crop size unless told
+    assert c["protocol"]["test_resize"] == 48 and r["protocol"]["test_resize"] == 32
     with pytest.raises(train.UsageError, match="--test-resize 16: smaller than the 32-pixel crop"):
         evaluate.main(["--checkpoint", tpr_run, "--workers", "0", "--test-resize", "16"])
+
+
+def test_engine_tpr_tests_at_short_side_256_by_default(tmp_path, capsys):
+    """TPR Sec. 4.1.1: every evaluation of a TPR run (during training and evaluate.py) scales the short side to
+    256 before the 224 crop unless told otherwise, and the metrics line says so; --test-resize 224 is the X-CLIP
+    pipeline. (ViT-B/16 geometry with random towers, Fig. 5a's CLIP row: nothing to train.)"""
+    import data
+    g = np.random.default_rng(0)
+    (tmp_path / "classes.txt").write_text("moving left\nmoving right\n")
+    lines = []
+    for i, label in enumerate((0, 1)):
+        path = tmp_path / f"v{i}.avi"
+        write_video(str(path), data.render_synthetic(label, [t / 7 for t in range(8)], data.g_state(g), 48, 64))
+        lines.append(f"{path} {label}")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    out = str(tmp_path / "run")
+    lists = ["--list-file", str(tmp_path / "list.txt"), str(tmp_path / "list.txt")]
+    train.main(["--method", "tpr", "--dataset", "list", "--class-file", str(tmp_path / "classes.txt"), *lists,
+                "--random-init", "--arch", "ViT-B/16", "--frames", "2", "--no-chinese", "--no-temporal-prompts",
+                "--beta", "none", "--pooling", "mean", "--epochs", "0", "--batch-size", "2", "--workers", "0",
+                "--output", out])
+    assert "short side 256," in capsys.readouterr().out.split("eval epoch")[1]
+    assert [m["protocol"]["test_resize"] for m in metrics(out) if m["kind"] == "eval"] == [256]
+    res = evaluate.main(["--checkpoint", out, "--views", "1x1", "--workers", "0", "--output", str(tmp_path)])
+    assert res["results"][0]["protocol"]["test_resize"] == 256
+    assert "1x1 views, 2 frames, short side 256," in capsys.readouterr().out
+    res = evaluate.main(["--checkpoint", out, "--views", "1x1", "--workers", "0", "--output", str(tmp_path),
+                         "--test-resize", "224"])
+    assert res["results"][0]["protocol"]["test_resize"] == 224 and "short side 224," in capsys.readouterr().out
+
+
+def test_engine_views_average_probabilities_one_rule_per_method(bief_tiny):
+    """What is averaged over the views: each view's softmax probabilities, for both methods (X-CLIP's and the
+    BiEfficient authors' test code). A hand example where averaging logits would rank the other way: view 1 is
+    sure of class 0 (logits 10, 0), views 2 and 3 prefer class 1 (0, 3). Mean logits (3.33, 2) pick class 0;
+    mean probabilities (0.365, 0.635) pick class 1."""
+    import prompts
+    logits = torch.tensor([[10.0, 0.0], [0.0, 3.0], [0.0, 3.0]])  # (V, K) of one video
+    p = logits.softmax(-1).mean(0)
+    assert p[1] > p[0] and logits.mean(0).argmax() == 0  # the two rules disagree here
+    bief = BiEfficient(bief_tiny, T=2, M=2)
+    out = {"logits": {"en": logits}}
+    assert torch.allclose(train.view_scores(bief, out, 1, 3)[0], p)
+    assert torch.allclose(train.view_scores(bief, out, 1, 3, view_average="logit")[0], logits.mean(0))
+    assert BiEfficient(bief_tiny, T=2, M=2, code_compat=True).config["view_average"] == "prob"
+    # The authors' validate() (test.py:179-182 of their code) re-stated: softmax per view, mean over the views,
+    # a second softmax over the classes, mean over a singleton axis; the second softmax keeps the ranking.
+    g = torch.Generator().manual_seed(0)
+    many = torch.randn(4 * 3, 5, generator=g) * 5  # (B * V, K), B = 4 videos of V = 3 views
+    theirs = many.softmax(dim=-1).reshape(4, 3, -1).mean(dim=1).view(4, -1, 5).softmax(dim=-1).mean(dim=1)
+    ours = train.view_scores(bief, {"logits": {"en": many}}, 4, 3)
+    assert torch.equal(ours.argsort(-1), theirs.argsort(-1))
+    assert torch.allclose(ours.softmax(-1), theirs)
+    # TPR: Eq. (18)'s S per view. "prob": a mix of softmaxes, already probabilities; "cosine": softmax(S / tau).
+    tpr = prompts.TPR(bief_tiny, T=2, temporal_prompts=False, tau=0.1)
+    out = {"logits": {"en": logits * 2}}  # logits = cosine / tau
+    assert torch.allclose(train.view_scores(tpr, out, 1, 3, "prob")[0], (logits * 2).softmax(-1).mean(0))
+    cos = logits * 2 * 0.1  # the cosines S of the "cosine" reading
+    assert torch.allclose(train.view_scores(tpr, out, 1, 3, "cosine")[0], (cos / 0.1).softmax(-1).mean(0))
+    assert train.view_scores(tpr, {"logits": {"en": logits}}, 1, 3, "cosine").argmax() == 1
+
+    class Views(torch.utils.data.Dataset):  # one video of 3 views, label 1
+        classes, samples = ["a", "b"], [("v", 1)]
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return {"video": torch.zeros(3, 2, 3, 32, 32), "label": 1, "index": 0, "skipped": 0}
+
+    bief.set_classes(["a", "b"])
+    bief.forward = lambda video, labels, candidates: {"logits": {"en": logits}}  # the 3 views' logits
+    assert train.evaluate(bief, Views(), torch.device("cpu"), batch_size=1)["top1"] == 100.0
+    assert train.evaluate(bief, Views(), torch.device("cpu"), batch_size=1, view_average="logit")["top1"] == 0.0
+
+
+def test_engine_few_shot_sees_every_video_every_epoch(tmp_path):
+    """--shots K: the last incomplete global batch is kept, filled up from the epoch's start, so every training
+    video is in every epoch, every batch has B videos and the ranks equal shares; full training drops it."""
+    for world in (1, 2):
+        for epoch in range(3):
+            parts = [list(train.BatchSampler(102, 64, r, world, 0, epoch, keep_last=True)) for r in range(world)]
+            assert all(len(p) == 2 and all(len(b) == 64 // world for b in p) for p in parts)
+            assert {i for p in parts for b in p for i in b} == set(range(102))  # HMDB51 2-shot: all 102 videos
+    dropped = list(train.BatchSampler(102, 64, 0, 1, 0, 0))
+    assert len(dropped) == 1 and len({i for b in dropped for i in b}) == 64
+    shots = train.resolve_args(train.build_parser().parse_args(["--random-init", "--shots", "2", "--batch-size", "64"]))
+    full = train.resolve_args(train.build_parser().parse_args(["--random-init", "--batch-size", "64"]))
+    assert train.epoch_steps(102, shots) == 2 and train.epoch_steps(102, full) == 1
+    out = str(tmp_path / "few")  # 8 classes x 2 shots = 16 videos, batch 12: 2 steps an epoch
+    train.main(SMALL + ["--shots", "2", "--batch-size", "12", "--frames", "2", "--epochs", "2", "--eval-every", "0",
+                        "--output", out])
+    assert [m["step"] for m in metrics(out) if m["kind"] == "train"] == [1, 2, 3, 4]
 
 
 def _single_patch_attention(model_clip, target):
@@ -5359,7 +5686,7 @@ def test_engine_readme_tpr_commands_run_one_step(paper, variants, evals, tmp_pat
         r = train.main(base + extra + flags)
         assert r["final"] is not None, (paper, flags)
         steps = [m for m in metrics(out) if m["kind"] == "train"]
-        assert len(steps) == (0 if "--epochs" in flags and flags[flags.index("--epochs") + 1] == "0" else 1)
+        assert len(steps) == (int(flags[flags.index("--epochs") + 1]) if "--epochs" in flags else 1)  # 1 an epoch
         # Every README flag reached the run's arguments.
         given = parser.parse_args(flags)
         saved = json.load(open(os.path.join(out, "args.json")))

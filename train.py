@@ -82,7 +82,8 @@ SPEED_WINDOW = 50  # training steps behind the clips/s and ETA of the progress l
 # BiEfficient Sec. 4.1: AdamW, batch 32, 50 epochs, weight decay 0.2, lr 5e-4, 5 warm-up epochs then cosine
 # to zero, T = 8 (its ablation default), temperature 0.01.
 # Paper: BiEfficient's authors' code runs 32 per GPU on 4 GPUs (global 128) with weight decay 0.05; the paper's
-# "batch size of 32" is taken as the global batch; --biefficient-code-compat switches weight decay to 0.05.
+# "batch size of 32" is taken as the global batch; --biefficient-code-compat takes the code's column of both
+# (BIEFFICIENT_DEFAULTS "weight_decay" and "batch_per_gpu") unless --weight-decay / --batch-size is given.
 SYNTHETIC = dict(arch="tiny", frames=8, batch_size=16, epochs=None, lr=None, warmup_epochs=1, weight_decay=0.0,
                  prefix="{}.", label_smoothing=0.0, threads=1)
 # Choice: the synthetic demo (random frozen tiny towers) prompts TPR with the bare label "{}.", gives BiEfficient
@@ -96,6 +97,20 @@ SYNTHETIC_BY_METHOD = {"tpr": dict(epochs=15, lr=2e-3), "biefficient": dict(epoc
 # Choice: ViT-B/32 (512-d) takes ViT-B-16's tower, Chinese-CLIP has no ViT-B/32.
 CHINESE_FOR_ARCH = {"ViT-B/16": "ViT-B-16", "ViT-B/32": "ViT-B-16", "ViT-L/14": "ViT-L-14",
                     "ViT-L/14@336px": "ViT-L-14-336"}
+
+
+# --preset NAME: (defaults, what it is). Flags given on the command line win over a preset's values.
+PRESETS = {
+    # The BiEfficient authors' HMDB51 fine-tuning (configs/hmdb51/hmdb_k400_finetune.yaml of their code: lr 5e-5,
+    # weight decay 0.2, 16 frames, batch 16 per GPU, 20 epochs, evaluation every 2 epochs), their pipeline.
+    # Paper: their config fine-tunes a Kinetics-400 model; which weights it starts from is not in their
+    # public copy (`pretrain:` is empty), so this run starts from the frozen CLIP as every run here does.
+    "biefficient-hmdb51-finetune": (
+        dict(method="biefficient", dataset="hmdb51", biefficient_code_compat=True, lr=5e-5, weight_decay=0.2,
+             frames=16, batch_per_gpu=16, epochs=20, eval_every=2),
+        "the BiEfficient authors' HMDB51 fine-tuning config (code-compat, lr 5e-5, weight decay 0.2, 16 frames, "
+        "16 per GPU, 20 epochs, evaluation every 2)"),
+}
 
 
 def paper_defaults(method, dataset, shots, arch=None):
@@ -143,6 +158,16 @@ def build_parser():
     return p
 
 
+def parse_args(argv=None):
+    """The command line, a --preset's values as the defaults of the flags not given."""
+    p = build_parser()
+    cli = p.parse_args(argv)
+    if cli.preset:
+        p.set_defaults(**PRESETS[cli.preset][0])
+        cli = p.parse_args(argv)
+    return cli
+
+
 def add_data_flags(p):
     """What to train on: method, dataset, split, sampling, augmentation."""
     g = p.add_argument_group("what to train")
@@ -166,7 +191,31 @@ def add_data_flags(p):
     g.add_argument("--synthetic-videos", type=int, default=64, help="synthetic: videos per class and split")
     g.add_argument("--no-flip", action="store_true", help="no horizontal flip (always off for ssv1 and synthetic)")
     g.add_argument("--test-resize", type=int, default=None, metavar="PIXELS",
-                   help="short side before the test crops (TPR Sec. 4.1.1: 256); default: the crop size, as X-CLIP")
+                   help="short side before the crops of every evaluation; default: 256 for 224 crops with TPR "
+                        "(Sec. 4.1.1) and with the BiEfficient authors' validation and test (--val-clip first, "
+                        "--test-protocol authors), else the crop size (X-CLIP's test pipeline; the synthetic set)")
+    # The data-pipeline rows of prompts.BIEFFICIENT_DEFAULTS (default: the column of the method's mode; TPR and
+    # BiEfficient's paper mode take the paper column). A flag given here wins over --biefficient-kwargs.
+    g.add_argument("--train-crop", default=None, choices=data.TRAIN_CROPS,
+                   help="training crop: MultiScaleCrop, or the BiEfficient authors' GroupScale(256) + Inception-style "
+                        "random sized crop. Default: multiscale, inception with --biefficient-code-compat")
+    g.add_argument("--frame-sampling", default=None, choices=data.FRAME_SAMPLINGS,
+                   help="training frames: TSN's, or the BiEfficient authors' (seg = (n - 1) / T, both segment ends "
+                        "included). Default: tsn, authors with --biefficient-code-compat")
+    g.add_argument("--val-clip", default=None, choices=prompts.BIEFFICIENT_CHOICES["val_clip"],
+                   help="the evaluation during training (picks best.pt): the segment centres, or the BiEfficient "
+                        "authors' first frame of each segment at short side 256. Default: centre, first with "
+                        "--biefficient-code-compat")
+    g.add_argument("--test-protocol", default=None, choices=prompts.BIEFFICIENT_CHOICES["test_protocol"],
+                   help="the views evaluate.py tests when not told: this project's (1x1 and 4x3, TSN clips), or the "
+                        "BiEfficient authors' (3x1, clip starts linspace(0, tick - 1, 3), short side 256). Default: "
+                        "paper, authors with --biefficient-code-compat")
+    g.add_argument("--view-average", default=None, choices=prompts.BIEFFICIENT_CHOICES["view_average"],
+                   help="what is averaged over the views of a video: each view's softmax probabilities (X-CLIP's "
+                        "and the BiEfficient authors' test code) or its logits (default: prob)")
+    g.add_argument("--preset", default=None, choices=tuple(PRESETS),
+                   help="a published configuration as defaults (flags given win): " +
+                        "; ".join(f"{k}: {v[1]}" for k, v in PRESETS.items()))
 
 
 def add_backbone_flags(p):
@@ -235,7 +284,10 @@ def add_optimisation_flags(p):
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help="training epochs (default: the paper's)")
     g.add_argument("--batch-size", type=int, default=None, help="GLOBAL batch (all ranks together); the "
-                   "contrastive loss sees all of it (default: the paper's)")
+                   "contrastive loss sees all of it (default: the paper's, or --batch-per-gpu x the processes)")
+    g.add_argument("--batch-per-gpu", type=int, default=None, help="videos per process; the global batch is this "
+                   "times the number of processes (default: none, --batch-size is global; 32 with "
+                   "--biefficient-code-compat, as the authors' code)")
     g.add_argument("--micro-batch", type=int, default=None, help="videos per rank per forward; smaller than "
                    "batch-size/world-size turns on gradient accumulation (exact, see accumulate(); default: the "
                    "per-rank batch, no accumulation)")
@@ -285,8 +337,13 @@ def default_workers():
     return max(1, min(4, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
-def resolve_args(args):
-    """Fill the None defaults from the papers' values for the chosen method and protocol; validate."""
+def resolve_args(args, world=1):
+    """Fill the None defaults from the papers' values for the chosen method and protocol (`world` processes);
+    validate. A value the user gave always wins over a method, preset or code-compat default."""
+    batch_given, decay_given = args.batch_size is not None, args.weight_decay is not None
+    if batch_given and args.batch_per_gpu is not None and args.batch_size != global_batch(args.batch_per_gpu, world):
+        raise UsageError(f"--batch-size {args.batch_size} (global) and --batch-per-gpu {args.batch_per_gpu} x {world} "
+                         f"process(es) disagree; give one of them")
     for k, v in paper_defaults(args.method, args.dataset, args.shots, args.arch).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -298,8 +355,6 @@ def resolve_args(args):
         args.randaugment = args.dataset == "ssv1"
     if args.random_erasing is None:
         args.random_erasing = args.dataset == "ssv1"
-    if args.method == "biefficient" and args.biefficient_code_compat and args.weight_decay == 0.2:
-        args.weight_decay = 0.05  # the authors' code (prompts.BIEFFICIENT_DEFAULTS["weight_decay"])
     if args.dataset not in ("synthetic",) and args.dataset != "list" and args.root is None:
         raise UsageError(f"--dataset {args.dataset} needs --root DIR (the dataset folder in its authors' layout; "
                          f"see data.py)")
@@ -312,9 +367,18 @@ def resolve_args(args):
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: {e}") from None
         if not isinstance(value, dict):
             raise UsageError(f"--{flag.replace('_', '-')} must be a JSON object, got {getattr(args, flag)!r}")
+    if args.method == "biefficient" and not decay_given and args.dataset != "synthetic":
+        # --weight-decay, else --biefficient-kwargs, else the mode's column (Sec. 4.1: 0.2; code 0.05)
+        column = int(bool(args.biefficient_code_compat))
+        args.weight_decay = json.loads(args.biefficient_kwargs).get(
+            "weight_decay", prompts.BIEFFICIENT_DEFAULTS["weight_decay"][column])
+    resolve_training_rows(args)
+    if batch_given:
+        args.batch_per_gpu = None  # --batch-size given: the global batch, whatever the mode's per-GPU row says
+    elif args.batch_per_gpu is not None:
+        args.batch_size = global_batch(args.batch_per_gpu, world)
     if args.eval_batch_size is None:
         args.eval_batch_size = max(1, args.batch_size // 4)
-    resolve_training_rows(args)
     validate_args(args)  # value ranges first: a bad value is named even on the synthetic set
     if args.arch == "tiny" and not args.random_init:
         # The tiny towers exist only as random ones: say so instead of "unknown CLIP model 'tiny'".
@@ -328,27 +392,50 @@ def resolve_args(args):
 # The training-step rows of prompts.BIEFFICIENT_DEFAULTS; TPR (and runs saved before these existed) use the
 # paper column.
 TRAINING_ROWS = ("loss", "contrastive_batch", "lr_schedule", "amp")
+# The data-pipeline and protocol rows (data.py, evaluation), each also a flag of the same name.
+PIPELINE_ROWS = ("train_crop", "frame_sampling", "val_clip", "test_protocol", "view_average", "batch_per_gpu")
+ROW_FLAGS = ("contrastive_batch",) + PIPELINE_ROWS  # the rows a flag sets (it wins over --biefficient-kwargs)
 
 
 def resolve_training_rows(args):
-    """args.loss, .contrastive_batch, .lr_schedule, .amp: an explicit --contrastive-batch, else a value given in
-    --biefficient-kwargs, else BiEfficient's column for its mode (paper or code-compat); TPR: the paper's."""
+    """args.loss, .contrastive_batch, .lr_schedule, .amp and the PIPELINE_ROWS: the flag of that name when
+    given, else a value given in --biefficient-kwargs, else BiEfficient's column for its mode (paper or
+    code-compat); TPR: the paper's."""
     kw = json.loads(args.biefficient_kwargs) if args.method == "biefficient" else {}
     column = int(args.method == "biefficient" and bool(args.biefficient_code_compat))
-    flag = args.contrastive_batch
-    for key in TRAINING_ROWS:
-        valid = prompts.BIEFFICIENT_CHOICES[key]
+    flags = {key: getattr(args, key, None) for key in ROW_FLAGS}
+    for key in TRAINING_ROWS + PIPELINE_ROWS:
+        valid = prompts.BIEFFICIENT_CHOICES.get(key)
         value = kw.get(key, prompts.BIEFFICIENT_DEFAULTS[key][column])
-        if value not in valid:
+        if valid is not None and value not in valid:
             raise UsageError(f"--biefficient-kwargs {key}={value!r}; valid: {', '.join(map(repr, valid))}")
-        setattr(args, key, value)
-    if flag is not None:
-        args.contrastive_batch = flag
+        setattr(args, key, value if flags.get(key) is None else flags[key])
+    if args.batch_per_gpu is not None and (not isinstance(args.batch_per_gpu, int) or args.batch_per_gpu < 1):
+        raise UsageError(f"--batch-per-gpu {args.batch_per_gpu}: must be an integer >= 1")
+    authors = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k, v in (("frame_sampling", "authors"),
+               ("val_clip", "first"), ("test_protocol", "authors")) if getattr(args, k) == v]
+    if getattr(args, "sampling", "sparse") != "sparse" and authors:
+        raise UsageError(f"--sampling {args.sampling}: {', '.join(authors)} is the BiEfficient authors' sparse "
+                         f"sampling; with dense sampling pass --frame-sampling tsn --val-clip centre "
+                         f"--test-protocol paper")
     if args.loss == "multi_hot" and getattr(args, "label_smoothing", 0.0):
         raise UsageError(f"--label-smoothing {args.label_smoothing}: smooths the multi-positive loss only; the "
                          f"authors' multi-hot loss (--biefficient-code-compat) has none: pass --biefficient-kwargs "
                          f"'{{\"loss\": \"multi_positive\"}}' or --label-smoothing 0")
     return args
+
+
+def global_batch(batch_per_gpu, world):
+    """The global batch of `batch_per_gpu` videos on each of `world` processes (the BiEfficient authors' batch
+    follows the number of GPUs: 32 per GPU on their 4, 128 in all)."""
+    return batch_per_gpu * world
+
+
+def batch_line(args, world):
+    """One line at the start: the per-GPU and the global batch, and where they come from."""
+    where = (f"--batch-per-gpu {args.batch_per_gpu} x {world} process(es)" if args.batch_per_gpu is not None and
+             args.batch_size == global_batch(args.batch_per_gpu, world) else "--batch-size, global")
+    return f"batch: {args.batch_size // world} per GPU, {args.batch_size} global ({where})"
 
 
 def setup_distributed():
@@ -405,7 +492,7 @@ def setup(argv=None, stack=None):
     """Arguments, processes, seeds, output folder (locked for this run until `stack` closes), data and model.
     Returns (run, checkpoint to resume or None), or (None, None) after printing the parameter table for
     --dry-run."""
-    cli = build_parser().parse_args(argv)
+    cli = parse_args(argv)
     rank, world, device = setup_distributed()
     args, ckpt = resolve_run_args(cli, argv, world)
     run = Run(args, rank, world, device)
@@ -426,7 +513,7 @@ def setup(argv=None, stack=None):
     with rank0_only_warnings():
         run.train_set = build_dataset(args, "train", shots_dir=None if args.dry_run else args.output)
         if not args.dry_run:  # what needs no model is checked before the towers are built
-            run.test_set = build_dataset(args, "test", views="1x1")
+            run.test_set = build_dataset(args, "test", views="1x1", stage="val")
             check_data(run)
     texts, zh = class_names(args, run.train_set)
     model = run.model = build_model(args, texts, zh).to(device)
@@ -434,7 +521,7 @@ def setup(argv=None, stack=None):
         if not args.random_init:
             run.log(f"dry run: the towers of {args.arch} built without their weights (nothing downloaded; the "
                     f"trainable parameters depend on the shapes only)")
-        for line in describe_setup(args, model):
+        for line in describe_setup(args, model) + [batch_line(args, world)]:
             run.log(line)
         print_parameter_table(model, run.log)
         return None, None
@@ -452,7 +539,7 @@ def setup(argv=None, stack=None):
             f"{args.arch}{' RANDOM-INIT' if args.random_init else ''}; {world} rank(s) on {device.type}, global "
             f"batch {args.batch_size} = {world} x {per_rank // args.micro_batch} x {args.micro_batch}, precision "
             f"{run.amp_dtype or 'fp32'}; run folder {run.out}")
-    for line in describe_setup(args, model):
+    for line in describe_setup(args, model) + [batch_line(args, world)]:
         run.log(line)
     print_parameter_table(model, run.log)
 
@@ -475,7 +562,7 @@ def build_training(run, use_scaler):
                      if run.world > 1 and trainable else model)
     run.optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=tuple(args.betas))
     run.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    run.steps_per_epoch = len(run.train_set) // args.batch_size  # >= 1: check_data
+    run.steps_per_epoch = epoch_steps(len(run.train_set), args)  # >= 1: check_data
     run.total_steps = args.epochs * run.steps_per_epoch
     warn_short_warmup(run)
     run.fingerprint = frozen_fingerprint(model)
@@ -485,8 +572,9 @@ def build_training(run, use_scaler):
 # 2. Model and data
 # ==========================================================================================================
 
-def build_dataset(args, mode, views="1x1", split=None, dataset=None, shots_dir=None):
-    """A dataset of data.py for this run's settings; mode 'train', 'test' or 'all' (every labelled video)."""
+def build_dataset(args, mode, views="1x1", split=None, dataset=None, shots_dir=None, stage="test"):
+    """A dataset of data.py for this run's settings; mode 'train', 'test' or 'all' (every labelled video); stage:
+    the evaluation a test set serves, 'val' (during training: --val-clip) or 'test' (evaluate.py: --test-protocol)."""
     name = dataset or args.dataset
     list_file = None
     if args.list_file is not None:
@@ -498,13 +586,47 @@ def build_dataset(args, mode, views="1x1", split=None, dataset=None, shots_dir=N
             shots=args.shots if (mode == "train" and args.shots) else None, seed=args.seed, shots_dir=shots_dir,
             flip=not args.no_flip, randaugment=args.randaugment, random_erasing=args.random_erasing,
             list_file=list_file, class_file=args.class_file, filename_tmpl=args.filename_tmpl,
-            videos_per_class=args.synthetic_videos)
+            videos_per_class=args.synthetic_videos, **pipeline_kwargs(args, stage, name))
     except (OSError, ValueError, KeyError) as e:  # layout, split and list files: data.py names file:line
         raise UsageError(e.args[0] if isinstance(e, KeyError) else str(e)) from None
-    # Paper: TPR Sec. 4.1.1 scales the short side to 256 before the 224 crops; by default (None) the short side
-    # is resized to the crop (X-CLIP's test pipeline). A checkpoint from before the flag has no test_resize.
-    ds.test_resize = getattr(args, "test_resize", None)
     return ds
+
+
+def row(args, key):
+    """A resolved row of prompts.BIEFFICIENT_DEFAULTS; runs saved before the row existed used the paper column."""
+    return getattr(args, key, prompts.BIEFFICIENT_DEFAULTS[key][0])
+
+
+def pipeline_kwargs(args, stage="test", dataset=None):
+    """data.build_dataset's keywords for the data-pipeline rows: the training crop and frames, and for an
+    evaluation ('val' during training, 'test' in evaluate.py) its frames and short side."""
+    authors = row(args, "val_clip") == "first" if stage == "val" else row(args, "test_protocol") == "authors"
+    return dict(train_crop=row(args, "train_crop"), frame_sampling=row(args, "frame_sampling"),
+                test_sampling="authors" if authors else "tsn", test_resize=eval_short_side(args, stage, dataset))
+
+
+def eval_short_side(args, stage="test", dataset=None):
+    """The short side before the crops of an evaluation: --test-resize when given, else
+    TPR: 256 for 224 crops (256/224 of other crops), every evaluation (Sec. 4.1.1: "Unless otherwise stated, we
+    spatially scale the short side ... to 256");
+    BiEfficient: the authors' GroupScale under their validation clip / test protocol (256 for 224 crops, the crop
+    size for others: utils/Augmentation.py:29, test.py:70-74), else the crop size (X-CLIP's test pipeline;
+    Choice: the paper gives no test scale)."""
+    if getattr(args, "test_resize", None) is not None:
+        return args.test_resize
+    size = clip.ARCHS[args.arch]["image_resolution"]
+    if (dataset or args.dataset) == "synthetic":
+        return size  # Choice: the synthetic frames are drawn at the crop size; there is no larger frame to scale
+    if args.method == "tpr":
+        return data.SCALE_SIZE * size // 224
+    authors = row(args, "val_clip") == "first" if stage == "val" else row(args, "test_protocol") == "authors"
+    return (data.SCALE_SIZE if size == 224 else size) if authors else size
+
+
+def test_views(args):
+    """evaluate.py's views when --views is not given: the BiEfficient authors' 3 clips x 1 crop
+    (--test-protocol authors: test.py:40-41), else this project's 1x1 and 4x3 (TPR Sec. 4.1.1)."""
+    return ["3x1"] if row(args, "test_protocol") == "authors" else list(data.VIEWS)
 
 
 class BatchSampler:
@@ -514,21 +636,33 @@ class BatchSampler:
     of B (the last incomplete one dropped); rank r takes rows [r * B/W, (r + 1) * B/W) of each. The global
     batch is therefore the same set in the same order for any number of ranks, which is what makes the
     objective independent of the world size.
+    keep_last (few-shot): the last incomplete batch is kept, filled up with the first videos of the same
+    permutation (as DistributedSampler pads), so every video is seen every epoch and every batch still has B
+    videos in equal shares per rank (epoch_steps).
     """
 
-    def __init__(self, n, global_batch, rank, world, seed, epoch, start=0):
+    def __init__(self, n, global_batch, rank, world, seed, epoch, start=0, keep_last=False):
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         self.order = torch.randperm(n, generator=g).tolist()
         self.B, self.b, self.rank, self.start = global_batch, global_batch // world, rank, start
-        self.steps = n // global_batch
+        self.steps = -(-n // global_batch) if keep_last else n // global_batch
 
     def __len__(self):
         return self.steps - self.start
 
     def __iter__(self):
+        n = len(self.order)
         for s in range(self.start, self.steps):
-            rows = self.order[s * self.B:(s + 1) * self.B]
+            rows = [self.order[i % n] for i in range(s * self.B, (s + 1) * self.B)]  # wraps only with keep_last
             yield rows[self.rank * self.b:(self.rank + 1) * self.b]
+
+
+def epoch_steps(n, args):
+    """Optimizer steps per epoch of n training videos: whole global batches, the last incomplete one dropped;
+    few-shot (--shots K): every video in every epoch, the last batch filled up (BatchSampler's keep_last).
+    Choice / Paper: TPR Sec. 4.3 gives K-shot training batch 64 and says nothing of the last batch; dropping it
+    would leave e.g. 38 of HMDB51's 102 2-shot videos out of every epoch (102 // 64 = 1 step)."""
+    return -(-n // args.batch_size) if args.shots else n // args.batch_size
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # preemption (SLURM, Kubernetes, torchrun) and Ctrl-C
@@ -649,7 +783,10 @@ def build_model(args, class_texts, classes_zh=None):
         kw = json.loads(args.biefficient_kwargs)
         if args.M is not None:
             kw["M"] = args.M
-        kw.update({key: getattr(args, key) for key in TRAINING_ROWS})  # model.config states what the engine does
+        # model.config states what the engine does (runs saved before a row existed: the paper column)
+        kw.update({key: getattr(args, key, prompts.BIEFFICIENT_DEFAULTS[key][0])
+                   for key in TRAINING_ROWS + PIPELINE_ROWS})
+        kw["weight_decay"] = args.weight_decay
         model = prompts.BiEfficient(clip_model, T=args.frames, pre_prompt=not args.no_pre_prompt,
                                     post_prompt=not args.no_post_prompt, wgvp=not args.no_wgvp,
                                     code_compat=args.biefficient_code_compat, **kw)
@@ -724,6 +861,9 @@ def optimizer_step(run, batch):
         group["lr"] = lr
     loss = train_step(run.ddp_model, run.model, batch["video"], batch["label"], args, run.world, run.amp_dtype,
                       run.scaler, run.device)
+    # Choice: a non-finite loss stops the run (one line, exit 2). The BiEfficient authors' fp16 GradScaler skips
+    # that step, lowers its scale and goes on (train.py:344-349 of their code); here only inf/NaN gradients
+    # with a finite loss are skipped that way (GradScaler under --precision fp16).
     if not torch.isfinite(loss):
         raise non_finite_loss(run, loss)
     if args.grad_clip > 0:
@@ -838,10 +978,10 @@ CODE_LR_EVERY = 10
 def code_lr_at(step, args, steps_per_epoch):
     """The BiEfficient authors' learning rate at global step `step`: their train.py calls
     `lr_scheduler.step(epoch + i / len(train_loader))` when i == 0 or (i + 1) % 10 == 0 (i the iteration within
-    the epoch), and the value holds until the next call. Their WarmupCosineAnnealingLR (solver.py; the file
-    itself, utils/lr_scheduler.py, is not in their public copy) is ActionCLIP's: lr * e / warmup for a
-    fractional epoch e < warmup, then a cosine from lr to --min-lr over the remaining epochs. Hence lr 0 for
-    the first 9 steps of a run."""
+    the epoch), and the value holds until the next call. Their WarmupCosineAnnealingLR (built in
+    utils/solver.py, defined in utils/lr_scheduler.py) is ActionCLIP's: lr * e / warmup for a fractional epoch
+    e < warmup, then a cosine from lr to --min-lr over the remaining epochs; this function matches it at every
+    step. Hence lr 0 for the first 9 steps of a run."""
     epoch, i = divmod(step, steps_per_epoch)
     i_set = 0 if i + 1 < CODE_LR_EVERY else (i + 1) // CODE_LR_EVERY * CODE_LR_EVERY - 1  # last call's iteration
     e = epoch + i_set / steps_per_epoch  # fractional epoch the scheduler was last stepped with
@@ -894,7 +1034,7 @@ def train_epoch(run):
     args, spe = run.args, run.steps_per_epoch
     run.train_set.set_epoch(run.epoch)
     sampler = BatchSampler(len(run.train_set), args.batch_size, run.rank, run.world, args.seed, run.epoch,
-                           start=run.epoch_step)
+                           start=run.epoch_step, keep_last=bool(args.shots))
     run.speed.restart()  # after the evaluation and saving of the previous epoch
     for batch in loader(run.train_set, batch_sampler=sampler, workers=args.workers):
         loss, lr = optimizer_step(run, batch)
@@ -996,9 +1136,30 @@ def _now():
 # 5. Evaluation (exact under DDP; shared with evaluate.py)
 # ==========================================================================================================
 
+def view_scores(model, out, B, V, fusion=None, view_average="prob"):
+    """The scores of B videos from the model's output on their B * V views (clip-major per video): (B, K).
+
+    One rule for both methods: each view's softmax probabilities over the candidates, averaged over the views.
+    X-CLIP's test code (main.py, validate: the softmax of each view summed), whose multi-view protocol TPR Sec.
+    4.1.1 follows ("the average score of all views"), averages softmax probabilities, and so does the BiEfficient authors' test.py:179-180; a mean of logits would
+    let one confident view outvote the others. TPR: a view's probabilities are Eq. (18)'s S under the "prob"
+    fusion (a mix of two softmaxes), and softmax(S / tau) under the paper's "cosine" reading (the same ranking
+    within the view). view_average "logit" averages the raw scores instead (TPR: S; BiEfficient: its logits)."""
+    if isinstance(model, prompts.TPR):
+        fusion = fusion or model.fusion
+        s = model.scores(out, fusion).float()  # (B * V, K)
+        if view_average == "prob" and fusion == "cosine":
+            s = (s / model.tau).softmax(dim=-1)
+    else:
+        s = model.scores(out).float()  # BiEfficient: the logits of BiEfficient Eq. (10)
+        if view_average == "prob":
+            s = s.softmax(dim=-1)
+    return s.view(B, V, -1).mean(1)  # (B * V, K) -> (B, V, K) -> (B, K)
+
+
 @torch.no_grad()
 def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, return_indices=False,
-             stop_on_bad=False, progress=None, stop=None):
+             stop_on_bad=False, progress=None, stop=None, view_average="prob"):
     """Top-1 / top-5 over a test dataset whose items hold all views of one video, (V, T, 3, H, W).
 
     Each rank takes videos rank, rank + W, ... (no padding: each video is scored exactly once, as
@@ -1050,15 +1211,14 @@ def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, re
         B, V = video.shape[:2]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(video.flatten(0, 1), None, candidates)  # (B * V, T, 3, H, W)
-        # The model's final scores (TPR Eq. (18): the fusion of probabilities; BiEfficient: its logits), averaged
-        # over the views of each video (the multi-view protocol of TPR Sec. 4.1.1).
-        probs = model.scores(out).float().view(B, V, K).mean(1)  # (B * V, K) -> (B, K)
+        # Each view's probabilities, averaged over the views of each video (view_scores).
+        probs = view_scores(model, out, B, V, view_average=view_average)  # (B, K)
         top = probs.topk(min(5, K), dim=-1).indices  # (B, 5)
         counts[0] += (top[:, 0] == labels).sum().item()
         counts[1] += (top == labels[:, None]).any(-1).sum().item()
         counts[2] += B
         for name in variant_counts:
-            hit = model.scores(out, name).float().view(B, V, K).mean(1).argmax(-1) == labels  # (B,)
+            hit = view_scores(model, out, B, V, name, view_average).argmax(-1) == labels  # (B,)
             variant_counts[name] += int(hit.sum())
         seen += batch["index"].tolist()
         if progress is not None:
@@ -1091,11 +1251,13 @@ def evaluate(model, dataset, device, amp_dtype=None, batch_size=8, workers=0, re
 
 
 def protocol(args, dataset, views, split=None, dataset_name=None):
-    """What an accuracy figure means: dataset, split, views, frames, number of videos, the test short side
-    (None: the crop size) and, for TPR, which reading of TPR Eq. (18) `top1` uses."""
+    """What an accuracy figure means: dataset, split, views, frames, number of videos, the test short side, the
+    frames of each view (TSN centres or the BiEfficient authors' clip starts), what is averaged over the views
+    and, for TPR, which reading of TPR Eq. (18) `top1` uses."""
     proto = dict(dataset=dataset_name or args.dataset, split=split or args.split, views=views,
                  frames=args.frames, videos=len(dataset), classes=len(dataset.classes),
-                 test_resize=getattr(args, "test_resize", None))
+                 test_resize=dataset.test_resize or clip.ARCHS[args.arch]["image_resolution"],
+                 test_sampling=dataset.test_sampling, view_average=row(args, "view_average"))
     if args.method == "tpr":
         proto["fusion"] = getattr(args, "fusion", "prob")
     return proto
@@ -1110,6 +1272,8 @@ def describe(result, proto, random_init):
         fusion = f", TPR Eq. (18) fusion {proto['fusion']} (" + ", ".join(
             f"{k} {v:.2f}%" for k, v in result["top1_by_fusion"].items()) + ")"
     resize = f", short side {proto['test_resize']}" if proto.get("test_resize") else ""
+    if proto.get("test_sampling") == "authors":
+        resize += ", the BiEfficient authors' clip starts"
     return (f"top1 {result['top1']:.2f}% top5 {result['top5']:.2f}% on {proto['dataset']} split {proto['split']}"
             f" test, {proto['views']} views, {proto['frames']} frames{resize}, {result['videos']} videos scored, "
             f"{skipped} skipped as unreadable{names}{fusion}{tag}")
@@ -1119,10 +1283,10 @@ def run_eval(run):
     """Single-view evaluation on the test split (built once), logged and written to metrics.jsonl."""
     args = run.args
     if run.test_set is None:
-        run.test_set = build_dataset(args, "test", views="1x1")
+        run.test_set = build_dataset(args, "test", views="1x1", stage="val")
     t0 = _now()
     result = evaluate(run.model, run.test_set, run.device, run.amp_dtype, args.eval_batch_size, args.workers,
-                      stop=lambda: stop_requested(run))
+                      stop=lambda: stop_requested(run), view_average=row(args, "view_average"))
     run.speed.eval_s = _now() - t0
     proto = protocol(args, run.test_set, "1x1")
     run.log(f"eval epoch {run.epoch + 1}: {describe(result, proto, args.random_init)}")
@@ -1490,7 +1654,7 @@ def explicit_flags(argv):
 
 # Flags added after checkpoint format 1 (their code reads them with the old behaviour as the default); every
 # other flag must be in a run's saved arguments.
-LATER_FLAGS = ("label_smoothing", "test_resize", "fusion", "threads", "contrastive_batch")
+LATER_FLAGS = ("label_smoothing", "test_resize", "fusion", "threads", "contrastive_batch") + PIPELINE_ROWS + ("preset",)
 # Flags whose None default is filled in by resolve_args: a saved run always holds a value for them.
 RESOLVED = ("arch", "frames", "batch_size", "micro_batch", "epochs", "lr", "warmup_epochs", "weight_decay",
             "eval_batch_size", "prefix", "pretrained_chinese", "randaugment", "random_erasing")
@@ -1546,7 +1710,7 @@ def resume_args(cli, argv, saved, source):
     flag given with a different value is refused, each named with both values."""
     check_saved_args(saved, source)
     args = argparse.Namespace(**saved)
-    for key in TRAINING_ROWS:  # runs saved before these rows existed trained with the paper column
+    for key in TRAINING_ROWS + PIPELINE_ROWS:  # runs saved before these rows existed trained with the paper column
         if not hasattr(args, key):
             setattr(args, key, prompts.BIEFFICIENT_DEFAULTS[key][0])
     given = explicit_flags(argv)
@@ -1604,7 +1768,7 @@ def resolve_run_args(cli, argv, world):
         where_to_continue(cli, args, ckpt, folder)
         validate_args(args)
     else:
-        args = resolve_args(cli)
+        args = resolve_args(cli, world)
     if args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} (global) is not divisible by the {world} ranks")
     per_rank = args.batch_size // world
