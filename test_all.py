@@ -5293,7 +5293,7 @@ def test_engine_checks_that_need_no_model_come_before_the_towers(tmp_path, monke
     lines = []
     for i, label in enumerate((0, 1, 0, 1)):
         path = tmp_path / f"v{i}.avi"
-        data.write_video(str(path), data.render_synthetic(label, [t / 11 for t in range(12)], data.g_state(g), 32, 32))
+        write_video(str(path), data.render_synthetic(label, [t / 11 for t in range(12)], data.g_state(g), 32, 32))
         lines.append(f"{path} {label}")
     (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
     (tmp_path / "test.txt").write_text("")
@@ -5626,8 +5626,8 @@ def test_engine_own_video_misuse_is_one_line_or_done_right(tpr_run, tmp_path, ca
     import data
     g = __import__("numpy").random.default_rng(0)
     video, still = str(tmp_path / "mine.avi"), str(tmp_path / "still.avi")
-    data.write_video(video, data.render_synthetic(0, [i / 15 for i in range(16)], data.g_state(g), 48, 64))
-    data.write_video(still, data.render_synthetic(0, [0.5], data.g_state(g), 48, 64))
+    write_video(video, data.render_synthetic(0, [i / 15 for i in range(16)], data.g_state(g), 48, 64))
+    write_video(still, data.render_synthetic(0, [0.5], data.g_state(g), 48, 64))
     base = ["--checkpoint", tpr_run, "--video", video, "--workers", "0"]
     for argv, words in ((["--labels", "run,jump,run"], ["--labels 'run,jump,run'", "run given more than once"]),
                         (["--labels", "run," + "jump " * 80], ["does not fit the text tower's 77 tokens"]),
