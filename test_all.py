@@ -1099,6 +1099,18 @@ def test_clip_hugging_face_config_and_key_errors(tmp_path, clip_tiny_file):
         (folder / "config.json").write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=match):
             clip.load(str(folder / "model.safetensors"), device="cpu")  # the config beside a file counts too
+    # OpenAI-named keys in a folder whose config.json is another model's: refused, not read as CLIP
+    openai_folder = tmp_path / "openai_named"
+    openai_folder.mkdir()
+    safetensors_torch.save_file(torch.load(clip_tiny_file, weights_only=True), openai_folder / "model.safetensors")
+    for other, match in (({"model_type": "siglip"}, "model_type 'siglip', not 'clip'"),
+                         ({"architectures": ["SiglipModel"]}, r"architectures \['SiglipModel'\], not a CLIP")):
+        (openai_folder / "config.json").write_text(json.dumps(other))
+        with pytest.raises(ValueError, match=match) as e:
+            clip.load(str(openai_folder), device="cpu")
+        assert "\n" not in str(e.value) and str(openai_folder) in str(e.value)
+    (openai_folder / "config.json").write_text(json.dumps(config))
+    clip_assert_same_weights(clip.load(str(openai_folder), device="cpu")[0], clip_tiny_file)
     (folder / "config.json").write_text(json.dumps(config))
     key = "text_model.encoder.layers.1.self_attn.k_proj.bias"
     safetensors_torch.save_file({k: v for k, v in hf.items() if k != key}, folder / "model.safetensors")
