@@ -642,8 +642,15 @@ def chinese_labels(dataset, class_names, path=None):
                                     "{english: chinese} or english<TAB>chinese lines")
         with open(path, encoding="utf-8-sig") as f:  # a BOM (Windows editors) is not part of the first label
             text = f.read()
+        def unique(pairs):  # json.loads alone keeps the last of a repeated key without a word
+            table = {}
+            for en, zh in pairs:
+                if en in table:
+                    raise ValueError(f"{path}: key {en!r} appears twice ({table[en]!r} and {zh!r}); keep one")
+                table[en] = zh
+            return table
         try:
-            table = json.loads(text)
+            table = json.loads(text, object_pairs_hook=unique)
         except json.JSONDecodeError as e:
             if text.lstrip("\ufeff \t\r\n")[:1] in ("{", "["):  # meant as JSON: its error, not the tab format's
                 raise ValueError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
@@ -654,6 +661,9 @@ def chinese_labels(dataset, class_names, path=None):
                 if "\t" not in line:
                     raise ValueError(f"{path}:{n}: expected 'english<TAB>chinese', got {line!r}")
                 en, zh = line.split("\t", 1)
+                if en.strip() in table:
+                    raise ValueError(f"{path}:{n}: {en.strip()!r} appears twice ({table[en.strip()]!r} and "
+                                     f"{zh.strip()!r}); keep one")
                 table[en.strip()] = zh.strip()
         if not isinstance(table, dict):
             raise ValueError(f"{path}: expected a JSON object {{english: chinese}}, got {type(table).__name__}")

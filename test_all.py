@@ -2660,6 +2660,21 @@ def test_data_chinese_labels_malformed_json_reports_the_json_error(tmp_path):
     assert data.chinese_labels("custom", ["jump", "run"], str(path)) == ["跳", "跑"]
 
 
+def test_data_chinese_labels_duplicate_key_is_refused(tmp_path):
+    """json.loads keeps the last of a repeated key silently: a repeated label is refused, naming file and key."""
+    path = tmp_path / "zh.json"
+    path.write_text('{"jump": "跳", "run": "跑", "jump": "跃"}', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"zh.json: key 'jump' appears twice \('跳' and '跃'\)") as e:
+        data.chinese_labels("custom", ["jump", "run"], str(path))
+    assert "\n" not in str(e.value)
+    tsv = tmp_path / "zh.tsv"
+    tsv.write_text("jump\t跳\nrun\t跑\njump\t跃\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"zh.tsv:3: 'jump' appears twice \('跳' and '跃'\)"):
+        data.chinese_labels("custom", ["jump", "run"], str(tsv))
+    tsv.write_text("jump\t跳\nrun\t跑\n", encoding="utf-8")  # once each: read
+    assert data.chinese_labels("custom", ["jump", "run"], str(tsv)) == ["跳", "跑"]
+
+
 def test_data_test_resize_short_side_then_crops():
     # TPR Sec. 4.1.1: short side to 256 before the 224 crop. Here short side 240 -> 64 for a 32 crop: the crop
     # sees the central 32/64 of the short side, i.e. rows 60..179 and (centre crop) columns 100..219.
