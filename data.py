@@ -1573,6 +1573,13 @@ def check(name, root, split=1, workers=None, list_file=None, class_file=None, fi
         if counts:
             print(f"  frames per video: min {min(counts)}, mean {statistics.fmean(counts):.1f}, "
                   f"max {max(counts)}", file=out)
+            short = sum(n < frames for n in counts)  # sampled anyway: their clips repeat frames
+            if short == len(counts):
+                print(f"  every video is shorter than T={frames} frames (the longest has {max(counts)}): each "
+                      f"clip repeats frames; train with a smaller --frames", file=out)
+            elif short:
+                print(f"  {short} of {len(counts)} videos are shorter than T={frames} frames: their clips repeat "
+                      f"frames", file=out)
         for path, damage in damaged:
             print(f"  DAMAGED {path}: {damage}; used (at least T={frames} frames decode)", file=out)
         for path, note in adapted:

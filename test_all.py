@@ -1870,6 +1870,25 @@ def test_data_check_reports_bad_files(layouts, capsys):
     assert "nowhere" in capsys.readouterr().err
 
 
+def test_data_check_says_when_videos_are_shorter_than_T(tmp_path, capsys):
+    """Training samples a video shorter than T anyway (its clip repeats frames): --check counts them, and says
+    so in one line when every video is."""
+    write_video(str(tmp_path / "short.mp4"), gray_video(6))
+    write_video(str(tmp_path / "long.mp4"), gray_video(N_FRAMES))
+    (tmp_path / "classes.txt").write_text("jump\nrun\n")
+    (tmp_path / "videos.txt").write_text("short.mp4 0\nlong.mp4 1\n")
+    lists = [str(tmp_path / "videos.txt")] * 2
+    def check(T):
+        assert data.main(["--dataset", "list", "--root", str(tmp_path), "--list-file", *lists, "--class-file",
+                          str(tmp_path / "classes.txt"), "--check", "--workers", "0", "--frames", str(T)]) == 0
+        return capsys.readouterr().out
+    out = check(10)
+    assert out.count("1 of 2 videos are shorter than T=10 frames") == 2 and "every video" not in out  # train, test
+    out = check(N_FRAMES + 1)
+    assert out.count(f"every video is shorter than T={N_FRAMES + 1} frames (the longest has {N_FRAMES})") == 2
+    assert "shorter" not in check(6)
+
+
 def test_data_decodes_only_needed_gops(layouts, monkeypatch):
     path = os.path.join(layouts["hmdb51"], "catch", "catch_v0.avi")
     meta = data.probe_video(path)
