@@ -4401,6 +4401,31 @@ def test_engine_scores_a_users_own_video(tpr_run, tmp_path, capsys):
     assert dict(ranked) == pytest.approx(dict(from_dictionary))
 
 
+def test_engine_own_video_says_its_display_matrix_turned_it(tpr_run, tmp_path, capsys):
+    """A phone's portrait video (display matrix -90 degrees): the model sees it as players show it, and the
+    printed output and the figure's title say it was turned."""
+    import av
+    import data
+    from PIL import Image
+    frames = data.render_synthetic(0, [i / 47 for i in range(48)], data.g_state(np.random.default_rng(0)), 48, 64)
+    video = str(tmp_path / "phone.mp4")
+    with av.open(video, "w") as c:
+        s = c.add_stream("libx264", rate=30)
+        _x264_stream(s)
+        s.set_display_rotation(-90)  # counter-clockwise degrees: the portrait frame is the coded one turned right
+        _encode_into(c, s, frames)
+    png = str(tmp_path / "vis.png")
+    evaluate.main(["--checkpoint", tpr_run, "--video", video, "--dataset", "synthetic", "--visualize", png])
+    said = "turned 90 degrees clockwise as its display matrix says"
+    assert capsys.readouterr().out.count(f"note: {video} {said}") == 1
+    assert said in Image.open(png).text["Title"]
+    assert evaluate.load_video(video, 8, 32)[1].shape == (8, 64, 48, 3)  # portrait: H and W of the coded frames swapped
+    plain = str(tmp_path / "plain.avi")
+    write_video(plain, frames)
+    evaluate.main(["--checkpoint", tpr_run, "--video", plain, "--dataset", "synthetic", "--visualize", png])
+    assert "display matrix" not in capsys.readouterr().out and "display matrix" not in Image.open(png).text["Title"]
+
+
 CLIP_ROW = ["--no-temporal-prompts", "--beta", "none", "--no-chinese", "--pooling", "mean"]  # Fig. 5a CLIP row
 
 
