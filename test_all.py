@@ -4660,12 +4660,10 @@ def test_engine_sigterm_to_torchrun_with_loader_workers_stops_every_rank_and_res
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_engine_sigterm_during_evaluation_stops_at_the_next_batch_and_resume_evaluates(tpr_run, tmp_path,
-                                                                                     monkeypatch):
-    """A signal during the evaluation after an epoch: it stops before its next batch (not after the whole test
-    set and one more step), last.pt holds the finished epoch, and --resume evaluates it and trains on."""
+def sigterm_after_one_evaluation_batch(monkeypatch):
+    """Patch train.evaluate so that the process gets SIGTERM once one batch is scored (when the evaluation asks
+    whether to stop the second time). Returns (the real train.evaluate, the list of those asks)."""
     import signal
-    out = str(tmp_path / "r")
     real, asked = train.evaluate, []
 
     def stopping_evaluate(*a, stop=None, **k):
@@ -4676,6 +4674,15 @@ def test_engine_sigterm_during_evaluation_stops_at_the_next_batch_and_resume_eva
             return stop()
         return real(*a, stop=ask, **k)
     monkeypatch.setattr(train, "evaluate", stopping_evaluate)
+    return real, asked
+
+
+def test_engine_sigterm_during_evaluation_stops_at_the_next_batch_and_resume_evaluates(tpr_run, tmp_path,
+                                                                                     monkeypatch):
+    """A signal during the evaluation after an epoch: it stops before its next batch (not after the whole test
+    set and one more step), last.pt holds the finished epoch, and --resume evaluates it and trains on."""
+    out = str(tmp_path / "r")
+    real, asked = sigterm_after_one_evaluation_batch(monkeypatch)
     with pytest.raises(train.Preempted, match=r"SIGTERM during the evaluation after epoch 1 \(global step 4\)"):
         train.main(SMALL + ["--method", "tpr", "--epochs", "3", "--eval-batch-size", "4", "--output", out])
     assert len(asked) == 2 and not [m for m in metrics(out) if m["kind"] == "eval"]
@@ -4692,16 +4699,7 @@ def test_engine_evaluate_py_stops_at_the_next_batch_with_one_line(tpr_run, tmp_p
     """evaluate.py: SIGTERM stops it before its next batch with one line and exit code 143 (128 + SIGTERM),
     nothing written; its signal handlers are put back."""
     import signal
-    real, asked = train.evaluate, []
-
-    def stopping_evaluate(*a, stop=None, **k):
-        def ask():
-            asked.append(1)
-            if len(asked) == 2:  # one batch scored, then the signal
-                os.kill(os.getpid(), signal.SIGTERM)
-            return stop()
-        return real(*a, stop=ask, **k)
-    monkeypatch.setattr(train, "evaluate", stopping_evaluate)
+    _, asked = sigterm_after_one_evaluation_batch(monkeypatch)
     before = signal.getsignal(signal.SIGTERM)
     code, err = cli(capsys, evaluate.main, ["--checkpoint", tpr_run, "--views", "1x1", "--workers", "0",
                                             "--batch-size", "4", "--output", str(tmp_path / "e")])
