@@ -637,6 +637,8 @@ def main(argv=None):
     rank, world, device = train.setup_distributed()
     log = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
     amp_dtype, _ = train.amp_settings(cli.precision, device)
+    if device.type == "cpu":
+        log(train.set_cpu_threads())  # train.py's default: torch's own collapses on a loaded machine
     if cli.attention:
         if cli.visualize:  # both pictures: the first checkpoint's scores and frames, then Fig. 7
             predict_video(cli, device, amp_dtype)

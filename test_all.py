@@ -4417,7 +4417,8 @@ def test_engine_own_video_says_its_display_matrix_turned_it(tpr_run, tmp_path, c
     png = str(tmp_path / "vis.png")
     evaluate.main(["--checkpoint", tpr_run, "--video", video, "--dataset", "synthetic", "--visualize", png])
     said = "turned 90 degrees clockwise as its display matrix says"
-    assert capsys.readouterr().out.count(f"note: {video} {said}") == 1
+    out = capsys.readouterr().out
+    assert out.count(f"note: {video} {said}") == 1 and out.count("CPU threads: ") == 1  # train.py's default
     assert said in Image.open(png).text["Title"]
     assert evaluate.load_video(video, 8, 32)[1].shape == (8, 64, 48, 3)  # portrait: H and W of the coded frames swapped
     plain = str(tmp_path / "plain.avi")
@@ -4485,6 +4486,30 @@ def test_engine_default_workers_never_exceed_the_cores(monkeypatch, recwarn):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert train.default_workers() == 2
 
+
+
+def test_engine_cpu_threads_default_follows_the_free_cores(monkeypatch, capsys):
+    """torch's default (every core) collapses beside other busy processes: the default is the cores per local
+    rank that the load leaves free, at least 1; --threads, then OMP_NUM_THREADS, win; one line says which."""
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+        monkeypatch.setattr(os, "cpu_count", lambda: 8)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        for load, threads in ((0.2, 4), (5.5, 2), (7.9, 1), (30.0, 1)):  # 4 cores per rank; 8 - load free
+            monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+            line = train.set_cpu_threads()
+            assert torch.get_num_threads() == threads and line.startswith(f"CPU threads: {threads} (4 cores"), line
+            assert f"load {load:.1f} on 8 cores" in line
+        assert train.set_cpu_threads(3) == "CPU threads: 3 (--threads)" and torch.get_num_threads() == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's (or torchrun's) choice: left as it is
+        assert train.set_cpu_threads().startswith("CPU threads: 3 (OMP_NUM_THREADS")
+        assert torch.get_num_threads() == 3
+        train.main(SMALL + ["--dry-run"])  # the synthetic demo's 1, said at start
+        assert capsys.readouterr().out.count("CPU threads: 1 (--threads)") == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 # ------------------------------------------------------------------------------------ faults and bad input
 def cli(capsys, main, argv):
@@ -5129,7 +5154,7 @@ def test_engine_checks_that_need_no_model_come_before_the_towers(tmp_path, monke
     lines = []
     for i, label in enumerate((0, 1, 0, 1)):
         path = tmp_path / f"v{i}.avi"
-        data.write_video(str(path), data.render_synthetic(label, [t / 11 for t in range(12)], data.g_state(g), 32, 32))
+        write_video(str(path), data.render_synthetic(label, [t / 11 for t in range(12)], data.g_state(g), 32, 32))
         lines.append(f"{path} {label}")
     (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
     (tmp_path / "test.txt").write_text("")
@@ -5368,8 +5393,8 @@ def test_engine_own_video_misuse_is_one_line_or_done_right(tpr_run, tmp_path, ca
     import data
     g = __import__("numpy").random.default_rng(0)
     video, still = str(tmp_path / "mine.avi"), str(tmp_path / "still.avi")
-    data.write_video(video, data.render_synthetic(0, [i / 15 for i in range(16)], data.g_state(g), 48, 64))
-    data.write_video(still, data.render_synthetic(0, [0.5], data.g_state(g), 48, 64))
+    write_video(video, data.render_synthetic(0, [i / 15 for i in range(16)], data.g_state(g), 48, 64))
+    write_video(still, data.render_synthetic(0, [0.5], data.g_state(g), 48, 64))
     base = ["--checkpoint", tpr_run, "--video", video, "--workers", "0"]
     for argv, words in ((["--labels", "run,jump,run"], ["--labels 'run,jump,run'", "run given more than once"]),
                         (["--labels", "run," + "jump " * 80], ["does not fit the text tower's 77 tokens"]),
