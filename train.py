@@ -291,7 +291,7 @@ def set_cpu_threads(threads=None):
     cores per local rank that the 1-minute load average leaves free, at least 1.
     Choice: torch's default (every core) collapses when other processes load the CPU. On a 2-core machine, TPR
     on 96 tiny list videos (T = 16, --workers 0) ran at 26-47 clips/s on 1 thread and 1.3-2.8 on 2 (or torch's
-    default) beside one busy process, 48-50 against 9.6-60 at load 2, with the same losses to 4 digits;
+    default) beside one busy process, 47-50 against 9.6-64 at load 2, with the same losses to 4 digits;
     evaluate.py on them took 2.9-3.5 s on 1 thread against 8.8-9.2 s on 2 (5.8-6.1 s against 13-36 s beside a
     busy process). Free cores are counted at start, so a run and its resume may use different counts (results
     then differ in the last bits, as with any --threads change): pass --threads N to fix it."""
