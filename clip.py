@@ -730,11 +730,12 @@ def _read_state_dict(path: str) -> dict:
     if not isinstance(state_dict, dict):
         raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    # Choice: a config.json describes the weights beside it whatever their names (a folder of another model
+    # type holding OpenAI-named keys is refused, not read as CLIP). Without one the architecture comes from
+    # the shapes and the activation is assumed to be OpenAI's QuickGELU, as for every OpenAI model on the hub.
+    if config is not None:
+        _check_hf_clip_config(config, path)
     if any(k.startswith(("text_model.", "vision_model.")) for k in state_dict):
-        # Choice: without a config.json the architecture comes from the shapes and the activation is assumed
-        # to be OpenAI's QuickGELU, as for every OpenAI model on the hub.
-        if config is not None:
-            _check_hf_clip_config(config, path)
         state_dict = from_hugging_face(state_dict)
     return state_dict
 
@@ -1085,6 +1086,9 @@ def _check_hf_clip_config(config: dict, source: str):
     if config.get("model_type") not in (None, "clip"):
         hint = "; it is Chinese-CLIP: pass it as the Chinese text tower" if config["model_type"] == "chinese_clip" else ""
         raise ValueError(f"{source}: config.json says model_type {config['model_type']!r}, not 'clip'{hint}")
+    architectures = config.get("architectures")
+    if isinstance(architectures, list) and not any(str(a).startswith("CLIP") for a in architectures):
+        raise ValueError(f"{source}: config.json says architectures {architectures}, not a CLIP model")
     for tower in ("text_config", "vision_config"):
         c = config.get(tower) or {}
         if c.get("hidden_act", "quick_gelu") != "quick_gelu":  # transformers' default for CLIP is quick_gelu

@@ -728,8 +728,15 @@ def chinese_labels(dataset, class_names, path=None):
                                     "{english: chinese} or english<TAB>chinese lines")
         with open(path, encoding="utf-8-sig") as f:  # a BOM (Windows editors) is not part of the first label
             text = f.read()
+        def unique(pairs):  # json.loads alone keeps the last of a repeated key without a word
+            table = {}
+            for en, zh in pairs:
+                if en in table:
+                    raise ValueError(f"{path}: key {en!r} appears twice ({table[en]!r} and {zh!r}); keep one")
+                table[en] = zh
+            return table
         try:
-            table = json.loads(text)
+            table = json.loads(text, object_pairs_hook=unique)
         except json.JSONDecodeError as e:
             if text.lstrip("\ufeff \t\r\n")[:1] in ("{", "["):  # meant as JSON: its error, not the tab format's
                 raise ValueError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
@@ -740,6 +747,9 @@ def chinese_labels(dataset, class_names, path=None):
                 if "\t" not in line:
                     raise ValueError(f"{path}:{n}: expected 'english<TAB>chinese', got {line!r}")
                 en, zh = line.split("\t", 1)
+                if en.strip() in table:
+                    raise ValueError(f"{path}:{n}: {en.strip()!r} appears twice ({table[en.strip()]!r} and "
+                                     f"{zh.strip()!r}); keep one")
                 table[en.strip()] = zh.strip()
         if not isinstance(table, dict):
             raise ValueError(f"{path}: expected a JSON object {{english: chinese}}, got {type(table).__name__}")
@@ -1665,6 +1675,13 @@ def check(name, root, split=1, workers=None, list_file=None, class_file=None, fi
         if counts:
             print(f"  frames per video: min {min(counts)}, mean {statistics.fmean(counts):.1f}, "
                   f"max {max(counts)}", file=out)
+            short = sum(n < frames for n in counts)  # sampled anyway: their clips repeat frames
+            if short == len(counts):
+                print(f"  every video is shorter than T={frames} frames (the longest has {max(counts)}): each "
+                      f"clip repeats frames; train with a smaller --frames", file=out)
+            elif short:
+                print(f"  {short} of {len(counts)} videos are shorter than T={frames} frames: their clips repeat "
+                      f"frames", file=out)
         for path, damage in damaged:
             print(f"  DAMAGED {path}: {damage}; used (at least T={frames} frames decode)", file=out)
         for path, note in adapted:

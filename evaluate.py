@@ -329,7 +329,7 @@ def summarise(records, log):
 
 def load_video(path, T, size, resize=None):
     """One test clip of a video file: (1, T, 3, size, size) normalised (short side `resize` first, None = size),
-    and the uint8 frames (T, H, W, 3)."""
+    the uint8 frames (T, H, W, 3), and a note saying how its display matrix turned it ('' when it does not)."""
     try:
         meta = data.probe_video(path)
         if meta.num_frames == 1:
@@ -339,7 +339,10 @@ def load_video(path, T, size, resize=None):
         frames = data.decode_frames(path, idx, meta)
     except data.BadVideo as e:
         raise train.UsageError(f"cannot read {path}: {e}") from None
-    return data.test_crops(frames, size, 1, resize), frames  # (1, T, 3, S, S)
+    turn = meta.rotation or 0  # degrees counter-clockwise (data.VideoMeta), known once a frame has decoded
+    turned = (f"turned {abs(turn)} degrees {'counter-clockwise' if turn > 0 else 'clockwise'} as its display "
+              f"matrix says (as players show it)") if turn else ""
+    return data.test_crops(frames, size, 1, resize), frames, turned  # (1, T, 3, S, S)
 
 
 def crop_pixels(video):
@@ -434,8 +437,8 @@ def predict_video(cli, device, amp_dtype):
         model = restore(ckpt, args, texts, zh, device, path)
     if not os.path.isfile(cli.video):
         raise train.UsageError(f"--video {cli.video} does not exist")
-    video, frames = load_video(cli.video, args.frames, clip.ARCHS[args.arch]["image_resolution"],
-                               train.eval_short_side(args))  # (1, T, 3, S, S)
+    video, frames, turned = load_video(cli.video, args.frames, clip.ARCHS[args.arch]["image_resolution"],
+                                       train.eval_short_side(args))  # (1, T, 3, S, S)
     K = len(texts)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         out = model(video.to(device), None, torch.arange(K, device=device))
@@ -447,6 +450,8 @@ def predict_video(cli, device, amp_dtype):
     tag = " (RANDOM-INIT model: meaningless)" if args.random_init else ""
     if note:
         print(f"note: {note}")
+    if turned:
+        print(f"note: {cli.video} {turned}")
     print(f"{cli.video}: top-{len(top.indices)} of {K} classes{tag}")
     ranked = [(texts[i], float(p)) for p, i in zip(top.values.tolist(), top.indices.tolist())]
     for label, p in ranked:
@@ -463,6 +468,8 @@ def predict_video(cli, device, amp_dtype):
             title.append("RANDOM-INIT model: random frozen towers, predictions are meaningless")
         if note:
             title.append(note)
+        if turned:
+            title.append(f"video {turned}")
         draw(crop_pixels(video[0]), weights, ranked, cli.visualize, title,
              weights_caption(args, weights, texts[int(guide)]))
         print(f"wrote {cli.visualize}")
@@ -611,7 +618,7 @@ def attention_figure(cli, device, amp_dtype):
         texts, zh = train.class_names(args, ds, args.dataset)
         model = restore(ckpt, args, texts, zh, device, path)
         size = clip.ARCHS[args.arch]["image_resolution"]
-        video, _ = load_video(cli.video, args.frames, size, train.eval_short_side(args))  # (1, T, 3, S, S)
+        video, _, _ = load_video(cli.video, args.frames, size, train.eval_short_side(args))  # (1, T, 3, S, S)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             maps = attention_maps(model, video.to(device))[0].float().cpu()  # (T, h, w)
         mean = torch.tensor(data.CLIP_MEAN).view(3, 1, 1) * 255
@@ -639,6 +646,8 @@ def main(argv=None):
     rank, world, device = train.setup_distributed()
     log = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
     amp_dtype, _ = train.amp_settings(cli.precision, device)
+    if device.type == "cpu":
+        log(train.set_cpu_threads())  # train.py's default: torch's own collapses on a loaded machine
     if cli.attention:
         if cli.visualize:  # both pictures: the first checkpoint's scores and frames, then Fig. 7
             predict_video(cli, device, amp_dtype)

@@ -1099,6 +1099,18 @@ def test_clip_hugging_face_config_and_key_errors(tmp_path, clip_tiny_file):
         (folder / "config.json").write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=match):
             clip.load(str(folder / "model.safetensors"), device="cpu")  # the config beside a file counts too
+    # OpenAI-named keys in a folder whose config.json is another model's: refused, not read as CLIP
+    openai_folder = tmp_path / "openai_named"
+    openai_folder.mkdir()
+    safetensors_torch.save_file(torch.load(clip_tiny_file, weights_only=True), openai_folder / "model.safetensors")
+    for other, match in (({"model_type": "siglip"}, "model_type 'siglip', not 'clip'"),
+                         ({"architectures": ["SiglipModel"]}, r"architectures \['SiglipModel'\], not a CLIP")):
+        (openai_folder / "config.json").write_text(json.dumps(other))
+        with pytest.raises(ValueError, match=match) as e:
+            clip.load(str(openai_folder), device="cpu")
+        assert "\n" not in str(e.value) and str(openai_folder) in str(e.value)
+    (openai_folder / "config.json").write_text(json.dumps(config))
+    clip_assert_same_weights(clip.load(str(openai_folder), device="cpu")[0], clip_tiny_file)
     (folder / "config.json").write_text(json.dumps(config))
     key = "text_model.encoder.layers.1.self_attn.k_proj.bias"
     safetensors_torch.save_file({k: v for k, v in hf.items() if k != key}, folder / "model.safetensors")
@@ -1981,6 +1993,25 @@ def test_data_check_reports_bad_files(layouts, capsys):
     assert "nowhere" in capsys.readouterr().err
 
 
+def test_data_check_says_when_videos_are_shorter_than_T(tmp_path, capsys):
+    """Training samples a video shorter than T anyway (its clip repeats frames): --check counts them, and says
+    so in one line when every video is."""
+    write_video(str(tmp_path / "short.mp4"), gray_video(6))
+    write_video(str(tmp_path / "long.mp4"), gray_video(N_FRAMES))
+    (tmp_path / "classes.txt").write_text("jump\nrun\n")
+    (tmp_path / "videos.txt").write_text("short.mp4 0\nlong.mp4 1\n")
+    lists = [str(tmp_path / "videos.txt")] * 2
+    def check(T):
+        assert data.main(["--dataset", "list", "--root", str(tmp_path), "--list-file", *lists, "--class-file",
+                          str(tmp_path / "classes.txt"), "--check", "--workers", "0", "--frames", str(T)]) == 0
+        return capsys.readouterr().out
+    out = check(10)
+    assert out.count("1 of 2 videos are shorter than T=10 frames") == 2 and "every video" not in out  # train, test
+    out = check(N_FRAMES + 1)
+    assert out.count(f"every video is shorter than T={N_FRAMES + 1} frames (the longest has {N_FRAMES})") == 2
+    assert "shorter" not in check(6)
+
+
 def test_data_decodes_only_needed_gops(layouts, monkeypatch):
     path = os.path.join(layouts["hmdb51"], "catch", "catch_v0.avi")
     meta = data.probe_video(path)
@@ -2769,6 +2800,21 @@ def test_data_chinese_labels_malformed_json_reports_the_json_error(tmp_path):
         data.chinese_labels("custom", ["jump", "run"], str(path))
     path.write_text("jump\t跳\nrun\t跑\n", encoding="utf-8")  # the tab format still reads
     assert data.chinese_labels("custom", ["jump", "run"], str(path)) == ["跳", "跑"]
+
+
+def test_data_chinese_labels_duplicate_key_is_refused(tmp_path):
+    """json.loads keeps the last of a repeated key silently: a repeated label is refused, naming file and key."""
+    path = tmp_path / "zh.json"
+    path.write_text('{"jump": "跳", "run": "跑", "jump": "跃"}', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"zh.json: key 'jump' appears twice \('跳' and '跃'\)") as e:
+        data.chinese_labels("custom", ["jump", "run"], str(path))
+    assert "\n" not in str(e.value)
+    tsv = tmp_path / "zh.tsv"
+    tsv.write_text("jump\t跳\nrun\t跑\njump\t跃\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"zh.tsv:3: 'jump' appears twice \('跳' and '跃'\)"):
+        data.chinese_labels("custom", ["jump", "run"], str(tsv))
+    tsv.write_text("jump\t跳\nrun\t跑\n", encoding="utf-8")  # once each: read
+    assert data.chinese_labels("custom", ["jump", "run"], str(tsv)) == ["跳", "跑"]
 
 
 def test_data_test_resize_short_side_then_crops():
@@ -4588,6 +4634,32 @@ def test_engine_scores_a_users_own_video(tpr_run, tmp_path, capsys):
     assert dict(ranked) == pytest.approx(dict(from_dictionary))
 
 
+def test_engine_own_video_says_its_display_matrix_turned_it(tpr_run, tmp_path, capsys):
+    """A phone's portrait video (display matrix -90 degrees): the model sees it as players show it, and the
+    printed output and the figure's title say it was turned."""
+    import av
+    import data
+    from PIL import Image
+    frames = data.render_synthetic(0, [i / 47 for i in range(48)], data.g_state(np.random.default_rng(0)), 48, 64)
+    video = str(tmp_path / "phone.mp4")
+    with av.open(video, "w") as c:
+        s = c.add_stream("libx264", rate=30)
+        _x264_stream(s)
+        s.set_display_rotation(-90)  # counter-clockwise degrees: the portrait frame is the coded one turned right
+        _encode_into(c, s, frames)
+    png = str(tmp_path / "vis.png")
+    evaluate.main(["--checkpoint", tpr_run, "--video", video, "--dataset", "synthetic", "--visualize", png])
+    said = "turned 90 degrees clockwise as its display matrix says"
+    out = capsys.readouterr().out
+    assert out.count(f"note: {video} {said}") == 1 and out.count("CPU threads: ") == 1  # train.py's default
+    assert said in Image.open(png).text["Title"]
+    assert evaluate.load_video(video, 8, 32)[1].shape == (8, 64, 48, 3)  # portrait: H and W of the coded frames swapped
+    plain = str(tmp_path / "plain.avi")
+    write_video(plain, frames)
+    evaluate.main(["--checkpoint", tpr_run, "--video", plain, "--dataset", "synthetic", "--visualize", png])
+    assert "display matrix" not in capsys.readouterr().out and "display matrix" not in Image.open(png).text["Title"]
+
+
 CLIP_ROW = ["--no-temporal-prompts", "--beta", "none", "--no-chinese", "--pooling", "mean"]  # Fig. 5a CLIP row
 
 
@@ -4647,6 +4719,30 @@ def test_engine_default_workers_never_exceed_the_cores(monkeypatch, recwarn):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert train.default_workers() == 2
 
+
+
+def test_engine_cpu_threads_default_follows_the_free_cores(monkeypatch, capsys):
+    """torch's default (every core) collapses beside other busy processes: the default is the cores per local
+    rank that the load leaves free, at least 1; --threads, then OMP_NUM_THREADS, win; one line says which."""
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+        monkeypatch.setattr(os, "cpu_count", lambda: 8)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        for load, threads in ((0.2, 4), (5.5, 2), (7.9, 1), (30.0, 1)):  # 4 cores per rank; 8 - load free
+            monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+            line = train.set_cpu_threads()
+            assert torch.get_num_threads() == threads and line.startswith(f"CPU threads: {threads} (4 cores"), line
+            assert f"load {load:.1f} on 8 cores" in line
+        assert train.set_cpu_threads(3) == "CPU threads: 3 (--threads)" and torch.get_num_threads() == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's (or torchrun's) choice: left as it is
+        assert train.set_cpu_threads().startswith("CPU threads: 3 (OMP_NUM_THREADS")
+        assert torch.get_num_threads() == 3
+        train.main(SMALL + ["--dry-run"])  # the synthetic demo's 1, said at start
+        assert capsys.readouterr().out.count("CPU threads: 1 (--threads)") == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 # ------------------------------------------------------------------------------------ faults and bad input
 def cli(capsys, main, argv):
@@ -4822,12 +4918,10 @@ def test_engine_sigterm_to_torchrun_with_loader_workers_stops_every_rank_and_res
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_engine_sigterm_during_evaluation_stops_at_the_next_batch_and_resume_evaluates(tpr_run, tmp_path,
-                                                                                     monkeypatch):
-    """A signal during the evaluation after an epoch: it stops before its next batch (not after the whole test
-    set and one more step), last.pt holds the finished epoch, and --resume evaluates it and trains on."""
+def sigterm_after_one_evaluation_batch(monkeypatch):
+    """Patch train.evaluate so that the process gets SIGTERM once one batch is scored (when the evaluation asks
+    whether to stop the second time). Returns (the real train.evaluate, the list of those asks)."""
     import signal
-    out = str(tmp_path / "r")
     real, asked = train.evaluate, []
 
     def stopping_evaluate(*a, stop=None, **k):
@@ -4838,6 +4932,15 @@ def test_engine_sigterm_during_evaluation_stops_at_the_next_batch_and_resume_eva
             return stop()
         return real(*a, stop=ask, **k)
     monkeypatch.setattr(train, "evaluate", stopping_evaluate)
+    return real, asked
+
+
+def test_engine_sigterm_during_evaluation_stops_at_the_next_batch_and_resume_evaluates(tpr_run, tmp_path,
+                                                                                     monkeypatch):
+    """A signal during the evaluation after an epoch: it stops before its next batch (not after the whole test
+    set and one more step), last.pt holds the finished epoch, and --resume evaluates it and trains on."""
+    out = str(tmp_path / "r")
+    real, asked = sigterm_after_one_evaluation_batch(monkeypatch)
     with pytest.raises(train.Preempted, match=r"SIGTERM during the evaluation after epoch 1 \(global step 4\)"):
         train.main(SMALL + ["--method", "tpr", "--epochs", "3", "--eval-batch-size", "4", "--output", out])
     assert len(asked) == 2 and not [m for m in metrics(out) if m["kind"] == "eval"]
@@ -4854,16 +4957,7 @@ def test_engine_evaluate_py_stops_at_the_next_batch_with_one_line(tpr_run, tmp_p
     """evaluate.py: SIGTERM stops it before its next batch with one line and exit code 143 (128 + SIGTERM),
     nothing written; its signal handlers are put back."""
     import signal
-    real, asked = train.evaluate, []
-
-    def stopping_evaluate(*a, stop=None, **k):
-        def ask():
-            asked.append(1)
-            if len(asked) == 2:  # one batch scored, then the signal
-                os.kill(os.getpid(), signal.SIGTERM)
-            return stop()
-        return real(*a, stop=ask, **k)
-    monkeypatch.setattr(train, "evaluate", stopping_evaluate)
+    _, asked = sigterm_after_one_evaluation_batch(monkeypatch)
     before = signal.getsignal(signal.SIGTERM)
     code, err = cli(capsys, evaluate.main, ["--checkpoint", tpr_run, "--views", "1x1", "--workers", "0",
                                             "--batch-size", "4", "--output", str(tmp_path / "e")])
