@@ -1448,7 +1448,9 @@ def load_checkpoint(path, method=None):
         # against what it holds before anything is allocated (issue: a 1 KB pickle must not take gigabytes)
         ckpt = clip.read_checkpoint(path)
     except clip.FileRefused as e:
-        raise UsageError(str(e)) from None
+        why = str(e).replace(f"{path}: ", "").replace(str(path), "the file")
+        raise UsageError(f"{path} is not a readable checkpoint ({why}); use another checkpoint of the run (best.pt) "
+                         f"or start again") from None
     except Exception as e:  # truncated, empty, garbage, or a pickle that weights_only refuses: never run it
         if isinstance(e, pickle.UnpicklingError):  # torch's text would advise weights_only=False: not here
             why = "not a torch file of plain tensors and builtins"
