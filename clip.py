@@ -170,34 +170,6 @@ class ResidualAttentionBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))  # TPR Eq. (14)
 
 
-# Selective activation checkpointing (torch >= 2.4): keep the attention outputs and the outputs of the matmuls
-# that widen the token (the QKV projection, the MLP's first layer: what attention and GELU need in backward);
-# recompute the cheap element-wise ops (LayerNorm, GELU, additions, casts) and the matmuls back to the residual
-# width, which feed only an addition (whose backward needs nothing) and cost a twelfth of a block's matmuls.
-ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
-    if hasattr(torch.ops.aten, name)}
-# op -> position of A in its arguments (A @ B; addmm: bias + A @ B)
-MATMUL_OPS = {torch.ops.aten.mm.default: 0, torch.ops.aten.bmm.default: 0, torch.ops.aten.addmm.default: 1}
-
-
-def _selective_policy(ctx, op, *args, **kwargs):
-    i = MATMUL_OPS.get(op)
-    widens = i is not None and args[i + 1].shape[-1] > args[i].shape[-1]  # (M, K) @ (K, N) with N > K
-    policy = torch.utils.checkpoint.CheckpointPolicy
-    return policy.MUST_SAVE if op in ATTENTION_OPS or widens else policy.PREFER_RECOMPUTE
-
-
-def checkpoint_options(mode):
-    """Keyword arguments of torch.utils.checkpoint.checkpoint for a grad_checkpointing mode: True (recompute the
-    whole block) or "selective" (recompute what _selective_policy does not keep)."""
-    if mode == "selective":
-        contexts = torch.utils.checkpoint.create_selective_checkpoint_contexts
-        return dict(use_reentrant=False, context_fn=partial(contexts, _selective_policy))
-    return dict(use_reentrant=False)
-
-
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, causal: bool = False):
         super().__init__()
@@ -364,6 +336,39 @@ def build_random(arch: str):
             model.visual.class_embedding.zero_()
             model.visual.positional_embedding[0].zero_()
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Gradient checkpointing modes of Transformer.grad_checkpointing (below the paper: memory, not the model)
+# ----------------------------------------------------------------------------------------------------------
+
+# Selective activation checkpointing (torch >= 2.4): keep the attention outputs and the outputs of the matmuls
+# that widen the token (the QKV projection, the MLP's first layer: what attention and GELU need in backward);
+# recompute the cheap element-wise ops (LayerNorm, GELU, additions, casts) and the matmuls back to the residual
+# width, which feed only an addition (whose backward needs nothing) and cost a twelfth of a block's matmuls.
+ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name)}
+# op -> position of A in its arguments (A @ B; addmm: bias + A @ B)
+MATMUL_OPS = {torch.ops.aten.mm.default: 0, torch.ops.aten.bmm.default: 0, torch.ops.aten.addmm.default: 1}
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    i = MATMUL_OPS.get(op)
+    widens = i is not None and args[i + 1].shape[-1] > args[i].shape[-1]  # (M, K) @ (K, N) with N > K
+    policy = torch.utils.checkpoint.CheckpointPolicy
+    return policy.MUST_SAVE if op in ATTENTION_OPS or widens else policy.PREFER_RECOMPUTE
+
+
+def checkpoint_options(mode):
+    """Keyword arguments of torch.utils.checkpoint.checkpoint for a grad_checkpointing mode: True (recompute the
+    whole block) or "selective" (recompute what _selective_policy does not keep)."""
+    if mode == "selective":
+        contexts = torch.utils.checkpoint.create_selective_checkpoint_contexts
+        return dict(use_reentrant=False, context_fn=partial(contexts, _selective_policy))
+    return dict(use_reentrant=False)
+
 
 
 # ----------------------------------------------------------------------------------------------------------
