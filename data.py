@@ -1701,8 +1701,12 @@ def check(name, root, split=1, workers=None, list_file=None, class_file=None, fi
 
 # ------------------------------------------------------------------------------------------------------- main
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Check a dataset: decode every video as training does, list the bad "
-                                "ones (the loader benchmark is bench/loader.py).")
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, not the usage block
+            self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    p = Parser(description="Check a dataset: decode every video as training does, list the bad ones (the loader "
+               "benchmark is bench/loader.py).")
     p.add_argument("--dataset", choices=DATASETS, help="dataset name")
     p.add_argument("--root", help="dataset folder in its authors' layout")
     p.add_argument("--split", type=int, default=1, choices=(1, 2, 3), help="official split (hmdb51, ucf101)")

@@ -59,8 +59,8 @@ OVERRIDABLE = ("root", "pretrained", "pretrained_chinese", "lam", "test_words", 
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Evaluate a TPR or BiEfficient checkpoint (one process or torchrun).",
-                                formatter_class=train.HelpFormatter)
+    p = train.Parser(description="Evaluate a TPR or BiEfficient checkpoint (one process or torchrun).",
+                     formatter_class=train.HelpFormatter)
     p.add_argument("--checkpoint", nargs="+", required=True,
                    help="checkpoint file(s) or run folder(s) (their last.pt); several: mean +- std over them "
                         "(e.g. the runs of a few-shot experiment)")

@@ -4569,10 +4569,23 @@ def test_engine_evaluate_writes_protocol_and_refuses_other_method(tpr_run):
 @pytest.mark.parametrize("flag,value,valid", [("--dataset", "kinetics", "hmdb51"), ("--method", "xclip", "tpr"),
                                               ("--arch", "ViT-H/14", "ViT-B/16")])
 def test_engine_unknown_choice_lists_the_valid_ones(flag, value, valid, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         train.main([flag, value])
     err = capsys.readouterr().err
     assert f"invalid choice: '{value}'" in err and valid in err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err  # one line, not the usage block
+
+
+@pytest.mark.parametrize("main,argv,words", [
+    ("evaluate", ["--checkpoint", "x", "--method", "xclip"], "invalid choice: 'xclip'"),
+    ("evaluate", ["--views"], "expected at least one argument"),
+    ("data", ["--dataset", "kinetics"], "invalid choice: 'kinetics'"),
+    ("train", ["--no-such-flag"], "unrecognized arguments: --no-such-flag")])
+def test_engine_bad_flags_are_one_line_in_every_script(main, argv, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        {"evaluate": evaluate, "data": data, "train": train}[main].main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
 
 
 def test_engine_missing_weights_say_where_to_get_them(tmp_path):

@@ -146,9 +146,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag or value is one line (the usage block would bury it), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description="Train TPR or BiEfficient on a video dataset (one process or torchrun).",
-                                formatter_class=HelpFormatter)
+    p = Parser(description="Train TPR or BiEfficient on a video dataset (one process or torchrun).",
+               formatter_class=HelpFormatter)
     add_data_flags(p)
     add_backbone_flags(p)
     add_tpr_flags(p)
