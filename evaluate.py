@@ -442,10 +442,7 @@ def predict_video(cli, device, amp_dtype):
     K = len(texts)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         out = model(video.to(device), None, torch.arange(K, device=device))
-    s = model.scores(out).float()[0]  # (K,)
-    # Choice: scores that are already a distribution (the fusion of probabilities, TPR Eq. 18) are shown as they
-    # are; logits (BiEfficient) go through a softmax.
-    probs = s if (s.min() >= 0 and abs(float(s.sum()) - 1) < 1e-3) else s.softmax(-1)
+    probs = train.view_scores(model, out, 1, 1)[0]  # (K,) the probabilities an evaluation averages over views
     top = probs.topk(min(5, K))
     tag = " (RANDOM-INIT model: meaningless)" if args.random_init else ""
     if note:

@@ -339,8 +339,13 @@ def default_workers():
     """Data loader processes per rank by default: min(4, cores per local rank). Choice: never more workers than
     cores, so a 2-core machine neither oversubscribes nor gets PyTorch's "exceeds the suggested max number of
     worker" warning (the DataLoader compares with the same os.sched_getaffinity count)."""
+    return min(4, cores_per_rank())
+
+
+def cores_per_rank():
+    """The CPU cores this process may use (its affinity) shared among the local ranks of torchrun, at least 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def set_cpu_threads(threads=None):
@@ -358,8 +363,7 @@ def set_cpu_threads(threads=None):
         return f"CPU threads: {threads} (--threads)"
     if os.environ.get("OMP_NUM_THREADS"):
         return f"CPU threads: {torch.get_num_threads()} (OMP_NUM_THREADS; --threads N to choose)"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_rank = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    per_rank = cores_per_rank()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0  # over all the host's cores
     threads = max(1, min(per_rank, int((os.cpu_count() or 1) - load)))
     torch.set_num_threads(threads)
